@@ -1,0 +1,3 @@
+from aund.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""AUN layer: the JSON-RPC 2.0 text-frame codec used on the gateway WebSocket (sans-IO).
+
+Shared by aund's gateway links and the devnet, so both ends parse frames the same strict way:
+duplicate keys, NaN/Infinity and integers beyond +-(2^53-1) are errors, as in the official SDK.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+MAX_SAFE_INT = 2**53 - 1
+
+# JSON-RPC and AUN error codes used by aund and the devnet.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+VERSION_MISMATCH = -32000
+NOT_FOUND = -32008
+SESSION_REQUIRED = -32013
+CLIENT_SIGNATURE_INVALID = -32051
+E2EE_PREKEY_INVALID = -33011
+MISSING_PARAMS = 4000
+AUTH_FAILED = 4001
+BAD_NONCE = 4010
+PERMISSION_DENIED = 4030
+NOT_FOUND_4040 = 4040
+CONFLICT = 4090
+RATE_LIMITED = 4290
+BACKEND_ERROR = 4500
+
+
+class FrameError(ValueError):
+    """A text frame is not valid strict JSON, or not a JSON-RPC 2.0 object."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise FrameError(f"non-finite number {name} is not allowed")
+
+
+def _checked_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > MAX_SAFE_INT:
+        raise FrameError("integer outside +-(2^53-1)")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise FrameError("duplicate key in JSON object")
+    return obj
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_int=_checked_int)
+
+
+def loads(text: str) -> Any:
+    """Strict JSON decode; raises FrameError."""
+    try:
+        value, end = _decoder.raw_decode(text)
+    except FrameError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise FrameError(f"malformed JSON: {exc}") from None
+    if text[end:].strip():
+        raise FrameError("trailing data after JSON value")
+    try:  # lone surrogates are not text
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError("lone surrogate in frame") from None
+    return value
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def new_id() -> str:
+    return "rpc-" + secrets.token_hex(8)
+
+
+def request(method: str, params: dict[str, Any], id: str | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id or new_id(), "method": method, "params": params}
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def result(id: Any, value: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id, "result": value}
+
+
+def error(id: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": id, "error": err}
+
+
+def parse_frame(text: str) -> dict[str, Any]:
+    """Decode one text frame into a JSON-RPC object (request, response or notification).
+
+    Raises FrameError when the text is not strict JSON, not an object, or lacks the fields of
+    any JSON-RPC 2.0 message shape.
+    """
+    obj = loads(text)
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a JSON object")
+    if obj.get("jsonrpc") != "2.0":
+        raise FrameError("jsonrpc must be \"2.0\"")
+    if "method" in obj:
+        if not isinstance(obj["method"], str) or not obj["method"]:
+            raise FrameError("method must be a non-empty string")
+        if "params" in obj and not isinstance(obj["params"], dict):
+            raise FrameError("params must be an object")
+        if "id" in obj and not isinstance(obj["id"], (str, int)) or isinstance(obj.get("id"), bool):
+            raise FrameError("id must be a string or an integer")
+    elif "id" not in obj or ("result" in obj) == ("error" in obj):
+        raise FrameError("a response needs an id and exactly one of result or error")
+    return obj

@@ -1,0 +1,27 @@
+"""The `aund` command line. One module per subcommand, imported only when that subcommand runs,
+so that `aund status` / `aund health` never import the daemon's stack.
+
+Exit codes: 0 ok, 1 failed or unhealthy, 2 cannot reach the daemon or bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "devnet": "run a local AUN network (gateway + PKI) on loopback",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aund", description="AUN daemon: many identities, one connection each.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f"aund.cli.{name}")
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return importlib.import_module(f"aund.cli.{args.command}").run(args)

@@ -1,0 +1,58 @@
+"""devnet: a spec-faithful local AUN network in one process on loopback (`aund devnet`).
+
+`serve_devnet` binds one port for the gateway WebSocket (`/aun`) and its HTTP endpoints,
+creates or reloads the state under `state_dir` (dev CA, SQLite), reports the gateway URL
+and root CA path through `task_status`, and serves until cancelled.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from aund.devnet.gateway import Devnet
+from aund.devnet.pki import DevCA
+from aund.devnet.store import Store
+
+
+@dataclass(frozen=True)
+class DevnetInfo:
+    gateway_url: str
+    http_url: str
+    root_ca: Path
+    devnet: Devnet
+
+
+async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "aid.test",
+                       access_ttl: float = 3600.0, slot_policy: str = "kick", extra_gateways: list[str] | None = None,
+                       stop: trio.Event | None = None, task_status: trio.TaskStatus[DevnetInfo] = trio.TASK_STATUS_IGNORED) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca = DevCA.open(state_dir / "pki", issuer)
+    store = Store(state_dir / "devnet.sqlite3")
+    net = Devnet(store, ca, issuer, access_ttl=access_ttl, slot_policy=slot_policy, extra_gateways=extra_gateways)
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.websocket_max_message_size = 2 * 1024 * 1024
+    config.websocket_ping_interval = None
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog.setLevel(logging.CRITICAL)
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: serve(net.app, config, shutdown_trigger=shutdown.wait,
+                                                                  task_status=task_status))
+            http_url = binds[0]
+            net.public_url = "ws://" + http_url.split("://", 1)[1] + "/aun"
+            task_status.started(DevnetInfo(net.public_url, http_url, ca.root_cert_path, net))
+            await (stop.wait() if stop is not None else trio.sleep_forever())
+            shutdown.set()  # graceful: hypercorn closes the listener and the sockets, then returns
+    finally:
+        store.close()

@@ -1,0 +1,827 @@
+"""devnet: the gateway itself, one ASGI app serving the AUN WebSocket (`/aun`) and the HTTP side
+endpoints on one port, as a real gateway does. Served by hypercorn on trio.
+
+Layout: `Devnet` holds the state (store, CA, live connections, counters, fault knobs); `Conn` is
+one WebSocket with its single writer task; RPC handlers are the `rpc_*` methods of `Conn`,
+found through one dispatch table. Errors a client caused are answered as JSON-RPC errors and
+never end the connection; a frame that is not JSON-RPC gets -32700/-32600 and the connection
+stays up; only an oversized frame (the server closes with 1009) or a failed `auth.connect`
+closes it.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import re
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs, unquote
+
+import structlog
+import trio
+
+from aund.aun import jsonrpc as rpc
+from aund.aun import signing
+from aund.aun.e2ee import merkle
+from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
+from aund.devnet.store import StoredMessage, Store, dumps
+from aund.identity import pki
+
+log = structlog.get_logger("aund.devnet")
+
+AID_NAME_RE = re.compile(r"^[a-z0-9_][a-z0-9_-]{3,63}$")
+DEVICE_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SLOT_RE = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._/ :-]{0,127}$")
+MAX_SHORT_PER_SLOT = 10
+MAX_INFLIGHT_PER_CONN = 64
+MAX_PAYLOAD_BYTES = 1_000_000
+OUTBOX_FRAMES = 512
+PROTOCOL_VERSION = "1.0"
+SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
+                       "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": False,
+                       "max_message_size": MAX_PAYLOAD_BYTES}
+PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
+
+# Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
+CLOSE_AUTH_FAILED = 4001
+CLOSE_AUTH_TIMEOUT = 4008
+CLOSE_SHORT_TTL = 4014
+CLOSE_REPLACED = 4015
+CLOSE_SHUTDOWN = 4012
+KICK_GRACE_SECONDS = 0.25  # between event/gateway.disconnect and the close, so the client reads the event
+
+
+class RpcError(Exception):
+    """Answer the current request with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+def slot_isolation_key(slot_id: str) -> str:
+    return re.split(r"[/: ]", slot_id, maxsplit=1)[0]
+
+
+def validate_aid(aid: Any, issuer: str | None = None) -> str:
+    if not isinstance(aid, str) or "." not in aid:
+        raise RpcError(rpc.INVALID_PARAMS, "aid must look like name.issuer")
+    aid = aid.strip().lower()
+    name, _, iss = aid.partition(".")
+    if not AID_NAME_RE.match(name) or name.startswith("guest") or "." not in iss:
+        raise RpcError(rpc.INVALID_PARAMS, f"invalid aid: {aid!r}")
+    if issuer is not None and iss != issuer:
+        raise RpcError(rpc.PERMISSION_DENIED, f"this devnet issues only *.{issuer} identities")
+    return aid
+
+
+def _str(params: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
+    value = params.get(key, None)
+    if value is None:
+        if required:
+            raise RpcError(rpc.INVALID_PARAMS, f"missing param: {key}")
+        return default
+    if not isinstance(value, str):
+        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be a string")
+    return value
+
+
+def _int(params: dict[str, Any], key: str, default: int, *, lo: int = 0, hi: int = rpc.MAX_SAFE_INT) -> int:
+    value = params.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be an integer")
+    return max(lo, min(hi, value))
+
+
+@dataclass
+class Faults:
+    """Knobs that make the devnet misbehave on purpose, set through PUT /devnet/faults."""
+
+    drop_push_every: int = 0      # drop every Nth push (0 = never)
+    reply_delay_ms: int = 0       # hold every RPC reply this long
+    push_counter: int = 0
+
+    def should_drop_push(self) -> bool:
+        if self.drop_push_every <= 0:
+            return False
+        self.push_counter += 1
+        return self.push_counter % self.drop_push_every == 0
+
+
+@dataclass
+class Stats:
+    rpc: Counter = field(default_factory=Counter)
+    rpc_errors: Counter = field(default_factory=Counter)
+    http: Counter = field(default_factory=Counter)
+    max_inflight: int = 0
+    pushes: int = 0
+    pushes_dropped: int = 0
+    connections: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"rpc": dict(self.rpc), "rpc_errors": dict(self.rpc_errors), "http": dict(self.http),
+                "max_inflight": self.max_inflight, "pushes": self.pushes, "pushes_dropped": self.pushes_dropped,
+                "connections": list(self.connections)}
+
+
+class Devnet:
+    """The state of one devnet gateway; `app` is its ASGI entry point."""
+
+    def __init__(self, store: Store, ca: DevCA, issuer: str, *, access_ttl: float = 3600.0,
+                 refresh_ttl: float = 30 * 86400.0, slot_policy: str = "kick",
+                 extra_gateways: list[str] | None = None) -> None:
+        self.store, self.ca, self.issuer = store, ca, issuer
+        self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
+        self.slot_policy = slot_policy
+        self.extra_gateways = extra_gateways or []
+        self.conns: dict[str, set[Conn]] = {}
+        self.login_requests: dict[str, tuple[str, str, float]] = {}  # request_id -> (aid, nonce, expires)
+        self.stats = Stats()
+        self.faults = Faults()
+        self.public_url = ""
+
+    # --- ASGI --------------------------------------------------------------------------------
+    async def app(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
+                  send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] == "websocket":
+            if scope["path"] != "/aun":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await Conn(self, receive, send).serve()
+        elif scope["type"] == "http":
+            await self.http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+    def live(self, aid: str) -> set["Conn"]:
+        return self.conns.get(aid, set())
+
+    def register_conn(self, conn: "Conn") -> list["Conn"]:
+        """Apply the slot rules to a freshly authenticated connection; returns connections to kick.
+
+        Raises RpcError when the connection is refused.
+        """
+        peers = self.live(conn.aid)
+        for other in peers:
+            if other.delivery_mode != conn.delivery_mode:
+                raise RpcError(rpc.AUTH_FAILED, "delivery_mode_conflict")
+        same_slot = [c for c in peers if c.device_id == conn.device_id and c.slot_key == conn.slot_key]
+        kicked: list[Conn] = []
+        if conn.kind == "short":
+            if sum(c.kind == "short" for c in same_slot) >= MAX_SHORT_PER_SLOT:
+                raise RpcError(rpc.RATE_LIMITED, "slot_conflict: short connection quota (10) exceeded",
+                               {"retryable": True})
+        else:
+            longs = [c for c in same_slot if c.kind == "long"]
+            if longs and self.slot_policy == "refuse":
+                raise RpcError(rpc.AUTH_FAILED, "long_connection_already_exists", {"retryable": True})
+            kicked = longs
+        for other in kicked:
+            peers.discard(other)
+        self.conns.setdefault(conn.aid, set()).add(conn)
+        return kicked
+
+    def unregister_conn(self, conn: "Conn") -> None:
+        peers = self.conns.get(conn.aid)
+        if peers is not None:
+            peers.discard(conn)
+            if not peers:
+                del self.conns[conn.aid]
+
+    def push_message(self, msg: StoredMessage) -> None:
+        """Send `msg` inline to the receiver's online long connections (each device gets its own form)."""
+        for conn in list(self.live(msg.receiver)):
+            if conn.kind != "long" or conn.closed:
+                continue
+            if self.faults.should_drop_push():
+                self.stats.pushes_dropped += 1
+                continue
+            row = render_row(msg, conn.device_id, conn.slot_id, inline=True)
+            event = "peer.v2.message_received" if msg.kind == "e2ee" else "message.received"
+            params: dict[str, Any] = {"seq": msg.seq, "message_id": msg.message_id, "from": msg.sender, "from_aid": msg.sender,
+                      "sender_aid": msg.sender, "to": msg.receiver, "sender_device_id": msg.sender_device_id,
+                      "cursor_scope": "peer", "prev_peer_seq": msg.prev_peer_seq, "device_id": conn.device_id,
+                      "target_device_id": conn.device_id, "slot_id": conn.slot_id}
+            if row is not None:  # without an inline row the client learns of the message and pulls it
+                params["inline_message"] = dict(row, prev_peer_seq=msg.prev_peer_seq)
+            if conn.push(rpc.notification("event/" + event, params)):
+                self.stats.pushes += 1
+            else:
+                self.stats.pushes_dropped += 1
+
+    # --- HTTP --------------------------------------------------------------------------------
+    async def http(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        body = b""
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if len(body) > 1 << 20:
+                return await _respond(send, 413, {"error": "body too large"})
+            if not event.get("more_body"):
+                break
+        self.stats.http[f"{method} /{'/'.join(path.split('/')[1:3])}"] += 1
+        try:
+            status, payload, extra = self.route(method, path, headers, query, body)
+        except RpcError as exc:
+            status, payload, extra = 400, {"error": exc.message}, {}
+        await _respond(send, status, payload, extra, head=(method == "HEAD"))
+
+    def route(self, method: str, path: str, headers: dict[str, str], query: dict[str, list[str]],
+              body: bytes) -> tuple[int, Any, dict[str, str]]:
+        if path == "/health" and method in ("GET", "HEAD"):
+            return 200, {"status": "ok", "service": "aund-devnet"}, {}
+        if path == "/.well-known/aun-gateway" and method == "GET":
+            url = f"ws://{headers.get('host', '')}/aun" if headers.get("host") else self.public_url
+            gateways = [{"url": url, "priority": 1}]
+            gateways += [{"url": u, "priority": i + 2} for i, u in enumerate(self.extra_gateways)]
+            return 200, {"gateways": gateways}, {}
+        if path == "/pki/chain" and method == "GET":
+            return 200, self.ca.chain_pem(), {"content-type": "application/x-pem-file"}
+        if path == "/pki/crl.json" and method == "GET":
+            return 200, {"crl_pem": self.ca.crl_pem(self.store.revoked_serials())}, {}
+        if path.startswith("/pki/ocsp/") and method == "GET":
+            serial = path[len("/pki/ocsp/"):].lower()
+            found = self.store.cert_by_serial(serial) if re.fullmatch(r"[0-9a-f]{1,40}", serial) else None
+            if found is None and serial == serial_hex(self.ca.gateway_cert):
+                found = (pki.cert_pem(self.ca.gateway_cert), False)
+            cert = pki.load_cert_pem(found[0]) if found else None
+            status, der = self.ca.ocsp_response(cert, int(serial, 16) if found else 0, bool(found and found[1]))
+            return 200, {"status": status, "ocsp_response": base64.b64encode(der).decode()}, {}
+        if path.startswith("/pki/cert/") and method in ("GET", "HEAD"):
+            aid = unquote(path[len("/pki/cert/"):]).strip().lower()
+            fp = (query.get("cert_fingerprint") or [""])[0].lower().removeprefix("sha256:")
+            if fp and not re.fullmatch(r"[0-9a-f]{16}|[0-9a-f]{64}", fp):
+                return 400, {"error": "cert_fingerprint must be sha256:<16 or 64 hex>"}, {}
+            pem = self.store.cert_by_fingerprint(aid, fp) if fp else self.store.current_cert(aid)
+            if pem is None:
+                return 404, {"error": "certificate not found"}, {}
+            return 200, pem, {"content-type": "application/x-pem-file"}
+        if path == "/agent.md":
+            return self.agent_md(method, headers, body)
+        if path == "/devnet/stats" and method == "GET":
+            return 200, self.stats.snapshot(), {}
+        if path == "/devnet/faults" and method == "PUT":
+            knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
+            for key in ("drop_push_every", "reply_delay_ms"):
+                if isinstance(knobs.get(key), int) and not isinstance(knobs.get(key), bool):
+                    setattr(self.faults, key, max(0, knobs[key]))
+            return 200, {"drop_push_every": self.faults.drop_push_every,
+                         "reply_delay_ms": self.faults.reply_delay_ms}, {}
+        return 404, {"error": "not found"}, {}
+
+    def agent_md(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, Any, dict[str, str]]:
+        host = headers.get("host", "").rsplit(":", 1)[0].strip().lower()
+        try:
+            aid = validate_aid(host)
+        except RpcError:
+            return 404, {"error": "agent.md is served by AID host name"}, {}
+        current = self.store.agent_md(aid)
+        if method in ("GET", "HEAD"):
+            if current is None:
+                return 404, {"error": "agent.md not found"}, {}
+            if headers.get("if-none-match") in (current[1], "*"):
+                return 304, b"", {"etag": current[1]}
+            return 200, current[0], {"etag": current[1], "content-type": "text/markdown; charset=utf-8"}
+        if method != "PUT":
+            return 405, {"error": "method not allowed"}, {}
+        token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not token or self.store.token_aid(token, "access") != aid:
+            return 401, {"error": "a bearer access token of the AID is required"}, {}
+        if headers.get("if-none-match") == "*" and current is not None:
+            return 412, {"error": "agent.md already exists"}, {"etag": current[1]}
+        if_match = headers.get("if-match")
+        if if_match is not None and (current is None or if_match not in (current[1], "*")):
+            return 412, {"error": "etag mismatch"}, {"etag": current[1]} if current else {}
+        etag = self.store.put_agent_md(aid, body)
+        now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+        return 200, {"etag": etag, "last_modified": now}, {"etag": etag}
+
+
+async def _respond(send: Callable, status: int, payload: Any, extra: dict[str, str] | None = None,
+                   head: bool = False) -> None:
+    if isinstance(payload, bytes):
+        body, ctype = payload, "application/octet-stream"
+    elif isinstance(payload, str):
+        body, ctype = payload.encode("utf-8"), "text/plain; charset=utf-8"
+    else:
+        body, ctype = dumps(payload).encode("utf-8"), "application/json"
+    hdrs = {"content-type": ctype, **(extra or {})}
+    if status == 304:
+        body = b""
+    raw = [(k.encode(), v.encode()) for k, v in hdrs.items()] + [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def render_row(msg: StoredMessage, device_id: str, slot_id: str, *, inline: bool = False) -> dict[str, Any] | None:
+    """The row a device sees for a stored message (pull page or inline push)."""
+    base = {"seq": msg.seq, "message_id": msg.message_id, "from_aid": msg.sender, "from": msg.sender,
+            "sender_aid": msg.sender, "to": msg.receiver, "sender_device_id": msg.sender_device_id,
+            "t_server": msg.t_server, "timestamp": msg.t_server, "need_render": msg.need_render,
+            "direction": "inbound", "device_id": device_id, "slot_id": slot_id, "cursor_scope": "peer"}
+    if msg.kind == "plain":
+        payload = rpc.loads(msg.body)
+        ptype = payload.get("type", "") if isinstance(payload, dict) else ""
+        return dict(base, version="v1", type=ptype or "message", encrypted=False,
+                    legacy_v1={"payload": payload, "to": msg.receiver})
+    envelope = rpc.loads(msg.body)
+    own = [r for r in envelope.get("recipients", []) if isinstance(r, list) and len(r) == 8
+           and r[0] == msg.receiver and r[1] in (device_id, "")]
+    spk_id = own[0][5] if own else ""
+    if inline:
+        split = per_device_envelope(envelope, own[0], device_id) if own else None
+        if split is None:
+            return None
+        envelope = split
+    row = dict(base, version="v2", type="e2ee.p2p_encrypted", encrypted=True, envelope_json=dumps(envelope))
+    if spk_id:
+        row["spk_id"] = spk_id
+    return row
+
+
+def per_device_envelope(envelope: dict[str, Any], own_row: list[Any], device_id: str) -> dict[str, Any] | None:
+    """The per-device form of an envelope: one `recipient` and its Merkle proof instead of all rows."""
+    rows = envelope.get("recipients")
+    try:
+        index = rows.index(own_row)
+        proof = merkle.merkle_proof([merkle.row_leaf_hash(r) for r in rows], index)
+    except (ValueError, TypeError, IndexError):
+        return None
+    split = {k: v for k, v in envelope.items() if k != "recipients"}
+    keys = ("aid", "device_id", "role", "key_source", "fp", "spk_id", "wrap_nonce", "wrapped_key")
+    split["recipient"] = dict(zip(keys, own_row))
+    split["merkle_proof"] = proof
+    split["delivery_device_id"] = device_id
+    return split
+
+
+class Conn:
+    """One gateway WebSocket: challenge, authentication, then RPCs and pushes."""
+
+    def __init__(self, net: Devnet, receive: Callable, send: Callable) -> None:
+        self.net, self._receive, self._send = net, receive, send
+        self.nonce = "n-" + secrets.token_hex(12)
+        self.nonce_used = False
+        self.aid = ""
+        self.device_id = ""
+        self.slot_id = ""
+        self.slot_key = ""
+        self.kind = "long"
+        self.delivery_mode = "fanout"
+        self.conn_id = "conn_" + secrets.token_hex(6)
+        self.connected_at = 0.0
+        self.closed = False
+        self.inflight = 0
+        self.outbox_send, self.outbox_recv = trio.open_memory_channel[dict | str](OUTBOX_FRAMES)
+        self.cancel = trio.CancelScope()
+        self.close_code: int | None = None
+        self.log = log
+
+    # --- output ------------------------------------------------------------------------------
+    def push(self, frame: dict[str, Any]) -> bool:
+        try:
+            self.outbox_send.send_nowait(rpc.dumps(frame))
+            return True
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Queue a close after what is already queued (used to kick this connection)."""
+        self.closed = True
+        try:
+            self.outbox_send.send_nowait({"close": code, "reason": reason})
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.close_code = code
+            self.cancel.cancel()
+
+    async def close_after(self, seconds: float, code: int, reason: str) -> None:
+        await trio.sleep(seconds)
+        self.close_soon(code, reason)
+
+    async def _writer(self) -> None:
+        async for item in self.outbox_recv:
+            if isinstance(item, dict):
+                self.close_code = item["close"]
+                await self._send({"type": "websocket.close", "code": item["close"], "reason": item["reason"]})
+                self.cancel.cancel()
+                return
+            await self._send({"type": "websocket.send", "text": item})
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def serve(self) -> None:
+        event = await self._receive()
+        if event["type"] != "websocket.connect":
+            return
+        await self._send({"type": "websocket.accept"})
+        self.push(rpc.notification("challenge", {
+            "nonce": self.nonce, "server": "aund-devnet", "protocol": {"min": "1.0", "max": "1.0"},
+            "auth_methods": ["kite_token"], "capabilities": {}, "server_time": time.time()}))
+        try:
+            with self.cancel:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._auth_deadline)
+                    await self._reader(nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            if self.aid:
+                self.net.unregister_conn(self)
+                self.net.stats.connections.append({
+                    "event": "close", "aid": self.aid, "device_id": self.device_id, "slot_id": self.slot_id,
+                    "kind": self.kind, "conn_id": self.conn_id, "t": time.time(), "code": self.close_code})
+
+    async def _auth_deadline(self) -> None:
+        await trio.sleep(30)
+        if not self.aid:
+            self.close_soon(CLOSE_AUTH_TIMEOUT, "auth.connect not completed within 30 s")
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            event = await self._receive()
+            if event["type"] == "websocket.disconnect":
+                self.close_code = self.close_code or event.get("code")
+                return
+            text = event.get("text")
+            if text is None:
+                self.push(rpc.error(None, rpc.INVALID_REQUEST, "binary frames are not accepted"))
+                continue
+            try:
+                frame = rpc.parse_frame(text)
+            except rpc.FrameError as exc:
+                code = rpc.PARSE_ERROR if "JSON" in str(exc) or "number" in str(exc) else rpc.INVALID_REQUEST
+                self.push(rpc.error(None, code, str(exc)))
+                continue
+            if "method" not in frame or "id" not in frame:
+                continue  # responses and notifications from the client: nothing to answer
+            if self.inflight >= MAX_INFLIGHT_PER_CONN:
+                self.push(rpc.error(frame["id"], rpc.RATE_LIMITED, "too many requests in flight",
+                                    {"retryable": True}))
+                continue
+            self.inflight += 1
+            self.net.stats.max_inflight = max(self.net.stats.max_inflight, self.inflight)
+            nursery.start_soon(self._handle, frame)
+
+    async def _handle(self, frame: dict[str, Any]) -> None:
+        method, params, req_id = frame["method"], frame.get("params") or {}, frame["id"]
+        stats = self.net.stats
+        stats.rpc[method] += 1
+        try:
+            reply = rpc.result(req_id, await self.dispatch(method, params))
+        except RpcError as exc:
+            stats.rpc_errors[f"{method} {exc.code}"] += 1
+            reply = rpc.error(req_id, exc.code, exc.message, exc.data)
+        try:
+            if self.net.faults.reply_delay_ms:
+                await trio.sleep(self.net.faults.reply_delay_ms / 1000)
+            await self.outbox_send.send(rpc.dumps(reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            self.inflight -= 1
+        if method == "auth.connect" and "error" in reply:
+            code = CLOSE_AUTH_FAILED if reply["error"]["code"] in (rpc.AUTH_FAILED, rpc.BAD_NONCE) else 1008
+            self.close_soon(code, reply["error"]["message"])
+
+    async def dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if not self.aid and method not in PRE_AUTH_METHODS:
+            raise RpcError(rpc.SESSION_REQUIRED, "auth.connect first")
+        if self.aid and method in PRE_AUTH_METHODS - {"auth.refresh_token"}:
+            raise RpcError(rpc.INVALID_REQUEST, f"{method} is not allowed on an authenticated connection")
+        handler = HANDLERS.get(method)
+        if handler is None:
+            raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {method}")
+        if method in signing.SIGNED_METHODS:
+            cert = pki.load_cert_pem(self.net.store.current_cert(self.aid) or "")
+            try:
+                signing.verify_params(method, params, aid=self.aid, cert=cert)
+            except signing.SignatureError as exc:
+                raise RpcError(rpc.CLIENT_SIGNATURE_INVALID, str(exc)) from None
+        return handler(self, params)
+
+    # --- pre-auth ------------------------------------------------------------------------------
+    def rpc_create_aid(self, params: dict[str, Any]) -> dict[str, Any]:
+        aid = validate_aid(params.get("aid"), self.net.issuer)
+        if _str(params, "curve", required=False, default="P-256") != "P-256":
+            raise RpcError(rpc.INVALID_PARAMS, "only curve P-256 is supported")
+        try:
+            public_key = pki.load_public_key_b64(_str(params, "public_key"))
+        except pki.PKIError as exc:
+            raise RpcError(rpc.INVALID_PARAMS, str(exc)) from None
+        store = self.net.store
+        existing = store.current_cert(aid)
+        if existing is not None:
+            cert = pki.load_cert_pem(existing)
+            if pki.spki_der(cert.public_key()) != pki.spki_der(public_key):
+                raise RpcError(rpc.CONFLICT, f"aid already registered with another key: {aid}")
+        else:
+            cert = self.net.ca.issue(aid, public_key)
+            store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
+                           pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
+        return {"aid": aid, "cert": pki.cert_pem(cert), "ca_cert": pki.cert_pem(self.net.ca.issuer_cert),
+                "curve": "P-256"}
+
+    def _aid_cert(self, aid: str):
+        pem = self.net.store.current_cert(aid)
+        if pem is None:
+            raise RpcError(rpc.AUTH_FAILED, f"unknown aid: {aid}")
+        return pki.load_cert_pem(pem)
+
+    def rpc_login1(self, params: dict[str, Any]) -> dict[str, Any]:
+        aid = validate_aid(params.get("aid"))
+        stored = self._aid_cert(aid)
+        try:
+            presented = pki.load_cert_pem(_str(params, "cert"))
+        except pki.PKIError:
+            raise RpcError(rpc.AUTH_FAILED, "aid_login1_failed: invalid cert") from None
+        if presented != stored:
+            raise RpcError(rpc.AUTH_FAILED, "aid_login1_failed: cert is not the AID's current certificate")
+        client_nonce = _str(params, "client_nonce")
+        now = time.time()
+        for rid in [r for r, (_, _, exp) in self.net.login_requests.items() if exp < now]:
+            del self.net.login_requests[rid]
+        if len(self.net.login_requests) > 10_000:
+            raise RpcError(rpc.RATE_LIMITED, "too many pending logins", {"retryable": True})
+        request_id, nonce = "req-" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        self.net.login_requests[request_id] = (aid, nonce, now + 60)
+        signature = pki.sign_der(self.net.ca.gateway_key, client_nonce.encode("utf-8"))
+        return {"request_id": request_id, "nonce": nonce, "auth_cert": pki.cert_pem(self.net.ca.gateway_cert),
+                "client_nonce_signature": pki.b64e(signature), "server_time": int(now), "auth_curve": "P-256"}
+
+    def rpc_login2(self, params: dict[str, Any]) -> dict[str, Any]:
+        aid = validate_aid(params.get("aid"))
+        pending = self.net.login_requests.pop(_str(params, "request_id"), None)  # single use
+        nonce = _str(params, "nonce")
+        if pending is None or pending[0] != aid or pending[1] != nonce or pending[2] < time.time():
+            raise RpcError(rpc.BAD_NONCE, "aid_login2_failed: unknown, expired or replayed login nonce")
+        client_time = _str(params, "client_time")
+        try:
+            skew = abs(float(client_time) - time.time())
+        except ValueError:
+            raise RpcError(rpc.INVALID_PARAMS, "client_time must be a decimal number of seconds") from None
+        if not math.isfinite(skew) or skew > signing.MAX_SKEW_SECONDS:
+            raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: client_time outside the allowed window")
+        try:
+            signature = pki.b64d(_str(params, "signature"))
+        except pki.PKIError:
+            raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature is not base64") from None
+        if not pki.verify_der(self._aid_cert(aid).public_key(), signature, f"{nonce}:{client_time}".encode()):
+            raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature does not verify")
+        access, refresh, _ = self.net.store.issue_tokens(aid, self.net.access_ttl, self.net.refresh_ttl)
+        return {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
+                "expires_in": int(self.net.access_ttl)}
+
+    def rpc_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
+        aid = validate_aid(params.get("aid"))
+        token = params.get("refresh_token")
+        rotated = self.net.store.rotate_refresh(token, aid, self.net.access_ttl, self.net.refresh_ttl) \
+            if isinstance(token, str) and token else None
+        if rotated is None:
+            return {"success": False, "error": "invalid_or_expired_refresh_token", "relogin_required": True,
+                    "retryable": False, "aid": aid}
+        access, refresh, _ = rotated
+        return {"success": True, "aid": aid, "access_token": access, "refresh_token": refresh,
+                "expires_in": int(self.net.access_ttl), "relogin_required": False, "retryable": False}
+
+    def rpc_connect(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.nonce_used or params.get("nonce") != self.nonce:
+            raise RpcError(rpc.BAD_NONCE, "invalid or reused challenge nonce")
+        self.nonce_used = True
+        proto = params.get("protocol") or {"min": "1.0", "max": "1.0"}
+        if not isinstance(proto, dict) or not str(proto.get("min", "1.0")) <= PROTOCOL_VERSION <= str(proto.get("max", "1.0")):
+            raise RpcError(rpc.VERSION_MISMATCH, "protocol version mismatch",
+                           {"server_range": {"min": "1.0", "max": "1.0"}, "client_range": proto})
+        auth = params.get("auth")
+        if not isinstance(auth, dict) or not auth.get("method"):
+            raise RpcError(rpc.MISSING_PARAMS, "missing auth.method")
+        if auth.get("method") != "kite_token" or not isinstance(auth.get("token"), str):
+            raise RpcError(rpc.AUTH_FAILED, "unsupported auth method (this devnet accepts kite_token)")
+        aid = self.net.store.token_aid(auth["token"], "access")
+        if aid is None:
+            raise RpcError(rpc.AUTH_FAILED, "token invalid or expired")
+        device = params.get("device") or {}
+        client = params.get("client") or {}
+        if not isinstance(device, dict) or not isinstance(client, dict):
+            raise RpcError(rpc.INVALID_PARAMS, "device and client must be objects")
+        device_id, slot_id = str(device.get("id") or ""), str(client.get("slot_id") or "")
+        if slot_id and not device_id:
+            raise RpcError(rpc.MISSING_PARAMS, "slot_requires_device_id")
+        if device_id and not DEVICE_RE.match(device_id) or slot_id and not SLOT_RE.match(slot_id):
+            raise RpcError(rpc.INVALID_PARAMS, "invalid device.id or client.slot_id")
+        options = params.get("options") or {}
+        kind = options.get("kind", "long") if isinstance(options, dict) else "long"
+        if kind not in ("long", "short"):
+            raise RpcError(rpc.INVALID_PARAMS, "options.kind must be long or short")
+        mode = params.get("delivery_mode") or {}
+        self.delivery_mode = str(mode.get("mode") or "fanout") if isinstance(mode, dict) else "fanout"
+        self.aid, self.device_id, self.slot_id, self.kind = aid, device_id, slot_id or "default", kind
+        self.slot_key = slot_isolation_key(self.slot_id)
+        try:
+            kicked = self.net.register_conn(self)
+        except RpcError:
+            self.aid = ""
+            raise
+        self.connected_at = time.time()
+        for other in kicked:
+            other.push(rpc.notification("event/gateway.disconnect", {
+                "code": CLOSE_REPLACED, "reason": "aid_device_slot: replaced by a newer long connection",
+                "detail": {"scope": "aid_device_slot", "aid": aid, "device_id": device_id,
+                           "slot_id": other.slot_id, "limit": 1}}))
+            other.closed = True  # no more pushes; the close follows once the client had the event
+            other.nursery.start_soon(other.close_after, KICK_GRACE_SECONDS, CLOSE_REPLACED,
+                                     "replaced by a newer long connection")
+        if kind == "short":
+            ttl = options.get("short_ttl_ms", 30000)
+            ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and 0 < ttl <= 600_000 else 30000
+            self.nursery.start_soon(self.close_after, ttl / 1000, CLOSE_SHORT_TTL, "short connection ttl expired")
+        self.net.stats.connections.append({"event": "connect", "aid": aid, "device_id": device_id,
+                                           "slot_id": self.slot_id, "kind": kind, "conn_id": self.conn_id,
+                                           "t": self.connected_at, "kicked": len(kicked)})
+        return {"status": "ok", "protocol": PROTOCOL_VERSION, "server_time": self.connected_at,
+                "authenticated": True,
+                "identity": {"module_id": "aund-devnet", "role": "agent", "aid": aid},
+                "connection": {"id": self.conn_id, "device_id": device_id, "kind": kind, "slot_id": self.slot_id},
+                "capabilities": SERVER_CAPABILITIES}
+
+    # --- meta ----------------------------------------------------------------------------------
+    def rpc_ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "timestamp": int(time.time())}
+
+    def rpc_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"mode": "gateway", "aid": self.aid, "role": "agent", "connected_at": int(self.connected_at * 1000),
+                "protocol_version": PROTOCOL_VERSION, "device_id": self.device_id, "slot_id": self.slot_id}
+
+    # --- prekeys -------------------------------------------------------------------------------
+    def rpc_put_peer_pk(self, params: dict[str, Any]) -> dict[str, Any]:
+        if _str(params, "peer_aid", required=False, default=self.aid) != self.aid:
+            raise RpcError(rpc.PERMISSION_DENIED, "peer_aid must be the connection's own AID")
+        if not self.device_id:
+            raise RpcError(rpc.MISSING_PARAMS, "a prekey needs a device id on the connection")
+        key_source = _str(params, "key_source", required=False, default="peer_device_prekey")
+        spk_id, spk_pk, sig = _str(params, "spk_id"), _str(params, "spk_pk"), _str(params, "spk_signature")
+        timestamp = params.get("spk_timestamp")
+        if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+            raise RpcError(rpc.INVALID_PARAMS, "spk_timestamp must be an integer")
+        try:
+            spk_der = pki.b64d(spk_pk)
+            pki.load_public_key_b64(spk_pk)
+            raw_sig = pki.b64d(sig)
+        except pki.PKIError as exc:
+            raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
+        if spk_id != "sha256:" + hashlib.sha256(spk_der).hexdigest()[:16]:
+            raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
+        ik = self._aid_cert(self.aid).public_key()
+        if not pki.verify_raw(ik, raw_sig, spk_der + spk_id.encode() + str(timestamp).encode()):
+            raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
+        self.net.store.put_prekey(self.aid, self.device_id, {
+            "key_source": key_source, "spk_id": spk_id, "spk_pk": spk_pk, "spk_signature": sig,
+            "spk_timestamp": timestamp})
+        return {"success": True, "spk_id": spk_id, "device_id": self.device_id}
+
+    def _devices(self, aid: str) -> list[dict[str, Any]]:
+        pem = self.net.store.current_cert(aid)
+        if pem is None:
+            return []
+        ik = pki.public_key_b64(pki.load_cert_pem(pem).public_key())
+        return [{"aid": aid, "device_id": r["device_id"], "ik_pk": ik, "key_source": r["key_source"],
+                 "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
+                 "spk_timestamp": r["spk_timestamp"]} for r in self.net.store.prekeys(aid)]
+
+    def rpc_bootstrap(self, params: dict[str, Any]) -> dict[str, Any]:
+        peer = validate_aid(params.get("peer_aid"))
+        if self.net.store.current_cert(peer) is None:
+            raise RpcError(rpc.NOT_FOUND, f"unknown peer aid: {peer}")
+        own = [d for d in self._devices(self.aid) if d["device_id"] != self.device_id]
+        return {"peer_aid": peer, "peer_devices": self._devices(peer) if peer != self.aid else own,
+                "self_devices": own, "audit_recipients": []}
+
+    # --- messages ------------------------------------------------------------------------------
+    def rpc_send(self, params: dict[str, Any]) -> dict[str, Any]:
+        for forbidden in ("persist", "delivery_mode", "queue_routing", "affinity_ttl_ms"):
+            if forbidden in params:
+                raise RpcError(rpc.INVALID_PARAMS, f"param {forbidden} is not accepted")
+        to = validate_aid(params.get("to"))
+        payload = params.get("payload")
+        if not isinstance(payload, dict):
+            raise RpcError(rpc.INVALID_PARAMS, "payload must be an object")
+        message_id = _str(params, "message_id", required=False) or "m-" + secrets.token_hex(16)
+        if len(message_id) > 128:
+            raise RpcError(rpc.INVALID_PARAMS, "message_id longer than 128 characters")
+        need_render = params.get("need_render", True)
+        if not isinstance(need_render, bool):
+            raise RpcError(rpc.INVALID_PARAMS, "need_render must be a boolean")
+        body = dumps(payload)
+        if len(body.encode("utf-8")) > MAX_PAYLOAD_BYTES:
+            raise RpcError(rpc.INTERNAL_ERROR, "payload larger than 1 MB")
+        if self.net.store.current_cert(to) is None:
+            raise RpcError(rpc.INTERNAL_ERROR, f"unknown target aid: {to}")
+        kind = "plain"
+        sender_device = self.device_id
+        if payload.get("type") == "e2ee.p2p_encrypted":
+            kind = "e2ee"
+            aad = payload.get("aad")
+            if payload.get("version") != "v2" or not isinstance(aad, dict) or not isinstance(payload.get("recipients"), list):
+                raise RpcError(rpc.INVALID_PARAMS, "malformed e2ee.p2p_encrypted envelope")
+            if aad.get("from") != self.aid or aad.get("message_id") != message_id:
+                raise RpcError(rpc.INVALID_PARAMS, "envelope aad.from / aad.message_id do not match the request")
+            sender_device = str(aad.get("from_device") or self.device_id)
+        msg, created = self.net.store.append_message(to, self.aid, sender_device, message_id, kind, body, need_render)
+        if created:
+            self.net.push_message(msg)
+        return {"message_id": message_id, "seq": msg.seq, "timestamp": msg.t_server,
+                "status": "delivered" if created else "duplicate", "delivery_mode": "fanout",
+                "storage": "persistent"}
+
+    def rpc_peers(self, params: dict[str, Any]) -> dict[str, Any]:
+        filt = params.get("filter", "pending")
+        if filt not in ("pending", "all"):
+            raise RpcError(rpc.INVALID_PARAMS, "filter must be pending or all")
+        limit = _int(params, "limit", 200, lo=1, hi=500)
+        token = params.get("page_token") or ""
+        if not isinstance(token, str):
+            raise RpcError(rpc.INVALID_PARAMS, "page_token must be a string")
+        rows = self.net.store.peers(self.aid, self.device_id, self.slot_key)
+        peers = [{"sender_aid": r["sender"], "head_seq": r["head"], "server_ack_seq": r["ack"],
+                  "initial_after_seq": 0, "initialization_source": "bootstrap",
+                  "next_pending_seq": r["next_pending"] or r["head"] + 1, "volatile_has_more": False,
+                  "retention_floor_seq": 0}
+                 for r in rows if filt == "all" or r["head"] > r["ack"]]
+        result: dict[str, Any] = {"cursor_scope": "peer", "receiver_aid": self.aid, "device_id": self.device_id,
+                                  "bootstrap_floor_seq": 0, "catalog_ready": True, "catalog_revision": 1}
+        if filt == "all":
+            peers = [p for p in peers if p["sender_aid"] > token]
+            result["has_more"] = len(peers) > limit
+            peers = peers[:limit]
+            result["next_page_token"] = peers[-1]["sender_aid"] if result["has_more"] else ""
+        result["peers"] = peers
+        return result
+
+    def rpc_pull(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("cursor_scope", "peer") != "peer" or "sender_aid" not in params:
+            raise RpcError(rpc.INVALID_PARAMS, "this devnet serves peer-mode pulls (cursor_scope=peer, sender_aid)")
+        sender = validate_aid(params.get("sender_aid"))
+        limit = _int(params, "limit", 50, lo=1, hi=200)
+        store = self.net.store
+        if "ack_up_to_seq" in params:
+            store.ack(self.aid, self.device_id, self.slot_key, sender, _int(params, "ack_up_to_seq", 0))
+        ack = store.get_ack(self.aid, self.device_id, self.slot_key, sender)
+        after = _int(params, "after_seq", ack)
+        scan_after = after  # retention floor is 0: nothing is ever expired here
+        rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        head = max(store.peer_head(self.aid, sender), scan_after)
+        covered = rows[-1].seq if has_more else head
+        messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
+        result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,
+                  "messages": messages, "count": len(messages), "scan_after_seq": scan_after,
+                  "covered_through_seq": covered, "next_after_seq": covered, "head_seq": head,
+                  "retention_floor_seq": 0, "persistent_has_more": has_more, "volatile_has_more": False,
+                  "has_more": has_more, "server_ack_seq": ack}
+        if params.get("window_mode") == "tail":
+            result["window_start_seq"] = scan_after
+        return result
+
+    def rpc_ack(self, params: dict[str, Any]) -> dict[str, Any]:
+        sender = validate_aid(params.get("sender_aid"))
+        up_to = _int(params, "up_to_seq", 0)
+        effective = self.net.store.ack(self.aid, self.device_id, self.slot_key, sender, up_to)
+        return {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
+                "effective_ack_seq": effective, "ack_seq": effective}
+
+    def rpc_group_list_my(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"items": [], "groups": [], "total": 0}
+
+    def rpc_group_list_invites(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"items": [], "invites": [], "total": 0}
+
+
+HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
+    "auth.create_aid": Conn.rpc_create_aid,
+    "auth.aid_login1": Conn.rpc_login1,
+    "auth.aid_login2": Conn.rpc_login2,
+    "auth.refresh_token": Conn.rpc_refresh,
+    "auth.connect": Conn.rpc_connect,
+    "meta.ping": Conn.rpc_ping,
+    "meta.status": Conn.rpc_status,
+    "message.v2.put_peer_pk": Conn.rpc_put_peer_pk,
+    "message.v2.bootstrap": Conn.rpc_bootstrap,
+    "message.send": Conn.rpc_send,
+    "message.peers": Conn.rpc_peers,
+    "message.v2.pull": Conn.rpc_pull,
+    "message.v2.ack": Conn.rpc_ack,
+    "group.list_my": Conn.rpc_group_list_my,
+    "group.list_my_invites": Conn.rpc_group_list_invites,
+}

@@ -1,0 +1,25 @@
+"""Test rules for aund (read before adding a test):
+
+- Real processes and real sockets, on loopback or in a temp dir; fakes only to inject faults.
+- Time-based logic runs under trio's MockClock (`autojump_clock`), never real sleeps.
+- Every test has a deadline: pytest-timeout's global `timeout` plus tighter `fail_after` scopes.
+- No network beyond 127.0.0.1 and Unix sockets. AIDs use the reserved `*.aid.test`.
+- fastaun (the official SDK, asyncio) only ever runs in a subprocess: tests/interop/fastaun_driver.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import DevnetProcess
+
+
+@pytest.fixture
+def devnet(tmp_path):
+    """A real `aund devnet` process on 127.0.0.1 with its state in tmp_path; stopped by SIGTERM (exit 0 asserted)."""
+    proc = DevnetProcess(tmp_path / "devnet")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, f"devnet exited with {code} after SIGTERM"

@@ -1,0 +1,112 @@
+"""Harness verbs shared by the integration and interop tests: spawn, wait for ready, stop."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_RE = re.compile(r"^aund devnet ready gateway=(ws://127\.0\.0\.1:(\d+)/aun) root_ca=(/\S+)$")
+
+
+def read_line(proc: subprocess.Popen, deadline: float) -> str:
+    """One line of the process's stdout, or AssertionError once the deadline passes."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if not line:
+                    raise AssertionError(f"process exited early with {proc.wait()}")
+                return line.rstrip("\n")
+        raise AssertionError("timed out waiting for a line from the process")
+    finally:
+        sel.close()
+
+
+@dataclass
+class DevnetProcess:
+    state_dir: Path
+    port: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    gateway_url: str = ""
+    root_ca: str = ""
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Spawn the devnet (on the same port as before, after a restart) and wait for its ready line."""
+        args = [sys.executable, "-m", "aund", "devnet", "--state-dir", str(self.state_dir),
+                "--listen", f"127.0.0.1:{self.port}", *self.extra_args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        line = read_line(self.proc, time.monotonic() + timeout)
+        m = READY_RE.match(line)
+        assert m, f"unexpected first line: {line!r}"
+        self.gateway_url, self.port, self.root_ca = m.group(1), int(m.group(2)), m.group(3)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._close_pipes()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code (tests assert 0)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("devnet did not stop within the grace period after SIGTERM") from None
+        finally:
+            self._close_pipes()
+        return code
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.http_url + "/devnet/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+    def set_faults(self, **knobs: Any) -> dict[str, Any]:
+        req = urllib.request.Request(self.http_url + "/devnet/faults", data=json.dumps(knobs).encode(), method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+
+def run_fastaun(scenario: str, devnet: DevnetProcess, workdir: Path, timeout: float = 120.0,
+                **env: str) -> list[dict[str, Any]]:
+    """Run one fastaun driver scenario in a subprocess; returns its checks, asserting that all passed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca,
+                    AUN_WORKDIR=str(workdir), **env)
+    driver = ROOT / "tests" / "interop" / "fastaun_driver.py"
+    done = subprocess.run([sys.executable, str(driver), scenario], env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    checks = [x for x in lines if "check" in x]
+    failed = [c for c in checks if not c["ok"]]
+    assert done.returncode == 0 and not failed and checks, (
+        f"fastaun scenario {scenario} failed (rc={done.returncode}): {failed or checks}\n"
+        f"stderr tail:\n{done.stderr[-3000:]}")
+    return lines

@@ -1,0 +1,168 @@
+"""Drive the official SDK (fastaun 0.5.25, asyncio) against a gateway, in its own process.
+
+Run as `python fastaun_driver.py SCENARIO` with env AUN_GW_URL, AUN_ROOT_CA, AUN_WORKDIR.
+Prints one JSON line per check ({"check", "ok", "detail"}) and exits 1 if any check failed.
+This file imports only fastaun, never aund: it is the independent peer.
+"""
+import asyncio
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+GW, ROOT_CA, WORK = os.environ["AUN_GW_URL"], os.environ["AUN_ROOT_CA"], Path(os.environ["AUN_WORKDIR"])
+_u = urlsplit(GW)
+os.environ.setdefault("AUN_NAMESERVICE_URL", f"{'https' if _u.scheme == 'wss' else 'http'}://{_u.netloc}")
+from aun_core import AIDStore, AUNClient  # noqa: E402
+
+failed: list[str] = []
+
+
+def check(name, ok, detail=None):
+    print(json.dumps({"check": name, "ok": bool(ok), "detail": detail}, default=str), flush=True)
+    if not ok:
+        failed.append(name)
+
+
+def note(**fields):
+    print(json.dumps({"note": fields}, default=str), flush=True)
+
+
+def store_for(name):
+    return AIDStore(aun_path=str(WORK / name), encryption_seed="t", root_ca_path=ROOT_CA, verify_ssl=False)
+
+
+async def ensure(name, aid=None):
+    """Load the identity; register only when it is absent; load again (the SDK's own guidance)."""
+    store = store_for(name)
+    aid = aid or f"{name}-{secrets.token_hex(3)}.aid.test"
+    loaded = store.load(aid)
+    if not loaded.ok:
+        store._keystore.set_metadata_value(aid, "gateway_url", GW)  # point discovery at our gateway
+        registered = await store.register(aid, type="agent")
+        if not registered.ok:
+            raise SystemExit(f"register {aid}: {registered.error.message}")
+        loaded = store.load(aid)
+    return aid, loaded.data["aid"]
+
+
+async def open_client(name, aid=None, **opts):
+    aid, ident = await ensure(name, aid)
+    client = AUNClient(ident)
+    inbox = {}
+    client.on("message.received", lambda m: inbox.setdefault((m.get("payload") or {}).get("text"), m))
+    await asyncio.wait_for(client.connect({"auto_reconnect": False, **opts}), 30)
+    check(f"connect {name}", client.state.value == "ready", client.state.value)
+    return aid, client, inbox
+
+
+async def wait_for(pred, timeout=10.0):
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return pred()
+
+
+async def both_ways():
+    """Two fastaun clients: plain and E2EE both ways, received by push and by pull."""
+    (alice, A, a_in), (bob, B, b_in) = await open_client("alice"), await open_client("bob")
+    await asyncio.sleep(1.0)  # let the post-connect gap fill settle, or it pulls what follows
+    try:
+        for sender, receiver, inbox, peer in ((A, bob, b_in, "bob"), (B, alice, a_in, "alice")):
+            for text, enc in ((f"plain to {peer}", False), (f"e2ee to {peer}", True)):
+                r = await sender.call("message.send", {"to": receiver, "payload": {"type": "text", "text": text},
+                                                       "encrypt": enc})
+                check(f"send {text}", r.get("status") in ("sent", "delivered", "accepted"), r)
+            for text, enc in ((f"plain to {peer}", False), (f"e2ee to {peer}", True)):
+                got = await wait_for(lambda: text in inbox)
+                check(f"push {text}", got and bool(inbox[text].get("encrypted")) == enc,
+                      inbox.get(text, {}).get("encrypted"))
+        r = await B.call("message.pull", {"sender_aid": alice, "after_seq": 0, "limit": 50})
+        rows = {(m.get("payload") or {}).get("text"): m for m in r.get("messages", [])}
+        for text, enc in (("plain to bob", False), ("e2ee to bob", True)):
+            check(f"pull {text}", text in rows and bool(rows[text].get("encrypted")) == enc)
+        dup_id = "m-" + secrets.token_hex(8)
+        first = await A.call("message.send", {"to": bob, "payload": {"type": "text", "text": "dup"},
+                                              "encrypt": False, "message_id": dup_id})
+        second = await A.call("message.send", {"to": bob, "payload": {"type": "text", "text": "dup"},
+                                               "encrypt": False, "message_id": dup_id})
+        check("duplicate message_id", second.get("status") == "duplicate" and second.get("seq") == first.get("seq"),
+              [first, second])
+        note(alice=alice, bob=bob)
+    finally:
+        for c in (A, B):
+            await c.close()
+
+
+async def offline_phase1():
+    """Register and connect both once, then bob leaves; alice sends N E2EE messages while bob is away."""
+    n = int(os.environ.get("N", "5"))
+    (alice, A, _), (bob, B, _) = await open_client("alice"), await open_client("bob")
+    await B.close()
+    await asyncio.sleep(0.5)
+    try:
+        for i in range(n):
+            r = await A.call("message.send", {"to": bob, "payload": {"type": "text", "text": f"offline {i}"},
+                                              "encrypt": True})
+            check(f"send offline {i}", r.get("status") == "delivered", r)
+    finally:
+        await A.close()
+    (WORK / "ids.json").write_text(json.dumps({"alice": alice, "bob": bob}))
+
+
+async def offline_phase2():
+    """After a gateway restart: both reconnect (stored identities, cached tokens); bob gets all, in order."""
+    n = int(os.environ.get("N", "5"))
+    ids = json.loads((WORK / "ids.json").read_text())
+    order = []
+    (_, A, _) = await open_client("alice", ids["alice"])
+    aid, ident = await ensure("bob", ids["bob"])
+    B = AUNClient(ident)
+    B.on("message.received", lambda m: order.append((m.get("payload") or {}).get("text")))
+    await asyncio.wait_for(B.connect({"auto_reconnect": False}), 30)
+    check("reconnect bob", B.state.value == "ready")
+    try:
+        await wait_for(lambda: len(order) >= n, 20)
+        check("offline messages in order, once", order == [f"offline {i}" for i in range(n)], order)
+        r = await A.call("message.send", {"to": ids["bob"], "payload": {"type": "text", "text": "after restart"},
+                                          "encrypt": True})
+        check("send after restart", r.get("status") == "delivered", r)
+        await wait_for(lambda: "after restart" in order)
+        check("push after restart", "after restart" in order, order)
+    finally:
+        await A.close()
+        await B.close()
+
+
+async def slot_kick():
+    """A second long connection on the same (aid, device, slot) replaces the first, which must not reconnect."""
+    aid, ident = await ensure("carol")
+    first = AUNClient(ident)
+    events = []
+    first.on("gateway.disconnect", lambda e: events.append(("disconnect", e)))
+    first.on("state_change", lambda e: events.append(("state", e)))
+    await asyncio.wait_for(first.connect({"auto_reconnect": True}), 30)
+    check("first long ready", first.state.value == "ready")
+    _, ident2 = await ensure("carol", aid)
+    second = AUNClient(ident2)
+    await asyncio.wait_for(second.connect({"auto_reconnect": True}), 30)
+    check("second long ready", second.state.value == "ready")
+    await wait_for(lambda: first.state.value in ("connection_failed", "closed", "standby"), 10)
+    codes = [e.get("code") for kind, e in events if kind == "disconnect"]
+    check("first got gateway.disconnect 4015", 4015 in codes, events)
+    check("first stopped (no reconnect)", first.state.value == "connection_failed", first.state.value)
+    await asyncio.sleep(2.5)  # the SDK's reconnect would have fired by now; it must not
+    check("second still ready", second.state.value == "ready", second.state.value)
+    for c in (first, second):
+        await c.close()
+
+
+SCENARIOS = {"both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+             "slot_kick": slot_kick}
+
+if __name__ == "__main__":
+    asyncio.run(SCENARIOS[sys.argv[1]]())
+    sys.exit(1 if failed else 0)
