@@ -1,0 +1,261 @@
+"""AUN layer: pre-auth flows on throw-away sockets (register, two-step login, token refresh), and
+the gateway's HTTP side (PKI chain, discovery), as the official SDK does them on the wire.
+
+Each pre-auth RPC opens its own WebSocket: connect, wait for `challenge`, send one request with
+id `pre-<method>`, read its answer, close. Nothing here holds state between calls except the
+`GatewayTrust` cache of verified CA chains.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aund.aun import jsonrpc as rpc
+from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
+from aund.identity import pki
+
+CONNECT_TIMEOUT = 10.0
+SHORT_RPC_TIMEOUT = 15.0
+HTTP_TIMEOUT = 5.0
+MAX_FRAME = 2 * 1024 * 1024
+TOKEN_REUSE_MARGIN = 30.0  # a stored access token is reused only if it has this much life left
+
+
+@dataclass(frozen=True)
+class Tokens:
+    access_token: str
+    refresh_token: str
+    expires_at: float
+
+    def usable(self, now: float | None = None) -> bool:
+        return bool(self.access_token) and self.expires_at - (time.time() if now is None else now) > TOKEN_REUSE_MARGIN
+
+    def to_json(self) -> dict[str, Any]:
+        return {"access_token": self.access_token, "refresh_token": self.refresh_token,
+                "access_token_expires_at": self.expires_at}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> "Tokens | None":
+        if not isinstance(d, dict) or not d.get("access_token"):
+            return None
+        return cls(str(d["access_token"]), str(d.get("refresh_token") or ""),
+                   float(d.get("access_token_expires_at") or 0.0))
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any], previous_refresh: str = "") -> "Tokens":
+        access = result.get("access_token") or result.get("token") or result.get("kite_token")
+        if not isinstance(access, str) or not access:
+            raise AuthError("gateway returned no access token")
+        expires_in = result.get("expires_in", 3600)
+        expires_in = expires_in if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) else 3600
+        return cls(access, str(result.get("refresh_token") or previous_refresh), time.time() + float(expires_in))
+
+
+def http_base(gateway_url: str) -> str:
+    """ws(s)://host:port/path -> http(s)://host:port (the gateway's HTTP side)."""
+    parts = urllib.parse.urlsplit(gateway_url)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
+
+
+def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"User-Agent": "aund"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (configured gateway only)
+            return resp.status, resp.read(4 << 20)
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+async def http_get(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
+    """GET in a worker thread (stdlib urllib); raises GatewayUnavailable on connection failure."""
+    try:
+        return await trio.to_thread.run_sync(_http_get, url, timeout, abandon_on_cancel=True)
+    except (OSError, urllib.error.URLError) as exc:
+        raise GatewayUnavailable(f"GET {url}: {exc}") from None
+
+
+async def discover_gateways(aid: str, *, port: int | None = None, scheme: str = "https") -> list[str]:
+    """Gateway URLs for an AID by `/.well-known/aun-gateway` on the AID host, then on gateway.{issuer}."""
+    issuer = aid.split(".", 1)[1]
+    suffix = f":{port}" if port else ""
+    errors = []
+    for host in (aid, f"gateway.{issuer}"):
+        url = f"{scheme}://{host}{suffix}/.well-known/aun-gateway"
+        try:
+            status, body = await http_get(url)
+        except GatewayUnavailable as exc:
+            errors.append(str(exc))
+            continue
+        if status != 200:
+            errors.append(f"GET {url}: HTTP {status}")
+            continue
+        return parse_well_known(body)
+    raise GatewayUnavailable(f"gateway discovery failed for {aid}: " + "; ".join(errors))
+
+
+def parse_well_known(body: bytes) -> list[str]:
+    """Gateway URLs from a well-known document, in priority order (default priority 999)."""
+    try:
+        doc = rpc.loads(body.decode("utf-8"))
+        entries = [g for g in doc["gateways"] if isinstance(g, dict) and isinstance(g.get("url"), str)]
+    except (rpc.FrameError, UnicodeDecodeError, KeyError, TypeError):
+        raise GatewayUnavailable("malformed /.well-known/aun-gateway document") from None
+    if not entries:
+        raise GatewayUnavailable("/.well-known/aun-gateway lists no gateway")
+    prio = lambda g: g.get("priority") if isinstance(g.get("priority"), int) else 999  # noqa: E731
+    return [g["url"] for g in sorted(entries, key=prio)]
+
+
+class GatewayTrust:
+    """Trusted roots and a cache of verified gateway CA chains (by gateway HTTP base)."""
+
+    def __init__(self, roots: list[x509.Certificate]) -> None:
+        self.roots = roots
+        self._chains: dict[str, tuple[list[x509.Certificate], float]] = {}
+
+    @classmethod
+    def from_files(cls, paths: list[Path]) -> "GatewayTrust":
+        roots: list[x509.Certificate] = []
+        for path in paths:
+            roots.extend(pki.split_pem_bundle(path.read_text()))
+        return cls(roots)
+
+    async def chain(self, gateway_url: str) -> list[x509.Certificate]:
+        base = http_base(gateway_url)
+        cached = self._chains.get(base)
+        if cached and cached[1] > time.time():
+            return cached[0]
+        status, body = await http_get(base + "/pki/chain")
+        if status != 200:
+            raise AuthError(f"cannot fetch the gateway CA chain (HTTP {status})")
+        try:
+            chain = pki.split_pem_bundle(body.decode("utf-8"))
+        except (pki.PKIError, UnicodeDecodeError) as exc:
+            raise AuthError(f"malformed gateway CA chain: {exc}") from None
+        self._chains[base] = (chain, time.time() + 3600)
+        return chain
+
+    async def verify(self, gateway_url: str, cert: x509.Certificate, expected_cn: str | None = None) -> None:
+        """Raise AuthError unless `cert` chains to a trusted root through the gateway's CA chain."""
+        chain = await self.chain(gateway_url)
+        try:
+            pki.verify_chain(cert, chain, self.roots)
+        except pki.PKIError as exc:
+            raise AuthError(f"certificate not trusted: {exc}") from None
+        if expected_cn is not None and pki.cert_aid(cert) != expected_cn:
+            raise AuthError(f"certificate CN {pki.cert_aid(cert)!r} is not {expected_cn!r}")
+
+
+async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One pre-auth RPC on its own WebSocket. Raises the mapped AundError on a gateway error."""
+    try:
+        with trio.fail_after(SHORT_RPC_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await trio_websocket.connect_websocket_url(nursery, gateway_url, max_message_size=MAX_FRAME)
+                try:
+                    while True:  # wait for the challenge
+                        frame = rpc.parse_frame(str(await ws.get_message()))
+                        if frame.get("method") == "challenge":
+                            break
+                    await ws.send_message(rpc.dumps(rpc.request(method, params, id=f"pre-{method}")))
+                    while True:
+                        frame = rpc.parse_frame(str(await ws.get_message()))
+                        if frame.get("id") == f"pre-{method}":
+                            break
+                finally:
+                    with trio.move_on_after(1) as cleanup:
+                        cleanup.shield = True
+                        await ws.aclose()
+    except trio.TooSlowError:
+        raise GatewayUnavailable(f"{method}: no answer from {gateway_url} within {SHORT_RPC_TIMEOUT:.0f} s") from None
+    except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+        raise GatewayUnavailable(f"{method}: cannot reach {gateway_url}: {exc}") from None
+    except rpc.FrameError as exc:
+        raise GatewayError(f"{method}: malformed frame from gateway: {exc}", retryable=True) from None
+    if "error" in frame:
+        raise map_remote_error(method, frame["error"])
+    result = frame.get("result")
+    if not isinstance(result, dict):
+        raise GatewayError(f"{method}: result is not an object", retryable=False)
+    if result.get("success") is False:
+        raise AuthError(f"{method}: {result.get('error') or 'refused'}", data={"result": _safe(result)})
+    return result
+
+
+def _safe(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if "token" not in k}
+
+
+async def create_aid(gateway_url: str, aid: str, public_key: ec.EllipticCurvePublicKey) -> str:
+    """Register `aid` with our public key; returns the certificate PEM (its key must be ours)."""
+    result = await short_rpc(gateway_url, "auth.create_aid",
+                             {"aid": aid, "public_key": pki.public_key_b64(public_key), "curve": "P-256"})
+    cert_pem = result.get("cert")
+    if not isinstance(cert_pem, str):
+        raise AuthError("auth.create_aid returned no certificate")
+    cert = pki.load_cert_pem(cert_pem)
+    if pki.spki_der(cert.public_key()) != pki.spki_der(public_key):
+        raise AuthError("auth.create_aid returned a certificate for another key")
+    if pki.cert_aid(cert) != aid:
+        raise AuthError(f"auth.create_aid returned a certificate for {pki.cert_aid(cert)!r}")
+    return cert_pem
+
+
+async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
+                cert_pem: str) -> Tokens:
+    """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do."""
+    client_nonce = pki.b64e(os.urandom(12))
+    r1 = await short_rpc(gateway_url, "auth.aid_login1", {"aid": aid, "cert": cert_pem, "client_nonce": client_nonce})
+    try:
+        auth_cert = pki.load_cert_pem(str(r1.get("auth_cert") or ""))
+        nonce_sig = pki.b64d(str(r1.get("client_nonce_signature") or ""))
+    except pki.PKIError as exc:
+        raise AuthError(f"aid_login1: {exc}") from None
+    await trust.verify(gateway_url, auth_cert)
+    if not pki.verify_der(auth_cert.public_key(), nonce_sig, client_nonce.encode("utf-8")):
+        raise AuthError("aid_login1: the gateway's signature over our nonce does not verify")
+    nonce, request_id = r1.get("nonce"), r1.get("request_id")
+    if not isinstance(nonce, str) or not isinstance(request_id, str):
+        raise AuthError("aid_login1: missing nonce or request_id")
+    client_time = repr(time.time())
+    signature = pki.sign_der(key, f"{nonce}:{client_time}".encode("utf-8"))
+    r2 = await short_rpc(gateway_url, "auth.aid_login2", {"aid": aid, "request_id": request_id, "nonce": nonce,
+                                                          "client_time": client_time,
+                                                          "signature": pki.b64e(signature)})
+    return Tokens.from_result(r2)
+
+
+class ReloginRequired(AuthError):
+    """The refresh token is spent or unknown: only a full login helps."""
+
+
+async def refresh(gateway_url: str, aid: str, tokens: Tokens, *, device_id: str, slot_id: str) -> Tokens:
+    """Rotate the refresh token. Raises ReloginRequired when the gateway says so."""
+    if not tokens.refresh_token:
+        raise ReloginRequired("no refresh token stored")
+    try:
+        result = await short_rpc(gateway_url, "auth.refresh_token", {
+            "refresh_token": tokens.refresh_token, "aid": aid, "device_id": device_id, "slot_id": slot_id,
+            "access_token": tokens.access_token, "access_token_expires_at": tokens.expires_at,
+            "sdk_lang": "python", "sdk_version": "aund"})
+    except AuthError as exc:
+        data = exc.data.get("result", {})
+        text = str(exc).lower()
+        if data.get("relogin_required") or any(t in text for t in (
+                "missing refresh_token", "invalid_or_expired_refresh_token", "refresh not supported")):
+            raise ReloginRequired(str(exc)) from None
+        raise
+    return Tokens.from_result(result, tokens.refresh_token)
+

@@ -1,0 +1,178 @@
+"""AUN layer: the RPC concurrency budget of one gateway link and the pull gate.
+
+`RpcBudget`: at most `total` (16) RPCs in flight per link, at most `background` (8) of them
+background, and a queued foreground caller always goes before a queued background one. A freed
+place is handed directly to the next waiter (no barging), so waiting is FIFO within each class.
+`PullGate`: one pull in flight per namespace, at most `max_namespaces` (4) namespaces pulling at
+once, and identical pulls (same key) coalesced into one request whose result all callers share.
+Cancelling a waiter releases its place at once. Plain trio primitives; no I/O.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BudgetStatistics:
+    total: int
+    in_flight: int
+    background_in_flight: int
+    queued_foreground: int
+    queued_background: int
+    max_in_flight: int
+    max_background_in_flight: int
+
+
+class RpcBudget:
+    def __init__(self, total: int = 16, background: int = 8) -> None:
+        if not 0 < background <= total:
+            raise ValueError("need 0 < background <= total")
+        self.total, self.background = total, background
+        self._in_flight = 0
+        self._bg_in_flight = 0
+        self._fg_lot = trio.lowlevel.ParkingLot()
+        self._bg_lot = trio.lowlevel.ParkingLot()
+        self._max = 0
+        self._max_bg = 0
+
+    def _grant(self, background: bool) -> None:
+        self._in_flight += 1
+        self._bg_in_flight += background
+        self._max = max(self._max, self._in_flight)
+        self._max_bg = max(self._max_bg, self._bg_in_flight)
+
+    def _can_take(self, background: bool) -> bool:
+        if self._in_flight >= self.total:
+            return False
+        if background:
+            return self._bg_in_flight < self.background and not self._fg_lot
+        return True
+
+    async def acquire(self, background: bool = False) -> None:
+        """Wait for a place (checkpoint even when one is free); raises trio.Cancelled if cancelled while queued."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._can_take(background) and not (self._fg_lot if not background else self._bg_lot):
+            self._grant(background)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await (self._bg_lot if background else self._fg_lot).park()
+        # a releaser granted us the place before unparking us (see _hand_over)
+
+    def release(self, background: bool = False) -> None:
+        self._in_flight -= 1
+        self._bg_in_flight -= background
+        if self._in_flight < 0 or self._bg_in_flight < 0:
+            raise RuntimeError("RpcBudget released more than acquired")
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._in_flight < self.total:
+            if self._fg_lot:
+                self._grant(False)
+                self._fg_lot.unpark()
+            elif self._bg_lot and self._bg_in_flight < self.background:
+                self._grant(True)
+                self._bg_lot.unpark()
+            else:
+                return
+
+    @asynccontextmanager
+    async def slot(self, background: bool = False) -> AsyncIterator[None]:
+        await self.acquire(background)
+        try:
+            yield
+        finally:
+            self.release(background)
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(self.total, self._in_flight, self._bg_in_flight,
+                                len(self._fg_lot), len(self._bg_lot), self._max, self._max_bg)
+
+
+class _Shared:
+    """One in-flight pull that identical callers wait on."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self.waiters = 1
+
+
+@dataclass(frozen=True)
+class PullGateStatistics:
+    namespaces_pulling: int
+    namespaces_queued: int
+    coalesced: int
+    executed: int
+
+
+class PullGate:
+    def __init__(self, max_namespaces: int = 4) -> None:
+        self._namespaces = trio.CapacityLimiter(max_namespaces)
+        self._ns_locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._inflight: dict[str, _Shared] = {}
+        self.coalesced = 0
+        self.executed = 0
+
+    async def run(self, namespace: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn` as the pull `key` in `namespace`, or share the result of an identical one in flight."""
+        while True:
+            shared = self._inflight.get(key)
+            if shared is None:
+                break
+            shared.waiters += 1
+            self.coalesced += 1
+            try:
+                await shared.done.wait()
+            finally:
+                shared.waiters -= 1
+            if shared.abandoned:
+                continue  # the leader was cancelled before finishing: try to lead ourselves
+            if shared.error is not None:
+                raise shared.error
+            return shared.result
+        shared = _Shared()
+        self._inflight[key] = shared
+        try:
+            async with self._namespace_lock(namespace), self._namespaces:
+                self.executed += 1
+                shared.result = await fn()
+            return shared.result
+        except trio.Cancelled:
+            shared.abandoned = True
+            raise
+        except Exception as exc:
+            shared.error = exc
+            raise
+        finally:
+            del self._inflight[key]
+            shared.done.set()
+
+    @asynccontextmanager
+    async def _namespace_lock(self, namespace: str) -> AsyncIterator[None]:
+        lock, users = self._ns_locks.get(namespace, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._ns_locks[namespace] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._ns_locks[namespace]
+            if users == 1:
+                del self._ns_locks[namespace]
+            else:
+                self._ns_locks[namespace] = (lock, users - 1)
+
+    def statistics(self) -> PullGateStatistics:
+        pulling = self._namespaces.borrowed_tokens
+        return PullGateStatistics(pulling, max(0, len(self._ns_locks) - pulling), self.coalesced, self.executed)

@@ -1,0 +1,583 @@
+"""AUN layer: one gateway link per (AID, slot_id), always connected while it runs.
+
+A `Link` owns: the supervisor loop (authenticate -> WebSocket -> challenge -> `auth.connect` ->
+post-connect resync -> ready; on a drop, backoff with jitter and reconnect, failing over through
+the gateway candidates), one reader task that always drains the socket and routes replies to
+waiters and events to `on_event`, the heartbeat (WebSocket pings), the token refresh loop, the
+RPC budget and the pull gate.
+
+What it may not do: import the broker, the inbox, or anything app-facing. It reports through
+the `on_event` / `on_state` callbacks, which must not block.
+
+Error handling (what `call` raises): RpcTimeout (queue or reply timeout; retryable),
+GatewayUnavailable (not connected, or the connection dropped while waiting; retryable unless
+the link failed for good), the mapped gateway error (see `aund.errors.map_remote_error`).
+"""
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+import trio
+import trio_websocket
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aund.aun import auth, jsonrpc as rpc, signing
+from aund.aun.budget import PullGate, RpcBudget
+from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
+    PermissionDenied, RpcTimeout, map_remote_error
+
+log = structlog.get_logger("aund.link")
+
+SDK_CAPABILITIES = {"e2ee": True, "group_e2ee": True, "supported_p2p_e2ee": ["e2ee_v2"],
+                    "supported_group_e2ee": ["group_e2ee_v2"], "inline_realtime_payload_v1": True,
+                    "p2p_peer_pull_v1": True, "agent_md_validation_v1": True}
+#: Close codes after which the official SDK never reconnects (4012 is the retryable one).
+NO_RECONNECT_CODES = frozenset({4001, 4003, 4008, 4009, 4010, 4011, 4013, 4014, 4015})
+INTERNAL_ONLY = frozenset({"auth.aid_login1", "auth.aid_login2", "auth.login1", "auth.login2", "auth.connect",
+                           "auth.refresh_token", "initialize"})
+PULL_METHODS = frozenset({"message.pull", "message.v2.pull", "message.history", "group.pull", "group.v2.pull",
+                          "group.history", "group.pull_events"})
+
+
+class LinkState(str, enum.Enum):
+    NO_IDENTITY = "no_identity"
+    STANDBY = "standby"
+    AUTHENTICATED = "authenticated"
+    CONNECTING = "connecting"
+    READY = "ready"
+    RETRY_BACKOFF = "retry_backoff"
+    RECONNECTING = "reconnecting"
+    CONNECTION_FAILED = "connection_failed"
+    CLOSED = "closed"
+
+
+class Credentials(Protocol):
+    """What a link needs of an identity; the daemon adapts the identity store to it."""
+
+    aid: str
+    private_key: ec.EllipticCurvePrivateKey
+    cert_pem: str
+    cert_fingerprint: str
+
+    async def load_tokens(self) -> auth.Tokens | None: ...
+
+    async def save_tokens(self, tokens: auth.Tokens | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    gateways: tuple[str, ...]
+    device_id: str
+    slot_id: str = "default"
+    kind: str = "long"
+    call_timeout: float = 35.0
+    connect_timeout: float = 10.0
+    heartbeat_interval: float = 30.0
+    pong_timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_after_server_close: float = 16.0
+    backoff_max: float = 64.0
+    refresh_before: float = 1800.0
+    refresh_check: float = 30.0
+    max_frame: int = 2 * 1024 * 1024
+    rpc_in_flight: int = 16
+    rpc_background: int = 8
+    pull_namespaces: int = 4
+    delivery_mode: str = "fanout"
+
+
+class Backoff:
+    """The SDK's reconnect schedule: base 1 s (16 s after a server-side close code), doubling to the
+    maximum, each sleep `base + U(0,1) * min(base, max - base)`; reset after a successful connect."""
+
+    def __init__(self, initial: float, after_server_close: float, maximum: float,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.initial, self.after_server_close, self.maximum, self.rng = initial, after_server_close, maximum, rng
+        self.base = initial
+
+    def reset(self) -> None:
+        self.base = self.initial
+
+    def on_drop(self, close_code: int | None) -> None:
+        self.base = self.initial if close_code in (None, 1000, 1006) else self.after_server_close
+        self.base = min(max(self.base, self.initial), self.maximum)
+
+    def next_delay(self) -> float:
+        delay = self.base + self.rng() * min(self.base, self.maximum - self.base)
+        self.base = min(self.base * 2, self.maximum)
+        return delay
+
+
+def refresh_delay(expires_at: float, now: float, refresh_before: float) -> float:
+    """Seconds until a token expiring at `expires_at` should be refreshed (0 = now)."""
+    return max(0.0, expires_at - refresh_before - now)
+
+
+class _Dropped(Exception):
+    """The connection ended; `code` is the WebSocket close code if one was received."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _Fatal(Exception):
+    """Stop reconnecting: the gateway refused us for good or kicked us."""
+
+
+@dataclass
+class _Pending:
+    event: trio.Event = field(default_factory=trio.Event)
+    result: dict[str, Any] | None = None
+    error: AundError | None = None
+
+
+class _Session:
+    """One open, authenticated WebSocket."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, url: str) -> None:
+        self.ws, self.url = ws, url
+        self.pending: dict[str, _Pending] = {}
+        self.close_code: int | None = None
+        self.kicked: dict[str, Any] | None = None
+        self.ended = trio.Event()
+
+    def end(self, code: int | None) -> None:
+        """Mark the connection over (closed by the peer, or judged dead by us)."""
+        if self.close_code is None:
+            self.close_code = code
+        self.ended.set()
+
+    def fail_all(self, error: AundError) -> None:
+        for waiter in self.pending.values():
+            if not waiter.event.is_set():
+                waiter.error = error
+                waiter.event.set()
+        self.pending.clear()
+
+
+@dataclass(frozen=True)
+class LinkStatistics:
+    aid: str
+    slot_id: str
+    state: str
+    gateway: str
+    connected_at: float | None
+    last_connected_at: float | None
+    connects: int
+    reconnects: int
+    last_error: str
+    in_flight: int
+    queued: int
+    background_in_flight: int
+    max_in_flight: int
+    max_background_in_flight: int
+    pulls_executed: int
+    pulls_coalesced: int
+
+
+class Link:
+    def __init__(self, creds: Credentials, config: LinkConfig, trust: auth.GatewayTrust, *,
+                 global_budget: trio.CapacityLimiter | None = None,
+                 on_event: Callable[["Link", str, dict[str, Any]], None] | None = None,
+                 on_state: Callable[["Link", LinkState, dict[str, Any]], None] | None = None,
+                 on_connected: Callable[["Link"], Awaitable[None]] | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        if not config.gateways:
+            raise ValueError("a link needs at least one gateway URL")
+        self.creds, self.config, self.trust = creds, config, trust
+        self.aid = creds.aid
+        self.global_budget = global_budget
+        self.on_event, self.on_state, self.on_connected = on_event, on_state, on_connected
+        self.budget = RpcBudget(config.rpc_in_flight, config.rpc_background)
+        self.pulls = PullGate(config.pull_namespaces)
+        self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng)
+        self.state = LinkState.STANDBY
+        self._session: _Session | None = None
+        self._session_open = False  # authenticated socket, post-connect work may call
+        self._ready = trio.Event()
+        self._state_changed = trio.Event()
+        self._closing = False
+        self._running = False
+        self._stopped = trio.Event()
+        self._cancel = trio.CancelScope()
+        self._gateway_index = 0
+        self._tokens: auth.Tokens | None = None
+        self.connected_at: float | None = None
+        self.last_connected_at: float | None = None
+        self.connects = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self.failure: AundError | None = None
+        self.log = log.bind(aid=self.aid, slot=config.slot_id)
+
+    def __repr__(self) -> str:
+        b = self.budget.statistics()
+        return f"<Link {self.aid}/{self.config.slot_id} {self.state.value} | rpc {b.in_flight} active, " \
+               f"{b.queued_foreground + b.queued_background} queued>"
+
+    # --- state -----------------------------------------------------------------------------------
+    def _set_state(self, state: LinkState, **info: Any) -> None:
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        if state == LinkState.READY:
+            self._ready.set()
+        elif old == LinkState.READY:
+            self._ready = trio.Event()
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+        self.log.info("link.state", old=old.value, new=state.value, **info)
+        if self.on_state is not None:
+            self.on_state(self, state, {"old": old.value, **info})
+
+    @property
+    def gateway(self) -> str:
+        return self.config.gateways[self._gateway_index % len(self.config.gateways)]
+
+    async def wait_ready(self) -> None:
+        """Wait until ready; raises GatewayUnavailable (not retryable) if the link failed or closed."""
+        while self.state != LinkState.READY:
+            if self.state in (LinkState.CONNECTION_FAILED, LinkState.CLOSED):
+                raise GatewayUnavailable(f"link {self.aid}/{self.config.slot_id} is {self.state.value}: "
+                                         f"{self.last_error}", retryable=False,
+                                         data={"state": self.state.value})
+            await self._state_changed.wait()
+
+    def statistics(self) -> LinkStatistics:
+        b, p = self.budget.statistics(), self.pulls.statistics()
+        return LinkStatistics(self.aid, self.config.slot_id, self.state.value, self.gateway, self.connected_at,
+                              self.last_connected_at, self.connects, self.reconnects, self.last_error,
+                              b.in_flight, b.queued_foreground + b.queued_background, b.background_in_flight,
+                              b.max_in_flight, b.max_background_in_flight, p.executed, p.coalesced)
+
+    # --- supervisor ------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link connected until `aclose()` or a fatal refusal. Started = supervising."""
+        if self._running or self._stopped.is_set():
+            raise RuntimeError("a Link runs once")
+        self._running = True
+        task_status.started()
+        try:
+            await self._supervise()
+        finally:
+            self._running = False
+            self._stopped.set()
+
+    async def _supervise(self) -> None:
+        with self._cancel:
+            first = True
+            while not self._closing:
+                self._set_state(LinkState.CONNECTING if first else LinkState.RECONNECTING, gateway=self.gateway)
+                try:
+                    await self._connect_and_serve()
+                    code = None
+                except _Fatal as exc:
+                    self.last_error = str(exc)
+                    self._set_state(LinkState.CONNECTION_FAILED, reason=str(exc))
+                    return
+                except _Dropped as exc:
+                    self.last_error, code = str(exc), exc.code
+                except (AuthError, PermissionDenied, InvalidParams) as exc:
+                    if not _auth_retryable(exc):
+                        self.failure = exc
+                        self.last_error = str(exc)
+                        self._set_state(LinkState.CONNECTION_FAILED, reason=str(exc))
+                        return
+                    self.last_error, code = str(exc), None
+                except AundError as exc:  # transient: gateway down, timeout, refused for now
+                    self.last_error, code = str(exc), None
+                if self._closing:
+                    break
+                if first or self.state == LinkState.READY or self.connected_at is not None:
+                    self.backoff.on_drop(code)
+                self.connected_at = None
+                first = False
+                self._gateway_index += 1  # the next attempt tries the next candidate
+                delay = self.backoff.next_delay()
+                self._set_state(LinkState.RETRY_BACKOFF, delay=round(delay, 3), error=self.last_error)
+                await trio.sleep(delay)
+        self._set_state(LinkState.CLOSED)
+
+    async def aclose(self) -> None:
+        """Close the link (idempotent): fail waiting calls, close the socket politely, stop the supervisor.
+
+        The socket is closed by the connection task itself (which owns trio-websocket's reader), so
+        the close handshake completes; after a grace period the supervisor is cancelled outright.
+        """
+        self._closing = True
+        session = self._session
+        if session is not None:
+            session.fail_all(GatewayUnavailable("link closed", retryable=False))
+            session.end(1000)
+        if self._running:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await self._stopped.wait()
+            self._cancel.cancel()
+            with trio.CancelScope(shield=True):
+                await self._stopped.wait()
+        self._set_state(LinkState.CLOSED)
+
+    async def _authenticate(self, url: str) -> auth.Tokens:
+        """Stored token -> refresh -> full login (the SDK's order). Rotated tokens are saved before use."""
+        tokens = self._tokens or await self.creds.load_tokens()
+        if tokens is not None and tokens.usable():
+            return tokens
+        if tokens is not None and tokens.refresh_token:
+            try:
+                fresh = await auth.refresh(url, self.aid, tokens, device_id=self.config.device_id,
+                                           slot_id=self.config.slot_id)
+                await self.creds.save_tokens(fresh)
+                return fresh
+            except auth.ReloginRequired:
+                self.log.info("link.relogin", reason="refresh token refused")
+        fresh = await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+        await self.creds.save_tokens(fresh)
+        return fresh
+
+    async def _connect_and_serve(self) -> None:
+        url = self.gateway
+        self._tokens = await self._authenticate(url)
+        outcome: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                try:
+                    with trio.fail_after(self.config.connect_timeout):
+                        ws = await trio_websocket.connect_websocket_url(
+                            nursery, url, max_message_size=self.config.max_frame)
+                except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
+                    raise GatewayUnavailable(f"cannot connect to {url}: {exc}") from None
+                session = _Session(ws, url)
+                try:
+                    await self._open_session(session, nursery)
+                    await self._serve(session)
+                finally:
+                    self._session_open = False
+                    self._session = None
+                    session.fail_all(GatewayUnavailable("connection to the gateway dropped"))
+                    with trio.move_on_after(1) as scope:
+                        scope.shield = True
+                        await ws.aclose()
+            except (AundError, _Dropped, _Fatal) as exc:
+                outcome = exc  # raised below, outside the nursery, so callers see it unwrapped
+            nursery.cancel_scope.cancel()
+        if outcome is not None:
+            raise outcome
+
+    async def _open_session(self, session: _Session, nursery: trio.Nursery) -> None:
+        ws = session.ws
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                while True:
+                    frame = rpc.parse_frame(str(await ws.get_message()))
+                    if frame.get("method") == "challenge":
+                        break
+        except trio.TooSlowError:
+            raise GatewayUnavailable("no challenge from the gateway") from None
+        except trio_websocket.ConnectionClosed as exc:
+            raise _Dropped(f"closed before challenge: {exc.reason}", _code(exc)) from None
+        except rpc.FrameError as exc:
+            raise GatewayError(f"malformed challenge: {exc}") from None
+        nonce = (frame.get("params") or {}).get("nonce")
+        self._session = session
+        nursery.start_soon(self._reader, session)
+        params: dict[str, Any] = {
+            "nonce": nonce, "auth": {"method": "kite_token", "token": self._tokens.access_token},
+            "protocol": {"min": "1.0", "max": "1.0"}, "device": {"id": self.config.device_id, "type": "sdk"},
+            "client": {"slot_id": self.config.slot_id, "sdk_lang": "python", "sdk_version": "aund"},
+            "delivery_mode": {"mode": self.config.delivery_mode, "routing": "", "affinity_ttl_ms": 0},
+            "capabilities": SDK_CAPABILITIES}
+        if self.config.kind == "short":
+            params["options"] = {"kind": "short", "short_ttl_ms": 30000}
+        try:
+            hello = await self._send_and_wait(session, "auth.connect", params, self.config.connect_timeout)
+        except AuthError as exc:
+            # A refused token is never tried again: the next attempt refreshes or logs in.
+            self._tokens = None
+            await self.creds.save_tokens(None)
+            raise GatewayUnavailable(f"auth.connect refused the access token ({exc}); will log in again") from None
+        if hello.get("status") != "ok" or (hello.get("capabilities") or {}).get("p2p_peer_pull_v1") is not True:
+            raise _Fatal("gateway does not support peer-mode pull (p2p_peer_pull_v1): unsupported_protocol")
+        self._session_open = True
+        self.connects += 1
+        if self.last_connected_at is not None:
+            self.reconnects += 1
+        self.connected_at = self.last_connected_at = time.time()
+        nursery.start_soon(self._heartbeat, session)
+        nursery.start_soon(self._refresh_loop, session)
+        if self.on_connected is not None:
+            await self.on_connected(self)  # resync before new work
+        self.backoff.reset()
+        self._set_state(LinkState.READY, gateway=session.url)
+
+    async def _serve(self, session: _Session) -> None:
+        """Until the connection drops: then raise _Dropped or _Fatal."""
+        await session.ended.wait()
+        code = session.close_code
+        if session.kicked is not None:
+            raise _Fatal(f"kicked by the gateway: code={session.kicked.get('code')} "
+                         f"reason={session.kicked.get('reason')}")
+        if code in NO_RECONNECT_CODES:
+            raise _Fatal(f"gateway closed with code {code}: no reconnect")
+        raise _Dropped(f"connection closed (code {code})", code)
+
+    # --- reader, heartbeat, refresh ----------------------------------------------------------------
+    async def _reader(self, session: _Session) -> None:
+        """Always drains the socket: replies to waiters, events to on_event. Ends the session on close."""
+        ws = session.ws
+        code: int | None = None
+        try:
+            while True:
+                text = await ws.get_message()
+                try:
+                    frame = rpc.parse_frame(text if isinstance(text, str) else text.decode("utf-8", "replace"))
+                except rpc.FrameError as exc:
+                    self.log.warning("link.bad_frame", error=str(exc))
+                    continue
+                if "method" in frame:
+                    if "id" not in frame:
+                        self._dispatch_event(session, frame["method"], frame.get("params") or {})
+                    continue
+                waiter = session.pending.pop(str(frame.get("id")), None)
+                if waiter is None:
+                    continue  # a reply to a call that was cancelled
+                if "error" in frame:
+                    waiter.error = frame["error"]  # mapped by the caller, who knows the method
+                else:
+                    waiter.result = frame.get("result")
+                waiter.event.set()
+        except trio_websocket.ConnectionClosed as exc:
+            code = _code(exc) or 1006
+        finally:
+            session.end(code)
+
+    def _dispatch_event(self, session: _Session, method: str, params: dict[str, Any]) -> None:
+        name = method.removeprefix("event/")
+        if name == "gateway.disconnect":
+            code = params.get("code")
+            reason = str(params.get("reason") or "")
+            if code != 4012 and "long_connection_already_exists" not in reason:
+                session.kicked = {"code": code, "reason": reason}
+            self.log.warning("link.server_disconnect", code=code, reason=reason)
+        if self.on_event is not None:
+            self.on_event(self, name, params)
+
+    async def _heartbeat(self, session: _Session) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_interval)
+            with trio.move_on_after(self.config.pong_timeout) as scope:
+                try:
+                    await session.ws.ping()
+                except (trio_websocket.ConnectionClosed, ValueError):
+                    return
+            if scope.cancelled_caught:
+                self.log.warning("link.heartbeat_timeout", timeout=self.config.pong_timeout)
+                session.end(1006)
+                return
+
+    async def _refresh_loop(self, session: _Session) -> None:
+        failures = 0
+        while True:
+            tokens = self._tokens
+            wait = refresh_delay(tokens.expires_at, time.time(), self.config.refresh_before) if tokens else 0
+            await trio.sleep(max(wait, 0.0) if failures == 0 else self.config.refresh_check)
+            try:
+                try:
+                    fresh = await auth.refresh(session.url, self.aid, self._tokens, device_id=self.config.device_id,
+                                               slot_id=self.config.slot_id)
+                except auth.ReloginRequired:
+                    fresh = await auth.login(session.url, self.trust, self.aid, self.creds.private_key,
+                                             self.creds.cert_pem)
+                await self.creds.save_tokens(fresh)  # persisted before anything uses it
+                self._tokens = fresh
+                failures = 0
+                self.log.info("link.token_refreshed", expires_in=round(fresh.expires_at - time.time()))
+                if self.on_event is not None:
+                    self.on_event(self, "token.refreshed", {"expires_at": fresh.expires_at})
+            except AundError as exc:
+                failures += 1
+                self.log.warning("link.token_refresh_failed", error=str(exc), failures=failures)
+                if failures >= 3:
+                    session.end(1006)
+                    return
+
+    # --- calls -----------------------------------------------------------------------------------
+    async def _send_and_wait(self, session: _Session, method: str, params: dict[str, Any],
+                             timeout: float) -> dict[str, Any]:
+        req = rpc.request(method, params)
+        waiter = _Pending()
+        session.pending[req["id"]] = waiter
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    await session.ws.send_message(rpc.dumps(req))
+                except trio_websocket.ConnectionClosed:
+                    raise GatewayUnavailable(f"{method}: connection closed") from None
+                await waiter.event.wait()
+        except trio.TooSlowError:
+            raise RpcTimeout(f"rpc timeout: {method}", data={"method": method}) from None
+        finally:
+            session.pending.pop(req["id"], None)
+        if waiter.error is not None:
+            raise waiter.error if isinstance(waiter.error, AundError) else map_remote_error(method, waiter.error)
+        if not isinstance(waiter.result, dict):
+            raise GatewayError(f"{method}: result is not an object", retryable=False)
+        return waiter.result
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+                   background: bool = False, on_behalf_of: object | None = None) -> dict[str, Any]:
+        """Call a gateway method within the budget; waits for the link to be ready (bounded by timeout)."""
+        if method in INTERNAL_ONLY:
+            raise InvalidParams(f"{method} is managed by aund and cannot be called directly")
+        params = dict(params or {})
+        timeout = self.config.call_timeout if timeout is None else timeout
+        deadline = trio.current_time() + timeout
+        sent = False
+        try:
+            with trio.fail_after(timeout):
+                if not self._session_open:
+                    await self.wait_ready()
+                async with self.budget.slot(background):
+                    if self.global_budget is not None:
+                        owner = on_behalf_of if on_behalf_of is not None else trio.lowlevel.current_task()
+                        await self.global_budget.acquire_on_behalf_of(owner)
+                    try:
+                        session = self._session
+                        if session is None or not self._session_open:
+                            raise GatewayUnavailable(f"{method}: not connected")
+                        if method in signing.SIGNED_METHODS:
+                            params = signing.sign_params(method, params, aid=self.aid, key=self.creds.private_key,
+                                                         cert_fingerprint=self.creds.cert_fingerprint)
+                        sent = True
+                        return await self._send_and_wait(session, method, params,
+                                                         max(0.0, deadline - trio.current_time()))
+                    finally:
+                        if self.global_budget is not None:
+                            self.global_budget.release_on_behalf_of(owner)
+        except trio.TooSlowError:
+            what = "rpc timeout" if sent else "rpc queue timeout before send"
+            raise RpcTimeout(f"{what}: {method}", data={"method": method}) from None
+
+    async def pull(self, namespace: str, key: str, method: str, params: dict[str, Any], *,
+                   background: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """A pull through the gate: one per namespace, identical keys coalesced."""
+        return await self.pulls.run(namespace, key, lambda: self.call(method, params, timeout=timeout,
+                                                                      background=background))
+
+
+def _code(exc: trio_websocket.ConnectionClosed) -> int | None:
+    reason = getattr(exc, "reason", None)
+    return getattr(reason, "code", None)
+
+
+def _auth_retryable(exc: AundError) -> bool:
+    text = str(exc)
+    return any(t in text for t in ("long_connection_already_exists", "aid_login1_failed", "aid_login2_failed")) \
+        or exc.retryable
