@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 CURVE = ec.SECP256R1()
 
 
-class PKIError(Exception):
+class PKIError(ValueError):
     """A certificate, key or signature failed a check; the message says which and why."""
 
 
@@ -47,15 +47,22 @@ def public_key_b64(public_key: ec.EllipticCurvePublicKey) -> str:
     return b64e(spki_der(public_key))
 
 
-def load_public_key_b64(text: str) -> ec.EllipticCurvePublicKey:
-    """Load a base64 SPKI DER P-256 public key; raises PKIError."""
+def load_public_key_der(der: bytes) -> ec.EllipticCurvePublicKey:
+    """Load SPKI DER of a P-256 public key; raises PKIError for anything else."""
     try:
-        key = serialization.load_der_public_key(b64d(text))
-    except ValueError as exc:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PKIError(f"invalid public key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != CURVE.name:
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise PKIError("public key is not an ECDSA P-256 key")
     return key
+
+
+def load_public_key_b64(text: str) -> ec.EllipticCurvePublicKey:
+    """Load a base64 SPKI DER P-256 public key; raises PKIError."""
+    if not isinstance(text, str):
+        raise PKIError("public key must be a base64 string")
+    return load_public_key_der(b64d(text))
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -121,8 +128,15 @@ def sign_der(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     return key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
+try:  # RFC 6979 deterministic nonces where the backend has them (the official SDK signs this way)
+    _DETERMINISTIC = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+except (TypeError, UnsupportedAlgorithm):  # pragma: no cover - older cryptography
+    _DETERMINISTIC = ec.ECDSA(hashes.SHA256())
+
+
 def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    r, s = decode_dss_signature(sign_der(key, data))
+    """RAW r||s (64 bytes) ECDSA-SHA256, deterministic nonces: SPK and envelope signatures."""
+    r, s = decode_dss_signature(key.sign(data, _DETERMINISTIC))
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
@@ -135,7 +149,7 @@ def verify_der(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: by
 
 
 def verify_raw(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
-    if len(signature) != 64:
+    if len(signature) != 64 or not any(signature[:32]) or not any(signature[32:]):
         return False
     der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
     return verify_der(public_key, der, data)

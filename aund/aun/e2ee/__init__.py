@@ -41,6 +41,7 @@ from .p2p import (
     public_key_der,
     sign_spk,
     spk_id_for,
+    spki_sha256,
     verify_auth,
     verify_spk,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "row_leaf_hash",
     "sign_spk",
     "spk_id_for",
+    "spki_sha256",
     "verify_auth",
     "verify_merkle_proof",
     "verify_spk",

@@ -70,9 +70,12 @@ def _emit(obj: Any, out: Any, depth: int) -> None:
                 first = False
             else:
                 out(",")
-            out(_quote(key))
-            out(":")
-            _emit(obj[key], out, depth + 1)
+            value = obj[key]
+            if type(value) is str:  # the common case (AAD, headers): skip a recursive call
+                out(f"{_quote(key)}:{_quote(value)}")
+            else:
+                out(_quote(key) + ":")
+                _emit(value, out, depth + 1)
         out("}")
     elif isinstance(obj, (list, tuple)):
         if depth >= MAX_DEPTH:

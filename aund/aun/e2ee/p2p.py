@@ -18,7 +18,6 @@ Keys are ``cryptography`` EC objects on P-256 throughout. All randomness comes f
 
 from __future__ import annotations
 
-import binascii
 import hmac
 import json
 import os
@@ -28,12 +27,12 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+
+from aund.identity import pki
 
 from .canonical import canonical_json, canonical_json_str
 from .errors import E2EEDecryptError, E2EEEncryptError
@@ -64,6 +63,7 @@ __all__ = [
     "public_key_der",
     "sign_spk",
     "spk_id_for",
+    "spki_sha256",
     "verify_auth",
     "verify_spk",
 ]
@@ -86,10 +86,6 @@ _INFO_1DH = b"AUN-V2-1DH\x01"
 _METADATA_KEY_LABEL = b"aun-envelope-metadata-key-v1"
 _CURVE = ec.SECP256R1()
 _ECDH = ec.ECDH()
-try:  # RFC 6979 deterministic nonces, as the protocol asks (cryptography >= 43)
-    _SIGN = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
-except TypeError:  # pragma: no cover - older cryptography: random nonces verify the same way
-    _SIGN = ec.ECDSA(hashes.SHA256())
 _VERIFY = ec.ECDSA(hashes.SHA256())
 _HEADER_KEY = re.compile(r"[a-z0-9_-]+")
 _HEX = frozenset("0123456789abcdef")
@@ -101,45 +97,25 @@ SpkLookup = Callable[[str], "ec.EllipticCurvePrivateKey | None"]
 # Small encodings
 
 
-def _b64(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    """Strict standard base64 (padding required, no stray characters). ``ValueError`` otherwise."""
-    return binascii.a2b_base64(text, strict_mode=True)
-
-
-def public_key_der(public_key: ec.EllipticCurvePublicKey) -> bytes:
-    """SubjectPublicKeyInfo DER of ``public_key``."""
-    return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-
-
-def public_key_b64(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Base64 of the SPKI DER: the form keys take on the wire (``spk_pk``, ``ik_pk``, ...)."""
-    return _b64(public_key_der(public_key))
-
-
-def load_public_key_der(der: bytes) -> ec.EllipticCurvePublicKey:
-    """Parse SPKI DER into a P-256 public key. ``ValueError`` for anything else."""
-    try:
-        key = load_der_public_key(der)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ValueError("not a DER SubjectPublicKeyInfo of a supported key") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError("public key is not P-256")
-    return key
-
-
-def load_public_key_b64(text: str) -> ec.EllipticCurvePublicKey:
-    """Parse base64 SPKI DER into a P-256 public key. ``ValueError`` for anything else."""
-    if not isinstance(text, str):
-        raise ValueError("public key must be a base64 string")
-    return load_public_key_der(_unb64(text))
+_b64 = pki.b64e
+_unb64 = pki.b64d
+public_key_der = pki.spki_der
+public_key_b64 = pki.public_key_b64
+load_public_key_der = pki.load_public_key_der
+load_public_key_b64 = pki.load_public_key_b64
 
 
 def _fingerprint_of_der(der: bytes) -> str:
     return "sha256:" + sha256(der).hexdigest()[:16]
+
+
+def spki_sha256(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """SHA-256 of the SPKI DER: both fingerprint forms (16 and 64 hex) derive from it.
+
+    Callers that cache a peer's IK can cache this digest beside it and pass it to
+    :func:`encrypt_p2p`/:func:`decrypt_p2p` to save re-serialising the key per message.
+    """
+    return sha256(public_key_der(public_key)).digest()
 
 
 def ik_fingerprint(public_key: ec.EllipticCurvePublicKey | bytes) -> str:
@@ -153,20 +129,8 @@ def spk_id_for(public_key: ec.EllipticCurvePublicKey | bytes) -> str:
     return ik_fingerprint(public_key)
 
 
-def _sign_raw(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    r, s = decode_dss_signature(private_key.sign(data, _SIGN))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-
-def _verify_raw(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
-    if len(signature) != 64:
-        return False
-    try:
-        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-        public_key.verify(der, data, _VERIFY)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+_sign_raw = pki.sign_raw
+_verify_raw = pki.verify_raw
 
 
 def _hkdf32(ikm: bytes, salt: bytes, info_with_counter: bytes) -> bytes:
@@ -413,7 +377,7 @@ def encrypt_p2p(
     context: Mapping[str, Any] | None = None,
     to_aid: str | None = None,
     need_render: bool | None = True,
-    sender_ik_fingerprint: str | None = None,
+    sender_ik_digest: bytes | None = None,
 ) -> dict[str, Any]:
     """Build an ``e2ee.p2p_encrypted`` v2 envelope (protocol 5.3).
 
@@ -422,7 +386,8 @@ def encrypt_p2p(
     ``protected_headers`` are normalised with :func:`normalize_protected_headers` and MAC'd (the
     envelope always carries them, as the SDK's does); a non-empty ``context`` is MAC'd under its
     own domain. ``need_render`` (unauthenticated) is added after sealing unless it is ``None``.
-    ``sender_ik_fingerprint`` may be passed to skip re-deriving it from the key.
+    ``sender_ik_digest`` (:func:`spki_sha256` of the sender IK) may be passed to skip
+    re-serialising the key.
 
     Raises ``E2EEEncryptError`` with ``no_targets``, ``duplicate_target``, ``invalid_target``,
     ``invalid_header`` or ``invalid_payload``.
@@ -431,6 +396,11 @@ def encrypt_p2p(
         raise E2EEEncryptError("no_targets", "no recipient devices")
     if not isinstance(payload, Mapping):
         raise E2EEEncryptError("invalid_payload", "payload must be an object")
+    if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool):
+        raise E2EEEncryptError("invalid_payload", "timestamp_ms must be an int")
+    for value in (sender_aid, sender_device_id, message_id, to_aid or ""):
+        if not isinstance(value, str):
+            raise E2EEEncryptError("invalid_payload", "sender ids, message_id and to_aid must be str")
 
     to = to_aid
     protocols: set[str] = set()
@@ -497,8 +467,8 @@ def encrypt_p2p(
 
     ciphertext, tag = sealed[:-16], sealed[-16:]
     signature = _sign_raw(sender_ik_private, ciphertext + tag + aad_bytes + root)
-    if sender_ik_fingerprint is None:
-        sender_ik_fingerprint = ik_fingerprint(sender_ik_private.public_key())
+    if sender_ik_digest is None:
+        sender_ik_digest = spki_sha256(sender_ik_private.public_key())
 
     envelope: dict[str, Any] = {
         "type": ENVELOPE_TYPE,
@@ -512,7 +482,7 @@ def encrypt_p2p(
         "ciphertext": _b64(ciphertext),
         "tag": _b64(tag),
         "sender_signature": _b64(signature),
-        "sender_cert_fingerprint": sender_ik_fingerprint,
+        "sender_cert_fingerprint": "sha256:" + sender_ik_digest[:8].hex(),
         "sender_session_pk": _b64(ephemeral_der),
         "recipients_digest": root.hex(),
         "recipients": [entry[1] for entry in entries],
@@ -572,7 +542,7 @@ def _field_b64(envelope: Mapping[str, Any], name: str, size: int | None = None) 
     return data
 
 
-def _fingerprint_matches(claimed: Any, sender_der: bytes) -> bool:
+def _fingerprint_matches(claimed: Any, sender_digest: bytes) -> bool:
     if not isinstance(claimed, str):
         return False
     claimed = claimed.strip().lower()
@@ -581,15 +551,19 @@ def _fingerprint_matches(claimed: Any, sender_der: bytes) -> bool:
     hex_part = claimed[7:]
     if len(hex_part) not in (16, 64) or not _HEX.issuperset(hex_part):
         return False
-    return sha256(sender_der).hexdigest()[: len(hex_part)] == hex_part
+    return sender_digest.hex()[: len(hex_part)] == hex_part
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_PAYLOAD_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # NaN/Infinity are not JSON
 
 
 def _parse_payload(plaintext: bytes) -> dict[str, Any]:
-    def reject_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
     try:
-        payload = json.loads(plaintext, parse_constant=reject_constant)
+        payload = _PAYLOAD_DECODER.decode(plaintext.decode("utf-8"))
     except (ValueError, RecursionError):
         raise _fail("payload_invalid", "plaintext is not JSON") from None
     if not isinstance(payload, dict):
@@ -613,12 +587,15 @@ def decrypt_p2p(
     expected_from_device: str | None = None,
     expected_message_id: str | None = None,
     require_merkle_proof: bool = False,
+    sender_ik_digest: bytes | None = None,
 ) -> DecryptResult:
     """Verify and open a P2P v2 envelope addressed to ``(my_aid, my_device_id)`` (protocol 5.5).
 
     ``sender_ik_public`` is the sender AID's identity key as the caller trusts it (PKI-verified
-    cert or cached IK). ``spk_lookup(spk_id)`` returns the private SPK for an id or ``None``; an
-    ``spk_id`` equal to our own IK fingerprint is served by ``my_ik_private``.
+    cert or cached IK); ``sender_ik_digest`` (its :func:`spki_sha256`) may be passed to save
+    re-serialising it. ``spk_lookup(spk_id)`` returns the private SPK for an id or ``None`` (it
+    is called at most once, only for a 3DH row, and its own exceptions propagate); an ``spk_id``
+    equal to our own IK fingerprint is served by ``my_ik_private``.
 
     Checks, in order: envelope shape and suite; ``sender_cert_fingerprint`` names
     ``sender_ik_public``; the raw signature over ``ct || tag || canonical(aad) || digest``; the
@@ -668,7 +645,9 @@ def decrypt_p2p(
         raise _fail("malformed_envelope", "aad is not canonical-JSON encodable") from None
 
     # 2. Sender identity and signature.
-    if not _fingerprint_matches(envelope.get("sender_cert_fingerprint"), public_key_der(sender_ik_public)):
+    if sender_ik_digest is None:
+        sender_ik_digest = spki_sha256(sender_ik_public)
+    if not _fingerprint_matches(envelope.get("sender_cert_fingerprint"), sender_ik_digest):
         raise _fail("fingerprint_mismatch", "sender_cert_fingerprint does not match the sender IK")
     digest = bytes.fromhex(digest_hex)
     if not _verify_raw(sender_ik_public, signature, ciphertext + tag + aad_bytes + digest):
@@ -732,8 +711,8 @@ def decrypt_p2p(
             raise _fail("aad_mismatch", "aad.to differs from the expected recipient")
 
     # 5. Unwrap the master key.
-    wrap_nonce = binascii.a2b_base64(row[6], strict_mode=True)
-    wrapped = binascii.a2b_base64(row[7], strict_mode=True)
+    wrap_nonce = _unb64(row[6])
+    wrapped = _unb64(row[7])
     if len(wrap_nonce) != 12 or len(wrapped) != 48:
         raise _fail("malformed_envelope", "wrap_nonce/wrapped_key have the wrong length")
     try:
