@@ -110,3 +110,74 @@ def run_fastaun(scenario: str, devnet: DevnetProcess, workdir: Path, timeout: fl
         f"fastaun scenario {scenario} failed (rc={done.returncode}): {failed or checks}\n"
         f"stderr tail:\n{done.stderr[-3000:]}")
     return lines
+
+
+@dataclass
+class AundProcess:
+    """A real `aund run` process; its JSON-lines log (stderr) is read for `daemon.started`."""
+
+    state_dir: Path
+    socket: Path
+    config_file: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [sys.executable, "-m", "aund", "run", "--state-dir", str(self.state_dir), "--socket", str(self.socket)]
+        if self.config_file:
+            args += ["--config", str(self.config_file)]
+        args += self.extra_args
+        env = dict(os.environ, AUND_ENCRYPTION_SEED="test-seed-not-secret", **self.env)
+        env.pop("AUND_CONFIG", None)
+        self.log_path = self.state_dir.parent / f"aund-{int(time.time() * 1000)}.log"
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e.get("event") == "daemon.started" for e in self.log_events()):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"aund exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise AssertionError("aund did not start in time")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("aund did not stop within the grace period after SIGTERM") from None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -67,7 +67,7 @@ class Credentials(Protocol):
 
     async def load_tokens(self) -> auth.Tokens | None: ...
 
-    async def save_tokens(self, tokens: auth.Tokens | None) -> None: ...
+    async def save_tokens(self, tokens: auth.Tokens) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ class Link:
 
     async def _authenticate(self, url: str) -> auth.Tokens:
         """Stored token -> refresh -> full login (the SDK's order). Rotated tokens are saved before use."""
-        tokens = self._tokens or await self.creds.load_tokens()
+        tokens = self._tokens if self._tokens is not None else await self.creds.load_tokens()
         if tokens is not None and tokens.usable():
             return tokens
         if tokens is not None and tokens.refresh_token:
@@ -399,10 +399,10 @@ class Link:
         try:
             hello = await self._send_and_wait(session, "auth.connect", params, self.config.connect_timeout)
         except AuthError as exc:
-            # A refused token is never tried again: the next attempt refreshes or logs in.
-            self._tokens = None
-            await self.creds.save_tokens(None)
-            raise GatewayUnavailable(f"auth.connect refused the access token ({exc}); will log in again") from None
+            # A refused access token is never tried again; its refresh token may still serve.
+            self._tokens = auth.Tokens("", self._tokens.refresh_token, 0.0)
+            raise GatewayUnavailable(f"auth.connect refused the access token ({exc}); "
+                                     "will refresh or log in again") from None
         if hello.get("status") != "ok" or (hello.get("capabilities") or {}).get("p2p_peer_pull_v1") is not True:
             raise _Fatal("gateway does not support peer-mode pull (p2p_peer_pull_v1): unsupported_protocol")
         self._session_open = True

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "run": "run the daemon",
     "devnet": "run a local AUN network (gateway + PKI) on loopback",
 }
 

@@ -70,6 +70,7 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")  # several devnet gateways may share one state dir
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

@@ -1,0 +1,74 @@
+"""`aund run`: the daemon. Config from file < env < flags; the seed only from the environment or
+a systemd credential. SIGTERM/SIGINT: stop gracefully and exit 0."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (default /etc/aund/aund.toml if present)")
+    p.add_argument("--state-dir", type=Path, help="where identities and the inbox live")
+    p.add_argument("--socket", type=Path, help="the Unix socket apps connect to")
+    p.add_argument("--gateway-url", action="append", help="gateway WebSocket URL (repeat for failover)")
+    p.add_argument("--root-ca", action="append", type=Path, help="extra trusted AUN root CA (PEM)")
+    p.add_argument("--identity", dest="identities", action="append", help="AID to keep connected (repeat)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from aund import logs
+    from aund.config import ConfigError, load
+
+    logs.configure()
+    flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
+             "root_ca": args.root_ca, "identities": args.identities}
+    try:
+        config = load(args.config, flags)
+    except ConfigError as exc:
+        print(f"aund run: {exc}", file=sys.stderr)
+        return 2
+    import trio
+
+    from aund.errors import AundError
+
+    try:
+        return trio.run(_main, config)
+    except AundError as exc:
+        print(f"aund run: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _main(config) -> int:
+    import structlog
+    import trio
+
+    from aund import systemd
+    from aund.aun.auth import GatewayTrust
+    from aund.daemon import Daemon
+    from aund.identity.store import IdentityStore, StateLock, load_seed
+
+    log = structlog.get_logger("aund")
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with StateLock(config.state_dir):
+        seed = load_seed()
+        store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, seed)
+        await trio.to_thread.run_sync(store.verify_seed)
+        trust = GatewayTrust.from_files(list(config.root_ca))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                daemon = await nursery.start(Daemon(config, store, trust).run)
+                log.info("daemon.started", state_dir=str(config.state_dir), identities=len(config.identities),
+                         gateways=list(config.gateway_url))
+                systemd.notify("READY=1", f"STATUS=serving {len(config.identities)} configured identities")
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("daemon.reload_ignored", reason="reload lands with the CLI/systemd work")
+                        continue
+                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                    systemd.notify("STOPPING=1")
+                    await daemon.aclose()
+                    break
+    log.info("daemon.stopped")
+    return 0

@@ -1,0 +1,297 @@
+"""The supervisor: owns the long-lived nursery, the identity store, every gateway link and the
+daemon-wide RPC budget; starts components in order and stops them gracefully.
+
+Pure core: it reads no environment and no config file (the CLI does, and passes a Config in).
+It implements the broker's `Backend` protocol (aund.broker.backend), so the app socket server
+reaches identities and links only through it.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+import aund
+from aund.aun import auth
+from aund.aun.link import Link, LinkConfig, LinkState
+from aund.broker.backend import AppIdentity, InboxEvent
+from aund.config import Config
+from aund.errors import GatewayUnavailable, InvalidParams, PermissionDenied
+from aund.identity import pki
+from aund.identity.errors import IdentityNotFound
+from aund.identity.store import Identity, IdentityStore
+
+log = structlog.get_logger("aund.daemon")
+
+LINK_EVENT_KINDS = ("state_change", "connection.error", "token.refreshed", "gateway.disconnect")
+
+
+class StoreCredentials:
+    """Adapts one stored identity to what a Link needs; file I/O runs in worker threads."""
+
+    def __init__(self, store: IdentityStore, identity: Identity) -> None:
+        self.store = store
+        self.aid = identity.aid
+        self.private_key = identity.private_key
+        self.cert_pem = identity.cert_pem
+        self.cert_fingerprint = identity.cert_fingerprint
+
+    async def load_tokens(self) -> auth.Tokens | None:
+        return auth.Tokens.from_json(await trio.to_thread.run_sync(self.store.load_tokens, self.aid))
+
+    async def save_tokens(self, tokens: auth.Tokens) -> None:
+        await trio.to_thread.run_sync(self.store.save_tokens, self.aid, tokens.to_json())
+
+
+@dataclass
+class LinkEntry:
+    link: Link
+    pinned: bool
+    holders: set[int] = field(default_factory=set)
+    idle_since: float | None = None
+
+
+class _Handle:
+    """What the broker holds for an app's (AID, slot): a view of the shared link."""
+
+    def __init__(self, daemon: "Daemon", entry: LinkEntry) -> None:
+        self.daemon, self.entry = daemon, entry
+        self.aid, self.slot_id = entry.link.aid, entry.link.config.slot_id
+
+    def state(self) -> str:
+        return self.entry.link.state.value
+
+    async def wait_ready(self) -> None:
+        await self.entry.link.wait_ready()
+
+    async def call(self, method: str, params: dict[str, Any], *, timeout: float | None, background: bool,
+                   app: AppIdentity) -> dict[str, Any]:
+        return await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
+
+    def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
+        self.daemon.protected_headers[(app.conn_id, self.aid)] = dict(headers)
+
+    def invalidate_prekey_cache(self, peer_aid: str) -> None:
+        self.daemon.prekey_invalidations[self.aid] = self.daemon.prekey_invalidations.get(self.aid, 0) + 1
+
+
+class Daemon:
+    def __init__(self, config: Config, store: IdentityStore, trust: auth.GatewayTrust, *,
+                 policy: Any = None, rng=random.random) -> None:
+        self.config, self.store, self.trust = config, store, trust
+        self.policy = policy
+        self.rng = rng
+        self.global_budget = trio.CapacityLimiter(config.global_in_flight)
+        self.links: dict[tuple[str, str], LinkEntry] = {}
+        self.protected_headers: dict[tuple[int, str], dict[str, str]] = {}
+        self.prekey_invalidations: dict[str, int] = {}
+        self.started_at = time.time()
+        self.stopping = False
+        self._nursery: trio.Nursery | None = None
+        self._identity_locks: dict[str, trio.Lock] = {}
+        self._event_listeners: set[trio.MemorySendChannel] = set()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the configured identities' links, then serve until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for aid in self.config.identities:
+                nursery.start_soon(self._keep_configured, aid)
+            nursery.start_soon(self._reap_idle_links)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        """Close every link politely (bounded), then stop the nursery."""
+        self.stopping = True
+        with trio.move_on_after(self.config.shutdown_grace) as scope:
+            scope.shield = True
+            async with trio.open_nursery() as closer:
+                for entry in list(self.links.values()):
+                    closer.start_soon(entry.link.aclose)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _keep_configured(self, aid: str) -> None:
+        """Make sure a configured identity exists and its link runs; retry registration with backoff."""
+        delay = 1.0
+        while True:
+            try:
+                await self.ensure_identity(aid)
+                await self._open_link(aid, self.config.slot_id, pinned=True)
+                return
+            except (GatewayUnavailable, trio.TooSlowError) as exc:
+                log.warning("identity.ensure_failed", aid=aid, error=str(exc), retry_in=round(delay, 1))
+            await trio.sleep(delay * (0.5 + self.rng()))
+            delay = min(delay * 2, 64.0)
+
+    # --- identities ----------------------------------------------------------------------------
+    async def _gateways(self, aid: str) -> tuple[str, ...]:
+        if self.config.gateway_url:
+            return self.config.gateway_url
+        if self.store.exists(aid):
+            meta = await trio.to_thread.run_sync(self.store.load_meta, aid)
+            if meta.get("gateway_urls"):
+                return tuple(meta["gateway_urls"])
+        return tuple(await auth.discover_gateways(aid, port=self.config.discovery_port or None))
+
+    async def ensure_identity(self, aid: str) -> dict[str, Any]:
+        """Load; register only if absent; load again. Returns aid and cert_fingerprint."""
+        aid = _normalize_aid(aid)
+        lock = self._identity_locks.setdefault(aid, trio.Lock())
+        async with lock:
+            gateways = await self._gateways(aid)
+
+            async def register(aid_: str, public_key) -> str:
+                return await auth.create_aid(gateways[0], aid_, public_key)
+
+            identity = await self.store.ensure(aid, register, meta={"gateway_urls": list(gateways)})
+        return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
+                "device_id": identity.device_id}
+
+    def list_identities(self) -> list[dict[str, Any]]:
+        out = []
+        for aid in self.store.list():
+            links = [e.link.statistics() for (a, _), e in self.links.items() if a == aid]
+            out.append({"aid": aid, "links": [{"slot_id": s.slot_id, "state": s.state} for s in links]})
+        return out
+
+    async def _open_link(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
+        key = (aid, slot_id)
+        entry = self.links.get(key)
+        if entry is not None and entry.link.state not in (LinkState.CLOSED,):
+            entry.pinned = entry.pinned or pinned
+            return entry
+        try:
+            identity = await trio.to_thread.run_sync(self.store.load, aid)
+        except IdentityNotFound:
+            raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
+        config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
+                            call_timeout=self.config.call_timeout)
+        link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
+                    on_event=self._on_link_event, on_state=self._on_link_state, rng=self.rng)
+        entry = LinkEntry(link, pinned)
+        self.links[key] = entry
+        assert self._nursery is not None
+        await self._nursery.start(link.run)
+        return entry
+
+    async def _reap_idle_links(self) -> None:
+        """Close on-demand links nobody has held for `idle_link_seconds`."""
+        while True:
+            await trio.sleep(min(30.0, self.config.idle_link_seconds))
+            now = trio.current_time()
+            for key, entry in list(self.links.items()):
+                if entry.pinned or entry.holders or entry.idle_since is None:
+                    continue
+                if now - entry.idle_since >= self.config.idle_link_seconds:
+                    log.info("link.idle_close", aid=key[0], slot=key[1])
+                    del self.links[key]
+                    await entry.link.aclose()
+
+    # --- events ----------------------------------------------------------------------------------
+    def _on_link_event(self, link: Link, name: str, params: dict[str, Any]) -> None:
+        self._publish(link.aid, name, params)
+
+    def _on_link_state(self, link: Link, state: LinkState, info: dict[str, Any]) -> None:
+        self._publish(link.aid, "state_change", {"slot_id": link.config.slot_id, "state": state.value, **info})
+
+    def _publish(self, aid: str, kind: str, data: dict[str, Any]) -> None:
+        for listener in list(self._event_listeners):
+            try:
+                listener.send_nowait((aid, kind, data))
+            except trio.WouldBlock:
+                pass  # a slow listener loses link events (they are state hints, not messages)
+            except trio.BrokenResourceError:
+                self._event_listeners.discard(listener)
+
+    # --- Backend (for the broker) ------------------------------------------------------------------
+    def daemon_info(self) -> dict[str, Any]:
+        return {"daemon_version": aund.__version__, "features": ["links", "link_events"]}
+
+    def status(self) -> dict[str, Any]:
+        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(e.holders)}
+                 for e in self.links.values()]
+        budget = self.global_budget.statistics()
+        return {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
+                "identities": len(self.store.list()), "links": links,
+                "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
+                           "waiting": budget.tasks_waiting},
+                "warnings": self.warnings()}
+
+    def warnings(self) -> list[dict[str, str]]:
+        out = []
+        for (aid, slot), e in self.links.items():
+            state = e.link.state
+            if state == LinkState.CONNECTION_FAILED:
+                out.append({"code": "link.failed", "severity": "error", "aid": aid, "slot_id": slot,
+                            "text": f"{aid}/{slot} stopped: {e.link.last_error}"})
+            elif state != LinkState.READY and e.pinned:
+                out.append({"code": "link.not_ready", "severity": "warning", "aid": aid, "slot_id": slot,
+                            "text": f"{aid}/{slot} is {state.value}: {e.link.last_error}"})
+        return out
+
+    def allowed(self, app: AppIdentity, aid: str) -> bool:
+        if self.policy is None:
+            return app.uid in (0, _own_uid())
+        return bool(self.policy.allows(app.uid, app.gid, aid))
+
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        entry = await self._open_link(aid, slot_id, pinned=False)
+        entry.holders.add(app.conn_id)
+        entry.idle_since = None
+        return _Handle(self, entry)
+
+    async def release_session(self, app: AppIdentity, handle: _Handle) -> None:
+        entry = handle.entry
+        entry.holders.discard(app.conn_id)
+        self.protected_headers.pop((app.conn_id, handle.aid), None)
+        if not entry.holders:
+            entry.idle_since = trio.current_time()
+
+    async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
+                        start: str | int) -> AsyncIterator[InboxEvent]:
+        """Link events for `aid` from now on (the durable message inbox comes with E2EE sync)."""
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        send, recv = trio.open_memory_channel[tuple[str, str, dict]](256)
+        self._event_listeners.add(send)
+        cursor = 0
+        try:
+            async with recv:
+                async for ev_aid, kind, data in recv:
+                    if ev_aid == aid and (not kinds or kind in kinds):
+                        cursor += 1
+                        yield InboxEvent(cursor, kind, data)
+        finally:
+            self._event_listeners.discard(send)
+
+    async def ack(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> None:
+        return None  # link events are not durable; message acks arrive with the inbox
+
+
+def _normalize_aid(aid: Any) -> str:
+    if not isinstance(aid, str) or "." not in aid:
+        raise InvalidParams(f"not an AID: {aid!r}")
+    return aid.strip().lower()
+
+
+def _own_uid() -> int:
+    import os
+
+    return os.getuid()
+
+
+def cert_summary(identity: Identity) -> dict[str, Any]:
+    return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
+            "not_after": identity.cert.not_valid_after_utc.isoformat(), "cn": pki.cert_aid(identity.cert)}
