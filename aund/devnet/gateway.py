@@ -120,13 +120,15 @@ class Stats:
     rpc_errors: Counter = field(default_factory=Counter)
     http: Counter = field(default_factory=Counter)
     max_inflight: int = 0
+    max_inflight_by_method: Counter = field(default_factory=Counter)
     pushes: int = 0
     pushes_dropped: int = 0
     connections: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
     def snapshot(self) -> dict[str, Any]:
         return {"rpc": dict(self.rpc), "rpc_errors": dict(self.rpc_errors), "http": dict(self.http),
-                "max_inflight": self.max_inflight, "pushes": self.pushes, "pushes_dropped": self.pushes_dropped,
+                "max_inflight": self.max_inflight, "max_inflight_by_method": dict(self.max_inflight_by_method),
+                "pushes": self.pushes, "pushes_dropped": self.pushes_dropped,
                 "connections": list(self.connections)}
 
 
@@ -383,6 +385,7 @@ class Conn:
         self.connected_at = 0.0
         self.closed = False
         self.inflight = 0
+        self.inflight_by_method: Counter = Counter()
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[dict | str](OUTBOX_FRAMES)
         self.cancel = trio.CancelScope()
         self.close_code: int | None = None
@@ -471,7 +474,11 @@ class Conn:
                                     {"retryable": True}))
                 continue
             self.inflight += 1
-            self.net.stats.max_inflight = max(self.net.stats.max_inflight, self.inflight)
+            self.inflight_by_method[frame["method"]] += 1
+            stats = self.net.stats
+            stats.max_inflight = max(stats.max_inflight, self.inflight)
+            m = frame["method"]
+            stats.max_inflight_by_method[m] = max(stats.max_inflight_by_method[m], self.inflight_by_method[m])
             nursery.start_soon(self._handle, frame)
 
     async def _handle(self, frame: dict[str, Any]) -> None:
@@ -491,6 +498,7 @@ class Conn:
             pass
         finally:
             self.inflight -= 1
+            self.inflight_by_method[method] -= 1
         if method == "auth.connect" and "error" in reply:
             code = CLOSE_AUTH_FAILED if reply["error"]["code"] in (rpc.AUTH_FAILED, rpc.BAD_NONCE) else 1008
             self.close_soon(code, reply["error"]["message"])

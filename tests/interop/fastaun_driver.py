@@ -160,7 +160,14 @@ async def slot_kick():
         await c.close()
 
 
-SCENARIOS = {"both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+async def register_only():
+    """Register one identity with the SDK and leave it on disk (for import into aund)."""
+    aid, _ = await ensure("imported")
+    (WORK / "ids.json").write_text(json.dumps({"imported": aid}))
+    check("registered", True, aid)
+
+
+SCENARIOS = {"register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
              "slot_kick": slot_kick}
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Issue 3: the RPC budget and the pull gate, as the gateway (a real devnet process) sees them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from aund.aun import auth
+from aund.aun.link import Link, LinkConfig
+from aund.daemon import StoreCredentials
+from aund.identity.store import IdentityStore
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _ready_link(devnet, tmp_path, name):
+    store = IdentityStore(tmp_path / "state", "seed")
+    aid = f"{name}-{os.getpid() % 10000}.aid.test"
+    identity = await store.ensure(aid, lambda a, pk: auth.create_aid(devnet.gateway_url, a, pk))
+    trust = auth.GatewayTrust.from_files([Path(devnet.root_ca)])
+    link = Link(StoreCredentials(store, identity), LinkConfig((devnet.gateway_url,), device_id=identity.device_id),
+                trust)
+    return link
+
+
+async def test_200_concurrent_calls_stay_within_16_and_8(devnet, tmp_path):
+    await trio.to_thread.run_sync(lambda: devnet.set_faults(reply_delay_ms=40))  # let calls pile up
+    link = await _ready_link(devnet, tmp_path, "budget")
+    answered = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await n.start(link.run)
+            await link.wait_ready()
+
+            async def one(i: int) -> None:
+                background = i % 2 == 1  # background calls are meta.status, foreground meta.ping
+                r = await link.call("meta.status" if background else "meta.ping", {}, background=background)
+                answered.append(r)
+
+            async with trio.open_nursery() as calls:
+                for i in range(200):
+                    calls.start_soon(one, i)
+            await link.aclose()
+    stats = await trio.to_thread.run_sync(devnet.stats)
+    assert len(answered) == 200
+    assert stats["max_inflight"] == 16  # reached, never exceeded
+    assert stats["max_inflight_by_method"]["meta.status"] <= 8
+    assert stats["max_inflight_by_method"]["meta.status"] >= 1
+    local = link.budget.statistics()
+    assert (local.max_in_flight, local.max_background_in_flight) == (16, 8)
+
+
+async def test_identical_pulls_are_coalesced_at_the_gateway(devnet, tmp_path):
+    await trio.to_thread.run_sync(lambda: devnet.set_faults(reply_delay_ms=100))
+    link = await _ready_link(devnet, tmp_path, "puller")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await n.start(link.run)
+            await link.wait_ready()
+            before = (await trio.to_thread.run_sync(devnet.stats))["rpc"].get("message.v2.pull", 0)
+            params = {"cursor_scope": "peer", "sender_aid": link.aid, "after_seq": 0, "limit": 50}
+            results = []
+
+            async def pull() -> None:
+                results.append(await link.pull(f"p2p.peer.v1/{link.aid}", "forward|0|50", "message.v2.pull", params))
+
+            async with trio.open_nursery() as pulls:
+                for _ in range(20):
+                    pulls.start_soon(pull)
+            await link.aclose()
+    after = (await trio.to_thread.run_sync(devnet.stats))["rpc"].get("message.v2.pull", 0)
+    assert len(results) == 20 and all(r == results[0] for r in results)
+    assert after - before == 1  # twenty identical pulls, one request at the gateway

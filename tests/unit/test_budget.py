@@ -1,0 +1,152 @@
+"""RpcBudget, PullGate, Backoff and refresh timing, under trio's MockClock (no real time passes)."""
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from aund.aun.budget import PullGate, RpcBudget
+from aund.aun.link import Backoff, refresh_delay
+
+
+async def test_budget_caps_total_and_background(autojump_clock):
+    budget = RpcBudget(16, 8)
+    seen = []
+
+    async def worker(background: bool):
+        async with budget.slot(background):
+            s = budget.statistics()
+            seen.append((s.in_flight, s.background_in_flight))
+            await trio.sleep(1)
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+            for i in range(200):
+                n.start_soon(worker, i % 2 == 0)
+    assert max(a for a, _ in seen) == 16
+    assert max(b for _, b in seen) == 8
+    s = budget.statistics()
+    assert (s.in_flight, s.background_in_flight, s.max_in_flight, s.max_background_in_flight) == (0, 0, 16, 8)
+
+
+async def test_foreground_goes_before_queued_background(autojump_clock):
+    budget = RpcBudget(2, 2)
+    order = []
+    await budget.acquire()
+    await budget.acquire()
+
+    async def take(name, background):
+        async with budget.slot(background):
+            order.append(name)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(take, "bg1", True)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(take, "fg1", False)
+        await trio.testing.wait_all_tasks_blocked()
+        budget.release()  # one place frees up: the later, foreground caller gets it
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["fg1"]
+        budget.release()
+    assert order == ["fg1", "bg1"]
+
+
+async def test_cancelled_waiter_releases_its_place_at_once(autojump_clock):
+    budget = RpcBudget(1, 1)
+    await budget.acquire()
+    with trio.move_on_after(5):
+        await budget.acquire()  # queued, then cancelled by the timeout
+    assert budget.statistics().queued_foreground == 0
+    budget.release()
+    with trio.fail_after(1):
+        await budget.acquire()  # the place is free again
+    assert budget.statistics().in_flight == 1
+
+
+async def test_queue_timeout_fires_at_the_call_timeout(autojump_clock):
+    budget = RpcBudget(1, 1)
+    await budget.acquire()
+    start = trio.current_time()
+    with trio.move_on_after(35) as scope:
+        await budget.acquire()
+    assert scope.cancelled_caught and trio.current_time() - start == pytest.approx(35)
+
+
+async def test_pull_gate_serializes_and_coalesces(autojump_clock):
+    gate = PullGate(max_namespaces=4)
+    running: dict[str, int] = {}
+    peak = {"ns": 0, "total": 0}
+    calls = []
+
+    async def pull(ns):
+        running[ns] = running.get(ns, 0) + 1
+        peak["ns"] = max(peak["ns"], running[ns])
+        peak["total"] = max(peak["total"], sum(running.values()))
+        calls.append(ns)
+        await trio.sleep(1)
+        running[ns] -= 1
+        return {"ns": ns}
+
+    results = []
+
+    async def caller(ns, key):
+        results.append(await gate.run(ns, key, lambda: pull(ns)))
+
+    async with trio.open_nursery() as n:
+        for i in range(10):  # 10 namespaces, 5 identical pulls each, and a second distinct key per namespace
+            for _ in range(5):
+                n.start_soon(caller, f"ns{i}", f"ns{i}|forward|0")
+            n.start_soon(caller, f"ns{i}", f"ns{i}|forward|7")
+    assert peak["ns"] == 1           # one pull in flight per namespace
+    assert peak["total"] == 4        # at most 4 namespaces at once
+    assert len(calls) == 20          # 60 callers, 20 distinct pulls
+    assert gate.statistics().coalesced == 40
+    assert len(results) == 60
+
+
+async def test_pull_gate_leader_cancelled_follower_runs_itself(autojump_clock):
+    gate = PullGate()
+    async def slow():
+        await trio.sleep(10)
+        return "done"
+    async with trio.open_nursery() as n:
+        leader_scope = trio.CancelScope()
+
+        async def leader():
+            with leader_scope:
+                await gate.run("ns", "k", slow)
+
+        got = []
+
+        async def follower():
+            got.append(await gate.run("ns", "k", slow))
+
+        n.start_soon(leader)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(follower)
+        await trio.testing.wait_all_tasks_blocked()
+        leader_scope.cancel()
+    assert got == ["done"]
+
+
+def test_backoff_schedule_matches_the_sdk():
+    b = Backoff(1.0, 16.0, 64.0, rng=lambda: 0.0)
+    b.on_drop(1006)
+    assert [b.next_delay() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 64, 64]
+    b.on_drop(4000)  # any other close code starts at 16 s
+    assert b.next_delay() == 16
+    b.reset()
+    assert b.next_delay() == 1
+    top = Backoff(1.0, 16.0, 64.0, rng=lambda: 0.999999)
+    top.on_drop(None)
+    delays = [top.next_delay() for _ in range(8)]
+    assert delays[0] == pytest.approx(2.0, abs=1e-5)      # base + U * min(base, max - base)
+    assert delays[-1] == pytest.approx(64.0, abs=1e-5)    # at the cap there is no room for jitter
+    assert all(d <= 64.0 for d in delays)
+
+
+def test_refresh_timing():
+    assert refresh_delay(expires_at=10_000, now=5_000, refresh_before=1800) == 3200
+    assert refresh_delay(expires_at=10_000, now=8_300, refresh_before=1800) == 0
+    assert refresh_delay(expires_at=10_000, now=20_000, refresh_before=1800) == 0
