@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +20,22 @@ import trio
 import aund
 from aund.aun import auth
 from aund.aun.link import Link, LinkConfig, LinkState
+from aund.aun.messaging import E2EESession, PeerSync
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
 from aund.errors import GatewayUnavailable, InvalidParams, PermissionDenied
 from aund.identity import pki
 from aund.identity.errors import IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
+from aund.inbox import Inbox
 
 log = structlog.get_logger("aund.daemon")
 
-LINK_EVENT_KINDS = ("state_change", "connection.error", "token.refreshed", "gateway.disconnect")
+LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refreshed", "gateway.disconnect",
+                              "sync.proof_rejected"})
+MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable"})
+SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers"})
+RESYNC_BUDGET_SECONDS = 10.0
 
 
 class StoreCredentials:
@@ -51,6 +58,8 @@ class StoreCredentials:
 @dataclass
 class LinkEntry:
     link: Link
+    sync: PeerSync
+    session: E2EESession
     pinned: bool
     holders: set[int] = field(default_factory=set)
     idle_since: float | None = None
@@ -71,13 +80,19 @@ class _Handle:
 
     async def call(self, method: str, params: dict[str, Any], *, timeout: float | None, background: bool,
                    app: AppIdentity) -> dict[str, Any]:
+        if method in SYNC_METHODS:
+            raise InvalidParams(f"{method}: aund pulls and acks messages itself; subscribe to "
+                                "message.received events instead")
+        if method == "message.send":
+            headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
+            return await self.entry.session.send(self.entry.link, params, headers, timeout=timeout)
         return await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
 
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
         self.daemon.protected_headers[(app.conn_id, self.aid)] = dict(headers)
 
     def invalidate_prekey_cache(self, peer_aid: str) -> None:
-        self.daemon.prekey_invalidations[self.aid] = self.daemon.prekey_invalidations.get(self.aid, 0) + 1
+        self.entry.session.invalidate(peer_aid)
 
 
 class Daemon:
@@ -89,7 +104,9 @@ class Daemon:
         self.global_budget = trio.CapacityLimiter(config.global_in_flight)
         self.links: dict[tuple[str, str], LinkEntry] = {}
         self.protected_headers: dict[tuple[int, str], dict[str, str]] = {}
-        self.prekey_invalidations: dict[str, int] = {}
+        self.sessions: dict[str, E2EESession] = {}
+        self.inbox: Inbox | None = None
+        self._subscribers: dict[str, set["_Subscriber"]] = {}
         self.started_at = time.time()
         self.stopping = False
         self._nursery: trio.Nursery | None = None
@@ -99,6 +116,9 @@ class Daemon:
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the configured identities' links, then serve until cancelled."""
+        key = await trio.to_thread.run_sync(self.store.derive_key, "inbox")
+        self.inbox = await trio.to_thread.run_sync(Inbox, self.config.state_dir / "inbox.sqlite3", key)
+        self.inbox.on_commit = self._wake_subscribers
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for aid in self.config.identities:
@@ -172,15 +192,38 @@ class Daemon:
             identity = await trio.to_thread.run_sync(self.store.load, aid)
         except IdentityNotFound:
             raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
+        session = self.sessions.get(aid)
+        if session is None:
+            session = E2EESession(identity, self.store, self.trust)
+            await session.load()
+            self.sessions[aid] = session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
                             call_timeout=self.config.call_timeout)
         link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
-                    on_event=self._on_link_event, on_state=self._on_link_state, rng=self.rng)
-        entry = LinkEntry(link, pinned)
+                    on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
+                    rng=self.rng)
+        assert self.inbox is not None
+        entry = LinkEntry(link, PeerSync(link, session, self.inbox, on_notice=self._publish), session, pinned)
         self.links[key] = entry
         assert self._nursery is not None
-        await self._nursery.start(link.run)
+        await self._nursery.start(self._run_link, entry)
         return entry
+
+    async def _run_link(self, entry: LinkEntry, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The link's supervisor and its sync task live and die together."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(entry.sync.run)
+            await nursery.start(entry.link.run)
+            task_status.started()
+            await entry.link.wait_stopped()
+            nursery.cancel_scope.cancel()
+
+    async def _on_connected(self, link: Link) -> None:
+        """After every (re)connect, before the link is ready: publish the prekey, then catch up."""
+        entry = self.links[(link.aid, link.config.slot_id)]
+        await entry.session.publish_prekey(link)
+        with trio.move_on_after(RESYNC_BUDGET_SECONDS):
+            await entry.sync.full_sync()
 
     async def _reap_idle_links(self) -> None:
         """Close on-demand links nobody has held for `idle_link_seconds`."""
@@ -197,19 +240,23 @@ class Daemon:
 
     # --- events ----------------------------------------------------------------------------------
     def _on_link_event(self, link: Link, name: str, params: dict[str, Any]) -> None:
-        self._publish(link.aid, name, params)
+        entry = self.links.get((link.aid, link.config.slot_id))
+        if entry is not None and name in ("peer.v2.message_received", "message.received"):
+            entry.sync.on_event(name, params)
+        elif name in LINK_EVENT_KINDS:
+            self._publish(link.aid, name, params)
 
     def _on_link_state(self, link: Link, state: LinkState, info: dict[str, Any]) -> None:
         self._publish(link.aid, "state_change", {"slot_id": link.config.slot_id, "state": state.value, **info})
 
     def _publish(self, aid: str, kind: str, data: dict[str, Any]) -> None:
-        for listener in list(self._event_listeners):
-            try:
-                listener.send_nowait((aid, kind, data))
-            except trio.WouldBlock:
-                pass  # a slow listener loses link events (they are state hints, not messages)
-            except trio.BrokenResourceError:
-                self._event_listeners.discard(listener)
+        """A non-durable link event to the subscribers of `aid` (bounded: the oldest is dropped)."""
+        for sub in self._subscribers.get(aid, ()):
+            sub.offer(kind, data)
+
+    def _wake_subscribers(self, aid: str) -> None:
+        for sub in self._subscribers.get(aid, ()):
+            sub.wake()
 
     # --- Backend (for the broker) ------------------------------------------------------------------
     def daemon_info(self) -> dict[str, Any]:
@@ -260,24 +307,68 @@ class Daemon:
 
     async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                         start: str | int) -> AsyncIterator[InboxEvent]:
-        """Link events for `aid` from now on (the durable message inbox comes with E2EE sync)."""
+        """Durable message events from the inbox (from `start`), interleaved with live link events."""
         aid = _normalize_aid(aid)
         if not self.allowed(app, aid):
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
-        send, recv = trio.open_memory_channel[tuple[str, str, dict]](256)
-        self._event_listeners.add(send)
-        cursor = 0
+        assert self.inbox is not None
+        if start == "last_ack":
+            cursor = await self.inbox.consumer_cursor(aid, consumer)
+        elif start == "now":
+            cursor = await self.inbox.head(aid)
+        elif isinstance(start, int) and not isinstance(start, bool) and start >= 0:
+            cursor = start
+        else:
+            raise InvalidParams("start must be 'last_ack', 'now' or a cursor (int >= 0)")
+        wanted = set(kinds) if kinds else set(MESSAGE_EVENT_KINDS | LINK_EVENT_KINDS)
+        durable = tuple(sorted(wanted & MESSAGE_EVENT_KINDS))
+        sub = _Subscriber(wanted & LINK_EVENT_KINDS)
+        self._subscribers.setdefault(aid, set()).add(sub)
         try:
-            async with recv:
-                async for ev_aid, kind, data in recv:
-                    if ev_aid == aid and (not kinds or kind in kinds):
-                        cursor += 1
-                        yield InboxEvent(cursor, kind, data)
+            while True:
+                rows = await self.inbox.read(aid, cursor, durable, 100) if durable else []
+                for row in rows:
+                    cursor = row.cursor
+                    yield InboxEvent(row.cursor, row.kind, row.data)
+                while sub.pending:
+                    kind, data = sub.pending.popleft()
+                    yield InboxEvent(cursor, kind, data)
+                if not rows:
+                    await sub.wait()
         finally:
-            self._event_listeners.discard(send)
+            subs = self._subscribers.get(aid)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subscribers[aid]
 
     async def ack(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> None:
-        return None  # link events are not durable; message acks arrive with the inbox
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        assert self.inbox is not None
+        await self.inbox.ack(aid, consumer, cursor)
+
+
+class _Subscriber:
+    """Wake-ups and a bounded queue of live link events for one subscription."""
+
+    def __init__(self, link_kinds: set[str]) -> None:
+        self.link_kinds = link_kinds
+        self.pending: deque[tuple[str, dict[str, Any]]] = deque(maxlen=64)
+        self._event = trio.Event()
+
+    def offer(self, kind: str, data: dict[str, Any]) -> None:
+        if kind in self.link_kinds:
+            self.pending.append((kind, data))
+            self.wake()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
 
 
 def _normalize_aid(aid: Any) -> str:

@@ -250,6 +250,10 @@ class Link:
                                          data={"state": self.state.value})
             await self._state_changed.wait()
 
+    async def wait_stopped(self) -> None:
+        """Return once the supervisor has ended (closed, or failed for good)."""
+        await self._stopped.wait()
+
     def statistics(self) -> LinkStatistics:
         b, p = self.budget.statistics(), self.pulls.statistics()
         return LinkStatistics(self.aid, self.config.slot_id, self.state.value, self.gateway, self.connected_at,

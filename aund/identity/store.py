@@ -95,6 +95,7 @@ FORMAT = "aund.enc"
 FORMAT_VERSION = 1
 PURPOSE_KEY = "identity/private_key"
 PURPOSE_TOKENS = "tokens"
+PURPOSE_PREKEYS = "e2ee/prekeys"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # 32 MiB, ~0.11 s on a 2-vCPU box; once per process
 _SCRYPT_MAX_NR = 2**22  # refuse files asking for more than 512 MiB of scrypt memory
 _CHECK_LABEL = b"aund.enc/v1 seed check"
@@ -104,6 +105,7 @@ KEY_FILE = "key.enc.json"
 CERT_FILE = "cert.pem"
 CERTS_DIR = "certs"
 TOKENS_FILE = "tokens.enc.json"
+PREKEYS_FILE = "prekeys.enc.json"
 META_FILE = "meta.json"
 PENDING_DIR = "_pending"
 
@@ -611,6 +613,42 @@ class IdentityStore:
         with self._lock:
             d = self._require(aid)
             atomic_write(d / TOKENS_FILE, self._seal(PURPOSE_TOKENS, aid, plaintext))
+
+    def load_prekeys(self, aid: str) -> list[dict[str, Any]]:
+        """Every E2EE signed prekey ever made for ``aid`` on this device (oldest first; [] if none).
+
+        Each record: spk_id, private_pem, timestamp, signature, created_at (and uploaded_at when
+        published). Errors as ``load``."""
+        path = self._require(aid) / PREKEYS_FILE
+        try:
+            plaintext, _ = self._open(path, PURPOSE_PREKEYS, aid)
+        except FileNotFoundError:
+            return []
+        try:
+            records = json.loads(plaintext)
+        except ValueError:
+            records = None
+        if not isinstance(records, list):
+            raise CorruptIdentity(f"{self._rel(path)} does not hold a JSON list", data={"path": str(path)})
+        return records
+
+    def save_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
+        """Replace the prekey list atomically. Callers only ever append: old prekeys are kept so
+        that late messages wrapped to them still decrypt (aund never deletes key material)."""
+        old = {r.get("spk_id") for r in self.load_prekeys(aid)}
+        new = {r.get("spk_id") for r in records}
+        if not old <= new:
+            raise ValueError("save_prekeys would drop a prekey: prekeys are never deleted")
+        plaintext = json.dumps([dict(r) for r in records], sort_keys=True).encode("utf-8")
+        with self._lock:
+            atomic_write(self._require(aid) / PREKEYS_FILE, self._seal(PURPOSE_PREKEYS, aid, plaintext))
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A 32-byte key for `purpose` derived from the store's master key (e.g. the inbox cipher).
+        Raises SeedMismatch if the seed is wrong for this state dir."""
+        kdf = self._kdf_for_writing()
+        master, _ = self._master(kdf["n"], kdf["r"], kdf["p"], base64.b64decode(kdf["salt"]))
+        return HKDF(hashes.SHA256(), 32, salt=None, info=b"aund derived key v1\x00" + purpose.encode()).derive(master)
 
     def save_meta(self, aid: str, meta: Mapping[str, Any]) -> None:
         """Replace meta.json of ``aid`` (JSON object) atomically."""

@@ -167,7 +167,39 @@ async def register_only():
     check("registered", True, aid)
 
 
-SCENARIOS = {"register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+async def peer():
+    """The fastaun side of an exchange with an aund-held AID (env PEER_AID, N, HEADERS):
+    register, publish our AID in WORK/peer.json, send N E2EE messages (with protected headers) to
+    the peer, then wait until N E2EE messages from the peer arrived, checking order and headers."""
+    n = int(os.environ.get("N", "5"))
+    peer_aid = os.environ["PEER_AID"]
+    aid, ident = await ensure("fastpeer")
+    client = AUNClient(ident)
+    client.set_protected_headers({"trace": "from-fastaun"})
+    got = []
+    client.on("message.received", lambda m: got.append(m))
+    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
+    check("connect fastpeer", client.state.value == "ready")
+    (WORK / "peer.json").write_text(json.dumps({"aid": aid}))
+    try:
+        start_flag = WORK / "go"
+        await wait_for(start_flag.exists, 60)
+        for i in range(n):
+            r = await client.call("message.send", {"to": peer_aid, "payload": {"type": "text", "text": f"f2a {i}"},
+                                                   "encrypt": True, "protected_headers": {"seq_hint": str(i)}})
+            check(f"send f2a {i}", r.get("status") == "delivered", r.get("status"))
+        await wait_for(lambda: sum(1 for m in got if m.get("from") == peer_aid) >= n, 60)
+        mine = [m for m in got if m.get("from") == peer_aid]
+        texts = [(m.get("payload") or {}).get("text") for m in mine]
+        check("received a2f in order, once", texts == [f"a2f {i}" for i in range(n)], texts)
+        check("a2f all encrypted", all(m.get("encrypted") for m in mine), [m.get("encrypted") for m in mine])
+        headers = [(m.get("e2ee") or {}).get("protected_headers") or m.get("protected_headers") for m in mine]
+        check("a2f protected headers verified", all((h or {}).get("trace") == "from-aund" for h in headers), headers[:2])
+    finally:
+        await client.close()
+
+
+SCENARIOS = {"peer": peer, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
              "slot_kick": slot_kick}
 
 if __name__ == "__main__":

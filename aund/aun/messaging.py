@@ -1,0 +1,386 @@
+"""AUN layer: E2EE v2 messaging for one AID on this device, and lossless peer sync for one link.
+
+`E2EESession` (one per AID): the device's signed prekeys (made, published on every connect,
+rotated after a message wrapped to the current one is read, old ones kept for late messages),
+the bootstrap / prekey cache per peer with `invalidate(peer)`, verified peer identity keys, and
+`send()` (encrypt to every device of the peer and our own other devices, sign, send; on the
+gateway's prekey error codes refetch once) and `decode_row()` (decrypt with every check, or
+turn the row into a `message.undecryptable` event with the reason).
+
+`PeerSync` (one per link): one task that handles inline pushes (with `prev_peer_seq` gap
+detection) and pulls (`message.peers` + `message.v2.pull` through the link's pull gate, every
+page checked against the coverage proof). Rows are committed to the inbox together with the
+new gateway cursor in one transaction, and only then acked upstream.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from aund.aun import auth, jsonrpc as rpc
+from aund.aun.coverage import CoverageProofError, verify_peer_page
+from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
+from aund.aun.e2ee import p2p
+from aund.aun.link import Link
+from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
+from aund.identity import pki
+from aund.identity.store import Identity, IdentityStore
+from aund.inbox import Inbox, NewEvent
+
+log = structlog.get_logger("aund.messaging")
+
+BOOTSTRAP_TTL = 3600.0
+PREKEY_RETRY_CODES = frozenset({-33011, -33012, -33050, -33052, -33054})
+WRAP_CAPABILITIES = {"version": "v2.1", "protocols": ["1DH", "3DH"], "scopes": ["aid", "device"],
+                     "per_aid_wrap": True, "per_device_wrap": True}
+PROTECTED_HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
+PAGE_LIMIT = 200
+PUSH_QUEUE = 1024
+MAX_CACHED_KEYS = 1024
+
+
+class E2EESession:
+    def __init__(self, identity: Identity, store: IdentityStore, trust: auth.GatewayTrust) -> None:
+        self.identity = identity
+        self.aid, self.device_id = identity.aid, identity.device_id
+        self.store, self.trust = store, trust
+        self._prekeys: list[dict[str, Any]] = []
+        self._spk_private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._ik_fp = p2p.ik_fingerprint(identity.public_key)
+        self._bootstrap: dict[str, tuple[float, list[Target]]] = {}
+        self._peer_iks: OrderedDict[tuple[str, str], ec.EllipticCurvePublicKey] = OrderedDict()
+        self._prekey_lock = trio.Lock()
+        self.rotations = 0
+
+    # --- prekeys ----------------------------------------------------------------------------------
+    async def load(self) -> None:
+        records = await trio.to_thread.run_sync(self.store.load_prekeys, self.aid)
+        self._prekeys = [r for r in records if r.get("device_id") == self.device_id]
+        for r in self._prekeys:
+            self._spk_private[r["spk_id"]] = pki.load_private_key_pem(r["private_pem"].encode())
+
+    async def _new_prekey(self) -> dict[str, Any]:
+        key = pki.generate_key()
+        timestamp = int(time.time())
+        record = {"device_id": self.device_id, "spk_id": p2p.spk_id_for(key.public_key()),
+                  "private_pem": pki.private_key_pem(key).decode(), "spk_pk": pki.public_key_b64(key.public_key()),
+                  "timestamp": timestamp, "signature": p2p.sign_spk(self.identity.private_key, key.public_key(), timestamp),
+                  "created_at": time.time(), "uploaded_at": None}
+        all_records = await trio.to_thread.run_sync(self.store.load_prekeys, self.aid)
+        await trio.to_thread.run_sync(self.store.save_prekeys, self.aid, [*all_records, record])  # saved before use
+        self._prekeys.append(record)
+        self._spk_private[record["spk_id"]] = key
+        return record
+
+    @property
+    def current_spk_id(self) -> str:
+        return self._prekeys[-1]["spk_id"] if self._prekeys else ""
+
+    async def publish_prekey(self, link: Link, *, rotate: bool = False) -> str:
+        """Make a prekey if there is none (or `rotate`), and publish the current one."""
+        async with self._prekey_lock:
+            if rotate or not self._prekeys:
+                await self._new_prekey()
+            record = self._prekeys[-1]
+            await link.call("message.v2.put_peer_pk", {
+                "peer_aid": self.aid, "key_source": "peer_device_prekey", "spk_id": record["spk_id"],
+                "spk_pk": record["spk_pk"], "spk_signature": record["signature"],
+                "spk_timestamp": record["timestamp"]}, background=True)
+            if rotate:
+                self.rotations += 1
+                log.info("e2ee.prekey_rotated", aid=self.aid, spk_id=record["spk_id"])
+            return record["spk_id"]
+
+    def _spk_lookup(self, spk_id: str) -> ec.EllipticCurvePrivateKey | None:
+        if spk_id == self._ik_fp:
+            return self.identity.private_key
+        return self._spk_private.get(spk_id)
+
+    # --- peer keys ---------------------------------------------------------------------------------
+    def invalidate(self, peer_aid: str) -> None:
+        """Forget the cached bootstrap (devices and prekeys) of a peer: the next send refetches."""
+        self._bootstrap.pop(peer_aid.strip().lower(), None)
+
+    async def peer_ik(self, gateway_url: str, aid: str, fingerprint: str = "") -> ec.EllipticCurvePublicKey:
+        """The PKI-verified identity key of `aid` (optionally the cert matching `fingerprint`)."""
+        key = (aid, fingerprint)
+        cached = self._peer_iks.get(key)
+        if cached is not None:
+            self._peer_iks.move_to_end(key)
+            return cached
+        url = f"{auth.http_base(gateway_url)}/pki/cert/{aid}"
+        if fingerprint:
+            url += f"?cert_fingerprint={fingerprint}"
+        status, body = await auth.http_get(url)
+        if status != 200:
+            raise E2EEError(f"no certificate for {aid} (HTTP {status})", data={"reason": "sender_key_unavailable"})
+        try:
+            cert = pki.load_cert_pem(body)
+        except pki.PKIError as exc:
+            raise E2EEError(f"bad certificate for {aid}: {exc}", data={"reason": "sender_key_unavailable"}) from None
+        await self.trust.verify(gateway_url, cert, expected_cn=aid)
+        ik = cert.public_key()
+        self._peer_iks[key] = ik
+        if len(self._peer_iks) > MAX_CACHED_KEYS:
+            self._peer_iks.popitem(last=False)
+        return ik
+
+    async def _targets(self, link: Link, peer: str) -> list[Target]:
+        cached = self._bootstrap.get(peer)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        boot = await link.call("message.v2.bootstrap", {"peer_aid": peer, "e2ee_wrap_capabilities": WRAP_CAPABILITIES})
+        policy = boot.get("e2ee_wrap_policy") if isinstance(boot.get("e2ee_wrap_policy"), dict) else {}
+        only_1dh = policy.get("protocol") == "1DH" or policy.get("scope") == "aid"
+        targets: list[Target] = []
+        for role, owner, devices in (("peer", peer, boot.get("peer_devices")),
+                                     ("self_sync", self.aid, boot.get("self_devices"))):
+            if not isinstance(devices, list):
+                continue
+            ik = await self.peer_ik(link.gateway, owner) if devices else None
+            for dev in devices:
+                target = self._verified_target(role, owner, ik, dev, only_1dh)
+                if target is not None and not (role == "self_sync" and target.device_id == self.device_id):
+                    targets.append(target)
+        if not any(t.role == "peer" for t in targets):
+            raise E2EEError(f"no devices found for {peer}: it has not published a prekey yet",
+                            data={"reason": "no_devices", "peer": peer})
+        self._bootstrap[peer] = (time.monotonic() + BOOTSTRAP_TTL, targets)
+        return targets
+
+    def _verified_target(self, role: str, owner: str, ik: ec.EllipticCurvePublicKey, dev: Any,
+                         only_1dh: bool) -> Target | None:
+        if not isinstance(dev, dict) or not isinstance(dev.get("device_id"), str):
+            return None
+        ik_pk = dev.get("ik_pk")
+        if ik_pk is not None and ik_pk != pki.public_key_b64(ik):
+            raise E2EEError(f"bootstrap for {owner} carries an identity key that is not its certified one",
+                            data={"reason": "ik_mismatch", "peer": owner})
+        spk_pk, spk_id = dev.get("spk_pk"), dev.get("spk_id") or ""
+        if only_1dh or not isinstance(spk_pk, str) or not spk_id:
+            return Target(owner, dev["device_id"], role, "aid_master", ik)
+        if spk_pk == pki.public_key_b64(ik):  # the identity key doubles as the prekey
+            return Target(owner, dev["device_id"], role, "peer_device_prekey", ik, ik, spk_id)
+        if not p2p.verify_spk(ik, spk_pk, spk_id, dev.get("spk_signature"), dev.get("spk_timestamp")):
+            raise E2EEError(f"prekey of {owner}/{dev['device_id']} has a bad signature",
+                            data={"reason": "bad_spk_signature", "peer": owner})
+        return Target(owner, dev["device_id"], role, str(dev.get("key_source") or "peer_device_prekey"), ik,
+                      pki.load_public_key_b64(spk_pk), spk_id)
+
+    # --- send ------------------------------------------------------------------------------------
+    async def send(self, link: Link, params: dict[str, Any], headers: dict[str, str] | None, *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """`message.send` as the SDK does it: E2EE unless `encrypt` is false."""
+        if not isinstance(params.get("to"), str) or not isinstance(params.get("payload"), dict):
+            raise InvalidParams("message.send needs `to` (an AID) and `payload` (an object)")
+        out = {k: v for k, v in params.items() if k not in ("encrypt", "protected_headers", "headers")}
+        out["to"] = params["to"].strip().lower()
+        out.setdefault("message_id", "m-" + uuid.uuid4().hex)
+        if params.get("encrypt", True) is False:
+            return await link.call("message.send", out, timeout=timeout)
+        merged = dict(headers or {})
+        extra = params.get("protected_headers", params.get("headers"))
+        if isinstance(extra, dict):
+            merged.update(extra)
+        for attempt in (0, 1):
+            targets = await self._targets(link, out["to"])
+            try:
+                envelope = encrypt_p2p(
+                    sender_aid=self.aid, sender_device_id=self.device_id, sender_ik_private=self.identity.private_key,
+                    targets=targets, payload=params["payload"], message_id=out["message_id"],
+                    timestamp_ms=int(time.time() * 1000), protected_headers=merged or None, to_aid=out["to"],
+                    need_render=bool(params.get("need_render", True)))
+            except E2EEEncryptError as exc:
+                raise InvalidParams(f"cannot encrypt: {exc}", data={"reason": exc.reason_code}) from None
+            try:
+                return await link.call("message.send", dict(out, payload=envelope), timeout=timeout)
+            except GatewayError as exc:
+                if attempt == 0 and exc.remote_code in PREKEY_RETRY_CODES:
+                    self.invalidate(out["to"])
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- receive ---------------------------------------------------------------------------------
+    async def decode_row(self, gateway_url: str, row: dict[str, Any], sender: str) -> tuple[NewEvent, str]:
+        """(inbox event, spk_id used or "") for one gateway row; never raises for a bad message."""
+        seq, message_id = row.get("seq"), str(row.get("message_id") or "")
+        base = {"from": sender, "to": self.aid, "seq": seq, "message_id": message_id,
+                "timestamp": row.get("t_server") or row.get("timestamp"), "need_render": row.get("need_render", True),
+                "sender_device_id": row.get("sender_device_id", "")}
+        envelope: Any = None
+        if row.get("version") == "v2" or "envelope_json" in row:
+            try:
+                envelope = rpc.loads(str(row.get("envelope_json") or ""))
+            except rpc.FrameError:
+                return self._undecryptable(base, sender, seq, "malformed_envelope", "envelope_json is not JSON"), ""
+        else:
+            legacy = row.get("legacy_v1") if isinstance(row.get("legacy_v1"), dict) else {}
+            payload = legacy.get("payload", row.get("payload"))
+            if isinstance(payload, dict) and payload.get("type") == "e2ee.p2p_encrypted":
+                envelope = payload
+            else:
+                data = dict(base, payload=payload, encrypted=False, protected_headers={})
+                return NewEvent("message.received", sender, message_id, seq, data), ""
+        if not isinstance(envelope, dict):
+            return self._undecryptable(base, sender, seq, "malformed_envelope", "envelope is not an object"), ""
+        try:
+            ik = await self.peer_ik(gateway_url, sender, str(envelope.get("sender_cert_fingerprint") or ""))
+            result = decrypt_p2p(envelope, my_aid=self.aid, my_device_id=self.device_id,
+                                 my_ik_private=self.identity.private_key, spk_lookup=self._spk_lookup,
+                                 sender_ik_public=ik, expected_from=sender, expected_to=self.aid,
+                                 expected_message_id=message_id or None)
+        except E2EEDecryptError as exc:
+            return self._undecryptable(base, sender, seq, exc.reason_code, exc.message), ""
+        except AundError as exc:
+            reason = exc.data.get("reason", "sender_key_unavailable")
+            return self._undecryptable(base, sender, seq, reason, str(exc)), ""
+        data = dict(base, payload=result.payload, encrypted=True, protected_headers=result.protected_headers,
+                    headers_verified=True, context=result.context)
+        return NewEvent("message.received", sender, message_id, seq, data), result.spk_id_used or ""
+
+    def _undecryptable(self, base: dict[str, Any], sender: str, seq: Any, reason: str, detail: str) -> NewEvent:
+        log.warning("e2ee.undecryptable", aid=self.aid, sender=sender, seq=seq, reason=reason, detail=detail[:200])
+        data = dict(base, reason=reason, detail=detail[:500], encrypted=True)
+        return NewEvent("message.undecryptable", sender, str(base.get("message_id") or ""),
+                        seq if isinstance(seq, int) else 0, data)
+
+
+class PeerSync:
+    """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
+
+    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None) -> None:
+        self.link, self.session, self.inbox = link, session, inbox
+        self.aid = link.aid
+        self.device_id = link.config.device_id
+        self.slot_id = link.config.slot_id
+        self.slot_key = _slot_key(self.slot_id)
+        self._acks: dict[str, int] = {}
+        self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
+        self._resync_needed = False
+        self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
+        self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
+                      "duplicates": 0, "undecryptable": 0}
+
+    # called by the link's reader: never blocks
+    def on_event(self, name: str, params: dict[str, Any]) -> None:
+        if name not in ("peer.v2.message_received", "message.received"):
+            return
+        if not isinstance(params, dict) or params.get("kind") == "message.online_unread_hint":
+            self._queue(("resync", None))
+            return
+        self._queue(("push", params))
+
+    def _queue(self, item: tuple[str, Any]) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._resync_needed = True  # the queue overflowed: a full pull catches up on what was dropped
+
+    def request_resync(self) -> None:
+        self._queue(("resync", None))
+
+    async def run(self) -> None:
+        """Process pushes and resync requests one at a time, forever."""
+        async for kind, params in self._recv:
+            try:
+                if self._resync_needed or kind == "resync":
+                    self._resync_needed = False
+                    await self.full_sync()
+                else:
+                    await self._on_push(params)
+            except AundError as exc:
+                # the link dropped or the gateway failed: the next connect resyncs from the inbox cursor
+                log.warning("sync.failed", aid=self.aid, error=str(exc))
+
+    async def _ack_of(self, sender: str) -> int:
+        if sender not in self._acks:
+            self._acks[sender] = await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key, sender)
+        return self._acks[sender]
+
+    async def _on_push(self, params: dict[str, Any]) -> None:
+        self.stats["pushes"] += 1
+        sender = str(params.get("from_aid") or params.get("sender_aid") or params.get("from") or "").lower()
+        seq, prev = params.get("seq"), params.get("prev_peer_seq")
+        if not sender or not isinstance(seq, int) or isinstance(seq, bool):
+            return
+        local = await self._ack_of(sender)
+        if seq <= local:
+            self.stats["duplicates"] += 1
+            return
+        row = params.get("inline_message")
+        if isinstance(row, dict) and isinstance(prev, int) and prev == local and row.get("seq") == seq:
+            row_sender = str(row.get("from_aid") or row.get("sender_aid") or row.get("from") or "").lower()
+            if row_sender == sender:
+                self.stats["inline"] += 1
+                await self._commit_rows(sender, [row], seq)
+                return
+        self.stats["gaps"] += 1  # a gap (prev_peer_seq ahead of what we hold) or no inline row: pull
+        await self.sync_sender(sender)
+
+    async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
+        events, rotate = [], False
+        for row in rows:
+            event, spk_used = await self.session.decode_row(self.link.gateway, row, sender)
+            events.append(event)
+            if event.kind == "message.undecryptable":
+                self.stats["undecryptable"] += 1
+            if spk_used and spk_used == self.session.current_spk_id:
+                rotate = True
+        new = await self.inbox.commit(self.aid, events, ack=(self.device_id, self.slot_key, sender, covered))
+        self.stats["committed"] += len(new)
+        self.stats["duplicates"] += len(events) - len(new)
+        self._acks[sender] = max(self._acks.get(sender, 0), covered)
+        # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated)
+        try:
+            await self.link.call("message.v2.ack", {"up_to_seq": covered, "cursor_scope": "peer", "sender_aid": sender,
+                                                    "device_id": self.device_id, "slot_id": self.slot_id},
+                                 background=True)
+        except AundError as exc:
+            log.info("sync.ack_deferred", aid=self.aid, sender=sender, error=str(exc))
+        if rotate:
+            await self.session.publish_prekey(self.link, rotate=True)
+
+    async def sync_sender(self, sender: str) -> None:
+        """Pull everything from `sender` after what the inbox holds, page by page."""
+        while True:
+            after = await self._ack_of(sender)
+            params = {"cursor_scope": "peer", "sender_aid": sender, "after_seq": after, "limit": PAGE_LIMIT,
+                      "device_id": self.device_id, "slot_id": self.slot_id}
+            key = f"p2p.peer.v1/{sender}|forward|{after}|limit={PAGE_LIMIT}"
+            page = await self.link.pull(f"p2p.peer.v1/{sender}", key, "message.v2.pull", params, background=True)
+            self.stats["pulls"] += 1
+            try:
+                verify_peer_page(params, page, local_ack=after)
+            except CoverageProofError as exc:
+                self.stats["pages_rejected"] += 1
+                log.error("sync.proof_rejected", aid=self.aid, sender=sender, reason=exc.reason, detail=str(exc))
+                if self.on_notice is not None:
+                    self.on_notice(self.aid, "sync.proof_rejected", {"sender": sender, "reason": exc.reason})
+                return  # not trusted, not acked; the next push or connect tries again
+            covered = page["covered_through_seq"]
+            if covered > after or page["messages"]:
+                await self._commit_rows(sender, page["messages"], covered)
+            if not page["has_more"] or covered <= after:
+                return
+
+    async def full_sync(self) -> None:
+        result = await self.link.call("message.peers", {"filter": "pending"}, background=True)
+        for peer in result.get("peers") or []:
+            sender = peer.get("sender_aid") if isinstance(peer, dict) else None
+            if isinstance(sender, str) and isinstance(peer.get("head_seq"), int):
+                if peer["head_seq"] > await self._ack_of(sender):
+                    await self.sync_sender(sender)
+
+
+def _slot_key(slot_id: str) -> str:
+    for i, ch in enumerate(slot_id):
+        if ch in "/: ":
+            return slot_id[:i]
+    return slot_id

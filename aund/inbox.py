@@ -1,0 +1,204 @@
+"""The durable inbox: every event aund receives for its AIDs, committed BEFORE it is acked upstream.
+
+One SQLite database (WAL) per daemon under the state dir. Rows get a cursor (monotonic integer)
+that apps ack per named consumer; a repeated (aid, kind, sender, message_id) is stored once, so a
+message re-delivered after a crash or a replay shows up only once. Event data (decrypted
+payloads) is encrypted at rest with a key derived from the daemon's seed.
+
+The gateway cursors (`peer_acks`) live in the same database and move in the same transaction as
+the rows they cover: after a crash, aund resumes pulling right after what it has committed.
+
+Blocking SQLite calls run in one worker thread at a time (`trio.to_thread` + a lock of one);
+nothing here is called on the event loop thread except `Inbox.wait_for`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from aund.errors import StorageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT, aid TEXT NOT NULL, kind TEXT NOT NULL, sender TEXT NOT NULL,
+    message_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(aid, kind, sender, message_id) WHERE message_id != '';
+CREATE INDEX IF NOT EXISTS events_aid ON events(aid, cursor);
+CREATE TABLE IF NOT EXISTS consumers (
+    aid TEXT NOT NULL, name TEXT NOT NULL, cursor INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (aid, name));
+CREATE TABLE IF NOT EXISTS peer_acks (
+    aid TEXT NOT NULL, device_id TEXT NOT NULL, slot_key TEXT NOT NULL, sender TEXT NOT NULL,
+    ack_seq INTEGER NOT NULL, PRIMARY KEY (aid, device_id, slot_key, sender));
+"""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    kind: str
+    sender: str
+    message_id: str
+    seq: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    cursor: int
+    aid: str
+    kind: str
+    data: dict[str, Any]
+
+
+class Inbox:
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path = path
+        self._aead = AESGCM(key)
+        self._lock = trio.Lock()  # one SQLite call at a time, in a worker thread
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit that precedes an upstream ack must be durable
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StorageError(f"inbox database {path} is unreadable: {exc}", retryable=False,
+                               data={"path": str(path)}) from None
+        self._changed: dict[str, trio.Event] = {}
+        self.on_commit = None  # called with the aid after new rows are committed
+        self.commits = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- encryption at rest ------------------------------------------------------------------------
+    def _seal(self, aid: str, kind: str, data: dict[str, Any]) -> bytes:
+        nonce = os.urandom(12)
+        plain = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return nonce + self._aead.encrypt(nonce, plain, f"{aid}\0{kind}".encode())
+
+    def _open(self, aid: str, kind: str, blob: bytes, cursor: int) -> dict[str, Any]:
+        try:
+            plain = self._aead.decrypt(blob[:12], blob[12:], f"{aid}\0{kind}".encode())
+        except (InvalidTag, ValueError):
+            raise StorageError(f"inbox row {cursor} of {aid} fails authentication ({self.path})",
+                               retryable=False, data={"path": str(self.path), "cursor": cursor}) from None
+        return json.loads(plain)
+
+    async def _run(self, fn, *args):
+        async with self._lock:
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            except sqlite3.Error as exc:
+                raise StorageError(f"inbox {self.path}: {exc}", data={"path": str(self.path)}) from None
+
+    # --- writes ------------------------------------------------------------------------------------
+    def _commit_sync(self, aid: str, events: Sequence[NewEvent], ack: tuple[str, str, str, int] | None) -> list[int]:
+        now = time.time()
+        new: list[int] = []
+        sealed = [(e, self._seal(aid, e.kind, e.data)) for e in events]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for event, blob in sealed:
+                cur = db.execute("INSERT OR IGNORE INTO events (aid, kind, sender, message_id, seq, data, created_at) "
+                                 "VALUES (?,?,?,?,?,?,?)",
+                                 (aid, event.kind, event.sender, event.message_id, event.seq, blob, now))
+                if cur.rowcount == 1:
+                    new.append(cur.lastrowid)
+            if ack is not None:
+                device_id, slot_key, sender, ack_seq = ack
+                db.execute("INSERT INTO peer_acks VALUES (?,?,?,?,?) ON CONFLICT(aid, device_id, slot_key, sender) "
+                           "DO UPDATE SET ack_seq=MAX(ack_seq, excluded.ack_seq)",
+                           (aid, device_id, slot_key, sender, ack_seq))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    async def commit(self, aid: str, events: Sequence[NewEvent], *,
+                     ack: tuple[str, str, str, int] | None = None) -> list[int]:
+        """Store events (deduplicated) and optionally move a gateway cursor, in one durable
+        transaction. Returns the cursors of the rows that were new. Raises StorageError."""
+        new = await self._run(self._commit_sync, aid, list(events), ack)
+        self.commits += 1
+        if new:
+            self._wake(aid)
+            if self.on_commit is not None:
+                self.on_commit(aid)
+        return new
+
+    def _wake(self, aid: str) -> None:
+        event = self._changed.pop(aid, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for(self, aid: str) -> None:
+        """Wait until something new is committed for `aid`."""
+        event = self._changed.get(aid)
+        if event is None:
+            event = self._changed[aid] = trio.Event()
+        await event.wait()
+
+    # --- reads -------------------------------------------------------------------------------------
+    def _read_sync(self, aid: str, after: int, kinds: tuple[str, ...], limit: int) -> list[StoredEvent]:
+        sql = "SELECT cursor, kind, data FROM events WHERE aid=? AND cursor>?"
+        args: list[Any] = [aid, after]
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        rows = self._db.execute(sql + " ORDER BY cursor LIMIT ?", (*args, limit)).fetchall()
+        return [StoredEvent(c, aid, k, self._open(aid, k, bytes(d), c)) for c, k, d in rows]
+
+    async def read(self, aid: str, after: int, kinds: Iterable[str] = (), limit: int = 100) -> list[StoredEvent]:
+        return await self._run(self._read_sync, aid, after, tuple(kinds), limit)
+
+    def _head_sync(self, aid: str) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(cursor), 0) FROM events WHERE aid=?", (aid,)).fetchone()[0]
+
+    async def head(self, aid: str) -> int:
+        return await self._run(self._head_sync, aid)
+
+    def _peer_ack_sync(self, aid: str, device_id: str, slot_key: str, sender: str) -> int:
+        row = self._db.execute("SELECT ack_seq FROM peer_acks WHERE aid=? AND device_id=? AND slot_key=? AND sender=?",
+                               (aid, device_id, slot_key, sender)).fetchone()
+        return row[0] if row else 0
+
+    async def peer_ack(self, aid: str, device_id: str, slot_key: str, sender: str) -> int:
+        """The highest gateway seq from `sender` whose rows are committed here."""
+        return await self._run(self._peer_ack_sync, aid, device_id, slot_key, sender)
+
+    # --- consumers ---------------------------------------------------------------------------------
+    def _consumer_sync(self, aid: str, name: str) -> int:
+        row = self._db.execute("SELECT cursor FROM consumers WHERE aid=? AND name=?", (aid, name)).fetchone()
+        return row[0] if row else 0
+
+    async def consumer_cursor(self, aid: str, name: str) -> int:
+        return await self._run(self._consumer_sync, aid, name)
+
+    def _ack_sync(self, aid: str, name: str, cursor: int) -> int:
+        self._db.execute("INSERT INTO consumers VALUES (?,?,?,?) ON CONFLICT(aid, name) DO UPDATE SET "
+                         "cursor=MAX(cursor, excluded.cursor), updated_at=excluded.updated_at",
+                         (aid, name, cursor, time.time()))
+        return self._consumer_sync(aid, name)
+
+    async def ack(self, aid: str, name: str, cursor: int) -> int:
+        """Move a consumer's cursor forward (never back); returns the stored cursor."""
+        return await self._run(self._ack_sync, aid, name, cursor)
+
+    def _depth_sync(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT aid, COUNT(*) FROM events GROUP BY aid").fetchall())
+
+    async def depth(self) -> dict[str, int]:
+        return await self._run(self._depth_sync)

@@ -1,0 +1,91 @@
+"""Issue 4: E2EE v2 between an aund-held AID and the official SDK, both directions, through devnet."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import trio
+
+from aund.aun.auth import GatewayTrust
+from aund.broker.backend import AppIdentity
+from aund.config import Config
+from aund.daemon import Daemon
+from aund.identity.store import IdentityStore
+from tests.helpers import ROOT
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+
+async def _start_daemon(nursery, devnet, tmp_path, aids):
+    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "aund.sock", gateway_url=(devnet.gateway_url,),
+                    root_ca=(Path(devnet.root_ca),), identities=tuple(aids))
+    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
+    daemon = Daemon(config, store, GatewayTrust.from_files(list(config.root_ca)))
+    await nursery.start(daemon.run)
+    return daemon
+
+
+async def _fastaun(scenario, devnet, work, **env):
+    full_env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca, AUN_WORKDIR=str(work),
+                    **env)
+    return await trio.run_process([sys.executable, str(ROOT / "tests/interop/fastaun_driver.py"), scenario],
+                                  env=full_env, capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def _collect(daemon, app, aid, consumer, n, kinds=("message.received",)):
+    out = []
+    async with aclosing(daemon.subscribe(app, aid, kinds, consumer, "last_ack")) as events:
+        async for event in events:
+            out.append(event)
+            await daemon.ack(app, aid, consumer, event.cursor)
+            if len(out) >= n:
+                return out
+
+
+async def test_e2ee_both_ways_with_protected_headers(devnet, tmp_path):
+    n = 20
+    alice = f"alice-{os.getpid() % 100000}.aid.test"
+    work = tmp_path / "sdk"
+    work.mkdir()
+    app = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
+    result = {}
+    with trio.fail_after(150):
+        async with trio.open_nursery() as nursery:
+            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
+            while alice not in [i["aid"] for i in daemon.list_identities()]:
+                await trio.sleep(0.05)
+            handle = await daemon.open_session(app, alice, "default")
+            await handle.wait_ready()
+            handle.set_protected_headers(app, {"trace": "from-aund"})
+
+            async def run_peer():
+                result["proc"] = await _fastaun("peer", devnet, work, PEER_AID=alice, N=str(n))
+
+            nursery.start_soon(run_peer)
+            while not (work / "peer.json").exists():
+                await trio.sleep(0.05)
+            bob = json.loads((work / "peer.json").read_text())["aid"]
+            for i in range(n):
+                r = await handle.call("message.send", {"to": bob, "payload": {"type": "text", "text": f"a2f {i}"}},
+                                      timeout=None, background=False, app=app)
+                assert r["status"] == "delivered"
+            (work / "go").touch()
+            events = await _collect(daemon, app, alice, "t", n)
+            while "proc" not in result:
+                await trio.sleep(0.05)
+            await daemon.aclose()
+    proc = result["proc"]
+    checks = [json.loads(x) for x in proc.stdout.decode().splitlines() if x.startswith("{")]
+    failed = [c for c in checks if not c.get("ok", True)]
+    assert proc.returncode == 0 and not failed, (failed, proc.stderr.decode()[-3000:])
+    assert [e.data["payload"]["text"] for e in events] == [f"f2a {i}" for i in range(n)]
+    assert all(e.kind == "message.received" and e.data["encrypted"] for e in events)
+    assert all(e.data["from"] == bob and e.data["to"] == alice for e in events)
+    hdrs = [e.data["protected_headers"] for e in events]
+    assert all(h["trace"] == "from-fastaun" for h in hdrs) and [h["seq_hint"] for h in hdrs] == [str(i) for i in range(n)]
+    assert len({e.data["message_id"] for e in events}) == n
