@@ -105,6 +105,8 @@ class Faults:
 
     drop_push_every: int = 0      # drop every Nth push (0 = never)
     reply_delay_ms: int = 0       # hold every RPC reply this long
+    break_proof: int = 0          # the next N pull pages claim coverage beyond the head (a lying gateway)
+    replay_pushes: int = 0        # the next N pushes are sent twice (a replaying gateway)
     push_counter: int = 0
 
     def should_drop_push(self) -> bool:
@@ -214,10 +216,15 @@ class Devnet:
                       "target_device_id": conn.device_id, "slot_id": conn.slot_id}
             if row is not None:  # without an inline row the client learns of the message and pulls it
                 params["inline_message"] = dict(row, prev_peer_seq=msg.prev_peer_seq)
-            if conn.push(rpc.notification("event/" + event, params)):
-                self.stats.pushes += 1
-            else:
-                self.stats.pushes_dropped += 1
+            copies = 1
+            if self.faults.replay_pushes > 0:
+                self.faults.replay_pushes -= 1
+                copies = 2
+            for _ in range(copies):
+                if conn.push(rpc.notification("event/" + event, params)):
+                    self.stats.pushes += 1
+                else:
+                    self.stats.pushes_dropped += 1
 
     # --- HTTP --------------------------------------------------------------------------------
     async def http(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -275,10 +282,11 @@ class Devnet:
             return 200, self.stats.snapshot(), {}
         if path == "/devnet/faults" and method == "PUT":
             knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
-            for key in ("drop_push_every", "reply_delay_ms"):
+            for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes"):
                 if isinstance(knobs.get(key), int) and not isinstance(knobs.get(key), bool):
                     setattr(self.faults, key, max(0, knobs[key]))
-            return 200, {"drop_push_every": self.faults.drop_push_every,
+            return 200, {"drop_push_every": self.faults.drop_push_every, "break_proof": self.faults.break_proof,
+                         "replay_pushes": self.faults.replay_pushes,
                          "reply_delay_ms": self.faults.reply_delay_ms}, {}
         return 404, {"error": "not found"}, {}
 
@@ -800,6 +808,9 @@ class Conn:
                   "has_more": has_more, "server_ack_seq": ack}
         if params.get("window_mode") == "tail":
             result["window_start_seq"] = scan_after
+        if self.net.faults.break_proof > 0 and messages:
+            self.net.faults.break_proof -= 1
+            result["covered_through_seq"] = result["next_after_seq"] = head + 5  # claims rows it does not have
         return result
 
     def rpc_ack(self, params: dict[str, Any]) -> dict[str, Any]:
