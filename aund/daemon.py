@@ -111,6 +111,7 @@ class Daemon:
         self.stopping = False
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
+        self._link_locks: dict[tuple[str, str], trio.Lock] = {}
         self._event_listeners: set[trio.MemorySendChannel] = set()
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -183,6 +184,13 @@ class Daemon:
         return out
 
     async def _open_link(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
+        """The running link for (aid, slot), started once even when asked for concurrently."""
+        key = (aid, slot_id)
+        lock = self._link_locks.setdefault(key, trio.Lock())
+        async with lock:
+            return await self._open_link_locked(aid, slot_id, pinned=pinned)
+
+    async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
         key = (aid, slot_id)
         entry = self.links.get(key)
         if entry is not None and entry.link.state not in (LinkState.CLOSED,):

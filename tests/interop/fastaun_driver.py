@@ -199,7 +199,41 @@ async def peer():
         await client.close()
 
 
-SCENARIOS = {"peer": peer, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+async def peer_phase():
+    """Offline exchange with an aund-held AID, one phase per process (env PHASE, PEER_AID, N):
+    PHASE=send: connect once (publishing our prekey), send N E2EE messages "f2a-off i", leave.
+    PHASE=recv: connect, expect N messages "a2f-off i" from the peer (sent while we were away),
+    in order, once; then send N more "f2a-late i" (bootstrapped afresh: the peer's rotated prekey)."""
+    n, peer_aid, phase = int(os.environ.get("N", "5")), os.environ["PEER_AID"], os.environ["PHASE"]
+    ids_file = WORK / "fastpeer.json"
+    known = json.loads(ids_file.read_text())["aid"] if ids_file.exists() else None
+    aid, ident = await ensure("fastpeer", known)
+    ids_file.write_text(json.dumps({"aid": aid}))
+    client = AUNClient(ident)
+    got = []
+    client.on("message.received", lambda m: got.append(m))
+    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
+    check(f"connect {phase}", client.state.value == "ready")
+    try:
+        if phase == "send":
+            for i in range(n):
+                r = await client.call("message.send", {"to": peer_aid, "encrypt": True,
+                                                       "payload": {"type": "text", "text": f"f2a-off {i}"}})
+                check(f"send f2a-off {i}", r.get("status") == "delivered", r.get("status"))
+        else:
+            await wait_for(lambda: sum(1 for m in got if m.get("from") == peer_aid) >= n, 60)
+            texts = [(m.get("payload") or {}).get("text") for m in got if m.get("from") == peer_aid]
+            check("a2f-off in order, once", texts == [f"a2f-off {i}" for i in range(n)], texts[:5])
+            check("a2f-off encrypted", all(m.get("encrypted") for m in got if m.get("from") == peer_aid))
+            for i in range(n):
+                r = await client.call("message.send", {"to": peer_aid, "encrypt": True,
+                                                       "payload": {"type": "text", "text": f"f2a-late {i}"}})
+                check(f"send f2a-late {i}", r.get("status") == "delivered", r.get("status"))
+    finally:
+        await client.close()
+
+
+SCENARIOS = {"peer": peer, "peer_phase": peer_phase, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
              "slot_kick": slot_kick}
 
 if __name__ == "__main__":

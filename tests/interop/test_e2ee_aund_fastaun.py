@@ -48,7 +48,7 @@ async def _collect(daemon, app, aid, consumer, n, kinds=("message.received",)):
 
 
 async def test_e2ee_both_ways_with_protected_headers(devnet, tmp_path):
-    n = 20
+    n = 100
     alice = f"alice-{os.getpid() % 100000}.aid.test"
     work = tmp_path / "sdk"
     work.mkdir()
@@ -89,3 +89,52 @@ async def test_e2ee_both_ways_with_protected_headers(devnet, tmp_path):
     hdrs = [e.data["protected_headers"] for e in events]
     assert all(h["trace"] == "from-fastaun" for h in hdrs) and [h["seq_hint"] for h in hdrs] == [str(i) for i in range(n)]
     assert len({e.data["message_id"] for e in events}) == n
+
+
+def _checks(proc):
+    checks = [json.loads(x) for x in proc.stdout.decode().splitlines() if x.startswith("{")]
+    failed = [c for c in checks if not c.get("ok", True)]
+    assert proc.returncode == 0 and checks and not failed, (failed, proc.stderr.decode()[-3000:])
+    return checks
+
+
+async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devnet, tmp_path):
+    n = 100
+    alice = f"alice-{os.getpid() % 100000}.aid.test"
+    work = tmp_path / "sdk"
+    work.mkdir()
+    app = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
+    with trio.fail_after(170):
+        # 1. alice's daemon runs once (publishing her prekey), then stops
+        async with trio.open_nursery() as nursery:
+            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = None
+            while handle is None:
+                try:
+                    handle = await daemon.open_session(app, alice, "default")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    await trio.sleep(0.05)
+            await handle.wait_ready()
+            first_spk = daemon.sessions[alice].current_spk_id
+            await daemon.aclose()
+        # 2. fastaun sends n messages while alice is offline
+        _checks(await _fastaun("peer_phase", devnet, work, PEER_AID=alice, N=str(n), PHASE="send"))
+        bob = json.loads((work / "fastpeer.json").read_text())["aid"]
+        # 3. alice comes back: everything arrives by pull, in order; then she sends n while bob is away
+        async with trio.open_nursery() as nursery:
+            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await daemon.open_session(app, alice, "default")
+            await handle.wait_ready()
+            events = await _collect(daemon, app, alice, "t", n)
+            rotated_spk = daemon.sessions[alice].current_spk_id
+            for i in range(n):
+                await handle.call("message.send", {"to": bob, "payload": {"type": "text", "text": f"a2f-off {i}"}},
+                                  timeout=None, background=False, app=app)
+            # 4. bob comes back, gets alice's messages by pull, and sends n more to her rotated prekey
+            _checks(await _fastaun("peer_phase", devnet, work, PEER_AID=alice, N=str(n), PHASE="recv"))
+            late = await _collect(daemon, app, alice, "t", n)
+            await daemon.aclose()
+    assert [e.data["payload"]["text"] for e in events] == [f"f2a-off {i}" for i in range(n)]
+    assert rotated_spk != first_spk  # reading a message wrapped to the published prekey rotated it
+    assert [e.data["payload"]["text"] for e in late] == [f"f2a-late {i}" for i in range(n)]
+    assert all(e.kind == "message.received" and e.data["encrypted"] for e in events + late)
