@@ -139,6 +139,29 @@ class Daemon:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def reload(self, config: Config) -> dict[str, list[str]]:
+        """Apply a new configuration's identity list: start links for added AIDs, unpin removed ones
+        (they close once idle). Other links are not touched. Returns what changed."""
+        old, new = set(self.config.identities), set(config.identities)
+        added, removed = sorted(new - old), sorted(old - new)
+        self.config = config
+        assert self._nursery is not None
+        for aid in added:
+            self._nursery.start_soon(self._keep_configured, aid)
+        for aid in removed:
+            entry = self.links.get((aid, config.slot_id))
+            if entry is not None:
+                entry.pinned = False
+                if not entry.holders:
+                    entry.idle_since = trio.current_time()
+        log.info("daemon.reloaded", added=added, removed=removed)
+        return {"added": added, "removed": removed}
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        ready = sum(e.link.state == LinkState.READY for e in self.links.values())
+        return f"{ready}/{len(self.links)} links ready; {len(self.config.identities)} configured identities"
+
     async def _keep_configured(self, aid: str) -> None:
         """Make sure a configured identity exists and its link runs; retry registration with backoff."""
         delay = 1.0

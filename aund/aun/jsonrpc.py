@@ -6,6 +6,8 @@ duplicate keys, NaN/Infinity and integers beyond +-(2^53-1) are errors, as in th
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 from typing import Any
 
@@ -33,7 +35,11 @@ BACKEND_ERROR = 4500
 
 
 class FrameError(ValueError):
-    """A text frame is not valid strict JSON, or not a JSON-RPC 2.0 object."""
+    """A text frame is not valid strict JSON (`code` -32700), or not a JSON-RPC 2.0 object (-32600)."""
+
+    def __init__(self, message: str, code: int = PARSE_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _reject_constant(name: str) -> Any:
@@ -54,24 +60,59 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _checked_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FrameError(f"number {text[:20]} overflows a double")
+    return value
+
+
 _decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                            parse_int=_checked_int)
+                            parse_int=_checked_int, parse_float=_checked_float)
+MAX_DEPTH = 128  # far beyond any AUN message; keeps re-encoding and walking the value safe
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_structure(value: Any, strings: bool) -> None:
+    """Iteratively bound the nesting depth and (when asked) reject lone surrogates in strings."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > MAX_DEPTH:
+                raise FrameError(f"JSON nested deeper than {MAX_DEPTH}")
+            if strings:
+                stack.extend((k, depth) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > MAX_DEPTH:
+                raise FrameError(f"JSON nested deeper than {MAX_DEPTH}")
+            stack.extend((v, depth + 1) for v in item)
+        elif strings and isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FrameError("lone surrogate in a JSON string") from None
 
 
 def loads(text: str) -> Any:
-    """Strict JSON decode; raises FrameError."""
+    """Strict JSON decode; raises FrameError (malformed, duplicate keys, non-finite or unsafe
+    numbers, lone surrogates, nesting deeper than MAX_DEPTH, trailing data)."""
+    try:
+        text.encode("utf-8")  # raw lone surrogates are not text
+    except UnicodeEncodeError:
+        raise FrameError("lone surrogate in frame") from None
     try:
         value, end = _decoder.raw_decode(text)
     except FrameError:
         raise
     except (ValueError, RecursionError) as exc:
-        raise FrameError(f"malformed JSON: {exc}") from None
+        raise FrameError(f"malformed JSON: {str(exc)[:200]}") from None
     if text[end:].strip():
         raise FrameError("trailing data after JSON value")
-    try:  # lone surrogates are not text
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise FrameError("lone surrogate in frame") from None
+    escaped = "\\u" in text and _ESCAPED_SURROGATE.search(text) is not None
+    if escaped or text.count("[") + text.count("{") > MAX_DEPTH:
+        _check_structure(value, escaped)
     return value
 
 
@@ -110,16 +151,16 @@ def parse_frame(text: str) -> dict[str, Any]:
     """
     obj = loads(text)
     if not isinstance(obj, dict):
-        raise FrameError("frame is not a JSON object")
+        raise FrameError("frame is not a JSON object", INVALID_REQUEST)
     if obj.get("jsonrpc") != "2.0":
-        raise FrameError("jsonrpc must be \"2.0\"")
+        raise FrameError("jsonrpc must be \"2.0\"", INVALID_REQUEST)
     if "method" in obj:
         if not isinstance(obj["method"], str) or not obj["method"]:
-            raise FrameError("method must be a non-empty string")
+            raise FrameError("method must be a non-empty string", INVALID_REQUEST)
         if "params" in obj and not isinstance(obj["params"], dict):
-            raise FrameError("params must be an object")
+            raise FrameError("params must be an object", INVALID_REQUEST)
         if "id" in obj and not isinstance(obj["id"], (str, int)) or isinstance(obj.get("id"), bool):
-            raise FrameError("id must be a string or an integer")
+            raise FrameError("id must be a string or an integer", INVALID_REQUEST)
     elif "id" not in obj or ("result" in obj) == ("error" in obj):
-        raise FrameError("a response needs an id and exactly one of result or error")
+        raise FrameError("a response needs an id and exactly one of result or error", INVALID_REQUEST)
     return obj

@@ -68,7 +68,7 @@ def verify_params(method: str, params: dict[str, Any], *, aid: str, cert: x509.C
         raise SignatureError("client_signature aid does not match the connection")
     if not pki.cert_matches_fingerprint(cert, sig["cert_fingerprint"]):
         raise SignatureError("client_signature cert_fingerprint does not match the AID certificate")
-    if not sig["timestamp"].isdigit():
+    if not (sig["timestamp"].isascii() and sig["timestamp"].isdigit()) or len(sig["timestamp"]) > 12:
         raise SignatureError("client_signature timestamp malformed")
     now = time.time() if now is None else now
     if abs(int(sig["timestamp"]) - now) > MAX_SKEW_SECONDS:

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure()
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
              "root_ca": args.root_ca, "identities": args.identities}
+    _RELOAD_ARGS.update(config=args.config, flags=flags)
     try:
         config = load(args.config, flags)
     except ConfigError as exc:
@@ -59,16 +60,57 @@ async def _main(config) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 daemon = await nursery.start(Daemon(config, store, trust).run)
+                nursery.start_soon(_systemd_pings, daemon)
                 log.info("daemon.started", state_dir=str(config.state_dir), identities=len(config.identities),
                          gateways=list(config.gateway_url))
-                systemd.notify("READY=1", f"STATUS=serving {len(config.identities)} configured identities")
+                systemd.notify("READY=1", f"STATUS={daemon.summary()}")
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info("daemon.reload_ignored", reason="reload lands with the CLI/systemd work")
+                        _reload(daemon, log)
                         continue
                     log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                    systemd.notify("STOPPING=1")
+                    systemd.notify("STOPPING=1", "STATUS=stopping")
                     await daemon.aclose()
+                    nursery.cancel_scope.cancel()
                     break
     log.info("daemon.stopped")
     return 0
+
+
+def _reload(daemon, log) -> None:
+    """SIGHUP: re-read the configuration; a bad file keeps the running one."""
+    import time
+
+    from aund import systemd
+    from aund.config import ConfigError, load
+
+    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1_000_000)}")
+    try:
+        config = load(_RELOAD_ARGS["config"], _RELOAD_ARGS["flags"])
+        daemon.reload(config)
+    except ConfigError as exc:
+        log.error("daemon.reload_failed", error=str(exc))
+    finally:
+        systemd.notify("READY=1", f"STATUS={daemon.summary()}")
+
+
+async def _systemd_pings(daemon) -> None:
+    """WATCHDOG=1 at half the watchdog period (when systemd asks for it) and STATUS= updates."""
+    import trio
+
+    from aund import systemd
+
+    interval = systemd.watchdog_interval()
+    period = min(interval, 10.0) if interval else 10.0
+    last_status = ""
+    while True:
+        if interval:
+            systemd.notify("WATCHDOG=1")
+        status = daemon.summary()
+        if status != last_status:
+            systemd.notify(f"STATUS={status}")
+            last_status = status
+        await trio.sleep(period)
+
+
+_RELOAD_ARGS: dict = {"config": None, "flags": {}}

@@ -472,8 +472,7 @@ class Conn:
             try:
                 frame = rpc.parse_frame(text)
             except rpc.FrameError as exc:
-                code = rpc.PARSE_ERROR if "JSON" in str(exc) or "number" in str(exc) else rpc.INVALID_REQUEST
-                self.push(rpc.error(None, code, str(exc)))
+                self.push(rpc.error(None, exc.code, str(exc)))
                 continue
             if "method" not in frame or "id" not in frame:
                 continue  # responses and notifications from the client: nothing to answer

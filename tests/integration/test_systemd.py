@@ -1,0 +1,65 @@
+"""Issue 6: the systemd contract, seen through a fake NOTIFY_SOCKET the test owns."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import ROOT, AundProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _read_all(sock: socket.socket, until: float) -> list[tuple[float, str]]:
+    out = []
+    while time.monotonic() < until:
+        sock.settimeout(max(0.01, until - time.monotonic()))
+        try:
+            data = sock.recv(4096)
+        except (TimeoutError, socket.timeout):
+            break
+        out.append((time.monotonic(), data.decode()))
+    return out
+
+
+def test_ready_watchdog_and_stopping(devnet, tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    aid = f"sd-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nidentities = ["{aid}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg,
+                         env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"})
+    try:
+        daemon.start()
+        msgs = _read_all(sock, time.monotonic() + 2.0)
+        texts = [m for _, m in msgs]
+        ready = [i for i, m in enumerate(texts) if "READY=1" in m.split("\n")]
+        assert ready, texts
+        started = [e for e in daemon.log_events() if e.get("event") == "daemon.started"]
+        assert started  # READY came with (after) the start of the configured links
+        pings = [t for t, m in msgs if m == "WATCHDOG=1"]
+        assert 4 <= len(pings) <= 14, len(pings)  # every ~0.2 s (half of WATCHDOG_USEC)
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < 0.5
+        assert any(m.startswith("STATUS=") for m in texts)
+        daemon.proc.send_signal(15)
+        tail = _read_all(sock, time.monotonic() + 5.0)
+        assert any("STOPPING=1" in m for _, m in tail)
+        assert daemon.proc.wait(20) == 0
+    finally:
+        daemon.stop()
+        sock.close()
+
+
+def test_units_verify():
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: ./dev and .ci/run install Debian's systemd package"
+    done = subprocess.run([tool, "verify", "systemd/aund.service", "systemd/aund.socket"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
