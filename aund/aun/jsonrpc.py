@@ -95,6 +95,17 @@ def _check_structure(value: Any, strings: bool) -> None:
                 raise FrameError("lone surrogate in a JSON string") from None
 
 
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise FrameError if `value` nests deeper than `limit` (iteratively; any size)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                raise FrameError(f"JSON nested deeper than {limit}", INVALID_PARAMS)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+
+
 def loads(text: str) -> Any:
     """Strict JSON decode; raises FrameError (malformed, duplicate keys, non-finite or unsafe
     numbers, lone surrogates, nesting deeper than MAX_DEPTH, trailing data)."""

@@ -39,6 +39,7 @@ SLOT_RE = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._/ :-]{0,127}$")
 MAX_SHORT_PER_SLOT = 10
 MAX_INFLIGHT_PER_CONN = 64
 MAX_PAYLOAD_BYTES = 1_000_000
+MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frames
 OUTBOX_FRAMES = 512
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
@@ -281,7 +282,12 @@ class Devnet:
         if path == "/devnet/stats" and method == "GET":
             return 200, self.stats.snapshot(), {}
         if path == "/devnet/faults" and method == "PUT":
-            knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
+            try:
+                knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
+            except rpc.FrameError as exc:
+                return 400, {"error": str(exc)}, {}
+            if not isinstance(knobs, dict):
+                return 400, {"error": "faults must be a JSON object"}, {}
             for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes"):
                 if isinstance(knobs.get(key), int) and not isinstance(knobs.get(key), bool):
                     setattr(self.faults, key, max(0, knobs[key]))
@@ -737,6 +743,10 @@ class Conn:
         need_render = params.get("need_render", True)
         if not isinstance(need_render, bool):
             raise RpcError(rpc.INVALID_PARAMS, "need_render must be a boolean")
+        try:  # rows wrap the payload a few levels deeper: keep every frame that carries it parseable
+            rpc.check_depth(payload, rpc.MAX_DEPTH - MAX_ROW_WRAPPING)
+        except rpc.FrameError as exc:
+            raise RpcError(rpc.INVALID_PARAMS, f"payload: {exc}") from None
         body = dumps(payload)
         if len(body.encode("utf-8")) > MAX_PAYLOAD_BYTES:
             raise RpcError(rpc.INTERNAL_ERROR, "payload larger than 1 MB")
