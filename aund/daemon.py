@@ -18,7 +18,7 @@ import structlog
 import trio
 
 import aund
-from aund.aun import auth
+from aund.aun import auth, ids
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.broker.backend import AppIdentity, InboxEvent
@@ -403,9 +403,10 @@ class _Subscriber:
 
 
 def _normalize_aid(aid: Any) -> str:
-    if not isinstance(aid, str) or "." not in aid:
-        raise InvalidParams(f"not an AID: {aid!r}")
-    return aid.strip().lower()
+    try:
+        return ids.normalize_aid(aid)
+    except ValueError as exc:
+        raise InvalidParams(str(exc)) from None
 
 
 def _own_uid() -> int:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aund.aun import ids
+
 MAX_SAFE_SEQ = 2**53 - 1
 SENDER_FIELDS = ("from_aid", "sender_aid", "from")
 FLAG_FIELDS = ("persistent_has_more", "volatile_has_more", "has_more")
@@ -49,14 +51,6 @@ def _seq(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SAFE_SEQ:
         return None
     return value
-
-
-def _slot_key(slot_id: str) -> str:
-    for sep in ("/", ":", " "):
-        i = slot_id.find(sep)
-        if i > 0:
-            slot_id = slot_id[:i]
-    return slot_id
 
 
 def _request_int(request: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -90,7 +84,7 @@ def verify_peer_page(request: dict[str, Any], page: dict[str, Any], *, local_ack
     if "device_id" in page and "device_id" in request and page["device_id"] != request["device_id"]:
         raise CoverageProofError("device_id", f"{page['device_id']!r} != {request['device_id']!r}")
     if "slot_id" in page and isinstance(request.get("slot_id"), str) and (
-            not isinstance(page["slot_id"], str) or _slot_key(page["slot_id"]) != _slot_key(request["slot_id"])):
+            not isinstance(page["slot_id"], str) or ids.slot_isolation_key(page["slot_id"]) != ids.slot_isolation_key(request["slot_id"])):
         raise CoverageProofError("slot_id", f"{page['slot_id']!r} vs {request['slot_id']!r}")
     messages = page.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):

@@ -23,7 +23,7 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, jsonrpc as rpc
+from aund.aun import auth, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
@@ -260,7 +260,7 @@ class PeerSync:
         self.aid = link.aid
         self.device_id = link.config.device_id
         self.slot_id = link.config.slot_id
-        self.slot_key = _slot_key(self.slot_id)
+        self.slot_key = ids.slot_isolation_key(self.slot_id)
         self._acks: dict[str, int] = {}
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False
@@ -377,10 +377,3 @@ class PeerSync:
             if isinstance(sender, str) and isinstance(peer.get("head_seq"), int):
                 if peer["head_seq"] > await self._ack_of(sender):
                     await self.sync_sender(sender)
-
-
-def _slot_key(slot_id: str) -> str:
-    for i, ch in enumerate(slot_id):
-        if ch in "/: ":
-            return slot_id[:i]
-    return slot_id

@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from aund.aun import jsonrpc as rpc
-from aund.aun import signing
+from aund.aun import ids, signing
 from aund.aun.e2ee import merkle
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
@@ -33,9 +33,6 @@ from aund.identity import pki
 
 log = structlog.get_logger("aund.devnet")
 
-AID_NAME_RE = re.compile(r"^[a-z0-9_][a-z0-9_-]{3,63}$")
-DEVICE_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-SLOT_RE = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._/ :-]{0,127}$")
 MAX_SHORT_PER_SLOT = 10
 MAX_INFLIGHT_PER_CONN = 64
 MAX_PAYLOAD_BYTES = 1_000_000
@@ -64,18 +61,12 @@ class RpcError(Exception):
         self.code, self.message, self.data = code, message, data
 
 
-def slot_isolation_key(slot_id: str) -> str:
-    return re.split(r"[/: ]", slot_id, maxsplit=1)[0]
-
-
 def validate_aid(aid: Any, issuer: str | None = None) -> str:
-    if not isinstance(aid, str) or "." not in aid:
-        raise RpcError(rpc.INVALID_PARAMS, "aid must look like name.issuer")
-    aid = aid.strip().lower()
-    name, _, iss = aid.partition(".")
-    if not AID_NAME_RE.match(name) or name.startswith("guest") or "." not in iss:
-        raise RpcError(rpc.INVALID_PARAMS, f"invalid aid: {aid!r}")
-    if issuer is not None and iss != issuer:
+    try:
+        aid = ids.normalize_aid(aid)
+    except ValueError as exc:
+        raise RpcError(rpc.INVALID_PARAMS, f"invalid aid: {exc}") from None
+    if issuer is not None and aid.partition(".")[2] != issuer:
         raise RpcError(rpc.PERMISSION_DENIED, f"this devnet issues only *.{issuer} identities")
     return aid
 
@@ -639,7 +630,7 @@ class Conn:
         device_id, slot_id = str(device.get("id") or ""), str(client.get("slot_id") or "")
         if slot_id and not device_id:
             raise RpcError(rpc.MISSING_PARAMS, "slot_requires_device_id")
-        if device_id and not DEVICE_RE.match(device_id) or slot_id and not SLOT_RE.match(slot_id):
+        if device_id and not ids.DEVICE_RE.match(device_id) or slot_id and not ids.SLOT_RE.match(slot_id):
             raise RpcError(rpc.INVALID_PARAMS, "invalid device.id or client.slot_id")
         options = params.get("options") or {}
         kind = options.get("kind", "long") if isinstance(options, dict) else "long"
@@ -648,7 +639,7 @@ class Conn:
         mode = params.get("delivery_mode") or {}
         self.delivery_mode = str(mode.get("mode") or "fanout") if isinstance(mode, dict) else "fanout"
         self.aid, self.device_id, self.slot_id, self.kind = aid, device_id, slot_id or "default", kind
-        self.slot_key = slot_isolation_key(self.slot_id)
+        self.slot_key = ids.slot_isolation_key(self.slot_id)
         try:
             kicked = self.net.register_conn(self)
         except RpcError:
