@@ -52,7 +52,7 @@ class Config:
     gateway_url: tuple[str, ...] = ()        # explicit gateways (in priority order); empty = discovery
     root_ca: tuple[Path, ...] = ()           # extra trusted AUN roots (PEM), e.g. the devnet's
     identities: tuple[str, ...] = ()         # AIDs kept connected from start (slot `slot_id`)
-    slot_id: str = "default"
+    slot_id: str = "main"                    # the slot configured links use (apps' default too)
     discovery_port: int = 0                  # 0 = the standard HTTPS port
     call_timeout: float = 35.0
     global_in_flight: int = 256              # daemon-wide RPC budget across all links

@@ -109,6 +109,7 @@ class Daemon:
         self._subscribers: dict[str, set["_Subscriber"]] = {}
         self.started_at = time.time()
         self.stopping = False
+        self.broker: Any = None  # the app socket server, for status
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -297,8 +298,9 @@ class Daemon:
         links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(e.holders)}
                  for e in self.links.values()]
         budget = self.global_budget.statistics()
+        apps = self.broker.statistics().as_dict() if self.broker is not None else {}
         return {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-                "identities": len(self.store.list()), "links": links,
+                "identities": len(self.store.list()), "links": links, "broker": apps,
                 "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                            "waiting": budget.tasks_waiting},
                 "warnings": self.warnings()}

@@ -550,7 +550,8 @@ class Link:
                     await self.wait_ready()
                 async with self.budget.slot(background):
                     if self.global_budget is not None:
-                        owner = on_behalf_of if on_behalf_of is not None else trio.lowlevel.current_task()
+                        # one borrower per call (an app may have many calls in flight), named by its app
+                        owner = (on_behalf_of, object())
                         await self.global_budget.acquire_on_behalf_of(owner)
                     try:
                         session = self._session

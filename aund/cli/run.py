@@ -47,32 +47,57 @@ async def _main(config) -> int:
 
     from aund import systemd
     from aund.aun.auth import GatewayTrust
+    from aund.broker import Policy, serve_broker
+    from aund.broker.sockets import BoundPath, DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix
     from aund.daemon import Daemon
+    from aund.errors import InvalidParams
     from aund.identity.store import IdentityStore, StateLock, load_seed
 
     log = structlog.get_logger("aund")
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with StateLock(config.state_dir):
+        try:
+            policy = Policy(config.policy)
+        except ValueError as exc:
+            raise InvalidParams(f"config: policy: {exc}") from None
         seed = load_seed()
         store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, seed)
         await trio.to_thread.run_sync(store.verify_seed)
         trust = GatewayTrust.from_files(list(config.root_ca))
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                daemon = await nursery.start(Daemon(config, store, trust).run)
-                nursery.start_soon(_systemd_pings, daemon)
-                log.info("daemon.started", state_dir=str(config.state_dir), identities=len(config.identities),
-                         gateways=list(config.gateway_url))
-                systemd.notify("READY=1", f"STATUS={daemon.summary()}")
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        _reload(daemon, log)
-                        continue
-                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                    systemd.notify("STOPPING=1", "STATUS=stopping")
-                    await daemon.aclose()
-                    nursery.cancel_scope.cancel()
-                    break
+        # listen early (socket activation, or bind now: refuses if a live daemon answers there)
+        listeners = activated_listeners()
+        bound = None
+        if not listeners:
+            try:
+                listeners = [bind_unix(config.socket)]
+            except (DaemonAlreadyRunning, SocketPathInUse) as exc:
+                raise InvalidParams(f"socket {config.socket}: {exc}") from None
+            bound = BoundPath.of(config.socket)
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as nursery:
+                    daemon = await nursery.start(Daemon(config, store, trust, policy=policy).run)
+                    daemon.broker = await nursery.start(lambda task_status: serve_broker(
+                        daemon, listeners=listeners, policy=policy, task_status=task_status))
+                    nursery.start_soon(_systemd_pings, daemon)
+                    log.info("daemon.started", state_dir=str(config.state_dir), socket=str(config.socket),
+                             activated=bound is None, identities=len(config.identities),
+                             gateways=list(config.gateway_url))
+                    systemd.notify("READY=1", f"STATUS={daemon.summary()}")
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            _reload(daemon, log)
+                            continue
+                        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                        systemd.notify("STOPPING=1", "STATUS=stopping")
+                        await daemon.aclose()
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            if bound is not None:
+                bound.unlink_if_ours()
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
     log.info("daemon.stopped")
     return 0
 

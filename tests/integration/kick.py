@@ -12,7 +12,7 @@ from aund.identity.store import IdentityStore
 SEED = "test-seed-not-secret"
 
 
-def take_slot(devnet, state_dir: Path, aid: str, slot_id: str = "default") -> dict:
+def take_slot(devnet, state_dir: Path, aid: str, slot_id: str = "main") -> dict:
     """Log in as `aid` (same device id as aund) and open a long connection on the same slot."""
     store = IdentityStore(state_dir, SEED)
     identity = store.load(aid)

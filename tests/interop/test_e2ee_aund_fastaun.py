@@ -59,7 +59,7 @@ async def test_e2ee_both_ways_with_protected_headers(devnet, tmp_path):
             daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
             while alice not in [i["aid"] for i in daemon.list_identities()]:
                 await trio.sleep(0.05)
-            handle = await daemon.open_session(app, alice, "default")
+            handle = await daemon.open_session(app, alice, "main")
             await handle.wait_ready()
             handle.set_protected_headers(app, {"trace": "from-aund"})
 
@@ -111,7 +111,7 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
             handle = None
             while handle is None:
                 try:
-                    handle = await daemon.open_session(app, alice, "default")
+                    handle = await daemon.open_session(app, alice, "main")
                 except Exception:  # noqa: BLE001 - not registered yet
                     await trio.sleep(0.05)
             await handle.wait_ready()
@@ -123,7 +123,7 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
         # 3. alice comes back: everything arrives by pull, in order; then she sends n while bob is away
         async with trio.open_nursery() as nursery:
             daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
-            handle = await daemon.open_session(app, alice, "default")
+            handle = await daemon.open_session(app, alice, "main")
             await handle.wait_ready()
             events = await _collect(daemon, app, alice, "t", n)
             rotated_spk = daemon.sessions[alice].current_spk_id

@@ -1,0 +1,667 @@
+"""Broker layer: one app connection (``AppSession``): the hello handshake, the ONE op dispatch table,
+per-app quotas, subscription pumps and the coalescing writer. Imports trio, structlog and
+client_stub (wire + errors) only; reaches the daemon solely through ``backend.Backend``.
+
+Tasks of one connection (all in its own nursery, so a disconnect cancels every one of them):
+
+- the reader (``_read_loop``): decodes frames, runs synchronous ops inline and spawns a task per
+  asynchronous op, so many requests are in flight at once; it takes no new request while the
+  outbox is full (an app that does not read its answers stops being read);
+- a hello watchdog: no ``hello`` within ``Limits.hello_timeout`` closes the connection;
+- the writer (``_write_loop``): drains the bounded ``Outbox``, coalescing every queued frame into
+  one ``send_all``;
+- one pump per subscription: pulls from the backend's iterator and waits while *this* app's
+  outbox is full, so a slow app only ever slows itself. An outbox that stays full for
+  ``Limits.stall_timeout`` closes the connection; the events stay in the durable inbox.
+
+Error handling: an op raises ``AundError`` subclasses only; they become ``err`` replies and the
+connection stays open. A protocol violation (undecodable/oversize frame, a bad frame field, a
+request before ``hello``, no common protocol) gets one ``err`` frame, one log line, and closes this
+connection. Anything else is a bug: it propagates and the server closes this connection only.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from aund.broker.backend import AppIdentity, InboxEvent, SessionHandle
+from aund.broker.limits import AppStatistics
+from client_stub import wire
+from client_stub.errors import (
+    AundError, InvalidParams, LimitsExceeded, NotReady, PermissionDenied, ProtocolError,
+    ResourceNotExistError, RpcTimeout, UnknownOp, error_to_wire,
+)
+
+if TYPE_CHECKING:
+    from aund.broker.server import BrokerServer
+
+log = structlog.get_logger("aund.broker")
+
+PRE_HELLO_MAX_FRAME = 64 * 1024  # a hello is tiny; nothing bigger is buffered before it
+MIN_NEGOTIATED_FRAME = 4096
+READ_SIZE = 64 * 1024
+WRITE_BATCH = 256 * 1024  # coalesce queued frames up to this many bytes per send_all
+CALL_GRACE = 5.0  # the broker gives up on a backend call this long after its own timeout
+FLUSH_GRACE = 1.0  # how long queued frames may still go out once the app stopped sending
+FLUSH_ON = ("eof", "protocol_violation", "protocol_mismatch")
+MAX_LOGGED_KEYS = 256  # per connection: distinct "log once" keys remembered
+BROKER_FEATURES = ("subscriptions", "subscription.end", "ack.by_sub", "ack.by_consumer",
+                   "session.wait_ready", "event.undeliverable")
+SUBSCRIPTION_END_KIND = "subscription.end"
+UNDELIVERABLE_KIND = "event.undeliverable"
+START_WORDS = ("last_ack", "now")
+
+
+class Outbox:
+    """Encoded frames waiting for the writer, bounded by bytes (sans-I/O apart from parking).
+
+    ``bytes`` counts frames queued *and* the batch being written, until ``sent()``.
+    Event pumps ``wait_room()`` while the box is over ``limit``; replies use ``put_nowait()``, which
+    refuses (returns False: close the connection) only past ``hard_limit`` = limit + one frame.
+    """
+
+    def __init__(self, limit: int, slack: int) -> None:
+        self.limit = limit
+        self.hard_limit = limit + slack
+        self.bytes = 0
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._writer = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def has_room(self, size: int) -> bool:
+        return self.bytes == 0 or self.bytes + size <= self.limit
+
+    def put_nowait(self, data: bytes) -> bool:
+        if self.bytes and self.bytes + len(data) > self.hard_limit:
+            return False
+        self._frames.append(data)
+        self.bytes += len(data)
+        self._writer.unpark_all()
+        return True
+
+    async def wait_room(self, size: int) -> None:
+        while not self.has_room(size):
+            await self._room.park()
+
+    async def wait_flushed(self) -> None:
+        while self.bytes:
+            await self._room.park()
+
+    async def next_batch(self) -> bytes:
+        while not self._frames:
+            await self._writer.park()
+        chunks, size = [], 0
+        while self._frames and (not chunks or size + len(self._frames[0]) <= WRITE_BATCH):
+            chunk = self._frames.popleft()
+            chunks.append(chunk)
+            size += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def sent(self, n: int) -> None:
+        self.bytes -= n
+        self._room.unpark_all()
+
+
+@dataclass(eq=False)
+class Subscription:
+    id: int
+    aid: str
+    consumer: str
+    kinds: tuple[str, ...]
+    iterator: Any
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: bool = False
+    delivered: int = 0
+
+
+@dataclass(frozen=True)
+class CallBorrower:
+    """What holds a global call token: ``CapacityLimiter.statistics().borrowers`` lists these."""
+
+    conn_id: int
+    app: str
+    pid: int
+    call: int
+
+
+class _Closing(Exception):
+    """Internal: stop reading and close this connection (after flushing what is queued)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- argument checks (each raises InvalidParams naming the argument) ---------------------------
+_MISSING: Any = object()
+
+
+def _get(args: dict[str, Any], name: str, default: Any) -> Any:
+    if name in args and args[name] is not None:
+        return args[name]
+    if default is _MISSING:
+        raise InvalidParams(f"missing argument {name!r}", data={"arg": name})
+    return default
+
+
+def _str(args: dict[str, Any], name: str, default: Any = _MISSING, *, max_len: int = 256) -> str:
+    value = _get(args, name, default)
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise InvalidParams(f"argument {name!r} must be a non-empty string of <= {max_len} characters",
+                            data={"arg": name})
+    return value
+
+
+def _int(args: dict[str, Any], name: str, default: Any = _MISSING, *, minimum: int = 0) -> int:
+    value = _get(args, name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value >= 1 << 63:
+        raise InvalidParams(f"argument {name!r} must be an integer >= {minimum}", data={"arg": name})
+    return value
+
+
+def _bool(args: dict[str, Any], name: str, default: bool) -> bool:
+    value = _get(args, name, default)
+    if not isinstance(value, bool):
+        raise InvalidParams(f"argument {name!r} must be a boolean", data={"arg": name})
+    return value
+
+
+def _timeout(args: dict[str, Any], name: str, maximum: float) -> float | None:
+    value = _get(args, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum \
+            or math.isnan(value):
+        raise InvalidParams(f"argument {name!r} must be a number of seconds in (0, {maximum}]",
+                            data={"arg": name})
+    return float(value)
+
+
+def _map(args: dict[str, Any], name: str, default: Any = _MISSING) -> dict[str, Any]:
+    value = _get(args, name, default)
+    if not isinstance(value, dict):
+        raise InvalidParams(f"argument {name!r} must be a map", data={"arg": name})
+    return value
+
+
+def _start(args: dict[str, Any]) -> str | int:
+    value = _get(args, "start", "last_ack")
+    if value in START_WORDS or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63):
+        return value
+    raise InvalidParams('argument \'start\' must be "last_ack", "now" or a cursor (int >= 0)', data={"arg": "start"})
+
+
+class AppSession:
+    """One connected app: its peer credentials, quotas, sessions, subscriptions and outbox."""
+
+    def __init__(self, server: "BrokerServer", stream: trio.SocketStream, conn_id: int,
+                 pid: int, uid: int, gid: int) -> None:
+        self.server = server
+        self.backend = server.backend
+        self.limits = server.limits
+        self.stream = stream
+        self.app = AppIdentity(conn_id=conn_id, pid=pid, uid=uid, gid=gid)
+        self.protocol: int | None = None
+        self.max_frame = min(PRE_HELLO_MAX_FRAME, self.limits.max_frame)
+        self.decoder = wire.FrameDecoder(self.max_frame)
+        self.outbox = Outbox(self.limits.outbox_bytes_per_app, self.limits.max_frame)
+        self.requests_in_flight = 0
+        self.calls_in_flight = 0
+        self.sessions: dict[int, SessionHandle] = {}
+        self.subscriptions: dict[int, Subscription] = {}
+        self.close_reason: str | None = None
+        self._opening = 0
+        self._ids = itertools.count(1)
+        self._logged: set[tuple[str, str]] = set()
+        self._nursery: trio.Nursery | None = None
+        self.log = log.bind(conn=conn_id, uid=uid, pid=pid)
+
+    def __repr__(self) -> str:
+        return (f"<AppSession conn={self.app.conn_id} pid={self.app.pid} uid={self.app.uid} "
+                f"app={self.app.app_name!r} | calls {self.calls_in_flight}, subs {len(self.subscriptions)}, "
+                f"sessions {len(self.sessions)}, {self.outbox.bytes} B queued>")
+
+    def statistics(self) -> AppStatistics:
+        a = self.app
+        return AppStatistics(conn_id=a.conn_id, pid=a.pid, uid=a.uid, gid=a.gid, app=a.app_name,
+                             protocol=self.protocol, requests_in_flight=self.requests_in_flight,
+                             calls_in_flight=self.calls_in_flight, subscriptions=len(self.subscriptions),
+                             sessions=len(self.sessions), bytes_buffered=self.outbox.bytes)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve this connection until the app leaves or breaks the protocol, then release everything."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._hello_watchdog)
+                reason = await self._read_loop()
+                if self.close_reason is None:
+                    self.close_reason = reason
+                if reason in FLUSH_ON:  # what is queued (replies, the error) still goes out, briefly
+                    with trio.move_on_after(FLUSH_GRACE):
+                        await self.outbox.wait_flushed()
+                nursery.cancel_scope.cancel()
+        finally:
+            await self._release_all()
+
+    async def _hello_watchdog(self) -> None:
+        await trio.sleep(self.limits.hello_timeout)
+        if self.protocol is None and self.close_reason is None:
+            self._violation(ProtocolError(f"no hello within {self.limits.hello_timeout}s"))
+            with trio.move_on_after(FLUSH_GRACE):
+                await self.outbox.wait_flushed()
+            self.close("hello_timeout")
+
+    def close(self, reason: str) -> None:
+        """Close this connection now (cancels its requests, pumps and writer); idempotent."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _release_all(self) -> None:
+        for sub in self.subscriptions.values():
+            sub.closed = True
+        self.subscriptions.clear()
+        handles = list(self.sessions.values())
+        self.sessions.clear()
+        if not handles:
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.release_grace
+            async with trio.open_nursery() as nursery:
+                for handle in handles:
+                    nursery.start_soon(self._release_one, handle)
+        if scope.cancelled_caught:
+            self.log.warning("broker.release_timeout", sessions=len(handles))
+
+    async def _release_one(self, handle: SessionHandle) -> None:
+        try:
+            await self.backend.release_session(self.app, handle)
+        except AundError as exc:
+            self.log.warning("broker.release_failed", aid=handle.aid, slot_id=handle.slot_id, error=str(exc))
+
+    # --- reading -----------------------------------------------------------------------------------
+    async def _read_loop(self) -> str:
+        while True:
+            try:
+                data = await self.stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "peer_gone"
+            if not data:
+                return "eof"
+            try:
+                self.decoder.feed(data)
+                while self.close_reason is None and (frame := self.decoder.next_frame()) is not None:
+                    if not self.outbox.has_room(1):
+                        # Backpressure: take no more requests while the answers pile up unread.
+                        with trio.move_on_after(self.limits.stall_timeout):
+                            await self.outbox.wait_room(1)
+                        if not self.outbox.has_room(1):
+                            self._stalled()
+                            return "consumer_stalled"
+                    self._on_request(wire.validate_request(frame))
+            except ProtocolError as exc:
+                self._violation(exc)
+                return "protocol_violation"
+            except _Closing as closing:
+                return closing.reason
+
+    def _violation(self, exc: ProtocolError, request_id: wire.Id | None = None) -> None:
+        self.server.protocol_violations += 1
+        self.log.warning("broker.protocol_violation", app=self.app.app_name, error=exc.message)
+        self._queue(self._encode_error(request_id, exc))
+
+    def _on_request(self, req: wire.Request) -> None:
+        if self.protocol is None:
+            if req.op != wire.HELLO_OP:
+                raise ProtocolError(f"the first request must be {wire.HELLO_OP!r}, got {req.op!r:.64}")
+            self._hello(req)
+            return
+        entry = DISPATCH.get(req.op)
+        if entry is None:
+            self._reply_error(req.id, UnknownOp(f"unknown op {req.op!r:.64}", data={"op": req.op[:64]}))
+            return
+        handler, is_async = entry
+        if is_async:
+            if self.requests_in_flight >= self.limits.requests_per_app:
+                self._reply_error(req.id, self._quota("requests", self.limits.requests_per_app))
+                return
+            self.requests_in_flight += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_async, req, handler)
+            return
+        try:
+            result = handler(self, req.args)
+        except AundError as exc:
+            self._reply_error(req.id, exc)
+        else:
+            self._reply(req.id, result)
+
+    async def _run_async(self, req: wire.Request, handler: Callable[..., Any]) -> None:
+        try:
+            try:
+                result = await handler(self, req.args)
+            except AundError as exc:
+                self._reply_error(req.id, exc)
+            else:
+                self._reply(req.id, result)
+        finally:
+            self.requests_in_flight -= 1
+
+    def _hello(self, req: wire.Request) -> None:
+        try:
+            hello = wire.validate_hello(req.args)
+            protocol = wire.negotiate_protocol(hello.min_protocol, hello.protocol,
+                                               wire.MIN_PROTOCOL_VERSION, wire.PROTOCOL_VERSION)
+            wanted = req.args.get("max_frame", self.limits.max_frame)
+            if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < MIN_NEGOTIATED_FRAME:
+                raise ProtocolError(f"hello field 'max_frame' must be an int >= {MIN_NEGOTIATED_FRAME}")
+        except ProtocolError as exc:
+            self._violation(exc, req.id)
+            raise _Closing("protocol_mismatch") from None
+        self.protocol = protocol
+        self.max_frame = min(wanted, self.limits.max_frame)
+        self.decoder.max_frame = self.max_frame
+        self.outbox.hard_limit = self.outbox.limit + self.max_frame
+        self.app = replace(self.app, app_name=hello.app)
+        self.log = self.log.bind(app=hello.app)
+        info = dict(self.backend.daemon_info())
+        features = sorted({*info.get("features", ()), *BROKER_FEATURES})
+        self._reply(req.id, {**info, "protocol": protocol, "ops": sorted(DISPATCH), "features": features,
+                             "max_frame": self.max_frame, "limits": self.limits.per_app(),
+                             "conn_id": self.app.conn_id})
+
+    # --- writing -----------------------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        while True:
+            batch = await self.outbox.next_batch()
+            try:
+                await self.stream.send_all(batch)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.close("peer_gone")
+                return
+            self.outbox.sent(len(batch))
+
+    def _queue(self, data: bytes) -> None:
+        if self.close_reason is not None:
+            return  # closing: nothing more goes out
+        if not self.outbox.put_nowait(data):
+            self.log.warning("broker.outbox_overflow", bytes_buffered=self.outbox.bytes,
+                             limit=self.outbox.hard_limit)
+            self.close("outbox_overflow")
+
+    def _encode_error(self, request_id: wire.Id | None, exc: AundError) -> bytes:
+        return wire.encode_frame(wire.make_error(request_id, exc), wire.HARD_MAX_FRAME)
+
+    def _reply(self, request_id: wire.Id, result: Any) -> None:
+        try:
+            data = wire.encode_frame(wire.make_reply(request_id, result), self.max_frame)
+        except ProtocolError as exc:
+            if "length" not in exc.data:
+                raise TypeError(f"op result cannot be encoded: {exc.message}") from None  # a bug
+            exc = LimitsExceeded(f"the reply of {exc.data['length']} bytes exceeds max_frame {self.max_frame}",
+                                 data={"length": exc.data["length"], "max_frame": self.max_frame})
+            data = self._encode_error(request_id, exc)
+        self._queue(data)
+
+    def _reply_error(self, request_id: wire.Id, exc: AundError) -> None:
+        self._queue(self._encode_error(request_id, exc))
+
+    def _log_once(self, once: tuple[str, str], event: str, **kw: Any) -> None:
+        """Log ``event`` only the first time ``once`` happens on this connection."""
+        if once in self._logged or len(self._logged) >= MAX_LOGGED_KEYS:
+            return
+        self._logged.add(once)
+        self.log.warning(event, **kw)
+
+    def _quota(self, name: str, limit: int) -> LimitsExceeded:
+        self._log_once(("quota", name), "broker.limits_exceeded", app=self.app.app_name, quota=name, limit=limit)
+        return LimitsExceeded(f"the {name} quota of {limit} per app is reached", data={"quota": name, "limit": limit})
+
+    # --- shared checks -----------------------------------------------------------------------------
+    def _authorize(self, aid: str) -> None:
+        if self.backend.allowed(self.app, aid):
+            return
+        self._log_once(("denied", aid), "broker.permission_denied", app=self.app.app_name, aid=aid)
+        raise PermissionDenied(f"uid {self.app.uid} may not use {aid}", data={"aid": aid})
+
+    def _session(self, args: dict[str, Any]) -> SessionHandle:
+        sid = _int(args, "session", minimum=1)
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise ResourceNotExistError(f"no open session {sid} on this connection", data={"session": sid}) from None
+
+    def _subscription(self, args: dict[str, Any]) -> Subscription:
+        sub_id = _int(args, "sub", minimum=1)
+        try:
+            return self.subscriptions[sub_id]
+        except KeyError:
+            raise ResourceNotExistError(f"no subscription {sub_id} on this connection", data={"sub": sub_id}) from None
+
+    # --- ops (the dispatch table below maps names to these) ----------------------------------------
+    def op_hello(self, args: dict[str, Any]) -> Any:
+        raise InvalidParams("hello was already done on this connection")
+
+    def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True}
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        status = dict(self.backend.status())
+        status.setdefault("broker", self.server.statistics().as_dict())
+        return status
+
+    async def op_identity_ensure(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        self._authorize(aid)
+        return await self.backend.ensure_identity(aid)
+
+    def op_identity_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        mine = [i for i in self.backend.list_identities()
+                if isinstance(i.get("aid"), str) and self.backend.allowed(self.app, i["aid"])]
+        return {"identities": mine}
+
+    async def op_session_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        slot_id = _str(args, "slot_id", "main", max_len=128)
+        self._authorize(aid)
+        if len(self.sessions) + self._opening >= self.limits.sessions_per_app:
+            raise self._quota("sessions", self.limits.sessions_per_app)
+        self._opening += 1
+        try:
+            handle = await self.backend.open_session(self.app, aid, slot_id)
+        finally:
+            self._opening -= 1
+        sid = next(self._ids)
+        self.sessions[sid] = handle
+        return {"session": sid, "aid": handle.aid, "slot_id": handle.slot_id, "state": handle.state()}
+
+    async def op_session_close(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = self._session(args)
+        del self.sessions[args["session"]]
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.release_grace
+            await self._release_one(handle)
+        return {}
+
+    async def op_session_wait_ready(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = self._session(args)
+        timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            await handle.wait_ready()
+        state = handle.state()
+        if scope.cancelled_caught:
+            raise NotReady(f"{handle.aid}/{handle.slot_id} is not ready after {timeout}s (state {state})",
+                           data={"aid": handle.aid, "slot_id": handle.slot_id, "state": state})
+        return {"aid": handle.aid, "slot_id": handle.slot_id, "state": state}
+
+    async def op_call(self, args: dict[str, Any]) -> Any:
+        handle = self._session(args)
+        method = _str(args, "method")
+        params = _map(args, "params", {})
+        timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
+        background = _bool(args, "background", False)
+        if self.calls_in_flight >= self.limits.calls_per_app:
+            raise self._quota("calls", self.limits.calls_per_app)
+        self.calls_in_flight += 1
+        borrower = CallBorrower(self.app.conn_id, self.app.app_name, self.app.pid, next(self._ids))
+        limiter = self.server.call_limiter
+        try:
+            start = trio.current_time()
+            with trio.move_on_after(self.limits.call_queue_timeout if timeout is None else timeout) as queued:
+                await limiter.acquire_on_behalf_of(borrower)
+            if queued.cancelled_caught:
+                raise RpcTimeout(f"{method}: no global call slot within {queued.deadline - start:.3g}s",
+                                 data={"method": method, "queue": "global"})
+            try:
+                remaining = None if timeout is None else max(timeout - (trio.current_time() - start), 0.001)
+                guard = (self.limits.max_call_timeout if remaining is None else remaining) + CALL_GRACE
+                with trio.move_on_after(guard):
+                    return await handle.call(method, params, timeout=remaining, background=background, app=self.app)
+                raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s",
+                                 data={"method": method})
+            finally:
+                limiter.release_on_behalf_of(borrower)
+        finally:
+            self.calls_in_flight -= 1
+
+    def op_set_protected_headers(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = self._session(args)
+        headers = _map(args, "headers")
+        if len(headers) > 64 or not all(isinstance(v, str) and len(k) <= 256 and len(v) <= 4096
+                                        for k, v in headers.items()):
+            raise InvalidParams("argument 'headers' must map at most 64 names to strings", data={"arg": "headers"})
+        handle.set_protected_headers(self.app, headers)
+        return {}
+
+    def op_invalidate_prekey_cache(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = self._session(args)
+        handle.invalidate_prekey_cache(_str(args, "peer_aid"))
+        return {}
+
+    def op_subscribe(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        consumer = _str(args, "consumer", max_len=128)
+        kinds = _get(args, "kinds", [])
+        if not isinstance(kinds, list) or len(kinds) > 64 or not all(isinstance(k, str) and k for k in kinds):
+            raise InvalidParams("argument 'kinds' must be a list of event kinds", data={"arg": "kinds"})
+        start = _start(args)
+        self._authorize(aid)
+        if len(self.subscriptions) >= self.limits.subscriptions_per_app:
+            raise self._quota("subscriptions", self.limits.subscriptions_per_app)
+        iterator = self.backend.subscribe(self.app, aid, tuple(kinds), consumer, start)
+        sub = Subscription(next(self._ids), aid, consumer, tuple(kinds), iterator)
+        self.subscriptions[sub.id] = sub
+        assert self._nursery is not None
+        # The reply is queued as soon as this returns, before the pump can queue any event.
+        self._nursery.start_soon(self._pump, sub)
+        return {"sub": sub.id}
+
+    def op_unsubscribe(self, args: dict[str, Any]) -> dict[str, Any]:
+        sub = self._subscription(args)
+        del self.subscriptions[sub.id]
+        sub.closed = True
+        sub.scope.cancel()
+        return {}
+
+    async def op_ack(self, args: dict[str, Any]) -> dict[str, Any]:
+        cursor = _int(args, "cursor")
+        if args.get("sub") is not None:
+            sub = self._subscription(args)
+            aid, consumer = sub.aid, sub.consumer
+        else:
+            aid, consumer = _str(args, "aid"), _str(args, "consumer", max_len=128)
+            self._authorize(aid)
+        await self.backend.ack(self.app, aid, consumer, cursor)
+        return {"cursor": cursor}
+
+    # --- subscription pumps ------------------------------------------------------------------------
+    async def _pump(self, sub: Subscription) -> None:
+        error: AundError | None = None
+        try:
+            with sub.scope:
+                async for event in sub.iterator:
+                    data = self._encode_event(sub, event)
+                    if not self.outbox.has_room(len(data)):
+                        with trio.move_on_after(self.limits.stall_timeout):
+                            await self.outbox.wait_room(len(data))
+                        if not self.outbox.has_room(len(data)):
+                            self._stalled()
+                            return
+                    if sub.closed:
+                        return
+                    sub.delivered += 1
+                    self._queue(data)
+        except AundError as exc:
+            error = exc
+        finally:
+            await self._close_iterator(sub)
+        if not sub.closed:  # the backend ended it (or failed): tell the app, free the quota
+            sub.closed = True
+            self.subscriptions.pop(sub.id, None)
+            end = {"kind": SUBSCRIPTION_END_KIND, "cursor": None,
+                   "data": {"error": None if error is None else error_to_wire(error)}}
+            self._queue(wire.encode_frame(wire.make_event(sub.id, end), self.max_frame))
+
+    async def _close_iterator(self, sub: Subscription) -> None:
+        aclose = getattr(sub.iterator, "aclose", None)
+        if aclose is None:
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.release_grace
+            await aclose()
+
+    def _stalled(self) -> None:
+        self.server.stalled_disconnects += 1
+        self.log.warning("broker.consumer_stalled", app=self.app.app_name, bytes_buffered=self.outbox.bytes,
+                         stall_timeout=self.limits.stall_timeout)
+        self.close("consumer_stalled")
+
+    def _encode_event(self, sub: Subscription, event: InboxEvent) -> bytes:
+        body = {"kind": event.kind, "data": event.data, "cursor": event.cursor}
+        try:
+            return wire.encode_frame(wire.make_event(sub.id, body), self.max_frame)
+        except ProtocolError as exc:
+            reason = "too_large" if "length" in exc.data else "unencodable"
+        self._log_once(("undeliverable", reason), "broker.event_undeliverable", app=self.app.app_name,
+                       aid=sub.aid, kind=str(event.kind)[:128], cursor=event.cursor, reason=reason)
+        stub = {"kind": UNDELIVERABLE_KIND, "cursor": event.cursor,
+                "data": {"kind": str(event.kind)[:128], "reason": reason}}
+        return wire.encode_frame(wire.make_event(sub.id, stub), self.max_frame)
+
+
+# The ONE dispatch table: op name -> handler. Plain functions run inline in the reader; coroutine
+# functions run as their own task, so slow ops never hold up the connection.
+_OPS: dict[str, Callable[..., Any]] = {
+    "hello": AppSession.op_hello,
+    "ping": AppSession.op_ping,
+    "status": AppSession.op_status,
+    "identity.ensure": AppSession.op_identity_ensure,
+    "identity.list": AppSession.op_identity_list,
+    "session.open": AppSession.op_session_open,
+    "session.close": AppSession.op_session_close,
+    "session.wait_ready": AppSession.op_session_wait_ready,
+    "call": AppSession.op_call,
+    "set_protected_headers": AppSession.op_set_protected_headers,
+    "invalidate_prekey_cache": AppSession.op_invalidate_prekey_cache,
+    "subscribe": AppSession.op_subscribe,
+    "unsubscribe": AppSession.op_unsubscribe,
+    "ack": AppSession.op_ack,
+}
+DISPATCH: dict[str, tuple[Callable[..., Any], bool]] = {
+    name: (fn, inspect.iscoroutinefunction(fn)) for name, fn in _OPS.items()
+}
