@@ -11,12 +11,21 @@ import sys
 
 SUBCOMMANDS = {
     "run": "run the daemon",
+    "status": "show links, apps, budget and warnings",
+    "health": "exit 0 if healthy, 1 if not (with reasons), 2 if the daemon is unreachable",
+    "aid": "list, ensure or import identities",
+    "call": "call a gateway method as an identity",
+    "listen": "print an identity's events as they arrive",
+    "config": "show the effective configuration",
     "devnet": "run a local AUN network (gateway + PKI) on loopback",
+    "demo": "devnet + daemon + two apps exchanging E2EE messages, then clean up",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aund", description="AUN daemon: many identities, one connection each.")
+    parser = argparse.ArgumentParser(
+        prog="aund", description="AUN daemon: many identities, one connection each.",
+        epilog="exit codes: 0 ok, 1 failed or unhealthy, 2 daemon unreachable or bad usage")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"aund.cli.{name}")

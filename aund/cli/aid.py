@@ -1,0 +1,70 @@
+"""`aund aid list|ensure|import`: identities. list/ensure go through the daemon; import moves an
+identity made by the official SDK into aund's store (with the daemon stopped: it owns the store)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, table, unreachable
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="aid_command", metavar="list|ensure|import", required=True)
+    lst = sub.add_parser("list", help="identities in the daemon's store")
+    add_socket_argument(lst)
+    lst.add_argument("--json", action="store_true")
+    ens = sub.add_parser("ensure", help="load, register if absent, load again")
+    add_socket_argument(ens)
+    ens.add_argument("aid")
+    ens.add_argument("--json", action="store_true")
+    imp = sub.add_parser("import", help="import an identity created by fastaun (aund must be stopped)")
+    imp.add_argument("aid")
+    imp.add_argument("--from", dest="aun_path", type=Path, required=True, help="the SDK's aun_path")
+    imp.add_argument("--state-dir", type=Path, help="aund's state dir (default: from config)")
+    imp.add_argument("--config", type=Path)
+    imp.epilog = "The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from AUND_ENCRYPTION_SEED."
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.aid_command == "import":
+        return _import(args)
+    from client_stub import AundError, DaemonUnavailable
+
+    try:
+        with open_client(args, timeout=60) as client:
+            result = client.list_identities() if args.aid_command == "list" else client.ensure_identity(args.aid)
+    except DaemonUnavailable as exc:
+        return unreachable(exc)
+    except AundError as exc:
+        print(f"aund aid {args.aid_command}: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print_json(result)
+    elif args.aid_command == "list":
+        rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
+                for i in result]
+        print(table(rows, ["AID", "LINKS"]) if rows else "no identities")
+    else:
+        print(f"{result['aid']}  {result['cert_fingerprint']}")
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    from aund.config import ConfigError, load
+    from aund.errors import AundError
+    from aund.identity.store import IdentityStore, StateLock, load_seed
+
+    try:
+        config = load(args.config, {"state_dir": args.state_dir})
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with StateLock(config.state_dir):
+            store = IdentityStore(config.state_dir, load_seed())
+            identity = store.import_fastaun(args.aun_path, args.aid.strip().lower(),
+                                            os.environ.get("AUND_IMPORT_SEED", ""), meta={"imported_from": "fastaun"})
+    except (ConfigError, AundError) as exc:
+        print(f"aund aid import: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"imported {identity.aid}  {identity.cert_fingerprint}")
+    return EXIT_OK

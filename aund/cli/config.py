@@ -1,0 +1,34 @@
+"""`aund config show [--json]`: the effective configuration, each value with its source."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from aund.cli._common import EXIT_FAILED, EXIT_OK, print_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="config_command", metavar="show", required=True)
+    show = sub.add_parser("show", help="print the merged configuration and where each value comes from")
+    show.add_argument("--config", type=Path)
+    show.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from aund.config import ConfigError, load
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"aund config: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    shown = config.redacted()
+    if args.json:
+        print_json(shown)
+        return EXIT_OK
+    width = max(len(k) for k in shown)
+    for key, item in shown.items():
+        print(f"{key.ljust(width)}  {json.dumps(item['value'])}  # {item['source']}")
+    return EXIT_OK

@@ -1,0 +1,76 @@
+"""`aund status [--json] [--wait-ready [SECONDS]]`: links, apps, budget, inbox and warnings."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, ago, open_client, print_json, table, \
+    unreachable
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_socket_argument(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--wait-ready", type=float, nargs="?", const=60.0, metavar="SECONDS",
+                   help="first wait (with progress on stderr) until every link is ready")
+
+
+def wait_ready(client, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    last = ""
+    while True:
+        links = client.status().get("links", [])
+        ready = sum(link.get("state") == "ready" for link in links)
+        line = f"{ready}/{len(links)} links ready"
+        if line != last and sys.stderr.isatty() or line != last and time.monotonic() > deadline - seconds + 1:
+            print(f"aund: {line}", file=sys.stderr)
+            last = line
+        if links and ready == len(links):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from client_stub import DaemonUnavailable
+
+    try:
+        with open_client(args) as client:
+            ok = wait_ready(client, args.wait_ready) if args.wait_ready else True
+            status = client.status()
+    except DaemonUnavailable as exc:
+        return unreachable(exc)
+    if args.json:
+        print_json(status)
+    else:
+        render(status)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def render(status: dict) -> None:
+    now = time.time()
+    print(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
+          f", {status.get('identities', 0)} identities")
+    links = status.get("links", [])
+    rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
+             link.get("reconnects", 0), f"{link.get('in_flight', 0)}/{link.get('queued', 0)}", link.get("holders", 0),
+             "yes" if link.get("pinned") else ""] for link in links]
+    if rows:
+        print()
+        print(table(rows, ["AID", "SLOT", "STATE", "CONNECTED", "RECONNECTS", "RPC/QUEUED", "APPS", "CONFIGURED"]))
+    broker = status.get("broker") or {}
+    apps = broker.get("apps") or []
+    print()
+    print(f"apps connected: {len(apps)}; calls in flight {broker.get('calls_in_flight', 0)}; "
+          f"daemon budget {status.get('budget', {}).get('in_use', 0)}/{status.get('budget', {}).get('total', 0)}")
+    if apps:
+        print(table([[a.get("pid"), a.get("uid"), a.get("app_name") or a.get("app"), a.get("calls_in_flight"),
+                      a.get("subscriptions"), a.get("sessions")] for a in apps],
+                    ["PID", "UID", "APP", "CALLS", "SUBS", "SESSIONS"]))
+    inbox = status.get("inbox") or {}
+    if inbox:
+        print(f"inbox: {sum(inbox.values())} events for {len(inbox)} identities")
+    for w in status.get("warnings", []):
+        print(f"warning [{w.get('code')}] {w.get('text')}")
