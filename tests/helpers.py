@@ -129,7 +129,7 @@ class AundProcess:
         if self.config_file:
             args += ["--config", str(self.config_file)]
         args += self.extra_args
-        env = dict(os.environ, AUND_ENCRYPTION_SEED="test-seed-not-secret", **self.env)
+        env = {**os.environ, "AUND_ENCRYPTION_SEED": "test-seed-not-secret", **self.env}
         env.pop("AUND_CONFIG", None)
         self.log_path = self.state_dir.parent / f"aund-{int(time.time() * 1000)}.log"
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -518,6 +518,7 @@ class Link:
         req = rpc.request(method, params)
         waiter = _Pending()
         session.pending[req["id"]] = waiter
+        started = trio.current_time()
         try:
             with trio.fail_after(timeout):
                 try:
@@ -529,6 +530,9 @@ class Link:
             raise RpcTimeout(f"rpc timeout: {method}", data={"method": method}) from None
         finally:
             session.pending.pop(req["id"], None)
+            self.log.debug("link.rpc", method=method, id=req["id"],
+                           ms=round((trio.current_time() - started) * 1000, 2),
+                           error=(waiter.error or {}).get("code") if isinstance(waiter.error, dict) else None)
         if waiter.error is not None:
             raise waiter.error if isinstance(waiter.error, AundError) else map_remote_error(method, waiter.error)
         if not isinstance(waiter.result, dict):

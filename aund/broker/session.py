@@ -352,15 +352,20 @@ class AppSession:
             self._reply(req.id, result)
 
     async def _run_async(self, req: wire.Request, handler: Callable[..., Any]) -> None:
+        started = trio.current_time()
+        outcome = "ok"
         try:
             try:
                 result = await handler(self, req.args)
             except AundError as exc:
+                outcome = type(exc).__name__
                 self._reply_error(req.id, exc)
             else:
                 self._reply(req.id, result)
         finally:
             self.requests_in_flight -= 1
+            self.log.debug("broker.op", op=req.op, outcome=outcome,
+                           ms=round((trio.current_time() - started) * 1000, 2))
 
     def _hello(self, req: wire.Request) -> None:
         try:
