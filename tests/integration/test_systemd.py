@@ -63,3 +63,42 @@ def test_units_verify():
     done = subprocess.run([tool, "verify", "systemd/aund.service", "systemd/aund.socket"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_socket_activation_passes_the_listener_as_fd_3(devnet, tmp_path):
+    """As systemd's aund.socket does: the listening socket is fd 3, LISTEN_FDS=1, LISTEN_PID=the daemon."""
+    import sys
+
+    from client_stub import Client
+
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    fd = listener.fileno()
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    env = {**os.environ, "AUND_ENCRYPTION_SEED": "seed", "LISTEN_FDS": "1"}
+    # LISTEN_PID must be the daemon's own pid: a shell sets it to $$ and then execs into aund
+    cmd = (f'LISTEN_PID=$$ exec "{sys.executable}" -m aund run --config "{cfg}" '
+           f'--state-dir "{tmp_path / "state"}" --socket "{tmp_path / "unused.sock"}"')
+    proc = subprocess.Popen(["sh", "-c", cmd], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                            pass_fds=(3,), preexec_fn=None if fd == 3 else lambda: os.dup2(fd, 3))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with Client(path, reconnect_attempts=0) as client:
+                    assert client.ping() >= 0
+                    break
+            except Exception:  # noqa: BLE001 - not serving yet
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.1)
+        assert not (tmp_path / "unused.sock").exists()  # it served the activated socket, bound nothing
+    finally:
+        proc.send_signal(15)
+        code = proc.wait(20)
+        proc.stderr.close()
+        listener.close()
+    assert code == 0
+    assert path.exists()  # an activated socket belongs to systemd: aund does not remove it
