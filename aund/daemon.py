@@ -110,6 +110,7 @@ class Daemon:
         self.started_at = time.time()
         self.stopping = False
         self.broker: Any = None  # the app socket server, for status
+        self.inbox_depth: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -126,6 +127,7 @@ class Daemon:
             for aid in self.config.identities:
                 nursery.start_soon(self._keep_configured, aid)
             nursery.start_soon(self._reap_idle_links)
+            nursery.start_soon(self._watch_inbox)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -257,6 +259,13 @@ class Daemon:
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.sync.full_sync()
 
+    async def _watch_inbox(self) -> None:
+        """Keep the inbox depth per AID fresh for `status` (which must answer without I/O)."""
+        assert self.inbox is not None
+        while True:
+            self.inbox_depth = await self.inbox.depth()
+            await trio.sleep(5.0)
+
     async def _reap_idle_links(self) -> None:
         """Close on-demand links nobody has held for `idle_link_seconds`."""
         while True:
@@ -300,7 +309,7 @@ class Daemon:
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
         return {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-                "identities": len(self.store.list()), "links": links, "broker": apps,
+                "identities": len(self.store.list()), "links": links, "broker": apps, "inbox": self.inbox_depth,
                 "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                            "waiting": budget.tasks_waiting},
                 "warnings": self.warnings()}
