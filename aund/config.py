@@ -58,6 +58,7 @@ class Config:
     global_in_flight: int = 256              # daemon-wide RPC budget across all links
     idle_link_seconds: float = 300.0         # on-demand links close this long after the last app lets go
     shutdown_grace: float = 10.0
+    sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost
     policy: Mapping[str, Any] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -136,7 +137,8 @@ def _coerce(key: str, raw: Any, current: Any, source: str) -> Any:
 #: Environment variables and the keys they set; list values are comma-separated.
 ENV_KEYS = {"AUND_STATE_DIR": "state_dir", "AUND_SOCKET": "socket", "AUND_GATEWAY_URL": "gateway_url",
             "AUND_ROOT_CA": "root_ca", "AUND_IDENTITIES": "identities", "AUND_SLOT_ID": "slot_id",
-            "AUND_CALL_TIMEOUT": "call_timeout", "AUND_DISCOVERY_PORT": "discovery_port"}
+            "AUND_CALL_TIMEOUT": "call_timeout", "AUND_DISCOVERY_PORT": "discovery_port",
+            "AUND_SYNC_POLL_SECONDS": "sync_poll_seconds"}
 
 
 def _env_value(key: str, text: str) -> Any:

@@ -23,7 +23,7 @@ from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
-from aund.errors import GatewayUnavailable, InvalidParams, PermissionDenied
+from aund.errors import ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
 from aund.identity import pki
 from aund.identity.errors import IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
@@ -111,6 +111,7 @@ class Daemon:
         self.stopping = False
         self.broker: Any = None  # the app socket server, for status
         self.inbox_depth: dict[str, int] = {}
+        self.identity_errors: dict[str, tuple[str, str]] = {}
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -172,9 +173,17 @@ class Daemon:
             try:
                 await self.ensure_identity(aid)
                 await self._open_link(aid, self.config.slot_id, pinned=True)
+                self.identity_errors.pop(aid, None)
                 return
             except (GatewayUnavailable, trio.TooSlowError) as exc:
                 log.warning("identity.ensure_failed", aid=aid, error=str(exc), retry_in=round(delay, 1))
+                self.identity_errors[aid] = ("identity.unavailable", str(exc))
+            except (StorageError, ClientError) as exc:
+                # a damaged or undecryptable identity: say so loudly, touch nothing, do not retry
+                log.error("identity.load_failed", aid=aid, error=str(exc), path=exc.data.get("path"))
+                self.identity_errors[aid] = ("identity.corrupt" if isinstance(exc, StorageError)
+                                             else "identity.invalid", str(exc))
+                return
             await trio.sleep(delay * (0.5 + self.rng()))
             delay = min(delay * 2, 64.0)
 
@@ -237,7 +246,8 @@ class Daemon:
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     rng=self.rng)
         assert self.inbox is not None
-        entry = LinkEntry(link, PeerSync(link, session, self.inbox, on_notice=self._publish), session, pinned)
+        sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
+        entry = LinkEntry(link, sync, session, pinned)
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
@@ -315,7 +325,8 @@ class Daemon:
                 "warnings": self.warnings()}
 
     def warnings(self) -> list[dict[str, str]]:
-        out = []
+        out = [{"code": code, "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
+               for aid, (code, text) in self.identity_errors.items()]
         for (aid, slot), e in self.links.items():
             state = e.link.state
             if state == LinkState.CONNECTION_FAILED:

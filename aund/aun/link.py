@@ -250,6 +250,10 @@ class Link:
                                          data={"state": self.state.value})
             await self._state_changed.wait()
 
+    @property
+    def is_ready(self) -> bool:
+        return self.state == LinkState.READY
+
     async def wait_stopped(self) -> None:
         """Return once the supervisor has ended (closed, or failed for good)."""
         await self._stopped.wait()

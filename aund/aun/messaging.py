@@ -255,8 +255,10 @@ class E2EESession:
 class PeerSync:
     """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
 
-    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None) -> None:
+    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None, *,
+                 poll_seconds: float = 30.0) -> None:
         self.link, self.session, self.inbox = link, session, inbox
+        self.poll_seconds = poll_seconds
         self.aid = link.aid
         self.device_id = link.config.device_id
         self.slot_id = link.config.slot_id
@@ -266,7 +268,7 @@ class PeerSync:
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
-                      "duplicates": 0, "undecryptable": 0}
+                      "duplicates": 0, "undecryptable": 0, "failures": 0}
 
     # called by the link's reader: never blocks
     def on_event(self, name: str, params: dict[str, Any]) -> None:
@@ -287,17 +289,30 @@ class PeerSync:
         self._queue(("resync", None))
 
     async def run(self) -> None:
-        """Process pushes and resync requests one at a time, forever."""
-        async for kind, params in self._recv:
+        """Process pushes and resync requests one at a time, forever. A failed round (gateway gone,
+        storage full) is retried with backoff; and every `poll_seconds` of quiet a `message.peers`
+        check catches a last push the gateway dropped (no later push would reveal that gap)."""
+        retry = 0.0
+        while True:
+            timeout = retry if retry else self.poll_seconds
+            with trio.move_on_after(timeout) as quiet:
+                kind, params = await self._recv.receive()
+            if quiet.cancelled_caught:
+                kind, params = "resync", None
+                if not self.link.is_ready:
+                    continue
             try:
                 if self._resync_needed or kind == "resync":
                     self._resync_needed = False
                     await self.full_sync()
                 else:
                     await self._on_push(params)
+                retry = 0.0
             except AundError as exc:
-                # the link dropped or the gateway failed: the next connect resyncs from the inbox cursor
-                log.warning("sync.failed", aid=self.aid, error=str(exc))
+                retry = min(max(retry * 2, 0.5), 30.0)
+                self._resync_needed = True
+                self.stats["failures"] += 1
+                log.warning("sync.failed", aid=self.aid, error=str(exc), retry_in=retry)
 
     async def _ack_of(self, sender: str) -> int:
         if sender not in self._acks:

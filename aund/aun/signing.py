@@ -27,6 +27,13 @@ SIGNED_METHODS = frozenset({
     "group.transfer_owner", "group.request_join", "group.review_join_request", "group.dissolve",
     "group.v2.put_group_pk", "group.v2.bootstrap", "group.v2.send", "group.v2.pull", "group.v2.ack",
     "group.v2.propose_state", "group.v2.confirm_state", "group.v2.get_proposal",
+    "group.batch_review_join_request", "group.use_invite_code", "group.bind_group_aid", "group.renew_group_aid",
+    "group.complete_transfer", "group.set_settings", "group.update_announcement", "group.update_rules",
+    "group.commit_state", "group.ban", "group.unban", "group.block", "group.unblock", "group.report_status",
+    "group.suspend", "group.resume",
+    "group.fs.mkdir", "group.fs.rm", "group.fs.cp", "group.fs.mv", "group.fs.set_acl", "group.fs.remove_acl",
+    "group.fs.mount", "group.fs.umount", "group.fs.check_upload", "group.fs.create_upload_session",
+    "group.fs.complete_upload", "group.fs.create_download_ticket",
 })
 
 #: How far a signature's timestamp may be from the verifier's clock.

@@ -40,7 +40,7 @@ MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frame
 OUTBOX_FRAMES = 512
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
-                       "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": False,
+                       "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True,
                        "max_message_size": MAX_PAYLOAD_BYTES}
 PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
 
@@ -844,3 +844,7 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "group.list_my": Conn.rpc_group_list_my,
     "group.list_my_invites": Conn.rpc_group_list_invites,
 }
+
+# The group service (group.*, group.v2.*) lives in its own module and registers its handlers here;
+# it replaces the two empty group lists above.
+from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
