@@ -21,7 +21,7 @@ import trio_websocket
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import jsonrpc as rpc
+from aund.aun import jsonrpc as rpc, transport
 from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
 from aund.identity import pki
 
@@ -158,32 +158,37 @@ class GatewayTrust:
 
 
 async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """One pre-auth RPC on its own WebSocket. Raises the mapped AundError on a gateway error."""
+    """One pre-auth RPC on its own WebSocket. Raises the mapped AundError on a gateway error,
+    GatewayUnavailable when the gateway cannot be reached or does not answer in time."""
+    failure: Exception | None = None
+    frame: dict[str, Any] = {}
     try:
         with trio.fail_after(SHORT_RPC_TIMEOUT):
             async with trio.open_nursery() as nursery:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    ws = await trio_websocket.connect_websocket_url(nursery, gateway_url, max_message_size=MAX_FRAME)
                 try:
-                    while True:  # wait for the challenge
-                        frame = rpc.parse_frame(str(await ws.get_message()))
-                        if frame.get("method") == "challenge":
-                            break
-                    await ws.send_message(rpc.dumps(rpc.request(method, params, id=f"pre-{method}")))
-                    while True:
-                        frame = rpc.parse_frame(str(await ws.get_message()))
-                        if frame.get("id") == f"pre-{method}":
-                            break
-                finally:
-                    with trio.move_on_after(1) as cleanup:
-                        cleanup.shield = True
-                        await ws.aclose()
+                    ws, stream = await transport.connect(nursery, gateway_url, max_frame=MAX_FRAME,
+                                                         timeout=CONNECT_TIMEOUT)
+                    try:
+                        while True:  # wait for the challenge
+                            frame = rpc.parse_frame(str(await ws.get_message()))
+                            if frame.get("method") == "challenge":
+                                break
+                        await ws.send_message(rpc.dumps(rpc.request(method, params, id=f"pre-{method}")))
+                        while True:
+                            frame = rpc.parse_frame(str(await ws.get_message()))
+                            if frame.get("id") == f"pre-{method}":
+                                break
+                    finally:
+                        await transport.close(ws, stream)
+                except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+                    failure = GatewayUnavailable(f"{method}: cannot reach {gateway_url}: {exc}")
+                except rpc.FrameError as exc:
+                    failure = GatewayError(f"{method}: malformed frame from gateway: {exc}", retryable=True)
+                nursery.cancel_scope.cancel()  # raised below, outside the nursery, unwrapped
     except trio.TooSlowError:
         raise GatewayUnavailable(f"{method}: no answer from {gateway_url} within {SHORT_RPC_TIMEOUT:.0f} s") from None
-    except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-        raise GatewayUnavailable(f"{method}: cannot reach {gateway_url}: {exc}") from None
-    except rpc.FrameError as exc:
-        raise GatewayError(f"{method}: malformed frame from gateway: {exc}", retryable=True) from None
+    if failure is not None:
+        raise failure
     if "error" in frame:
         raise map_remote_error(method, frame["error"])
     result = frame.get("result")

@@ -27,7 +27,7 @@ import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, jsonrpc as rpc, signing
+from aund.aun import auth, jsonrpc as rpc, signing, transport
 from aund.aun.budget import PullGate, RpcBudget
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
     PermissionDenied, RpcTimeout, map_remote_error
@@ -357,9 +357,8 @@ class Link:
         async with trio.open_nursery() as nursery:
             try:
                 try:
-                    with trio.fail_after(self.config.connect_timeout):
-                        ws = await trio_websocket.connect_websocket_url(
-                            nursery, url, max_message_size=self.config.max_frame)
+                    ws, stream = await transport.connect(nursery, url, max_frame=self.config.max_frame,
+                                                         timeout=self.config.connect_timeout)
                 except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
                     raise GatewayUnavailable(f"cannot connect to {url}: {exc}") from None
                 session = _Session(ws, url)
@@ -370,9 +369,7 @@ class Link:
                     self._session_open = False
                     self._session = None
                     session.fail_all(GatewayUnavailable("connection to the gateway dropped"))
-                    with trio.move_on_after(1) as scope:
-                        scope.shield = True
-                        await ws.aclose()
+                    await transport.close(ws, stream)
             except (AundError, _Dropped, _Fatal) as exc:
                 outcome = exc  # raised below, outside the nursery, so callers see it unwrapped
             nursery.cancel_scope.cancel()
