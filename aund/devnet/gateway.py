@@ -820,12 +820,6 @@ class Conn:
         return {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
                 "effective_ack_seq": effective, "ack_seq": effective}
 
-    def rpc_group_list_my(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"items": [], "groups": [], "total": 0}
-
-    def rpc_group_list_invites(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"items": [], "invites": [], "total": 0}
-
 
 HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "auth.create_aid": Conn.rpc_create_aid,
@@ -841,10 +835,8 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "message.peers": Conn.rpc_peers,
     "message.v2.pull": Conn.rpc_pull,
     "message.v2.ack": Conn.rpc_ack,
-    "group.list_my": Conn.rpc_group_list_my,
-    "group.list_my_invites": Conn.rpc_group_list_invites,
 }
 
 # The group service (group.*, group.v2.*) lives in its own module and registers its handlers here;
-# it replaces the two empty group lists above.
+# (group.list_my and group.list_my_invites included).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)

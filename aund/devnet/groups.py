@@ -220,10 +220,6 @@ class GroupService:
         self.db.executescript(SCHEMA)
         self.thoughts: dict[tuple[str, str], dict[tuple[str, str], Thought]] = {}
 
-    @property
-    def issuer(self) -> str:
-        return self.net.issuer
-
     # --- reads -----------------------------------------------------------------------------
     def group(self, group_id: str) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM grp_groups WHERE group_id=?", (group_id,)).fetchone()
@@ -333,14 +329,17 @@ class GroupService:
         return row
 
     def join(self, group: dict[str, Any], aid: str, role: str, member_type: str, action: str, actor: str,
-             **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Make `aid` a member (one transaction) and return (member row, event)."""
+             also: Callable[[Any], None] | None = None, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Make `aid` a member and return (member row, event); `also(db)` runs in the same transaction."""
         with self.net.store.tx() as db:
             fresh = dict(db.execute("SELECT * FROM grp_groups WHERE group_id=?", (group["group_id"],)).fetchone())
             if db.execute("SELECT 1 FROM grp_members WHERE group_id=? AND aid=?", (fresh["group_id"], aid)).fetchone():
                 raise RpcError(ALREADY_MEMBER, f"already a member: {aid}")
-            event = self.add_event(db, fresh, action, actor, member_aid=aid, joined_aid=aid, aid=aid, role=role, **extra)
+            event = self.add_event(db, fresh, action, actor, member_aid=aid, joined_aid=aid, aid=aid, role=role,
+                                   **extra)
             member = self.insert_member(db, fresh, aid, role, member_type, event["event_seq"])
+            if also is not None:
+                also(db)
         group.update(fresh)
         return member, event
 
@@ -405,7 +404,8 @@ class GroupService:
                            (proposal["state_version"], proposal["state_hash"], group["state_hash"], chain,
                             proposal["membership_snapshot"], proposal["signature"], proposal["proposer_aid"],
                             now_ms(), group_id))
-                db.execute("UPDATE grp_proposals SET status='confirmed' WHERE proposal_id=?", (proposal["proposal_id"],))
+                db.execute("UPDATE grp_proposals SET status='confirmed' WHERE proposal_id=?",
+                           (proposal["proposal_id"],))
                 db.execute("UPDATE grp_proposals SET status='superseded' WHERE group_id=? AND status='pending' "
                            "AND state_version<=?", (group_id, proposal["state_version"]))
         if status != "confirmed":
@@ -419,8 +419,8 @@ class GroupService:
 
     def settle_due_proposals(self, group_id: str) -> None:
         """Auto-confirm pending proposals whose deadline passed (the protocol's auto-confirm timeout)."""
-        due = self.db.execute("SELECT * FROM grp_proposals WHERE group_id=? AND status='pending' AND auto_confirm_at<=? "
-                              "ORDER BY created_at", (group_id, now_ms())).fetchall()
+        due = self.db.execute("SELECT * FROM grp_proposals WHERE group_id=? AND status='pending' "
+                              "AND auto_confirm_at<=? ORDER BY created_at", (group_id, now_ms())).fetchall()
         for row in due:
             try:
                 self.commit_proposal(group_id, dict(row))
@@ -797,17 +797,18 @@ def _review(conn: Conn, svc: GroupService, group: dict[str, Any], aid: str, appr
     row = svc.db.execute("SELECT * FROM grp_join_requests WHERE group_id=? AND aid=?", (gid, aid)).fetchone()
     if row is None or row["status"] != "pending":
         raise RpcError(GROUP_STATE_INVALID, f"no pending join request from {aid}")
-    if approve and svc.member(gid, aid) is not None:
-        raise RpcError(ALREADY_MEMBER, f"already a member: {aid}")
-    now = now_ms()
     status = "approved" if approve else "rejected"
-    svc.db.execute("UPDATE grp_join_requests SET status=?, reviewed_by=?, rejection_reason=?, updated_at=? "
-                   "WHERE group_id=? AND aid=?", (status, conn.aid, None if approve else reason, now, gid, aid))
+
+    def settle(db: Any) -> None:
+        db.execute("UPDATE grp_join_requests SET status=?, reviewed_by=?, rejection_reason=?, updated_at=? "
+                   "WHERE group_id=? AND aid=?", (status, conn.aid, None if approve else reason, now_ms(), gid, aid))
+
     if approve:
-        member, event = svc.join(group, aid, "member", "human", "join_approved", conn.aid)
+        member, event = svc.join(group, aid, "member", "human", "join_approved", conn.aid, also=settle)
     else:
         member = None
         with conn.net.store.tx() as db:
+            settle(db)
             fresh = dict(db.execute("SELECT * FROM grp_groups WHERE group_id=?", (gid,)).fetchone())
             event = svc.add_event(db, fresh, "join_rejected", conn.aid, aid=aid, applicant_aid=aid, reason=reason)
     svc.push_event(event, extra_aids=(aid,))
@@ -910,15 +911,23 @@ def _invite_for(conn: Conn, params: dict[str, Any], *, as_inviter: bool = False)
     return svc, dict(row)
 
 
-def _finalize_invites(svc: GroupService, invite: dict[str, Any], status: str, *, all_for_invitee: bool) -> list[str]:
-    if all_for_invitee:
-        ids = [r[0] for r in svc.db.execute("SELECT invite_id FROM grp_invites WHERE group_id=? AND invitee_aid=? "
-                                            "AND status='pending'", (invite["group_id"], invite["invitee_aid"]))]
+def _invite_ids(svc: GroupService, invite: dict[str, Any], *, all_for_invitee: bool) -> list[str]:
+    """The invites one decision ends: all pending ones for (group, invitee), or just this one."""
+    if not all_for_invitee:
+        return [invite["invite_id"]]
+    return [r[0] for r in svc.db.execute("SELECT invite_id FROM grp_invites WHERE group_id=? AND invitee_aid=? "
+                                         "AND status='pending'", (invite["group_id"], invite["invitee_aid"]))]
+
+
+def _finalize_invites(svc: GroupService, invite: dict[str, Any], status: str, *, all_for_invitee: bool,
+                      db: Any = None) -> list[str]:
+    ids = _invite_ids(svc, invite, all_for_invitee=all_for_invitee)
+    rows = [(status, now_ms(), i) for i in ids]
+    if db is not None:
+        db.executemany("UPDATE grp_invites SET status=?, updated_at=? WHERE invite_id=?", rows)
     else:
-        ids = [invite["invite_id"]]
-    with svc.net.store.tx() as db:
-        db.executemany("UPDATE grp_invites SET status=?, updated_at=? WHERE invite_id=?",
-                       [(status, now_ms(), i) for i in ids])
+        with svc.net.store.tx() as tx:
+            tx.executemany("UPDATE grp_invites SET status=?, updated_at=? WHERE invite_id=?", rows)
     return ids
 
 
@@ -926,9 +935,10 @@ def _finalize_invites(svc: GroupService, invite: dict[str, Any], status: str, *,
 def rpc_accept_invite(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, invite = _invite_for(conn, params)
     group = svc.group(invite["group_id"])
+    ids = _invite_ids(svc, invite, all_for_invitee=True)
     member, event = svc.join(group, conn.aid, "member", invite["member_type"], "member_added", conn.aid,
+                             also=lambda db: _finalize_invites(svc, invite, "accepted", all_for_invitee=True, db=db),
                              invite_id=invite["invite_id"], inviter_aid=invite["inviter_aid"])
-    ids = _finalize_invites(svc, invite, "accepted", all_for_invitee=True)
     svc.push_event(event)
     return {"status": "accepted", "group_id": group["group_id"], "invite_id": invite["invite_id"], "invite_ids": ids,
             "group": svc.group_view(svc.group(group["group_id"])), "member": svc.member_view(member)}
@@ -995,8 +1005,8 @@ def rpc_propose_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     key_epoch = gw._int(params, "key_epoch", group["epoch"])
     if version != group["state_version"] + 1 or prev != group["state_hash"] or key_epoch != group["epoch"]:
         raise RpcError(STATE_CONFLICT, "stale proposal: state_version/prev_state_hash/key_epoch do not follow the "
-                                       "committed state", {"state_version": group["state_version"],
-                                                           "state_hash": group["state_hash"], "key_epoch": group["epoch"]})
+                       "committed state", {"state_version": group["state_version"], "state_hash": group["state_hash"],
+                                           "key_epoch": group["epoch"]})
     try:
         payload = json.loads(snapshot)
     except ValueError:
@@ -1110,7 +1120,8 @@ def _check_envelope(conn: Conn, svc: GroupService, group: dict[str, Any], envelo
                     message_id: str) -> list[tuple[str, str]]:
     """Validate an `e2ee.group_encrypted` envelope for this group and sender; returns its (aid, device) wraps."""
     gid = group["group_id"]
-    if not isinstance(envelope, dict) or envelope.get("type") != "e2ee.group_encrypted" or envelope.get("version") != "v2":
+    if (not isinstance(envelope, dict) or envelope.get("type") != "e2ee.group_encrypted"
+            or envelope.get("version") != "v2"):
         raise RpcError(rpc.INVALID_PARAMS, "envelope must be an e2ee.group_encrypted v2 envelope")
     aad = envelope.get("aad")
     if not isinstance(aad, dict):
