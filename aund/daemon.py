@@ -20,6 +20,7 @@ import trio
 import aund
 from aund.aun import auth, ids
 from aund.aun.link import Link, LinkConfig, LinkState
+from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
@@ -33,8 +34,10 @@ log = structlog.get_logger("aund.daemon")
 
 LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refreshed", "gateway.disconnect",
                               "sync.proof_rejected"})
-MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable"})
-SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers"})
+MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GROUP_MESSAGE_KIND, GROUP_CHANGED_KIND})
+SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers",
+                          "group.pull", "group.v2.pull", "group.ack_messages", "group.v2.ack", "group.pull_events",
+                          "group.ack_events"})
 RESYNC_BUDGET_SECONDS = 10.0
 
 
@@ -62,6 +65,7 @@ class LinkEntry:
     session: E2EESession
     pinned: bool
     holders: set[int] = field(default_factory=set)
+    groups: GroupSync | None = None
     idle_since: float | None = None
 
 
@@ -86,6 +90,9 @@ class _Handle:
         if method == "message.send":
             headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
             return await self.entry.session.send(self.entry.link, params, headers, timeout=timeout)
+        if method in GROUP_METHODS and self.entry.groups is not None:
+            headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
+            return await self.entry.groups.call(method, params, headers, timeout=timeout)
         return await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
 
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
@@ -105,6 +112,7 @@ class Daemon:
         self.links: dict[tuple[str, str], LinkEntry] = {}
         self.protected_headers: dict[tuple[int, str], dict[str, str]] = {}
         self.sessions: dict[str, E2EESession] = {}
+        self.group_sessions: dict[str, GroupSession] = {}
         self.inbox: Inbox | None = None
         self._subscribers: dict[str, set["_Subscriber"]] = {}
         self.started_at = time.time()
@@ -240,6 +248,11 @@ class Daemon:
             session = E2EESession(identity, self.store, self.trust)
             await session.load()
             self.sessions[aid] = session
+        group_session = self.group_sessions.get(aid)
+        if group_session is None:
+            group_session = GroupSession(session)
+            await group_session.load()
+            self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
                             call_timeout=self.config.call_timeout)
         link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
@@ -247,7 +260,8 @@ class Daemon:
                     rng=self.rng)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
-        entry = LinkEntry(link, sync, session, pinned)
+        entry = LinkEntry(link, sync, session, pinned,
+                          groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds))
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
@@ -257,6 +271,7 @@ class Daemon:
         """The link's supervisor and its sync task live and die together."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(entry.sync.run)
+            nursery.start_soon(entry.groups.run)
             await nursery.start(entry.link.run)
             task_status.started()
             await entry.link.wait_stopped()
@@ -268,6 +283,8 @@ class Daemon:
         await entry.session.publish_prekey(link)
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.sync.full_sync()
+        with trio.move_on_after(RESYNC_BUDGET_SECONDS):
+            await entry.groups.on_connected()  # group prekeys, then catch-up queued to the group sync
 
     async def _watch_inbox(self) -> None:
         """Keep the inbox depth per AID fresh for `status` (which must answer without I/O)."""
@@ -294,6 +311,8 @@ class Daemon:
         entry = self.links.get((link.aid, link.config.slot_id))
         if entry is not None and name in ("peer.v2.message_received", "message.received"):
             entry.sync.on_event(name, params)
+        elif entry is not None and entry.groups is not None and name in GROUP_EVENTS:
+            entry.groups.on_event(name, params)
         elif name in LINK_EVENT_KINDS:
             self._publish(link.aid, name, params)
 
@@ -385,7 +404,7 @@ class Daemon:
                     yield InboxEvent(row.cursor, row.kind, row.data)
                 while sub.pending:
                     kind, data = sub.pending.popleft()
-                    yield InboxEvent(cursor, kind, data)
+                    yield InboxEvent(None, kind, data)  # live, not durable: no cursor to ack
                 if not rows:
                     await sub.wait()
         finally:

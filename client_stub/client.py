@@ -123,12 +123,15 @@ def _backoff(attempt: int) -> float:
 class Event:
     """One event: ``kind``, ``data`` and ``cursor``; ``ack()`` acknowledges it and every earlier one.
 
+    Durable events (messages) have an int cursor; live link events (``state_change`` ...) have
+    ``cursor`` None, and their ``ack()`` does nothing.
+
     With ``AsyncClient``, ``ack()`` returns a coroutine: ``await ev.ack()``.
     """
 
     __slots__ = ("kind", "data", "cursor", "_acker")
 
-    def __init__(self, kind: str, data: Any, cursor: int, acker: Callable[[int], Any]) -> None:
+    def __init__(self, kind: str, data: Any, cursor: int | None, acker: Callable[[int | None], Any]) -> None:
         self.kind, self.data, self.cursor, self._acker = kind, data, cursor, acker
 
     def ack(self) -> Any:
@@ -737,8 +740,9 @@ class EventStream:
         except AundError:
             pass  # gone already (connection or subscription): nothing left to release
 
-    def _ack(self, cursor: int) -> None:
-        self.client.request("ack", self.state.ack_args(cursor))
+    def _ack(self, cursor: int | None) -> None:
+        if cursor is not None:  # live (non-durable) events have no cursor: nothing to ack
+            self.client.request("ack", self.state.ack_args(cursor))
 
     def close(self) -> None:
         """Unsubscribe (the consumer's acks stay with the daemon)."""
@@ -1078,8 +1082,9 @@ class AsyncEventStream:
         except AundError:
             pass
 
-    async def _ack(self, cursor: int) -> None:
-        await self.client.request("ack", self.state.ack_args(cursor))
+    async def _ack(self, cursor: int | None) -> None:
+        if cursor is not None:  # live (non-durable) events have no cursor: nothing to ack
+            await self.client.request("ack", self.state.ack_args(cursor))
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -521,9 +521,13 @@ class Link:
         session.pending[req["id"]] = waiter
         started = trio.current_time()
         try:
+            try:
+                text = rpc.dumps(req)
+            except (TypeError, ValueError) as exc:  # bytes, NaN, ... in an app's params
+                raise InvalidParams(f"{method}: params are not JSON: {exc}", data={"arg": "params"}) from None
             with trio.fail_after(timeout):
                 try:
-                    await session.ws.send_message(rpc.dumps(req))
+                    await session.ws.send_message(text)
                 except trio_websocket.ConnectionClosed:
                     raise GatewayUnavailable(f"{method}: connection closed") from None
                 await waiter.event.wait()
@@ -563,8 +567,13 @@ class Link:
                         if session is None or not self._session_open:
                             raise GatewayUnavailable(f"{method}: not connected")
                         if method in signing.SIGNED_METHODS:
-                            params = signing.sign_params(method, params, aid=self.aid, key=self.creds.private_key,
-                                                         cert_fingerprint=self.creds.cert_fingerprint)
+                            try:
+                                params = signing.sign_params(method, params, aid=self.aid,
+                                                             key=self.creds.private_key,
+                                                             cert_fingerprint=self.creds.cert_fingerprint)
+                            except (TypeError, ValueError) as exc:
+                                raise InvalidParams(f"{method}: params are not JSON: {exc}",
+                                                    data={"arg": "params"}) from None
                         sent = True
                         return await self._send_and_wait(session, method, params,
                                                          max(0.0, deadline - trio.current_time()))

@@ -24,9 +24,10 @@ class AppIdentity:
 
 @dataclass(frozen=True)
 class InboxEvent:
-    """One durable event for a consumer: `cursor` is what the app acks (monotonic per consumer)."""
+    """One event for a consumer: `cursor` is what the app acks (monotonic per consumer); live link
+    events that are not stored (state changes) have cursor None."""
 
-    cursor: int
+    cursor: int | None
     kind: str
     data: dict[str, Any]
 
