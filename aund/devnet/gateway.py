@@ -11,7 +11,6 @@ closes it.
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import re
 import secrets
@@ -26,7 +25,7 @@ import trio
 
 from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
-from aund.aun.e2ee import merkle
+from aund.aun.e2ee import merkle, p2p
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
 from aund.identity import pki
@@ -682,25 +681,28 @@ class Conn:
         if not self.device_id:
             raise RpcError(rpc.MISSING_PARAMS, "a prekey needs a device id on the connection")
         key_source = _str(params, "key_source", required=False, default="peer_device_prekey")
+        spk_id, spk_pk, sig, timestamp = self.checked_prekey(params)
+        self.net.store.put_prekey(self.aid, self.device_id, {
+            "key_source": key_source, "spk_id": spk_id, "spk_pk": spk_pk, "spk_signature": sig,
+            "spk_timestamp": timestamp})
+        return {"success": True, "spk_id": spk_id, "device_id": self.device_id}
+
+    def checked_prekey(self, params: dict[str, Any]) -> tuple[str, str, str, int]:
+        """(spk_id, spk_pk, spk_signature, spk_timestamp) of an uploaded prekey (P2P or group), after
+        checking what a sender will: a P-256 key, its id, and the RAW signature by the AID key."""
         spk_id, spk_pk, sig = _str(params, "spk_id"), _str(params, "spk_pk"), _str(params, "spk_signature")
         timestamp = params.get("spk_timestamp")
         if isinstance(timestamp, bool) or not isinstance(timestamp, int):
             raise RpcError(rpc.INVALID_PARAMS, "spk_timestamp must be an integer")
         try:
-            spk_der = pki.b64d(spk_pk)
             pki.load_public_key_b64(spk_pk)
-            raw_sig = pki.b64d(sig)
         except pki.PKIError as exc:
             raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
-        if spk_id != "sha256:" + hashlib.sha256(spk_der).hexdigest()[:16]:
+        if spk_id != p2p.spk_id_for(pki.b64d(spk_pk)):
             raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
-        ik = self._aid_cert(self.aid).public_key()
-        if not pki.verify_raw(ik, raw_sig, spk_der + spk_id.encode() + str(timestamp).encode()):
+        if not p2p.verify_spk(self._aid_cert(self.aid).public_key(), spk_pk, spk_id, sig, timestamp):
             raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
-        self.net.store.put_prekey(self.aid, self.device_id, {
-            "key_source": key_source, "spk_id": spk_id, "spk_pk": spk_pk, "spk_signature": sig,
-            "spk_timestamp": timestamp})
-        return {"success": True, "spk_id": spk_id, "device_id": self.device_id}
+        return spk_id, spk_pk, sig, timestamp
 
     def _devices(self, aid: str) -> list[dict[str, Any]]:
         pem = self.net.store.current_cert(aid)

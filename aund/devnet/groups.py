@@ -15,12 +15,10 @@ Handlers register themselves into `aund.devnet.gateway.HANDLERS` when this modul
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
 import secrets
-import struct
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from aund.aun import ids
 from aund.aun import jsonrpc as rpc
 from aund.aun.e2ee import merkle
 from aund.aun.e2ee.canonical import canonical_json
+from aund.aun.e2ee.group import state_commitment, state_sign_input
 from aund.devnet import gateway as gw
 from aund.devnet.gateway import RpcError, validate_aid
 from aund.devnet.store import dumps
@@ -58,7 +57,6 @@ PULL_MAX_LIMIT = 200
 EVENTS_MAX_LIMIT = 50
 THOUGHT_ITEMS_PER_HEAD = 20
 THOUGHT_HEADS_PER_SENDER = 100
-STATE_COMMITMENT_PREFIX = b"AUN-V2-SC-v1"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grp_groups (
@@ -135,34 +133,6 @@ def normalize_group_id(raw: Any, issuer: str) -> str:
     if not GROUP_BASE_RE.match(base) or not domain or base.isdigit():
         raise RpcError(rpc.INVALID_PARAMS, f"invalid group_id: {raw!r}")
     return value
-
-
-def state_commitment(group_id: str, state_version: int, payload: dict[str, Any]) -> str:
-    """Hex SHA-256 of prefix || group id || uint32 version || canonical JSON of the normalised payload."""
-    body = copy.deepcopy(payload)
-    members = body.get("members")
-    if isinstance(members, list):
-        members.sort(key=lambda m: m.get("aid", "") if isinstance(m, dict) else "")
-        for member in members:
-            if isinstance(member, dict) and isinstance(member.get("devices"), list):
-                member["devices"].sort(key=lambda d: d.get("device_id", "") if isinstance(d, dict) else "")
-    if isinstance(body.get("audit_aids"), list):
-        body["audit_aids"].sort()
-    admin_set = body.get("admin_set")
-    if isinstance(admin_set, dict) and isinstance(admin_set.get("admin_aids"), list):
-        admin_set["admin_aids"].sort()
-    quorum = body.get("recovery_quorum")
-    if isinstance(quorum, dict) and isinstance(quorum.get("quorum_aids"), list):
-        quorum["quorum_aids"].sort()
-    data = STATE_COMMITMENT_PREFIX + group_id.encode("utf-8") + struct.pack(">I", state_version) + canonical_json(body)
-    return hashlib.sha256(data).hexdigest()
-
-
-def state_sign_input(group_id: str, state_version: int, state_hash: str, membership_snapshot: str) -> bytes:
-    """The bytes a proposer signs (DER ECDSA-SHA256 with its AID key)."""
-    return json.dumps({"group_id": group_id, "state_version": state_version, "state_hash": state_hash,
-                       "membership_snapshot": membership_snapshot},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def snapshot_aids(snapshot: str) -> set[str] | None:
@@ -1070,21 +1040,7 @@ def rpc_put_group_pk(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         raise RpcError(rpc.MISSING_PARAMS, "a prekey needs a device id on the connection")
     if _text(params, "key_source", "group_device_prekey") != "group_device_prekey":
         raise RpcError(rpc.INVALID_PARAMS, "key_source must be group_device_prekey")
-    spk_id, spk_pk, sig = gw._str(params, "spk_id"), gw._str(params, "spk_pk"), gw._str(params, "spk_signature")
-    timestamp = params.get("spk_timestamp")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
-        raise RpcError(rpc.INVALID_PARAMS, "spk_timestamp must be an integer")
-    try:
-        spk_der = pki.b64d(spk_pk)
-        pki.load_public_key_b64(spk_pk)
-        raw_sig = pki.b64d(sig)
-    except pki.PKIError as exc:
-        raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
-    if spk_id != "sha256:" + hashlib.sha256(spk_der).hexdigest()[:16]:
-        raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
-    ik = pki.load_cert_pem(conn.net.store.current_cert(conn.aid) or "").public_key()
-    if not pki.verify_raw(ik, raw_sig, spk_der + spk_id.encode() + str(timestamp).encode()):
-        raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
+    spk_id, spk_pk, sig, timestamp = conn.checked_prekey(params)
     with conn.net.store.tx() as db:
         db.execute("INSERT OR REPLACE INTO grp_prekeys VALUES (?,?,?,?,?,?,?,?)",
                    (gid, conn.aid, conn.device_id, spk_id, spk_pk, sig, timestamp, time.time()))
