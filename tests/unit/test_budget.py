@@ -150,3 +150,79 @@ def test_refresh_timing():
     assert refresh_delay(expires_at=10_000, now=5_000, refresh_before=1800) == 3200
     assert refresh_delay(expires_at=10_000, now=8_300, refresh_before=1800) == 0
     assert refresh_delay(expires_at=10_000, now=20_000, refresh_before=1800) == 0
+
+
+async def test_token_refresh_runs_when_1800_s_remain_and_persists_first(autojump_clock, monkeypatch):
+    """The link's refresh loop, on the virtual clock: first refresh 100 s in (1900 s left, refresh
+    at <= 1800), the next one 1800 s after that; the rotated token is saved before it is used."""
+    import time
+
+    from aund.aun import auth, link as link_mod
+    from aund.identity import pki
+
+    saved, calls = [], []
+
+    class Creds:
+        aid, private_key, cert_pem, cert_fingerprint = "r1234.aid.test", pki.generate_key(), "", "sha256:0"
+
+        async def load_tokens(self):
+            return None
+
+        async def save_tokens(self, tokens):
+            saved.append(tokens.refresh_token)
+
+    async def fake_refresh(url, aid, tokens, *, device_id, slot_id):
+        calls.append((trio.current_time(), tokens.refresh_token))
+        assert saved == [f"r{i}" for i in range(1, len(calls))]  # previous rotations already persisted
+        return auth.Tokens(f"a{len(calls)}", f"r{len(calls)}", time.time() + 3600)
+
+    monkeypatch.setattr(link_mod.auth, "refresh", fake_refresh)
+    link = link_mod.Link(Creds(), link_mod.LinkConfig(("ws://127.0.0.1:9/aun",), device_id="d"),
+                         auth.GatewayTrust([]))
+    link._tokens = auth.Tokens("a0", "r0", time.time() + 1900)
+
+    class Session:
+        url = "ws://127.0.0.1:9/aun"
+
+        def end(self, code):
+            raise AssertionError("refresh must not fail here")
+
+    start = trio.current_time()
+    with trio.move_on_after(3700):
+        await link._refresh_loop(Session())
+    offsets = [round(t - start) for t, _ in calls]
+    assert offsets[0] == 100 and offsets[1] - offsets[0] == 1800
+    assert [r for _, r in calls][:2] == ["r0", "r1"] and saved[:2] == ["r1", "r2"]
+
+
+async def test_link_call_queue_timeout_is_a_retryable_rpc_timeout(autojump_clock):
+    """16 calls hold the link's places (the gateway never answers); the 17th fails after its
+    timeout with a retryable RpcTimeout that says it never left the queue; cancelled callers
+    release their places at once."""
+    from aund.aun import auth, link as link_mod
+    from aund.errors import RpcTimeout
+    from aund.identity import pki
+
+    class Creds:
+        aid, private_key, cert_pem, cert_fingerprint = "q1234.aid.test", pki.generate_key(), "", "sha256:0"
+
+    class WS:
+        async def send_message(self, text):
+            pass
+
+    link = link_mod.Link(Creds(), link_mod.LinkConfig(("ws://127.0.0.1:9/aun",), device_id="d"),
+                         auth.GatewayTrust([]))
+    link._session = link_mod._Session(WS(), "ws://127.0.0.1:9/aun")
+    link._session_open = True
+    async with trio.open_nursery() as n:
+        for _ in range(16):
+            n.start_soon(lambda: link.call("meta.ping", {}, timeout=1000))
+        await trio.testing.wait_all_tasks_blocked()
+        assert link.budget.statistics().in_flight == 16
+        start = trio.current_time()
+        with pytest.raises(RpcTimeout) as info:
+            await link.call("meta.ping", {}, timeout=35)
+        assert trio.current_time() - start == pytest.approx(35)
+        assert info.value.retryable and "queue timeout before send" in str(info.value)
+        n.cancel_scope.cancel()
+    assert link.budget.statistics().in_flight == 0
