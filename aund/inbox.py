@@ -8,8 +8,8 @@ payloads) is encrypted at rest with a key derived from the daemon's seed.
 The gateway cursors (`peer_acks`) live in the same database and move in the same transaction as
 the rows they cover: after a crash, aund resumes pulling right after what it has committed.
 
-Blocking SQLite calls run in one worker thread at a time (`trio.to_thread` + a lock of one);
-nothing here is called on the event loop thread except `Inbox.wait_for`.
+Writes (which wait for fsync) run in a worker thread, reads inline; either way one SQLite call at
+a time (a trio lock).
 """
 from __future__ import annotations
 
@@ -96,9 +96,19 @@ class Inbox:
         return json.loads(plain)
 
     async def _run(self, fn, *args):
+        """A write (it may wait for fsync): in a worker thread, one at a time."""
         async with self._lock:
             try:
                 return await trio.to_thread.run_sync(fn, *args)
+            except sqlite3.Error as exc:
+                raise StorageError(f"inbox {self.path}: {exc}", data={"path": str(self.path)}) from None
+
+    async def _read(self, fn, *args):
+        """A read: WAL reads never wait for a writer or the disk's flush, so they run inline (a
+        thread hop costs more CPU than the query), still one SQLite call at a time."""
+        async with self._lock:
+            try:
+                return fn(*args)
             except sqlite3.Error as exc:
                 raise StorageError(f"inbox {self.path}: {exc}", data={"path": str(self.path)}) from None
 
@@ -162,13 +172,13 @@ class Inbox:
         return [StoredEvent(c, aid, k, self._open(aid, k, bytes(d), c)) for c, k, d in rows]
 
     async def read(self, aid: str, after: int, kinds: Iterable[str] = (), limit: int = 100) -> list[StoredEvent]:
-        return await self._run(self._read_sync, aid, after, tuple(kinds), limit)
+        return await self._read(self._read_sync, aid, after, tuple(kinds), limit)
 
     def _head_sync(self, aid: str) -> int:
         return self._db.execute("SELECT COALESCE(MAX(cursor), 0) FROM events WHERE aid=?", (aid,)).fetchone()[0]
 
     async def head(self, aid: str) -> int:
-        return await self._run(self._head_sync, aid)
+        return await self._read(self._head_sync, aid)
 
     def _peer_ack_sync(self, aid: str, device_id: str, slot_key: str, sender: str) -> int:
         row = self._db.execute("SELECT ack_seq FROM peer_acks WHERE aid=? AND device_id=? AND slot_key=? AND sender=?",
@@ -177,7 +187,7 @@ class Inbox:
 
     async def peer_ack(self, aid: str, device_id: str, slot_key: str, sender: str) -> int:
         """The highest gateway seq from `sender` whose rows are committed here."""
-        return await self._run(self._peer_ack_sync, aid, device_id, slot_key, sender)
+        return await self._read(self._peer_ack_sync, aid, device_id, slot_key, sender)
 
     # --- consumers ---------------------------------------------------------------------------------
     def _consumer_sync(self, aid: str, name: str) -> int:
@@ -185,7 +195,7 @@ class Inbox:
         return row[0] if row else 0
 
     async def consumer_cursor(self, aid: str, name: str) -> int:
-        return await self._run(self._consumer_sync, aid, name)
+        return await self._read(self._consumer_sync, aid, name)
 
     def _ack_sync(self, aid: str, name: str, cursor: int) -> int:
         self._db.execute("INSERT INTO consumers VALUES (?,?,?,?) ON CONFLICT(aid, name) DO UPDATE SET "
@@ -201,4 +211,4 @@ class Inbox:
         return dict(self._db.execute("SELECT aid, COUNT(*) FROM events GROUP BY aid").fetchall())
 
     async def depth(self) -> dict[str, int]:
-        return await self._run(self._depth_sync)
+        return await self._read(self._depth_sync)
