@@ -45,6 +45,48 @@ PUSH_QUEUE = 1024
 MAX_CACHED_KEYS = 1024
 
 
+def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
+    """What a gateway message row carries: ("envelope", dict) when encrypted (a v2 `envelope_json`,
+    or a v1 payload of `envelope_type`), ("plain", payload) when not, ("malformed", why) otherwise."""
+    if row.get("version") == "v2" or "envelope_json" in row:
+        try:
+            envelope = rpc.loads(str(row.get("envelope_json") or ""))
+        except rpc.FrameError:
+            return "malformed", "envelope_json is not JSON"
+    else:
+        legacy = row.get("legacy_v1") if isinstance(row.get("legacy_v1"), dict) else {}
+        envelope = legacy.get("payload", row.get("payload"))
+        if not isinstance(envelope, dict) or envelope.get("type") != envelope_type:
+            return "plain", envelope
+    if not isinstance(envelope, dict):
+        return "malformed", "envelope is not an object"
+    return "envelope", envelope
+
+
+def new_prekey_record(identity: Identity, device_id: str,
+                      **extra: Any) -> tuple[dict[str, Any], ec.EllipticCurvePrivateKey]:
+    """A fresh signed prekey (P2P or, with `group_id=...`, group) as the identity store keeps it."""
+    key = pki.generate_key()
+    timestamp = int(time.time())
+    record = {"device_id": device_id, "spk_id": p2p.spk_id_for(key.public_key()),
+              "private_pem": pki.private_key_pem(key).decode(), "spk_pk": pki.public_key_b64(key.public_key()),
+              "timestamp": timestamp, "signature": p2p.sign_spk(identity.private_key, key.public_key(), timestamp),
+              "created_at": time.time(), "uploaded_at": None, **extra}
+    return record, key
+
+
+async def append_prekey(load, save, aid: str, record: dict[str, Any]) -> None:
+    """Append one record to a stored prekey list (durably, before the key is used or published)."""
+    records = await trio.to_thread.run_sync(load, aid)
+    await trio.to_thread.run_sync(save, aid, [*records, record])
+
+
+def prekey_wire(record: dict[str, Any]) -> dict[str, Any]:
+    """The SPK fields of `message.v2.put_peer_pk` / `group.v2.put_group_pk` for a stored record."""
+    return {"spk_id": record["spk_id"], "spk_pk": record["spk_pk"], "spk_signature": record["signature"],
+            "spk_timestamp": record["timestamp"]}
+
+
 class E2EESession:
     def __init__(self, identity: Identity, store: IdentityStore, trust: auth.GatewayTrust) -> None:
         self.identity = identity
@@ -66,14 +108,8 @@ class E2EESession:
             self._spk_private[r["spk_id"]] = pki.load_private_key_pem(r["private_pem"].encode())
 
     async def _new_prekey(self) -> dict[str, Any]:
-        key = pki.generate_key()
-        timestamp = int(time.time())
-        record = {"device_id": self.device_id, "spk_id": p2p.spk_id_for(key.public_key()),
-                  "private_pem": pki.private_key_pem(key).decode(), "spk_pk": pki.public_key_b64(key.public_key()),
-                  "timestamp": timestamp, "signature": p2p.sign_spk(self.identity.private_key, key.public_key(), timestamp),
-                  "created_at": time.time(), "uploaded_at": None}
-        all_records = await trio.to_thread.run_sync(self.store.load_prekeys, self.aid)
-        await trio.to_thread.run_sync(self.store.save_prekeys, self.aid, [*all_records, record])  # saved before use
+        record, key = new_prekey_record(self.identity, self.device_id)
+        await append_prekey(self.store.load_prekeys, self.store.save_prekeys, self.aid, record)  # saved before use
         self._prekeys.append(record)
         self._spk_private[record["spk_id"]] = key
         return record
@@ -89,9 +125,7 @@ class E2EESession:
                 await self._new_prekey()
             record = self._prekeys[-1]
             await link.call("message.v2.put_peer_pk", {
-                "peer_aid": self.aid, "key_source": "peer_device_prekey", "spk_id": record["spk_id"],
-                "spk_pk": record["spk_pk"], "spk_signature": record["signature"],
-                "spk_timestamp": record["timestamp"]}, background=True)
+                "peer_aid": self.aid, "key_source": "peer_device_prekey", **prekey_wire(record)}, background=True)
             if rotate:
                 self.rotations += 1
                 log.info("e2ee.prekey_rotated", aid=self.aid, spk_id=record["spk_id"])
@@ -214,22 +248,12 @@ class E2EESession:
         base = {"from": sender, "to": self.aid, "seq": seq, "message_id": message_id,
                 "timestamp": row.get("t_server") or row.get("timestamp"), "need_render": row.get("need_render", True),
                 "sender_device_id": row.get("sender_device_id", "")}
-        envelope: Any = None
-        if row.get("version") == "v2" or "envelope_json" in row:
-            try:
-                envelope = rpc.loads(str(row.get("envelope_json") or ""))
-            except rpc.FrameError:
-                return self._undecryptable(base, sender, seq, "malformed_envelope", "envelope_json is not JSON"), ""
-        else:
-            legacy = row.get("legacy_v1") if isinstance(row.get("legacy_v1"), dict) else {}
-            payload = legacy.get("payload", row.get("payload"))
-            if isinstance(payload, dict) and payload.get("type") == "e2ee.p2p_encrypted":
-                envelope = payload
-            else:
-                data = dict(base, payload=payload, encrypted=False, protected_headers={})
-                return NewEvent("message.received", sender, message_id, seq, data), ""
-        if not isinstance(envelope, dict):
-            return self._undecryptable(base, sender, seq, "malformed_envelope", "envelope is not an object"), ""
+        kind, envelope = row_content(row, p2p.ENVELOPE_TYPE)
+        if kind == "malformed":
+            return self._undecryptable(base, sender, seq, "malformed_envelope", envelope), ""
+        if kind == "plain":
+            data = dict(base, payload=envelope, encrypted=False, protected_headers={})
+            return NewEvent("message.received", sender, message_id, seq, data), ""
         try:
             ik = await self.peer_ik(gateway_url, sender, str(envelope.get("sender_cert_fingerprint") or ""))
             result = decrypt_p2p(envelope, my_aid=self.aid, my_device_id=self.device_id,
@@ -252,17 +276,25 @@ class E2EESession:
                         seq if isinstance(seq, int) else 0, data)
 
 
-class PeerSync:
-    """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
+class LinkSync:
+    """What every inbound sync of one link knows: its link, inbox, cursor identity and poll period."""
 
-    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None, *,
-                 poll_seconds: float = 30.0) -> None:
-        self.link, self.session, self.inbox = link, session, inbox
+    def __init__(self, link: Link, inbox: Inbox, poll_seconds: float) -> None:
+        self.link, self.inbox = link, inbox
         self.poll_seconds = poll_seconds
         self.aid = link.aid
         self.device_id = link.config.device_id
         self.slot_id = link.config.slot_id
         self.slot_key = ids.slot_isolation_key(self.slot_id)
+
+
+class PeerSync(LinkSync):
+    """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
+
+    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None, *,
+                 poll_seconds: float = 30.0) -> None:
+        super().__init__(link, inbox, poll_seconds)
+        self.session = session
         self._acks: dict[str, int] = {}
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False

@@ -96,6 +96,7 @@ FORMAT_VERSION = 1
 PURPOSE_KEY = "identity/private_key"
 PURPOSE_TOKENS = "tokens"
 PURPOSE_PREKEYS = "e2ee/prekeys"
+PURPOSE_GROUP_PREKEYS = "e2ee/group_prekeys"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # 32 MiB, ~0.11 s on a 2-vCPU box; once per process
 _SCRYPT_MAX_NR = 2**22  # refuse files asking for more than 512 MiB of scrypt memory
 _CHECK_LABEL = b"aund.enc/v1 seed check"
@@ -106,6 +107,7 @@ CERT_FILE = "cert.pem"
 CERTS_DIR = "certs"
 TOKENS_FILE = "tokens.enc.json"
 PREKEYS_FILE = "prekeys.enc.json"
+GROUP_PREKEYS_FILE = "group_prekeys.enc.json"
 META_FILE = "meta.json"
 PENDING_DIR = "_pending"
 
@@ -619,9 +621,28 @@ class IdentityStore:
 
         Each record: spk_id, private_pem, timestamp, signature, created_at (and uploaded_at when
         published). Errors as ``load``."""
-        path = self._require(aid) / PREKEYS_FILE
+        return self._load_key_list(aid, PREKEYS_FILE, PURPOSE_PREKEYS)
+
+    def save_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
+        """Replace the prekey list atomically. Callers only ever append: old prekeys are kept so
+        that late messages wrapped to them still decrypt (aund never deletes key material)."""
+        self._save_key_list(aid, PREKEYS_FILE, PURPOSE_PREKEYS, records)
+
+    def load_group_prekeys(self, aid: str) -> list[dict[str, Any]]:
+        """Every group prekey (``group.v2.put_group_pk``) ever made for ``aid``, oldest first.
+
+        Records as ``load_prekeys`` plus ``group_id``. Kept apart from the P2P prekeys, whose list
+        order names the current P2P prekey."""
+        return self._load_key_list(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS)
+
+    def save_group_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
+        """Replace the group prekey list atomically; like ``save_prekeys`` it refuses to drop a key."""
+        self._save_key_list(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS, records)
+
+    def _load_key_list(self, aid: str, name: str, purpose: str) -> list[dict[str, Any]]:
+        path = self._require(aid) / name
         try:
-            plaintext, _ = self._open(path, PURPOSE_PREKEYS, aid)
+            plaintext, _ = self._open(path, purpose, aid)
         except FileNotFoundError:
             return []
         try:
@@ -632,16 +653,14 @@ class IdentityStore:
             raise CorruptIdentity(f"{self._rel(path)} does not hold a JSON list", data={"path": str(path)})
         return records
 
-    def save_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
-        """Replace the prekey list atomically. Callers only ever append: old prekeys are kept so
-        that late messages wrapped to them still decrypt (aund never deletes key material)."""
-        old = {r.get("spk_id") for r in self.load_prekeys(aid)}
+    def _save_key_list(self, aid: str, name: str, purpose: str, records: list[Mapping[str, Any]]) -> None:
+        old = {r.get("spk_id") for r in self._load_key_list(aid, name, purpose)}
         new = {r.get("spk_id") for r in records}
         if not old <= new:
-            raise ValueError("save_prekeys would drop a prekey: prekeys are never deleted")
+            raise ValueError(f"saving {name} would drop a prekey: prekeys are never deleted")
         plaintext = json.dumps([dict(r) for r in records], sort_keys=True).encode("utf-8")
         with self._lock:
-            atomic_write(self._require(aid) / PREKEYS_FILE, self._seal(PURPOSE_PREKEYS, aid, plaintext))
+            atomic_write(self._require(aid) / name, self._seal(purpose, aid, plaintext))
 
     def derive_key(self, purpose: str) -> bytes:
         """A 32-byte key for `purpose` derived from the store's master key (e.g. the inbox cipher).

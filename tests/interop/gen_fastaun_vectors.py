@@ -14,12 +14,22 @@ Modes:
     keys (PKCS#8 PEM) each receiver needs. Every envelope is also opened with the SDK's
     ``decrypt_message`` before it is written, so a broken vector cannot reach the tests.
 
+``group-gen OUT.json``
+    Write group vectors: ``e2ee.group_encrypted`` envelopes made by ``encrypt_group_message``
+    (3DH to a group prekey, 1DH, ``self_sync`` and ``audit`` rows, protected headers and context,
+    a state commitment; the sv-0 placeholder; a server-style per-device split), each opened with
+    the SDK's ``decrypt_message`` before it is written, plus V2 state commitments computed by
+    ``compute_state_commitment``.
+
 ``decrypt``
     Read ``{"cases": [...], "spk_checks": [...], "canonical": [...]}`` as JSON on stdin, where a
     case is ``{"name", "envelope", "my_aid", "my_device_id", "my_ik_pem", "my_spk_pem"?,
     "sender_ik_b64"}``; open each envelope with the SDK exactly as its client would (fingerprint
     check, key selection, ``decrypt_message``), check SPK signatures with the SDK's primitive and
-    canonicalise values; print ``{"cases": [...], "spk_checks": [...], "canonical": [...]}``.
+    canonicalise values; print ``{"cases": [...], "spk_checks": [...], "canonical": [...]}``. Group
+    envelopes open the same way (the SDK's ``decrypt_message`` serves both kinds); an optional
+    ``"state_commitments": [{"group_id", "state_version", "payload"}]`` is answered with the SDK's
+    hex commitments under the same key.
 
 Exit status is 0 unless the script itself is misused or crashes; per-case failures are data.
 """
@@ -51,7 +61,9 @@ from aun_core.v2.crypto.recipients import (
     verify_merkle_proof,
 )
 from aun_core.v2.e2ee.decrypt import decrypt_message
+from aun_core.v2.e2ee.encrypt_group import encrypt_group_message
 from aun_core.v2.e2ee.encrypt_p2p import encrypt_p2p_message
+from aun_core.v2.state.commitment import compute_state_commitment
 from aun_core.version import __version__ as SDK_VERSION
 
 SUITE = "P256_HKDF_SHA256_AES_256_GCM"
@@ -431,6 +443,103 @@ def generate(path: str) -> None:
         json.dump(vectors, handle, ensure_ascii=True)
 
 
+# ------------------------------------------------------------------------------- group
+
+
+GROUP_ID = "g-0123456789.aid.test"
+
+
+def group_envelope_cases() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    alice, bob, carol = Key(), Key(), Key()
+    bob_group_spk, alice_tablet_spk = Key(), Key()
+    sender = {"aid": "alice.aid.test", "device_id": "alice-laptop", "ik_priv": alice.scalar, "ik_pub_der": alice.der}
+    keys = {
+        "alice": {"aid": "alice.aid.test", "ik_private_pem": alice.pem, "ik_public_b64": alice.b64},
+        "bob": {"aid": "bob.aid.test", "ik_private_pem": bob.pem, "ik_public_b64": bob.b64,
+                "phone_group_spk_private_pem": bob_group_spk.pem, "phone_group_spk_id": bob_group_spk.id},
+        "carol": {"aid": "carol.aid.test", "ik_private_pem": carol.pem, "ik_public_b64": carol.b64},
+    }
+    commitment = {"state_version": 3, "state_hash": "ab" * 32, "state_chain": "cd" * 32}
+    specs: list[dict[str, Any]] = [
+        {
+            "name": "group_multi",
+            "targets": [
+                target("bob.aid.test", "phone", "member", bob, bob_group_spk, "group_device_prekey"),
+                target("bob.aid.test", "laptop", "member", bob, None),
+                target("alice.aid.test", "alice-tablet", "self_sync", alice, alice_tablet_spk),
+                target("carol.aid.test", "", "audit", carol, None),
+            ],
+            "epoch": 7,
+            "state_commitment": commitment,
+            "payload": {"type": "text", "text": "héllo group 🎉", "n": 1.5, "deep": {"b": [1, None], "a": True}},
+            "headers": {"X-Trace-Id": "g-1", "tags": ["x"]},
+            "context": {"type": "run", "id": "run-7"},
+            "receivers": [
+                receiver("bob.aid.test", "phone", bob, bob_group_spk),
+                receiver("bob.aid.test", "laptop", bob, None),
+                receiver("alice.aid.test", "alice-tablet", alice, alice_tablet_spk),
+                receiver("carol.aid.test", "carol-desk", carol, None),
+            ],
+        },
+        {
+            "name": "group_1dh_placeholder_state",
+            "targets": [target("bob.aid.test", "laptop", "member", bob, None)],
+            "epoch": 1,
+            "state_commitment": None,
+            "payload": {"text": "no type, no state"},
+            "headers": None,
+            "context": None,
+            "receivers": [receiver("bob.aid.test", "laptop", bob, None)],
+        },
+    ]
+    out: list[dict[str, Any]] = []
+    for index, spec in enumerate(specs):
+        envelope = encrypt_group_message(
+            sender, GROUP_ID, spec["epoch"], spec["targets"], spec["payload"],
+            message_id=f"m-group-vector-{index}", timestamp=1735689700123 + index,
+            state_commitment=spec["state_commitment"], protected_headers=spec["headers"], context=spec["context"],
+        )
+        envelope["need_render"] = True
+        out.append(_finish(spec["name"], envelope, spec, alice))
+        if spec["name"] == "group_multi":
+            rows = envelope["recipients"]
+            index_mine = next(i for i, row in enumerate(rows) if row[:2] == ["bob.aid.test", "phone"])
+            split = {k: v for k, v in envelope.items() if k != "recipients"}
+            fields = ("aid", "device_id", "role", "key_source", "fp", "spk_id", "wrap_nonce", "wrapped_key")
+            split["recipient"] = dict(zip(fields, rows[index_mine]))
+            split["merkle_proof"] = compute_merkle_proof(rows, index_mine)
+            split["delivery_device_id"] = "phone"
+            out.append(_finish("group_per_device_split", split, dict(spec, receivers=[spec["receivers"][0]]), alice))
+    return keys, out
+
+
+def state_commitment_cases(rng: random.Random) -> list[dict[str, Any]]:
+    cases = []
+    for index in range(6):
+        members = [{"aid": f"m{rng.randint(0, 99)}-{i}.aid.test",
+                    "devices": [{"device_id": f"d-{rng.randint(0, 9)}-{j}", "ik_fp": fp(Key().der)}
+                                for j in range(rng.randint(0, 3))]}
+                   for i in range(rng.randint(1, 5))]
+        rng.shuffle(members)
+        admins = [m["aid"] for m in members[: rng.randint(1, len(members))]]
+        payload = {"members": members, "audit_aids": [f"audit{i}.aid.test" for i in range(rng.randint(0, 2))][::-1],
+                   "admin_set": {"admin_aids": admins[::-1], "threshold": 1}, "join_policy_hash": None,
+                   "recovery_quorum": None if index % 2 else {"quorum_aids": ["z.aid.test", "a.aid.test"]},
+                   "history_policy": "recent_7_days", "wrap_protocol": "3DH", "note": "é世界"}
+        group_id, version = f"g-{index:010d}.aid.test", rng.randint(1, 2**32 - 1)
+        cases.append({"group_id": group_id, "state_version": version, "payload": payload,
+                      "state_hash": compute_state_commitment(group_id, version, payload)})
+    return cases
+
+
+def generate_group(path: str) -> None:
+    keys, envelopes = group_envelope_cases()
+    vectors = {"sdk": "fastaun", "sdk_version": SDK_VERSION, "group_id": GROUP_ID, "keys": keys,
+               "envelopes": envelopes, "state_commitments": state_commitment_cases(random.Random(0x6A0))}
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(vectors, handle, ensure_ascii=True)
+
+
 # --------------------------------------------------------------------------------- decrypt
 
 
@@ -462,19 +571,24 @@ def decrypt_requests(request: dict[str, Any]) -> dict[str, Any]:
             and ecdsa_verify_raw(base64.b64decode(check["ik_public_b64"]), base64.b64decode(check["signature_b64"]), data)
         )
     canonical = [canonical_json(value).decode("utf-8") for value in request.get("canonical", [])]
-    return {"cases": cases, "spk_checks": spk_checks, "canonical": canonical}
+    commitments = [compute_state_commitment(c["group_id"], c["state_version"], c["payload"])
+                   for c in request.get("state_commitments", [])]
+    return {"cases": cases, "spk_checks": spk_checks, "canonical": canonical, "state_commitments": commitments}
 
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "gen":
         generate(argv[2])
         return 0
+    if len(argv) == 3 and argv[1] == "group-gen":
+        generate_group(argv[2])
+        return 0
     if len(argv) == 2 and argv[1] == "decrypt":
         request = json.load(sys.stdin)
         json.dump(decrypt_requests(request), sys.stdout, ensure_ascii=True)
         sys.stdout.write("\n")
         return 0
-    sys.stderr.write("usage: gen_fastaun_vectors.py gen OUT.json | decrypt < request.json\n")
+    sys.stderr.write("usage: gen_fastaun_vectors.py gen OUT.json | group-gen OUT.json | decrypt < request.json\n")
     return 2
 
 

@@ -7,6 +7,14 @@ batches to a worker thread; nothing here blocks on anything but the CPU.
 
 from .canonical import MAX_SAFE_INTEGER, canonical_json, canonical_json_str
 from .errors import DECRYPT_REASON_CODES, ENCRYPT_REASON_CODES, E2EEDecryptError, E2EEEncryptError, E2EEError
+from .group import (
+    GROUP_ENVELOPE_TYPE,
+    decrypt_group,
+    encrypt_group,
+    snapshot_json,
+    state_commitment,
+    state_sign_input,
+)
 from .merkle import (
     leaf_hash,
     merkle_proof,
@@ -52,6 +60,7 @@ __all__ = [
     "ENCRYPT_REASON_CODES",
     "ENVELOPE_TYPE",
     "ENVELOPE_VERSION",
+    "GROUP_ENVELOPE_TYPE",
     "HEADERS_DOMAIN",
     "KEY_SOURCE_AID_MASTER",
     "MAX_SAFE_INTEGER",
@@ -68,7 +77,9 @@ __all__ = [
     "attach_auth",
     "canonical_json",
     "canonical_json_str",
+    "decrypt_group",
     "decrypt_p2p",
+    "encrypt_group",
     "encrypt_p2p",
     "ik_fingerprint",
     "leaf_hash",
@@ -84,8 +95,11 @@ __all__ = [
     "recipients_digest",
     "row_leaf_hash",
     "sign_spk",
+    "snapshot_json",
     "spk_id_for",
     "spki_sha256",
+    "state_commitment",
+    "state_sign_input",
     "verify_auth",
     "verify_merkle_proof",
     "verify_spk",

@@ -392,33 +392,66 @@ def encrypt_p2p(
     Raises ``E2EEEncryptError`` with ``no_targets``, ``duplicate_target``, ``invalid_target``,
     ``invalid_header`` or ``invalid_payload``.
     """
+    _check_seal_inputs(targets, payload, timestamp_ms, (sender_aid, sender_device_id, message_id, to_aid or ""))
+    to = to_aid if to_aid is not None else next((t.aid for t in targets if t.role != "audit"), "")
+    return _seal_envelope(
+        ENVELOPE_TYPE, {"t_send": timestamp_ms, "t_supplement": None, "t_server": None}, {"to": to}, {},
+        sender_aid=sender_aid, sender_device_id=sender_device_id, sender_ik_private=sender_ik_private,
+        targets=targets, payload=payload, message_id=message_id, timestamp_ms=timestamp_ms,
+        protected_headers=protected_headers, context=context, need_render=need_render,
+        sender_ik_digest=sender_ik_digest)
+
+
+def _check_seal_inputs(targets: Sequence[Any], payload: Any, timestamp_ms: Any, ids: Sequence[Any]) -> None:
     if not targets:
         raise E2EEEncryptError("no_targets", "no recipient devices")
     if not isinstance(payload, Mapping):
         raise E2EEEncryptError("invalid_payload", "payload must be an object")
     if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool):
         raise E2EEEncryptError("invalid_payload", "timestamp_ms must be an int")
-    for value in (sender_aid, sender_device_id, message_id, to_aid or ""):
+    for value in ids:
         if not isinstance(value, str):
             raise E2EEEncryptError("invalid_payload", "sender ids, message_id and to_aid must be str")
-
-    to = to_aid
-    protocols: set[str] = set()
     for target in targets:
         if not isinstance(target, Target):
             raise E2EEEncryptError("invalid_target", "targets must be Target instances")
-        protocols.add("3DH" if target.uses_spk else "1DH")
-        if to is None and target.role != "audit":
-            to = target.aid
-    aad = {
-        "from": sender_aid,
-        "from_device": sender_device_id,
-        "to": to or "",
-        "message_id": message_id,
-        "timestamp": timestamp_ms,
-        "suite": SUITE,
-        "wrap_protocol": "+".join(sorted(protocols)),
-    }
+
+
+def _wrap_protocol(targets: Sequence[Target]) -> str:
+    """``aad.wrap_protocol``: "1DH", "3DH" or "1DH+3DH" after the rows the targets get."""
+    return "+".join(sorted({"3DH" if target.uses_spk else "1DH" for target in targets}))
+
+
+def _seal_envelope(
+    envelope_type: str,
+    head: Mapping[str, Any],
+    aad_scope: Mapping[str, Any],
+    aad_extra: Mapping[str, Any],
+    *,
+    sender_aid: str,
+    sender_device_id: str,
+    sender_ik_private: ec.EllipticCurvePrivateKey,
+    targets: Sequence[Target],
+    payload: Mapping[str, Any],
+    message_id: str,
+    timestamp_ms: int,
+    protected_headers: Mapping[str, Any] | None,
+    context: Mapping[str, Any] | None,
+    need_render: bool | None,
+    sender_ik_digest: bytes | None,
+) -> dict[str, Any]:
+    """The part of E2EE v2 sealing that P2P and group envelopes share (protocol 5.3).
+
+    The envelope starts ``type, version, suite, msg_type`` then the kind's ``head`` members; the
+    AAD is ``from, from_device``, the kind's ``aad_scope`` (P2P ``to``; group ``group_id, epoch``),
+    ``message_id, timestamp, suite, wrap_protocol`` and ``aad_extra`` (group
+    ``state_commitment``), in the SDK's member order. The caller has checked the inputs with
+    :func:`_check_seal_inputs`. Encrypts the canonical payload under a fresh master key, wraps the
+    key per target (3DH or 1DH), sorts the rows, signs ``ct || tag || aad || merkle root`` and
+    MACs headers and context.
+    """
+    aad = {"from": sender_aid, "from_device": sender_device_id, **aad_scope, "message_id": message_id,
+           "timestamp": timestamp_ms, "suite": SUITE, "wrap_protocol": _wrap_protocol(targets), **aad_extra}
     try:
         aad_bytes = canonical_json(aad)
         plaintext = canonical_json(payload)
@@ -470,14 +503,9 @@ def encrypt_p2p(
     if sender_ik_digest is None:
         sender_ik_digest = spki_sha256(sender_ik_private.public_key())
 
-    envelope: dict[str, Any] = {
-        "type": ENVELOPE_TYPE,
-        "version": ENVELOPE_VERSION,
-        "suite": SUITE,
-        "msg_type": "original",
-        "t_send": timestamp_ms,
-        "t_supplement": None,
-        "t_server": None,
+    envelope: dict[str, Any] = {"type": envelope_type, "version": ENVELOPE_VERSION, "suite": SUITE,
+                                "msg_type": "original", **head}
+    envelope.update({
         "nonce": _b64(body_nonce),
         "ciphertext": _b64(ciphertext),
         "tag": _b64(tag),
@@ -487,7 +515,7 @@ def encrypt_p2p(
         "recipients_digest": root.hex(),
         "recipients": [entry[1] for entry in entries],
         "aad": aad,
-    }
+    })
     payload_type = _payload_type(payload)
     if payload_type:
         envelope["payload_type"] = payload_type
@@ -612,25 +640,72 @@ def decrypt_p2p(
     ``header_mac_invalid``, ``context_mac_invalid``, ``body_decrypt_failed`` or
     ``payload_invalid``. Nothing else escapes for any JSON-shaped ``envelope``.
     """
+    def check_aad(aad: dict[str, Any], role: str) -> None:
+        if expected_to is not None:
+            if role == "self_sync":
+                if aad["from"] != my_aid:
+                    raise _fail("aad_mismatch", "self_sync row in a message not sent by this AID")
+            elif role != "audit" and aad["to"] != expected_to:
+                raise _fail("aad_mismatch", "aad.to differs from the expected recipient")
+
+    return _open_envelope(
+        envelope, envelope_type=ENVELOPE_TYPE, label="P2P", aad_strings=_P2P_AAD_STRINGS, check_shape=None,
+        check_aad=check_aad, my_aid=my_aid, my_device_id=my_device_id, my_ik_private=my_ik_private,
+        spk_lookup=spk_lookup, sender_ik_public=sender_ik_public, expected_from=expected_from,
+        expected_from_device=expected_from_device, expected_message_id=expected_message_id,
+        require_merkle_proof=require_merkle_proof, sender_ik_digest=sender_ik_digest)
+
+
+_P2P_AAD_STRINGS = ("from", "from_device", "to", "message_id", "wrap_protocol")
+AadCheck = Callable[[dict[str, Any], str], None]
+
+
+def _open_envelope(
+    envelope: Mapping[str, Any],
+    *,
+    envelope_type: str,
+    label: str,
+    aad_strings: Sequence[str],
+    check_shape: Callable[[Mapping[str, Any], dict[str, Any]], None] | None,
+    check_aad: AadCheck | None,
+    my_aid: str,
+    my_device_id: str,
+    my_ik_private: ec.EllipticCurvePrivateKey,
+    spk_lookup: SpkLookup,
+    sender_ik_public: ec.EllipticCurvePublicKey,
+    expected_from: str | None,
+    expected_from_device: str | None,
+    expected_message_id: str | None,
+    require_merkle_proof: bool,
+    sender_ik_digest: bytes | None,
+) -> DecryptResult:
+    """The verification and opening that P2P and group envelopes share (protocol 5.5).
+
+    ``aad_strings`` name the AAD members that must be strings; ``check_shape(envelope, aad)``
+    adds envelope-kind shape checks (raise ``malformed_envelope``/``aad_mismatch``) and
+    ``check_aad(aad, role)`` the kind's expectations once our row (and its role) is known.
+    """
     # 1. Shape.
     if not isinstance(envelope, Mapping):
         raise _fail("malformed_envelope", "envelope is not an object")
     kind, version, suite = envelope.get("type"), envelope.get("version"), envelope.get("suite")
     if not isinstance(kind, str) or not isinstance(version, str) or not isinstance(suite, str):
         raise _fail("malformed_envelope", "type/version/suite missing")
-    if kind != ENVELOPE_TYPE or version != ENVELOPE_VERSION or suite != SUITE:
-        raise _fail("unsupported_envelope", f"not a P2P v2 envelope: {kind}/{version}/{suite}")
+    if kind != envelope_type or version != ENVELOPE_VERSION or suite != SUITE:
+        raise _fail("unsupported_envelope", f"not a {label} v2 envelope: {kind}/{version}/{suite}")
     aad = envelope.get("aad")
     if not isinstance(aad, dict):
         raise _fail("malformed_envelope", "aad missing")
-    for name in ("from", "from_device", "to", "message_id", "wrap_protocol"):
+    for name in aad_strings:
         if not isinstance(aad.get(name), str):
             raise _fail("malformed_envelope", f"aad.{name} missing or not a string")
     timestamp = aad.get("timestamp")
     if not isinstance(timestamp, int) or isinstance(timestamp, bool):
         raise _fail("malformed_envelope", "aad.timestamp missing or not an integer")
     if aad.get("suite") != SUITE:
-        raise _fail("unsupported_envelope", "aad.suite is not the P2P v2 suite")
+        raise _fail("unsupported_envelope", f"aad.suite is not the {label} v2 suite")
+    if check_shape is not None:
+        check_shape(envelope, aad)
     body_nonce = _field_b64(envelope, "nonce", 12)
     ciphertext = _field_b64(envelope, "ciphertext")
     tag = _field_b64(envelope, "tag", 16)
@@ -703,12 +778,8 @@ def decrypt_p2p(
         raise _fail("aad_mismatch", "aad.from_device differs from the delivering sender device")
     if expected_message_id is not None and aad["message_id"] != expected_message_id:
         raise _fail("aad_mismatch", "aad.message_id differs from the delivered message id")
-    if expected_to is not None:
-        if role == "self_sync":
-            if aad["from"] != my_aid:
-                raise _fail("aad_mismatch", "self_sync row in a message not sent by this AID")
-        elif role != "audit" and aad["to"] != expected_to:
-            raise _fail("aad_mismatch", "aad.to differs from the expected recipient")
+    if check_aad is not None:
+        check_aad(aad, role)
 
     # 5. Unwrap the master key.
     wrap_nonce = _unb64(row[6])
