@@ -7,8 +7,8 @@ import sys
 
 from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, unreachable
 
-DEFAULT_KINDS = ("message.received", "message.undecryptable", "state_change", "gateway.disconnect",
-                 "sync.proof_rejected", "token.refreshed")
+DEFAULT_KINDS = ("message.received", "message.undecryptable", "group.message.received", "group.changed",
+                 "state_change", "gateway.disconnect", "sync.proof_rejected", "token.refreshed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,9 @@ def _summary(event) -> str:
     if event.kind == "message.received":
         lock = "e2ee" if d.get("encrypted") else "plain"
         return f"from={d.get('from')} seq={d.get('seq')} ({lock}) {json.dumps(d.get('payload'), ensure_ascii=False)}"
+    if event.kind == "group.message.received":
+        return (f"group={d.get('group_id')} from={d.get('from')} seq={d.get('seq')} "
+                f"{json.dumps(d.get('payload'), ensure_ascii=False)}")
     if event.kind == "message.undecryptable":
         return f"from={d.get('from')} seq={d.get('seq')} reason={d.get('reason')}"
     return json.dumps(d, ensure_ascii=False, default=str)
