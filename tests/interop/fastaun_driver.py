@@ -9,44 +9,8 @@ import json
 import os
 import secrets
 import sys
-from pathlib import Path
-from urllib.parse import urlsplit
 
-GW, ROOT_CA, WORK = os.environ["AUN_GW_URL"], os.environ["AUN_ROOT_CA"], Path(os.environ["AUN_WORKDIR"])
-_u = urlsplit(GW)
-os.environ.setdefault("AUN_NAMESERVICE_URL", f"{'https' if _u.scheme == 'wss' else 'http'}://{_u.netloc}")
-from aun_core import AIDStore, AUNClient  # noqa: E402
-
-failed: list[str] = []
-
-
-def check(name, ok, detail=None):
-    print(json.dumps({"check": name, "ok": bool(ok), "detail": detail}, default=str), flush=True)
-    if not ok:
-        failed.append(name)
-
-
-def note(**fields):
-    print(json.dumps({"note": fields}, default=str), flush=True)
-
-
-def store_for(name):
-    return AIDStore(aun_path=str(WORK / name), encryption_seed="t", root_ca_path=ROOT_CA, verify_ssl=False)
-
-
-async def ensure(name, aid=None):
-    """Load the identity; register only when it is absent; load again (the SDK's own guidance)."""
-    store = store_for(name)
-    aid = aid or f"{name}-{secrets.token_hex(3)}.aid.test"
-    loaded = store.load(aid)
-    if not loaded.ok:
-        store._keystore.set_metadata_value(aid, "gateway_url", GW)  # point discovery at our gateway
-        registered = await store.register(aid, type="agent")
-        if not registered.ok:
-            raise SystemExit(f"register {aid}: {registered.error.message}")
-        loaded = store.load(aid)
-    return aid, loaded.data["aid"]
-
+from fastaun_common import AUNClient, WORK, check, ensure, failed, note, wait_for
 
 async def open_client(name, aid=None, **opts):
     aid, ident = await ensure(name, aid)
@@ -58,12 +22,6 @@ async def open_client(name, aid=None, **opts):
     return aid, client, inbox
 
 
-async def wait_for(pred, timeout=10.0):
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return pred()
 
 
 async def both_ways():

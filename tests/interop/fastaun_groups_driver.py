@@ -7,28 +7,9 @@ exits 1 if any check failed. Imports only fastaun, never aund: it is the indepen
 import asyncio
 import json
 import os
-import secrets
 import sys
-from pathlib import Path
-from urllib.parse import urlsplit
 
-GW, ROOT_CA, WORK = os.environ["AUN_GW_URL"], os.environ["AUN_ROOT_CA"], Path(os.environ["AUN_WORKDIR"])
-_u = urlsplit(GW)
-os.environ.setdefault("AUN_NAMESERVICE_URL", f"{'https' if _u.scheme == 'wss' else 'http'}://{_u.netloc}")
-from aun_core import AIDStore, AUNClient  # noqa: E402
-
-failed: list[str] = []
-
-
-def check(name, ok, detail=None):
-    print(json.dumps({"check": name, "ok": bool(ok), "detail": detail}, default=str), flush=True)
-    if not ok:
-        failed.append(name)
-
-
-def note(**fields):
-    print(json.dumps({"note": fields}, default=str), flush=True)
-
+from fastaun_common import AUNClient, WORK, check, ensure, failed, note  # noqa: F401  (re-exported)
 
 class Member:
     """One fastaun client and what it saw: decrypted group messages (by message_id) and group events."""
@@ -55,17 +36,9 @@ class Member:
         return {self.text_of(m) for m in self.messages.values() if str(self.text_of(m)).startswith(prefix)}
 
     async def open(self, aid=None):
-        store = AIDStore(aun_path=str(WORK / self.name), encryption_seed="t", root_ca_path=ROOT_CA, verify_ssl=False)
-        aid = aid or f"{self.name}-{secrets.token_hex(3)}.aid.test"
-        loaded = store.load(aid)
-        if not loaded.ok:
-            store._keystore.set_metadata_value(aid, "gateway_url", GW)  # point discovery at our gateway
-            registered = await store.register(aid, type="agent")
-            if not registered.ok:
-                raise SystemExit(f"register {aid}: {registered.error.message}")
-            loaded = store.load(aid)
+        aid, ident = await ensure(self.name, aid)
         self.aid = aid
-        self.client = AUNClient(loaded.data["aid"])
+        self.client = AUNClient(ident)
         self.client.on("group.message_created", self.on_message)
         self.client.on("group.changed", lambda e: self.changed.append(e) if isinstance(e, dict) else None)
         self.client.on("group.message_undecryptable", lambda e: self.undecryptable.append(e))
