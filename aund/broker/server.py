@@ -26,7 +26,7 @@ from aund.broker.policy import Policy
 from aund.broker.session import AppSession
 from aund.broker.sockets import BoundPath, bind_unix, peer_credentials
 from client_stub import wire
-from client_stub.errors import AundError, LimitsExceeded, PermissionDenied
+from client_stub.errors import AundError, LimitsExceeded, NotReady, PermissionDenied
 
 log = structlog.get_logger("aund.broker")
 
@@ -58,6 +58,7 @@ class BrokerServer:
         self._conn_ids = itertools.count(1)
         self._rejecting = False
         self._refused_uids: set[int] = set()
+        self.draining = False
 
     def __repr__(self) -> str:
         lim = self.call_limiter.statistics()
@@ -74,6 +75,11 @@ class BrokerServer:
             connections_rejected=self.connections_rejected, protocol_violations=self.protocol_violations,
             stalled_disconnects=self.stalled_disconnects,
         )
+
+    def stop_accepting(self) -> None:
+        """Graceful stop, step 1: new app connections are refused (NotReady); connected apps keep
+        their in-flight calls, which the caller lets finish within its grace period."""
+        self.draining = True
 
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[BrokerServer] = trio.TASK_STATUS_IGNORED) -> None:
@@ -101,6 +107,10 @@ class BrokerServer:
                 data={"quota": "connections", "limit": self.limits.max_connections}))
             return
         self._rejecting = False
+        if self.draining:
+            await self._reject(stream, NotReady("aund is stopping; try again when it is back",
+                                                data={"reason": "stopping"}))
+            return
         if self.policy is not None and not self.policy.admits(uid, gid):
             if uid not in self._refused_uids and len(self._refused_uids) < MAX_LOGGED_UIDS:
                 self._refused_uids.add(uid)

@@ -90,6 +90,7 @@ async def _main(config) -> int:
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         systemd.notify("STOPPING=1", "STATUS=stopping")
+                        await _drain(daemon, config.shutdown_grace, log)
                         await daemon.aclose()
                         nursery.cancel_scope.cancel()
                         break
@@ -100,6 +101,19 @@ async def _main(config) -> int:
                 await trio.aclose_forcefully(listener)
     log.info("daemon.stopped")
     return 0
+
+
+async def _drain(daemon, grace: float, log) -> None:
+    """Graceful stop: refuse new apps, let in-flight calls finish (at most `grace` seconds)."""
+    import trio
+
+    daemon.broker.stop_accepting()
+    with trio.move_on_after(grace) as scope:
+        while daemon.broker.statistics().calls_in_flight:
+            await trio.sleep(0.05)
+    if scope.cancelled_caught:
+        log.warning("daemon.drain_timeout", calls_in_flight=daemon.broker.statistics().calls_in_flight,
+                    grace=grace)
 
 
 def _reload(daemon, log) -> None:

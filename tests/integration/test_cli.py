@@ -113,3 +113,31 @@ def test_demo_runs_and_cleans_up():
     tmp_line = next(x for x in r.stdout.splitlines() if "state in" in x)
     tmp_dir = tmp_line.rsplit("state in ", 1)[1].rstrip(")")
     assert not os.path.exists(tmp_dir)
+
+
+def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_apps(devnet, daemon):
+    """Graceful stop: a call already on its way is answered; a new app is told aund is stopping."""
+    import threading
+
+    from client_stub import Client, NotReady
+
+    wait_until(lambda: _ready(daemon), 30, 0.2, "healthy")
+    devnet.set_faults(reply_delay_ms=1500)  # the call is still in flight when SIGTERM arrives
+    result = {}
+
+    def slow_call():
+        with Client(daemon.socket) as c:
+            result["reply"] = c.session(daemon.aid).call("meta.status", {}, timeout=20)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.5)
+    daemon.proc.send_signal(15)
+    time.sleep(0.2)
+    with pytest.raises(NotReady):
+        with Client(daemon.socket, reconnect_attempts=0) as late:
+            late.ping()
+    caller.join(20)
+    assert result["reply"]["aid"] == daemon.aid
+    assert daemon.proc.wait(20) == 0
+    devnet.set_faults(reply_delay_ms=0)
