@@ -254,6 +254,11 @@ class Link:
     def is_ready(self) -> bool:
         return self.state == LinkState.READY
 
+    @property
+    def session_open(self) -> bool:
+        """An authenticated socket is up (post-connect work may call before the link is ready)."""
+        return self._session_open
+
     async def wait_stopped(self) -> None:
         """Return once the supervisor has ended (closed, or failed for good)."""
         await self._stopped.wait()

@@ -120,16 +120,20 @@ class E2EESession:
 
     async def publish_prekey(self, link: Link, *, rotate: bool = False) -> str:
         """Make a prekey if there is none (or `rotate`), and publish the current one."""
-        async with self._prekey_lock:
+        async with self._prekey_lock:  # the local part only: never held across a gateway call
             if rotate or not self._prekeys:
                 await self._new_prekey()
             record = self._prekeys[-1]
-            await link.call("message.v2.put_peer_pk", {
-                "peer_aid": self.aid, "key_source": "peer_device_prekey", **prekey_wire(record)}, background=True)
-            if rotate:
-                self.rotations += 1
-                log.info("e2ee.prekey_rotated", aid=self.aid, spk_id=record["spk_id"])
-            return record["spk_id"]
+        if rotate:
+            self.rotations += 1
+            log.info("e2ee.prekey_rotated", aid=self.aid, spk_id=record["spk_id"])
+            if not link.session_open:
+                # The link is down: the next connect publishes the newest prekey before it is ready.
+                # (Waiting here for readiness would wait on that very connect.)
+                return record["spk_id"]
+        await link.call("message.v2.put_peer_pk", {
+            "peer_aid": self.aid, "key_source": "peer_device_prekey", **prekey_wire(record)}, background=True)
+        return record["spk_id"]
 
     def _spk_lookup(self, spk_id: str) -> ec.EllipticCurvePrivateKey | None:
         if spk_id == self._ik_fp:

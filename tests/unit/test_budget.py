@@ -226,3 +226,42 @@ async def test_link_call_queue_timeout_is_a_retryable_rpc_timeout(autojump_clock
         assert info.value.retryable and "queue timeout before send" in str(info.value)
         n.cancel_scope.cancel()
     assert link.budget.statistics().in_flight == 0
+
+
+async def test_prekey_rotation_while_the_link_is_down_does_not_wait_for_it(tmp_path):
+    """Regression: a rotation started as the link dropped held the prekey lock while waiting for the
+    link to be ready, and the reconnect's own prekey publication waited on that lock (a 35 s stall).
+    Now the rotation saves the new prekey and leaves its upload to the next connect."""
+    from aund.aun import auth
+    from aund.aun.messaging import E2EESession
+    from aund.identity.store import IdentityStore
+
+    store = IdentityStore(tmp_path, "seed")
+    key = store.create_pending("rot1.aid.test")
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rot1.aid.test")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    from aund.identity import pki
+    store.promote("rot1.aid.test", key, pki.cert_pem(cert))
+    session = E2EESession(store.load("rot1.aid.test"), store, auth.GatewayTrust([]))
+    await session.load()
+
+    class DownLink:
+        session_open = False
+
+        async def call(self, *args, **kwargs):
+            raise AssertionError("must not call a link that is down")
+
+    with trio.fail_after(2):
+        first = await session.publish_prekey(DownLink(), rotate=True)
+        second = await session.publish_prekey(DownLink(), rotate=True)
+    assert first != second and session.current_spk_id == second
+    assert [r["spk_id"] for r in store.load_prekeys("rot1.aid.test")] == [first, second]
