@@ -41,7 +41,9 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # typing is for checkers only: apps should not pay for importing it
+if TYPE_CHECKING:
+    from typing import Any
 
 from client_stub import wire
 from client_stub.errors import (

@@ -20,7 +20,9 @@ nearest branch instead of the root.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+TYPE_CHECKING = False  # typing is for checkers only: apps should not pay for importing it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "AundError", "ClientError", "ServerError",

@@ -26,8 +26,10 @@ Discover features by name in ``features``/``ops`` rather than by the version num
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any, Union
+
+TYPE_CHECKING = False  # typing is for checkers only: apps should not pay for importing it
+if TYPE_CHECKING:
+    from typing import Any
 
 import msgpack
 
@@ -43,7 +45,7 @@ HEADER = struct.Struct(">I")
 MAX_ID_LEN = 256  # longest str request/subscription id
 HELLO_OP = "hello"
 
-Id = Union[int, str]
+Id = "int | str"  # (type hints only)
 _KINDS = ("req", "rep", "err", "evt")
 
 
@@ -72,15 +74,57 @@ def _check_map(name: str, value: object) -> None:
             raise ProtocolError(f"field {name!r} has a non-string key {key!r:.40}")
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class _Record:
+    """A small immutable record (instead of a dataclass: importing dataclasses pulls in inspect,
+    ast and dis, over a megabyte that every app would pay for). Subclasses name their fields in
+    ``__slots__`` and check them in ``_check``."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(names)} fields")
+        values = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names or key in values:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated field {key!r}")
+            values[key] = value
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise TypeError(f"{type(self).__name__}: missing fields {missing}")
+        for name in names:
+            object.__setattr__(self, name, values[name])
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(repr(getattr(self, n)) for n in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Request(_Record):
     """A ``req`` frame: the app asks for ``op`` with ``args``; ``id`` is echoed in the answer."""
 
+    __slots__ = ("id", "op", "args")
     id: Id
     op: str
     args: dict[str, Any]
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _check_id("id", self.id)
         if not isinstance(self.op, str) or not self.op:
             raise ProtocolError("field 'op' must be a non-empty string")
@@ -90,28 +134,28 @@ class Request:
         return {"kind": "req", "id": self.id, "op": self.op, "args": self.args}
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(_Record):
     """A ``rep`` frame: the successful ``result`` of request ``id``."""
 
+    __slots__ = ("id", "result")
     id: Id
     result: Any
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _check_id("id", self.id)
 
     def to_wire(self) -> dict[str, Any]:
         return {"kind": "rep", "id": self.id, "result": self.result}
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(_Record):
     """An ``err`` frame: request ``id`` (None: the connection) failed with wire dict ``error``."""
 
+    __slots__ = ("id", "error")
     id: Id | None
     error: dict[str, Any]
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _check_id("id", self.id, allow_none=True)
         _check_map("error", self.error)
 
@@ -123,14 +167,14 @@ class ErrorReply:
         return {"kind": "err", "id": self.id, "error": self.error}
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(_Record):
     """An ``evt`` frame: ``event`` delivered on subscription ``sub``."""
 
+    __slots__ = ("sub", "event")
     sub: Id
     event: dict[str, Any]
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _check_id("sub", self.sub)
         _check_map("event", self.event)
 
@@ -138,7 +182,7 @@ class Event:
         return {"kind": "evt", "sub": self.sub, "event": self.event}
 
 
-Frame = Union[Request, Reply, ErrorReply, Event]
+Frame = "Request | Reply | ErrorReply | Event"  # (a name for type hints; no typing import at run time)
 
 
 def make_request(id: Id, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -355,10 +399,10 @@ def negotiate_protocol(client_min: int, client_max: int, server_min: int, server
     return best
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_Record):
     """The arguments of the ``hello`` request."""
 
+    __slots__ = ("protocol", "min_protocol", "app")
     protocol: int
     min_protocol: int
     app: str
