@@ -180,8 +180,11 @@ async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> di
                                 break
                     finally:
                         await transport.close(ws, stream)
-                except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-                    failure = GatewayUnavailable(f"{method}: cannot reach {gateway_url}: {exc}")
+                except (OSError, trio.TooSlowError, trio_websocket.HandshakeError,
+                        trio_websocket.ConnectionClosed) as exc:
+                    # (TooSlowError: the connect timeout; it must not escape this nursery unmapped)
+                    failure = GatewayUnavailable(f"{method}: cannot reach {gateway_url}: "
+                                                 f"{exc or type(exc).__name__}")
                 except rpc.FrameError as exc:
                     failure = GatewayError(f"{method}: malformed frame from gateway: {exc}", retryable=True)
                 nursery.cancel_scope.cancel()  # raised below, outside the nursery, unwrapped

@@ -97,3 +97,27 @@ async def test_each_close_code(code):
             assert backoff == (0.05 if code == 1000 else 0.2)
         await link.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_a_gateway_that_never_answers_the_handshake_is_a_mapped_error():
+    """Regression (found by the 1,000-link benchmark): a pre-auth RPC whose connect timed out let
+    trio.TooSlowError escape inside an exception group, which crashed the daemon from a link's
+    token-refresh task. It must be GatewayUnavailable like any unreachable gateway."""
+    from aund.aun import auth as auth_mod
+    from aund.errors import GatewayUnavailable
+
+    async def silent(stream):  # accepts TCP, never answers the WebSocket handshake
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(lambda task_status: trio.serve_tcp(silent, 0, host="127.0.0.1",
+                                                                     task_status=task_status))
+        port = listeners[0].socket.getsockname()[1]
+        old = auth_mod.CONNECT_TIMEOUT
+        auth_mod.CONNECT_TIMEOUT = 0.3
+        try:
+            with trio.fail_after(5), pytest.raises(GatewayUnavailable):
+                await auth_mod.short_rpc(f"ws://127.0.0.1:{port}/aun", "auth.refresh_token", {})
+        finally:
+            auth_mod.CONNECT_TIMEOUT = old
+        n.cancel_scope.cancel()
