@@ -304,7 +304,7 @@ class PeerSync(LinkSync):
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
-                      "duplicates": 0, "undecryptable": 0, "failures": 0}
+                      "duplicates": 0, "undecryptable": 0, "failures": 0, "reacks": 0}
 
     # called by the link's reader: never blocks
     def on_event(self, name: str, params: dict[str, Any]) -> None:
@@ -388,13 +388,9 @@ class PeerSync(LinkSync):
         self.stats["committed"] += len(new)
         self.stats["duplicates"] += len(events) - len(new)
         self._acks[sender] = max(self._acks.get(sender, 0), covered)
-        # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated)
-        try:
-            await self.link.call("message.v2.ack", {"up_to_seq": covered, "cursor_scope": "peer", "sender_aid": sender,
-                                                    "device_id": self.device_id, "slot_id": self.slot_id},
-                                 background=True)
-        except AundError as exc:
-            log.info("sync.ack_deferred", aid=self.aid, sender=sender, error=str(exc))
+        # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated,
+        # and the next full sync repeats it)
+        await self._ack_upstream(sender, covered)
         if rotate:
             await self.session.publish_prekey(self.link, rotate=True)
 
@@ -421,10 +417,25 @@ class PeerSync(LinkSync):
             if not page["has_more"] or covered <= after:
                 return
 
+    async def _ack_upstream(self, sender: str, up_to: int) -> None:
+        try:
+            await self.link.call("message.v2.ack", {"up_to_seq": up_to, "cursor_scope": "peer", "sender_aid": sender,
+                                                    "device_id": self.device_id, "slot_id": self.slot_id},
+                                 background=True)
+        except AundError as exc:
+            log.info("sync.ack_deferred", aid=self.aid, sender=sender, error=str(exc))
+
     async def full_sync(self) -> None:
+        """Catch up with every sender the gateway lists as pending; and where the gateway's cursor
+        lags what the inbox already holds (an ack lost to a crash or a failure), ack again."""
         result = await self.link.call("message.peers", {"filter": "pending"}, background=True)
         for peer in result.get("peers") or []:
             sender = peer.get("sender_aid") if isinstance(peer, dict) else None
             if isinstance(sender, str) and isinstance(peer.get("head_seq"), int):
-                if peer["head_seq"] > await self._ack_of(sender):
+                local = await self._ack_of(sender)
+                if peer["head_seq"] > local:
                     await self.sync_sender(sender)
+                server_ack = peer.get("server_ack_seq")
+                if isinstance(server_ack, int) and server_ack < await self._ack_of(sender):
+                    self.stats["reacks"] += 1
+                    await self._ack_upstream(sender, await self._ack_of(sender))

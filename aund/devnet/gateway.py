@@ -98,6 +98,7 @@ class Faults:
     reply_delay_ms: int = 0       # hold every RPC reply this long
     break_proof: int = 0          # the next N pull pages claim coverage beyond the head (a lying gateway)
     replay_pushes: int = 0        # the next N pushes are sent twice (a replaying gateway)
+    fail_acks: int = 0            # the next N message.v2.ack calls fail (retryable 5003) and change nothing
     push_counter: int = 0
 
     def should_drop_push(self) -> bool:
@@ -278,11 +279,11 @@ class Devnet:
                 return 400, {"error": str(exc)}, {}
             if not isinstance(knobs, dict):
                 return 400, {"error": "faults must be a JSON object"}, {}
-            for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes"):
+            for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes", "fail_acks"):
                 if isinstance(knobs.get(key), int) and not isinstance(knobs.get(key), bool):
                     setattr(self.faults, key, max(0, knobs[key]))
             return 200, {"drop_push_every": self.faults.drop_push_every, "break_proof": self.faults.break_proof,
-                         "replay_pushes": self.faults.replay_pushes,
+                         "replay_pushes": self.faults.replay_pushes, "fail_acks": self.faults.fail_acks,
                          "reply_delay_ms": self.faults.reply_delay_ms}, {}
         return 404, {"error": "not found"}, {}
 
@@ -817,6 +818,9 @@ class Conn:
 
     def rpc_ack(self, params: dict[str, Any]) -> dict[str, Any]:
         sender = validate_aid(params.get("sender_aid"))
+        if self.net.faults.fail_acks > 0:
+            self.net.faults.fail_acks -= 1
+            raise RpcError(5003, "ack service unavailable (devnet fault)", {"retryable": True})
         up_to = _int(params, "up_to_seq", 0)
         effective = self.net.store.ack(self.aid, self.device_id, self.slot_key, sender, up_to)
         return {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,

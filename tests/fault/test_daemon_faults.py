@@ -219,3 +219,34 @@ def test_a_truncated_key_file_is_reported_and_left_alone(devnet, tmp_path):
         assert _digest(key) == before and key.exists()
     finally:
         assert again.stop() == 0
+
+
+def test_an_ack_the_gateway_lost_is_sent_again(devnet, tmp_path):
+    """The inbox holds messages whose upstream ack failed: the next quiet-link check acks again, so
+    the gateway's cursor catches up without any new message (it would otherwise show them unread)."""
+    alice, bob = (f"{n}-{secrets.token_hex(3)}.aid.test" for n in ("alice", "bob"))
+    daemon = _daemon(devnet, tmp_path, [alice, bob])
+    try:
+        _wait_ready(daemon.socket, [alice, bob])
+        devnet.set_faults(fail_acks=1000)  # every ack fails for now
+        with Client(daemon.socket) as c:
+            s = c.session(alice)
+            for i in range(3):
+                s.call("message.send", {"to": bob, "payload": {"type": "text", "text": f"a{i}"}})
+            wait_until(lambda: c.status()["inbox"].get(bob, 0) >= 3, 30, 0.1, "committed")
+            wait_until(lambda: any(e.get("event") == "sync.ack_deferred" for e in daemon.log_events()), 30, 0.1,
+                       "a failed ack")
+            devnet.set_faults(fail_acks=0)
+            acks_before = devnet.stats()["rpc"].get("message.v2.ack", 0)
+            # the poll (AUND_SYNC_POLL_SECONDS=1) sees the gateway's cursor behind the inbox and acks again
+            wait_until(lambda: devnet.stats()["rpc"].get("message.v2.ack", 0) > acks_before, 30, 0.1,
+                       "a repeated ack")
+            errors_before = devnet.stats()["rpc_errors"].get("message.v2.ack 5003", 0)
+            time.sleep(2.5)  # two more polls: once the cursor caught up, nothing more is sent
+            stats = devnet.stats()
+            assert stats["rpc_errors"].get("message.v2.ack 5003", 0) == errors_before
+            settled = stats["rpc"]["message.v2.ack"]
+            time.sleep(2.0)
+            assert devnet.stats()["rpc"]["message.v2.ack"] == settled
+    finally:
+        assert daemon.stop() == 0
