@@ -11,16 +11,14 @@ import base64
 import copy
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from tests.sdk_vectors import pem, private_key, run_sdk
 from aund.aun.e2ee import (
     DECRYPT_REASON_CODES,
     E2EEDecryptError,
@@ -45,37 +43,22 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("aun_core") is None, reason="fastaun (aun_core) is not installed"),
 ]
 
-GENERATOR = Path(__file__).resolve().parents[1] / "interop" / "gen_fastaun_vectors.py"
 GROUP_ENVELOPES = ("group_multi", "group_per_device_split", "group_1dh_placeholder_state")
 ALICE, BOB, CAROL = "alice.aid.test", "bob.aid.test", "carol.aid.test"
 GID = "g-0123456789.aid.test"
 
 
-def run_sdk(*args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run([sys.executable, str(GENERATOR), *args], input=stdin, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def vectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("fastaun_group") / "group_vectors.json"
-    run_sdk("group-gen", str(out))
+    run_sdk("group-gen", str(out), timeout=60)
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def private_key(pem: str | None) -> ec.EllipticCurvePrivateKey | None:
-    if pem is None:
-        return None
-    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key
 
 
-def pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode("ascii")
 
 
 def vector(vectors: dict[str, Any], name: str) -> dict[str, Any]:
@@ -262,7 +245,7 @@ def test_sdk_opens_aund_group_envelopes() -> None:
         "audit_aids": [], "admin_set": {"admin_aids": [BOB, ALICE], "threshold": 1}, "join_policy_hash": None,
         "recovery_quorum": None, "history_policy": "recent_7_days", "wrap_protocol": "3DH"}}]
     request = {"cases": [*cases, tampered, bad_mac, removed], "state_commitments": commitment_inputs}
-    reply = json.loads(run_sdk("decrypt", stdin=json.dumps(request)))
+    reply = json.loads(run_sdk("decrypt", stdin=json.dumps(request), timeout=60))
     results = reply["cases"]
     assert len(results) == len(cases) + 3
     for result in results[: len(cases)]:

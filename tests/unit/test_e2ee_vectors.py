@@ -13,18 +13,17 @@ import copy
 import hashlib
 import importlib.util
 import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.sdk_vectors import pem, private_key, run_sdk
 from aund.aun.e2ee import (
     DECRYPT_REASON_CODES,
     DecryptResult,
@@ -51,23 +50,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("aun_core") is None, reason="fastaun (aun_core) is not installed"),
 ]
 
-GENERATOR = Path(__file__).resolve().parents[1] / "interop" / "gen_fastaun_vectors.py"
 SDK_ENVELOPES = ("3dh_single", "1dh_single", "multi_mixed", "per_device_split", "per_aid", "ik_as_spk")
 ALICE = "alice.aid.test"
 BOB = "bob.aid.test"
 
 
-def run_sdk(*args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(GENERATOR), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +64,8 @@ def vectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def private_key(pem: str | None) -> ec.EllipticCurvePrivateKey | None:
-    if pem is None:
-        return None
-    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key
 
 
-def pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode("ascii")
 
 
 def envelope_vector(vectors: dict[str, Any], name: str) -> dict[str, Any]:
