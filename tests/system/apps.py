@@ -337,6 +337,17 @@ def staller(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"eof": eof, "bytes_after_stall": got}
 
 
+def next_event(stream, errors: dict[str, int], pause: float):
+    """The next event within 0.5 s, or None; a stream error is counted by class (then a short pause,
+    while the stub reconnects) instead of ending the app."""
+    try:
+        return stream.get(timeout=0.5)
+    except AundError as exc:
+        errors[_outcome(exc)] = errors.get(_outcome(exc), 0) + 1
+        time.sleep(pause)
+        return None
+
+
 # --- consume ---------------------------------------------------------------------------------------
 def consume(cfg: dict[str, Any]) -> dict[str, Any]:
     """Config: socket, aid, consumer, out (JSON lines file), expect (distinct messages to wait for),
@@ -354,12 +365,7 @@ def consume(cfg: dict[str, Any]) -> dict[str, Any]:
     count = 0
     deadline = time.monotonic() + cfg["deadline"]
     while len(seen) < cfg["expect"] and time.monotonic() < deadline:
-        try:
-            ev = stream.get(timeout=0.5)
-        except AundError as exc:
-            errors[_outcome(exc)] = errors.get(_outcome(exc), 0) + 1
-            time.sleep(0.2)
-            continue
+        ev = next_event(stream, errors, pause=0.2)
         if ev is None:
             continue
         count += 1

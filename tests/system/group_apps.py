@@ -28,12 +28,9 @@ from typing import Any
 
 from client_stub import Client
 from client_stub.errors import AundError
+from tests.system.apps import _outcome, next_event
 
 KINDS = ("group.message.received", "message.undecryptable")
-
-
-def _outcome(exc: BaseException) -> str:
-    return type(exc).__name__ if isinstance(exc, AundError) else f"UNTYPED:{type(exc).__name__}"
 
 
 def _record(ev) -> dict[str, Any]:
@@ -66,12 +63,7 @@ def consume(cfg: dict[str, Any]) -> dict[str, Any]:
     count = 0
     deadline = time.monotonic() + cfg["deadline"]
     while len(seen) < cfg["expect"] and time.monotonic() < deadline:
-        try:
-            ev = stream.get(timeout=0.5)
-        except AundError as exc:
-            errors[_outcome(exc)] = errors.get(_outcome(exc), 0) + 1
-            time.sleep(0.1)
-            continue
+        ev = next_event(stream, errors, pause=0.1)
         if ev is None:
             continue
         count += 1
