@@ -195,53 +195,45 @@ def requests(draw) -> dict:
     return {"kind": "req", "id": draw(request_ids), "op": draw(op_strategy), "args": safe(draw(args_strategy))}
 
 
-# --- tests -------------------------------------------------------------------------------------
-@FUZZ
-@given(data=st.binary(max_size=2048))
-def test_random_bytes(live, data):
+# --- checks (shared with tests/system/test_daemon_fuzz.py, which runs them against a live daemon) ---
+BROKER_TYPED = ("InvalidParams", "UnknownOp", "ResourceNotExistError", "PermissionDenied", "NotReady",
+                "LimitsExceeded")
+
+
+def check_random_bytes(live, data: bytes) -> None:
     frames, closed = exchange(live.path, data)
     assert closed
     assert all(f["kind"] == "err" and f["id"] is None for f in frames)
     live.check_alive()
 
 
-@FUZZ
-@given(body=values)
-def test_frames_of_any_shape_before_hello(live, body):
+def check_any_shape_before_hello(live, body) -> None:
     frames, closed = exchange(live.path, frame(body))
     assert closed
-    hellos = isinstance(body, dict) and body.get("op") == "hello"
-    if not hellos:
+    if not (isinstance(body, dict) and body.get("op") == "hello"):
         assert len(frames) == 1 and frames[0]["error"]["type"] == "ProtocolError" and frames[0]["id"] is None
     live.check_alive()
 
 
-@FUZZ
-@given(req=requests())
-def test_request_before_hello_is_refused(live, req):
-    assume(req["op"] != "hello")
+def check_request_before_hello(live, req: dict) -> None:
     frames, closed = exchange(live.path, frame(req))
     assert closed and len(frames) == 1
     assert frames[0]["id"] is None and frames[0]["error"]["type"] == "ProtocolError"
     live.check_alive()
 
 
-@FUZZ
-@given(reqs=st.lists(requests(), min_size=1, max_size=12))
-def test_any_request_gets_exactly_one_answer_and_the_connection_stays(live, reqs):
+def check_one_answer_each(live, reqs: list[dict], typed) -> None:
+    """Every request gets exactly one answer, errors only of the `typed` classes; the connection stays."""
     ids = [r["id"] for r in reqs]
     replies = request_until_replies(live.path, reqs)
     assert sorted(map(repr, (r["id"] for r in replies))) == sorted(map(repr, ids))
     for reply in replies:
         if reply["kind"] == "err":
-            assert reply["error"]["type"] in ("InvalidParams", "UnknownOp", "ResourceNotExistError",
-                                              "PermissionDenied", "NotReady", "LimitsExceeded")
+            assert reply["error"]["type"] in typed, reply["error"]
     live.check_alive()
 
 
-@FUZZ
-@given(req=requests(), cut=st.floats(0.0, 0.99))
-def test_truncated_frame_then_hang_up(live, req, cut):
+def check_truncated_then_hang_up(live, req: dict, cut: float) -> None:
     data = frame(req)
     frames, closed = exchange(live.path, HELLO + data[: int(len(data) * cut)])
     assert closed and frames[0]["kind"] == "rep"  # the hello answer, then nothing for the fragment
@@ -249,15 +241,51 @@ def test_truncated_frame_then_hang_up(live, req, cut):
     live.check_alive()
 
 
-@FUZZ
-@given(length=st.one_of(st.integers(MAX_FRAME + 1, 2**32 - 1), st.just(0)), after_hello=st.booleans())
-def test_oversize_or_empty_header(live, length, after_hello):
+def check_bad_header(live, length: int, after_hello: bool) -> None:
     frames, closed = exchange(live.path, (HELLO if after_hello else b"") + wire.HEADER.pack(length) + b"\x81",
                               half_close=False)
     assert closed
     assert frames[-1]["kind"] == "err" and frames[-1]["id"] is None
     assert frames[-1]["error"]["type"] == "ProtocolError"
     live.check_alive()
+
+
+# --- tests -------------------------------------------------------------------------------------
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_random_bytes(live, data):
+    check_random_bytes(live, data)
+
+
+@FUZZ
+@given(body=values)
+def test_frames_of_any_shape_before_hello(live, body):
+    check_any_shape_before_hello(live, body)
+
+
+@FUZZ
+@given(req=requests())
+def test_request_before_hello_is_refused(live, req):
+    assume(req["op"] != "hello")
+    check_request_before_hello(live, req)
+
+
+@FUZZ
+@given(reqs=st.lists(requests(), min_size=1, max_size=12))
+def test_any_request_gets_exactly_one_answer_and_the_connection_stays(live, reqs):
+    check_one_answer_each(live, reqs, BROKER_TYPED)
+
+
+@FUZZ
+@given(req=requests(), cut=st.floats(0.0, 0.99))
+def test_truncated_frame_then_hang_up(live, req, cut):
+    check_truncated_then_hang_up(live, req, cut)
+
+
+@FUZZ
+@given(length=st.one_of(st.integers(MAX_FRAME + 1, 2**32 - 1), st.just(0)), after_hello=st.booleans())
+def test_oversize_or_empty_header(live, length, after_hello):
+    check_bad_header(live, length, after_hello)
 
 
 @FUZZ

@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 
 from client_stub import Client, errors, wire
 from tests.broker.test_fuzz import (
-    HELLO, exchange, frame, request_ids, request_until_replies, requests, rss_kib, values,
+    HELLO, check_any_shape_before_hello, check_bad_header, check_one_answer_each, check_random_bytes,
+    check_request_before_hello, check_truncated_then_hang_up, exchange, frame, request_ids, request_until_replies,
+    requests, rss_kib, values,
 )
 from tests.helpers import DevnetProcess
 from tests.system.harness import aid, start_aund
@@ -277,42 +279,26 @@ def converse(path: Path, reqs: list[dict], timeout: float = 20.0) -> list[dict]:
 @FUZZ
 @given(data=st.binary(max_size=2048))
 def test_random_bytes(live, data):
-    frames, closed = exchange(live.path, data)
-    assert closed
-    assert all(f["kind"] == "err" and f["id"] is None for f in frames)
-    live.check_alive()
+    check_random_bytes(live, data)
 
 
 @FUZZ
 @given(body=values)
 def test_frames_of_any_shape_before_hello(live, body):
-    frames, closed = exchange(live.path, frame(body))
-    assert closed
-    if not (isinstance(body, dict) and body.get("op") == "hello"):
-        assert len(frames) == 1 and frames[0]["error"]["type"] == "ProtocolError" and frames[0]["id"] is None
-    live.check_alive()
+    check_any_shape_before_hello(live, body)
 
 
 @FUZZ
 @given(req=st.one_of(requests(), live_requests()))
 def test_request_before_hello_is_refused(live, req):
     assume(req["op"] != "hello")
-    frames, closed = exchange(live.path, frame(req))
-    assert closed and len(frames) == 1
-    assert frames[0]["id"] is None and frames[0]["error"]["type"] == "ProtocolError"
-    live.check_alive()
+    check_request_before_hello(live, req)
 
 
 @FUZZ
 @given(reqs=st.lists(requests(), min_size=1, max_size=12))
 def test_any_request_gets_exactly_one_typed_answer_and_the_connection_stays(live, reqs):
-    ids = [r["id"] for r in reqs]
-    replies = request_until_replies(live.path, reqs)
-    assert sorted(map(repr, (r["id"] for r in replies))) == sorted(map(repr, ids))
-    for reply in replies:
-        if reply["kind"] == "err":
-            assert reply["error"]["type"] in TYPED_REPLIES, reply["error"]
-    live.check_alive()
+    check_one_answer_each(live, reqs, TYPED_REPLIES)
 
 
 @settings(FUZZ, max_examples=40)
@@ -331,24 +317,14 @@ def test_requests_reaching_the_live_backend_get_typed_answers(live, reqs):
 @FUZZ
 @given(req=st.one_of(requests(), live_requests()), cut=st.floats(0.0, 0.99))
 def test_truncated_frame_then_hang_up(live, req, cut):
-    data = frame(req)
-    frames, closed = exchange(live.path, HELLO + data[: int(len(data) * cut)])
-    assert closed and frames[0]["kind"] == "rep"
-    assert all(f["kind"] != "rep" or f["id"] == 0 for f in frames)
-    live.check_alive()
+    check_truncated_then_hang_up(live, req, cut)
 
 
 @settings(FUZZ, max_examples=15)
 @given(after_hello=st.booleans(), data=st.data())
 def test_oversize_or_empty_header(live, after_hello, data):
     limit = MAX_FRAME if after_hello else PRE_HELLO_MAX
-    length = data.draw(st.one_of(st.integers(limit + 1, 2**32 - 1), st.just(0)))
-    frames, closed = exchange(live.path, (HELLO if after_hello else b"") + wire.HEADER.pack(length) + b"\x81",
-                              half_close=False)
-    assert closed
-    assert frames[-1]["kind"] == "err" and frames[-1]["id"] is None
-    assert frames[-1]["error"]["type"] == "ProtocolError"
-    live.check_alive()
+    check_bad_header(live, data.draw(st.one_of(st.integers(limit + 1, 2**32 - 1), st.just(0))), after_hello)
 
 
 def test_call_params_that_are_not_json_get_invalid_params(live):
