@@ -95,19 +95,20 @@ class DevnetProcess:
 
 
 def run_fastaun(scenario: str, devnet: DevnetProcess, workdir: Path, timeout: float = 120.0,
-                **env: str) -> list[dict[str, Any]]:
-    """Run one fastaun driver scenario in a subprocess; returns its checks, asserting that all passed."""
+                driver: str = "fastaun_driver.py", **env: str) -> list[dict[str, Any]]:
+    """Run one scenario of a fastaun driver (tests/interop/`driver`) in a subprocess; returns its
+    output lines, asserting that every check passed."""
     workdir.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca,
                     AUN_WORKDIR=str(workdir), **env)
-    driver = ROOT / "tests" / "interop" / "fastaun_driver.py"
+    driver = ROOT / "tests" / "interop" / driver
     done = subprocess.run([sys.executable, str(driver), scenario], env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     checks = [x for x in lines if "check" in x]
     failed = [c for c in checks if not c["ok"]]
     assert done.returncode == 0 and not failed and checks, (
-        f"fastaun scenario {scenario} failed (rc={done.returncode}): {failed or checks}\n"
+        f"fastaun {driver.name} scenario {scenario} failed (rc={done.returncode}): {failed or checks}\n"
         f"stderr tail:\n{done.stderr[-3000:]}")
     return lines
 

@@ -7,20 +7,12 @@ that it ran every check and what the devnet saw.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from tests.helpers import ROOT, DevnetProcess
+from tests.helpers import run_fastaun
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
-DRIVER = ROOT / "tests" / "interop" / "fastaun_groups_driver.py"
 N = 20
 
 #: Errors the scenario causes on purpose or that the SDK provokes as a side effect of a removal:
@@ -35,24 +27,9 @@ EXPECTED_ERRORS = {
 }
 
 
-def run_groups_driver(scenario: str, devnet: DevnetProcess, workdir: Path, timeout: float = 100.0,
-                      **env: str) -> list[dict[str, Any]]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca,
-                    AUN_WORKDIR=str(workdir), **env)
-    done = subprocess.run([sys.executable, str(DRIVER), scenario], env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
-    checks = [x for x in lines if "check" in x]
-    failed = [c for c in checks if not c["ok"]]
-    assert done.returncode == 0 and not failed and checks, (
-        f"fastaun group scenario {scenario} failed (rc={done.returncode}): {failed or checks}\n"
-        f"stderr tail:\n{done.stderr[-3000:]}")
-    return lines
-
-
 def test_group_e2ee_lifecycle_with_three_fastaun_clients(devnet, tmp_path):
-    lines = run_groups_driver("groups", devnet, tmp_path / "sdk", N=str(N))
+    lines = run_fastaun("groups", devnet, tmp_path / "sdk", timeout=100.0, driver="fastaun_groups_driver.py",
+                        N=str(N))
     names = {c["check"] for c in lines if "check" in c}
     for member in ("owner", "alice", "bob"):
         assert f"{member} received the {2 * N} others' messages by push" in names
