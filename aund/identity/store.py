@@ -581,18 +581,7 @@ class IdentityStore:
 
     def load_tokens(self, aid: str) -> dict[str, Any] | None:
         """The stored tokens of ``aid`` or None. Errors as ``load``."""
-        path = self._require(aid) / TOKENS_FILE
-        try:
-            plaintext, _ = self._open(path, PURPOSE_TOKENS, aid)
-        except FileNotFoundError:
-            return None
-        try:
-            tokens = json.loads(plaintext)
-        except ValueError:
-            tokens = None
-        if not isinstance(tokens, dict):
-            raise CorruptIdentity(f"{self._rel(path)} does not hold a JSON object", data={"path": str(path)})
-        return tokens
+        return self._load_sealed_json(self._require(aid) / TOKENS_FILE, PURPOSE_TOKENS, aid, dict, None)
 
     def load_meta(self, aid: str) -> dict[str, Any]:
         """meta.json of ``aid`` ({} if absent). Errors: IdentityNotFound, CorruptIdentity."""
@@ -640,18 +629,23 @@ class IdentityStore:
         self._save_key_list(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS, records)
 
     def _load_key_list(self, aid: str, name: str, purpose: str) -> list[dict[str, Any]]:
-        path = self._require(aid) / name
+        return self._load_sealed_json(self._require(aid) / name, purpose, aid, list, [])
+
+    def _load_sealed_json(self, path: Path, purpose: str, aid: str, kind: type, missing: Any) -> Any:
+        """The JSON value (of type `kind`) sealed in `path`, or `missing` if there is no file.
+        Errors: SeedMismatch, CorruptIdentity naming the file."""
         try:
             plaintext, _ = self._open(path, purpose, aid)
         except FileNotFoundError:
-            return []
+            return missing
         try:
-            records = json.loads(plaintext)
+            value = json.loads(plaintext)
         except ValueError:
-            records = None
-        if not isinstance(records, list):
-            raise CorruptIdentity(f"{self._rel(path)} does not hold a JSON list", data={"path": str(path)})
-        return records
+            value = None
+        if not isinstance(value, kind):
+            what = "JSON object" if kind is dict else "JSON list"
+            raise CorruptIdentity(f"{self._rel(path)} does not hold a {what}", data={"path": str(path)})
+        return value
 
     def _save_key_list(self, aid: str, name: str, purpose: str, records: list[Mapping[str, Any]]) -> None:
         old = {r.get("spk_id") for r in self._load_key_list(aid, name, purpose)}
