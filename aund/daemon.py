@@ -7,6 +7,7 @@ reaches identities and links only through it.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import deque
@@ -25,7 +26,6 @@ from aund.aun.messaging import E2EESession, PeerSync
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
 from aund.errors import ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
-from aund.identity import pki
 from aund.identity.errors import IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import Inbox
@@ -358,7 +358,7 @@ class Daemon:
 
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         if self.policy is None:
-            return app.uid in (0, _own_uid())
+            return app.uid in (0, os.getuid())
         return bool(self.policy.allows(app.uid, app.gid, aid))
 
     async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
@@ -448,14 +448,3 @@ def _normalize_aid(aid: Any) -> str:
         return ids.normalize_aid(aid)
     except ValueError as exc:
         raise InvalidParams(str(exc)) from None
-
-
-def _own_uid() -> int:
-    import os
-
-    return os.getuid()
-
-
-def cert_summary(identity: Identity) -> dict[str, Any]:
-    return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
-            "not_after": identity.cert.not_valid_after_utc.isoformat(), "cn": pki.cert_aid(identity.cert)}

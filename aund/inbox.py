@@ -74,7 +74,6 @@ class Inbox:
             self._db.close()
             raise StorageError(f"inbox database {path} is unreadable: {exc}", retryable=False,
                                data={"path": str(path)}) from None
-        self._changed: dict[str, trio.Event] = {}
         self.on_commit = None  # called with the aid after new rows are committed
         self.commits = 0
 
@@ -143,23 +142,9 @@ class Inbox:
         transaction. Returns the cursors of the rows that were new. Raises StorageError."""
         new = await self._run(self._commit_sync, aid, list(events), ack)
         self.commits += 1
-        if new:
-            self._wake(aid)
-            if self.on_commit is not None:
-                self.on_commit(aid)
+        if new and self.on_commit is not None:
+            self.on_commit(aid)
         return new
-
-    def _wake(self, aid: str) -> None:
-        event = self._changed.pop(aid, None)
-        if event is not None:
-            event.set()
-
-    async def wait_for(self, aid: str) -> None:
-        """Wait until something new is committed for `aid`."""
-        event = self._changed.get(aid)
-        if event is None:
-            event = self._changed[aid] = trio.Event()
-        await event.wait()
 
     # --- reads -------------------------------------------------------------------------------------
     def _read_sync(self, aid: str, after: int, kinds: tuple[str, ...], limit: int) -> list[StoredEvent]:
