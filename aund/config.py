@@ -36,12 +36,16 @@ def default_state_dir() -> Path:
     return Path(base) / "aund"
 
 
-def default_socket() -> Path:
-    if os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "aund.sock"
+def default_socket(env: Mapping[str, str] | None = None) -> Path:
+    """The daemon's socket by default: systemd's RuntimeDirectory=, else /run/aund/aund.sock as root,
+    else $XDG_RUNTIME_DIR/aund/aund.sock (/tmp/aund-<uid>/... without it). client_stub resolves the
+    same rule on its own (it may not import the daemon); a test keeps the two in step."""
+    env = os.environ if env is None else env
+    if env.get("RUNTIME_DIRECTORY"):
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "aund.sock"
     if os.geteuid() == 0:
         return Path("/run/aund/aund.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/aund-{os.getuid()}"
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/aund-{os.getuid()}"
     return Path(runtime) / "aund" / "aund.sock"
 
 

@@ -8,13 +8,13 @@ from aund.broker.policy import Policy
 from aund.broker.server import BrokerServer, serve_broker
 from aund.broker.session import DISPATCH, CallBorrower
 from aund.broker.sockets import (
-    DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix, default_socket_path,
+    DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix,
     peer_credentials,
 )
 
 __all__ = [
     "AppIdentity", "AppStatistics", "Backend", "BrokerServer", "BrokerStatistics", "CallBorrower",
     "DISPATCH", "DaemonAlreadyRunning", "InboxEvent", "Limits", "Policy", "SessionHandle",
-    "SocketPathInUse", "activated_listeners", "bind_unix", "default_socket_path", "peer_credentials",
+    "SocketPathInUse", "activated_listeners", "bind_unix", "peer_credentials",
     "serve_broker",
 ]

@@ -2,7 +2,6 @@
 the peer's credentials. Imports trio and the stdlib only; reads the environment only through the
 ``env`` argument of the functions that say so.
 
-- ``default_socket_path(system)``: where the socket lives by default.
 - ``bind_unix(path)``: safesocket-style binding: create the directory (0750), dial an existing
   socket file first (a live daemon -> ``DaemonAlreadyRunning``; a dead one -> unlink), bind,
   chmod 0660, listen.
@@ -46,20 +45,6 @@ class SocketPathInUse(RuntimeError):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path} exists and is not a socket; refusing to replace it")
-
-
-def default_socket_path(system: bool, env: MutableMapping[str, str] | None = None) -> Path:
-    """``/run/aund/aund.sock`` for a system service, else ``$XDG_RUNTIME_DIR/aund/aund.sock``
-    (``/tmp/aund-<uid>/aund/aund.sock`` when ``XDG_RUNTIME_DIR`` is unset, as aund.config does).
-
-    The client stub resolves the same rule on its own (it may not import the daemon); a test
-    keeps the two in step.
-    """
-    if system:
-        return Path("/run/aund/aund.sock")
-    env = os.environ if env is None else env
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/aund-{os.getuid()}"
-    return Path(runtime) / "aund" / "aund.sock"
 
 
 def _is_live(path: Path) -> bool:

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 import client_stub.client as client_module
 from aund.broker import (
     DISPATCH, CallBorrower, DaemonAlreadyRunning, Limits, Policy, SocketPathInUse, activated_listeners,
-    bind_unix, default_socket_path,
+    bind_unix,
 )
 from client_stub import (
     AsyncClient, Client, DaemonUnavailable, GatewayUnavailable, InvalidParams, LimitsExceeded, NotReady,
@@ -863,18 +863,20 @@ def test_activated_listeners_env_handling():
 
 
 def test_default_socket_path_rule_matches_client(monkeypatch):
-    assert default_socket_path(True) == Path("/run/aund/aund.sock")
-    assert client_module.default_socket_path({"AUND_SOCKET": "/x/y.sock"}) == Path("/x/y.sock")
+    from aund.config import default_socket
+
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert client_module.default_socket_path({}) == default_socket_path(True)
+    assert default_socket({}) == Path("/run/aund/aund.sock")
+    assert client_module.default_socket_path({"AUND_SOCKET": "/x/y.sock"}) == Path("/x/y.sock")
+    assert client_module.default_socket_path({}) == default_socket({})
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(os, "getuid", lambda: 1000)
     for env in ({"XDG_RUNTIME_DIR": "/run/user/1000"}, {}):
-        expected = default_socket_path(False, env)
+        expected = default_socket(env)
         if not SYSTEM_EXISTS:
             assert client_module.default_socket_path(env) == expected
-    assert default_socket_path(False, {"XDG_RUNTIME_DIR": "/r"}) == Path("/r/aund/aund.sock")
-    assert default_socket_path(False, {}) == Path("/tmp/aund-1000/aund/aund.sock")
+    assert default_socket({"XDG_RUNTIME_DIR": "/r"}) == Path("/r/aund/aund.sock")
+    assert default_socket({}) == Path("/tmp/aund-1000/aund/aund.sock")
 
 
 SYSTEM_EXISTS = Path("/run/aund/aund.sock").exists()
