@@ -23,6 +23,8 @@ from aund.aun import auth, ids
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
+from aund.aun.peers import PeerDirectory
+from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
 from aund.errors import ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
@@ -106,6 +108,7 @@ class Daemon:
     def __init__(self, config: Config, store: IdentityStore, trust: auth.GatewayTrust, *,
                  policy: Any = None, rng=random.random) -> None:
         self.config, self.store, self.trust = config, store, trust
+        self.peers = PeerDirectory(trust, discovery_port=config.discovery_port or None)
         self.policy = policy
         self.rng = rng
         self.global_budget = trio.CapacityLimiter(config.global_in_flight)
@@ -152,8 +155,15 @@ class Daemon:
             self._nursery.cancel_scope.cancel()
 
     def reload(self, config: Config) -> dict[str, list[str]]:
-        """Apply a new configuration's identity list: start links for added AIDs, unpin removed ones
-        (they close once idle). Other links are not touched. Returns what changed."""
+        """Apply a new configuration: trust roots (bundled + root_ca + the state dir's trust-roots.pem,
+        re-read; caches of chains, revocation answers and peer certificates are dropped when they
+        change) and the identity list (start links for added AIDs, unpin removed ones: they close
+        once idle). Other links are not touched. Returns what changed."""
+        roots = TrustRoots.load(config.root_ca, config.state_dir)  # a bad root file keeps everything as it was
+        if roots.certs != self.trust.roots.certs:
+            self.trust.replace_roots(roots)
+            self.peers.forget()
+            log.info("daemon.trust_reloaded", roots=roots.names(), sources=list(roots.sources))
         old, new = set(self.config.identities), set(config.identities)
         added, removed = sorted(new - old), sorted(old - new)
         self.config = config
@@ -245,7 +255,7 @@ class Daemon:
             raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
         session = self.sessions.get(aid)
         if session is None:
-            session = E2EESession(identity, self.store, self.trust)
+            session = E2EESession(identity, self.store, self.peers)
             await session.load()
             self.sessions[aid] = session
         group_session = self.group_sessions.get(aid)

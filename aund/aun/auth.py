@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 import trio_websocket
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund.aun import jsonrpc as rpc, transport
+from aund.aun.http import http_base, http_get  # noqa: F401  (re-exported)
+from aund.aun.trust import GatewayTrust
 from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
 from aund.identity import pki
 
 CONNECT_TIMEOUT = 10.0
 SHORT_RPC_TIMEOUT = 15.0
-HTTP_TIMEOUT = 5.0
 MAX_FRAME = 2 * 1024 * 1024
 TOKEN_REUSE_MARGIN = 30.0  # a stored access token is reused only if it has this much life left
 
@@ -62,29 +58,6 @@ class Tokens:
         return cls(access, str(result.get("refresh_token") or previous_refresh), time.time() + float(expires_in))
 
 
-def http_base(gateway_url: str) -> str:
-    """ws(s)://host:port/path -> http(s)://host:port (the gateway's HTTP side)."""
-    parts = urllib.parse.urlsplit(gateway_url)
-    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
-
-
-def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"User-Agent": "aund"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (configured gateway only)
-            return resp.status, resp.read(4 << 20)
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-
-
-async def http_get(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
-    """GET in a worker thread (stdlib urllib); raises GatewayUnavailable on connection failure."""
-    try:
-        return await trio.to_thread.run_sync(_http_get, url, timeout, abandon_on_cancel=True)
-    except (OSError, urllib.error.URLError) as exc:
-        raise GatewayUnavailable(f"GET {url}: {exc}") from None
-
-
 async def discover_gateways(aid: str, *, port: int | None = None, scheme: str = "https") -> list[str]:
     """Gateway URLs for an AID by `/.well-known/aun-gateway` on the AID host, then on gateway.{issuer}."""
     issuer = aid.split(".", 1)[1]
@@ -117,46 +90,6 @@ def parse_well_known(body: bytes) -> list[str]:
     return [g["url"] for g in sorted(entries, key=prio)]
 
 
-class GatewayTrust:
-    """Trusted roots and a cache of verified gateway CA chains (by gateway HTTP base)."""
-
-    def __init__(self, roots: list[x509.Certificate]) -> None:
-        self.roots = roots
-        self._chains: dict[str, tuple[list[x509.Certificate], float]] = {}
-
-    @classmethod
-    def from_files(cls, paths: list[Path]) -> "GatewayTrust":
-        roots: list[x509.Certificate] = []
-        for path in paths:
-            roots.extend(pki.split_pem_bundle(path.read_text()))
-        return cls(roots)
-
-    async def chain(self, gateway_url: str) -> list[x509.Certificate]:
-        base = http_base(gateway_url)
-        cached = self._chains.get(base)
-        if cached and cached[1] > time.time():
-            return cached[0]
-        status, body = await http_get(base + "/pki/chain")
-        if status != 200:
-            raise AuthError(f"cannot fetch the gateway CA chain (HTTP {status})")
-        try:
-            chain = pki.split_pem_bundle(body.decode("utf-8"))
-        except (pki.PKIError, UnicodeDecodeError) as exc:
-            raise AuthError(f"malformed gateway CA chain: {exc}") from None
-        self._chains[base] = (chain, time.time() + 3600)
-        return chain
-
-    async def verify(self, gateway_url: str, cert: x509.Certificate, expected_cn: str | None = None) -> None:
-        """Raise AuthError unless `cert` chains to a trusted root through the gateway's CA chain."""
-        chain = await self.chain(gateway_url)
-        try:
-            pki.verify_chain(cert, chain, self.roots)
-        except pki.PKIError as exc:
-            raise AuthError(f"certificate not trusted: {exc}") from None
-        if expected_cn is not None and pki.cert_aid(cert) != expected_cn:
-            raise AuthError(f"certificate CN {pki.cert_aid(cert)!r} is not {expected_cn!r}")
-
-
 async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One pre-auth RPC on its own WebSocket. Raises the mapped AundError on a gateway error,
     GatewayUnavailable when the gateway cannot be reached or does not answer in time."""
@@ -180,11 +113,11 @@ async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> di
                                 break
                     finally:
                         await transport.close(ws, stream)
-                except (OSError, trio.TooSlowError, trio_websocket.HandshakeError,
+                except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio_websocket.HandshakeError,
                         trio_websocket.ConnectionClosed) as exc:
                     # (TooSlowError: the connect timeout; it must not escape this nursery unmapped)
                     failure = GatewayUnavailable(f"{method}: cannot reach {gateway_url}: "
-                                                 f"{exc or type(exc).__name__}")
+                                                 f"{transport.describe(exc)}")
                 except rpc.FrameError as exc:
                     failure = GatewayError(f"{method}: malformed frame from gateway: {exc}", retryable=True)
                 nursery.cancel_scope.cancel()  # raised below, outside the nursery, unwrapped
@@ -232,7 +165,7 @@ async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.Ellipti
     except pki.PKIError as exc:
         raise AuthError(f"aid_login1: {exc}") from None
     await trust.verify(gateway_url, auth_cert)
-    if not pki.verify_der(auth_cert.public_key(), nonce_sig, client_nonce.encode("utf-8")):
+    if not pki.verify_signature(auth_cert.public_key(), nonce_sig, client_nonce.encode("utf-8")):
         raise AuthError("aid_login1: the gateway's signature over our nonce does not verify")
     nonce, request_id = r1.get("nonce"), r1.get("request_id")
     if not isinstance(nonce, str) or not isinstance(request_id, str):

@@ -252,7 +252,7 @@ class GroupSession:
             sig = pki.b64d(signature)
         except pki.PKIError:
             raise bad("signature is not base64") from None
-        if not pki.verify_der(ik, sig, state_sign_input(gid, version, signed_hash, snapshot)):
+        if not pki.verify_signature(ik, sig, state_sign_input(gid, version, signed_hash, snapshot)):
             raise bad(f"signature does not verify with {actor}'s certificate")
         try:
             parsed = json.loads(snapshot)
@@ -517,8 +517,8 @@ class GroupSession:
         if group_id_of(row) not in ("", gid):
             return self._undecryptable(base, key, "row_mismatch", "row names another group"), ""
         kind, envelope = row_content(row, GROUP_ENVELOPE_TYPE)
-        if kind == "malformed":
-            return self._undecryptable(base, key, "malformed_envelope", envelope), ""
+        if kind in ("malformed", "unsupported"):
+            return self._undecryptable(base, key, f"{kind}_envelope", envelope), ""
         if kind == "plain":
             data = dict(base, payload=envelope, encrypted=False, protected_headers={})
             return NewEvent(GROUP_MESSAGE_KIND, sender, key, _int(seq) or 0, data), ""

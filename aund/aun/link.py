@@ -364,8 +364,8 @@ class Link:
                 try:
                     ws, stream = await transport.connect(nursery, url, max_frame=self.config.max_frame,
                                                          timeout=self.config.connect_timeout)
-                except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
-                    raise GatewayUnavailable(f"cannot connect to {url}: {exc}") from None
+                except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
+                    raise GatewayUnavailable(f"cannot connect to {url}: {transport.describe(exc)}") from None
                 session = _Session(ws, url)
                 try:
                     await self._open_session(session, nursery)

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, ids, jsonrpc as rpc
+from aund.aun import ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
 from aund.aun.link import Link
+from aund.aun.peers import PeerDirectory
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.identity.store import Identity, IdentityStore
@@ -41,13 +41,16 @@ WRAP_CAPABILITIES = {"version": "v2.1", "protocols": ["1DH", "3DH"], "scopes": [
                      "per_aid_wrap": True, "per_device_wrap": True}
 PROTECTED_HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
 PAGE_LIMIT = 200
+# every payload type that means "this is ciphertext": never handed to apps as plaintext
+ENCRYPTED_TYPES = frozenset({"e2ee.encrypted", "e2ee.p2p_encrypted", "e2ee.group_encrypted"})
 PUSH_QUEUE = 1024
-MAX_CACHED_KEYS = 1024
 
 
 def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
     """What a gateway message row carries: ("envelope", dict) when encrypted (a v2 `envelope_json`,
-    or a v1 payload of `envelope_type`), ("plain", payload) when not, ("malformed", why) otherwise."""
+    or a v1 payload of `envelope_type`), ("unsupported", why) for an encrypted payload of another
+    format (the SDK's legacy `e2ee.encrypted`, a group envelope in a P2P row, ...), ("plain",
+    payload) when not encrypted, ("malformed", why) otherwise."""
     if row.get("version") == "v2" or "envelope_json" in row:
         try:
             envelope = rpc.loads(str(row.get("envelope_json") or ""))
@@ -56,6 +59,8 @@ def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
     else:
         legacy = row.get("legacy_v1") if isinstance(row.get("legacy_v1"), dict) else {}
         envelope = legacy.get("payload", row.get("payload"))
+        if isinstance(envelope, dict) and envelope.get("type") in ENCRYPTED_TYPES - {envelope_type}:
+            return "unsupported", f"an {envelope['type']} envelope (an older or other E2EE format aund cannot open here)"
         if not isinstance(envelope, dict) or envelope.get("type") != envelope_type:
             return "plain", envelope
     if not isinstance(envelope, dict):
@@ -88,15 +93,14 @@ def prekey_wire(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class E2EESession:
-    def __init__(self, identity: Identity, store: IdentityStore, trust: auth.GatewayTrust) -> None:
+    def __init__(self, identity: Identity, store: IdentityStore, peers: PeerDirectory) -> None:
         self.identity = identity
         self.aid, self.device_id = identity.aid, identity.device_id
-        self.store, self.trust = store, trust
+        self.store, self.peers = store, peers
         self._prekeys: list[dict[str, Any]] = []
         self._spk_private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self._ik_fp = p2p.ik_fingerprint(identity.public_key)
         self._bootstrap: dict[str, tuple[float, list[Target]]] = {}
-        self._peer_iks: OrderedDict[tuple[str, str], ec.EllipticCurvePublicKey] = OrderedDict()
         self._prekey_lock = trio.Lock()
         self.rotations = 0
 
@@ -146,28 +150,14 @@ class E2EESession:
         self._bootstrap.pop(peer_aid.strip().lower(), None)
 
     async def peer_ik(self, gateway_url: str, aid: str, fingerprint: str = "") -> ec.EllipticCurvePublicKey:
-        """The PKI-verified identity key of `aid` (optionally the cert matching `fingerprint`)."""
-        key = (aid, fingerprint)
-        cached = self._peer_iks.get(key)
-        if cached is not None:
-            self._peer_iks.move_to_end(key)
-            return cached
-        url = f"{auth.http_base(gateway_url)}/pki/cert/{aid}"
-        if fingerprint:
-            url += f"?cert_fingerprint={fingerprint}"
-        status, body = await auth.http_get(url)
-        if status != 200:
-            raise E2EEError(f"no certificate for {aid} (HTTP {status})", data={"reason": "sender_key_unavailable"})
-        try:
-            cert = pki.load_cert_pem(body)
-        except pki.PKIError as exc:
-            raise E2EEError(f"bad certificate for {aid}: {exc}", data={"reason": "sender_key_unavailable"}) from None
-        await self.trust.verify(gateway_url, cert, expected_cn=aid)
-        ik = cert.public_key()
-        self._peer_iks[key] = ik
-        if len(self._peer_iks) > MAX_CACHED_KEYS:
-            self._peer_iks.popitem(last=False)
-        return ik
+        """The PKI-verified identity key of `aid` (the cert `fingerprint` names, else its current one),
+        from the peer's own gateway (`gateway_url` is the link's, used for our own issuer)."""
+        cert = await self.peers.certificate(aid, home_gateway=gateway_url, home_aid=self.aid, fingerprint=fingerprint)
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+            raise E2EEError(f"the certificate of {aid} does not hold a P-256 identity key",
+                            data={"reason": "sender_key_unavailable", "peer": aid})
+        return key
 
     async def _targets(self, link: Link, peer: str) -> list[Target]:
         cached = self._bootstrap.get(peer)
@@ -253,8 +243,8 @@ class E2EESession:
                 "timestamp": row.get("t_server") or row.get("timestamp"), "need_render": row.get("need_render", True),
                 "sender_device_id": row.get("sender_device_id", "")}
         kind, envelope = row_content(row, p2p.ENVELOPE_TYPE)
-        if kind == "malformed":
-            return self._undecryptable(base, sender, seq, "malformed_envelope", envelope), ""
+        if kind in ("malformed", "unsupported"):
+            return self._undecryptable(base, sender, seq, f"{kind}_envelope", envelope), ""
         if kind == "plain":
             data = dict(base, payload=envelope, encrypted=False, protected_headers={})
             return NewEvent("message.received", sender, message_id, seq, data), ""

@@ -87,5 +87,5 @@ def verify_params(method: str, params: dict[str, Any], *, aid: str, cert: x509.C
     except pki.PKIError:
         raise SignatureError("client_signature signature is not base64") from None
     data = f"{method}|{aid}|{sig['timestamp']}|{sig['params_hash']}".encode("utf-8")
-    if not pki.verify_der(cert.public_key(), raw, data):
+    if not pki.verify_signature(cert.public_key(), raw, data):
         raise SignatureError("client_signature does not verify")

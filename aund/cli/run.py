@@ -46,7 +46,8 @@ async def _main(config) -> int:
     import trio
 
     from aund import systemd
-    from aund.aun.auth import GatewayTrust
+    from aund.aun import transport
+    from aund.aun.trust import GatewayTrust
     from aund.broker import Policy, serve_broker
     from aund.broker.sockets import BoundPath, DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix
     from aund.daemon import Daemon
@@ -63,7 +64,8 @@ async def _main(config) -> int:
         seed = load_seed()
         store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, seed)
         await trio.to_thread.run_sync(store.verify_seed)
-        trust = GatewayTrust.from_files(list(config.root_ca))
+        trust = GatewayTrust.from_files(list(config.root_ca), config.state_dir)
+        transport.use_dns_cache(config.state_dir / "dns-cache.json")
         # listen early (socket activation, or bind now: refuses if a live daemon answers there)
         listeners = activated_listeners()
         bound = None
@@ -122,12 +124,13 @@ def _reload(daemon, log) -> None:
 
     from aund import systemd
     from aund.config import ConfigError, load
+    from aund.errors import AundError
 
     systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1_000_000)}")
     try:
         config = load(_RELOAD_ARGS["config"], _RELOAD_ARGS["flags"])
         daemon.reload(config)
-    except ConfigError as exc:
+    except (ConfigError, AundError) as exc:
         log.error("daemon.reload_failed", error=str(exc))
     finally:
         systemd.notify("READY=1", f"STATUS={daemon.summary()}")

@@ -589,7 +589,7 @@ class Conn:
             signature = pki.b64d(_str(params, "signature"))
         except pki.PKIError:
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature is not base64") from None
-        if not pki.verify_der(self._aid_cert(aid).public_key(), signature, f"{nonce}:{client_time}".encode()):
+        if not pki.verify_signature(self._aid_cert(aid).public_key(), signature, f"{nonce}:{client_time}".encode()):
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature does not verify")
         access, refresh, _ = self.net.store.issue_tokens(aid, self.net.access_ttl, self.net.refresh_ttl)
         return {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,

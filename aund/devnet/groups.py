@@ -994,7 +994,7 @@ def rpc_propose_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     except pki.PKIError:
         raise RpcError(rpc.INVALID_PARAMS, "signature is not base64") from None
     cert = pki.load_cert_pem(conn.net.store.current_cert(conn.aid) or "")
-    if not pki.verify_der(cert.public_key(), sig, state_sign_input(gid, version, state_hash, snapshot)):
+    if not pki.verify_signature(cert.public_key(), sig, state_sign_input(gid, version, state_hash, snapshot)):
         raise RpcError(rpc.INVALID_PARAMS, "state signature does not verify with the proposer's certificate")
     if snapshot_aids(snapshot) != svc.current_member_aids(gid):
         raise RpcError(STATE_CONFLICT, "membership_snapshot does not list the current members")

@@ -9,11 +9,12 @@ import base64
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 CURVE = ec.SECP256R1()
@@ -88,12 +89,14 @@ def load_cert_pem(text: str | bytes) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(text)
     except ValueError as exc:
-        raise PKIError(f"invalid certificate: {exc}") from None
+        raise PKIError(f"invalid certificate: {str(exc).split('. ')[0]}") from None
 
 
 def split_pem_bundle(text: str) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (text outside BEGIN/END blocks is ignored)."""
     marker = "-----END CERTIFICATE-----"
-    parts = [p.strip() + "\n" + marker + "\n" for p in text.split(marker) if p.strip()]
+    parts = [p[p.index("-----BEGIN CERTIFICATE-----"):].strip() + "\n" + marker + "\n"
+             for p in text.split(marker) if "-----BEGIN CERTIFICATE-----" in p]
     return [load_cert_pem(p) for p in parts]
 
 
@@ -140,10 +143,30 @@ def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
-def verify_der(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+def hash_for_key(public_key) -> hashes.HashAlgorithm | None:
+    """The ECDSA hash that fits a key, as AUN uses them: SHA-384 for P-384, SHA-512 for P-521,
+    SHA-256 for every other curve. None for keys that are not ECDSA (Ed25519 signs whole data)."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if isinstance(public_key.curve, ec.SECP384R1):
+            return hashes.SHA384()
+        if isinstance(public_key.curve, ec.SECP521R1):
+            return hashes.SHA512()
+        return hashes.SHA256()
+    return None
+
+
+def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
+    """Verify a signature made by a certificate's key with the hash that fits the key: ECDSA DER
+    signatures (P-256/SHA-256, P-384/SHA-384), Ed25519. False for a bad signature and for any
+    other kind of key (RSA, DSA, ...): never raises for what a peer sent."""
     try:
-        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, data)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hash_for_key(public_key)))
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
     return True
 
@@ -152,7 +175,15 @@ def verify_raw(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: by
     if len(signature) != 64 or not any(signature[:32]) or not any(signature[32:]):
         return False
     der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-    return verify_der(public_key, der, data)
+    return verify_signature(public_key, der, data)
+
+
+_KNOWN_CRITICAL = frozenset({
+    x509.oid.ExtensionOID.BASIC_CONSTRAINTS, x509.oid.ExtensionOID.KEY_USAGE,
+    x509.oid.ExtensionOID.EXTENDED_KEY_USAGE, x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    x509.oid.ExtensionOID.NAME_CONSTRAINTS, x509.oid.ExtensionOID.POLICY_CONSTRAINTS,
+    x509.oid.ExtensionOID.CERTIFICATE_POLICIES, x509.oid.ExtensionOID.INHIBIT_ANY_POLICY,
+})
 
 
 def verify_chain(leaf: x509.Certificate, chain: Sequence[x509.Certificate],
@@ -175,12 +206,20 @@ def verify_chain(leaf: x509.Certificate, chain: Sequence[x509.Certificate],
                 raise PKIError(f"certificate {index} KeyUsage does not allow its role")
         except x509.ExtensionNotFound:
             pass
+        for ext in cert.extensions:
+            if ext.critical and ext.oid not in _KNOWN_CRITICAL:
+                raise PKIError(f"certificate {index} has an unknown critical extension {ext.oid.dotted_string}")
         if index:
             try:
-                if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-                    raise PKIError(f"certificate {index} is not a CA")
+                constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
             except x509.ExtensionNotFound:
                 raise PKIError(f"CA certificate {index} lacks BasicConstraints") from None
+            if not constraints.ca:
+                raise PKIError(f"certificate {index} is not a CA")
+            # CAs between this one and the leaf: index - 1 (the leaf itself is not counted)
+            if constraints.path_length is not None and index - 1 > constraints.path_length:
+                raise PKIError(f"certificate {index} ({cert.subject.rfc4514_string()}) allows "
+                               f"{constraints.path_length} intermediate CAs below it, the chain has {index - 1}")
     for child, parent in zip(certs, certs[1:]):
         if child.issuer != parent.subject:
             raise PKIError(f"issuer mismatch: {child.subject.rfc4514_string()}")

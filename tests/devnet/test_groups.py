@@ -457,7 +457,7 @@ async def test_state_proposals_gate_new_members_into_the_wrap_set(devnet_inproc)
         assert w.aid("bob") not in {d["aid"] for d in boot["devices"]}
         assert boot["state_signature"] and boot["state_actor_aid"] == w.aid("owner")
         signed = groups.state_sign_input(gid, 1, boot["state_hash_signed"], boot["state_membership_snapshot"])
-        assert pki.verify_der(w.accounts["owner"].identity.cert.public_key(), base64.b64decode(boot["state_signature"]),
+        assert pki.verify_signature(w.accounts["owner"].identity.cert.public_key(), base64.b64decode(boot["state_signature"]),
                               signed)
         chain_before = boot["state_chain"]
         proposal = (await propose(w, "owner", gid, [w.aid("owner"), w.aid("alice"), w.aid("bob")]))["result"]

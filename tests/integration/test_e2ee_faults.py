@@ -14,6 +14,7 @@ import pytest
 import structlog
 import trio
 
+from aund.aun.peers import PeerDirectory
 from aund.aun import auth
 from aund.aun.e2ee import encrypt_p2p
 from aund.aun.link import Link, LinkConfig
@@ -39,7 +40,7 @@ class Peer:
         store = IdentityStore(self.dir, "seed")
         identity = await store.ensure(self.aid, lambda a, pk: auth.create_aid(self.devnet.gateway_url, a, pk))
         trust = auth.GatewayTrust.from_files([Path(self.devnet.root_ca)])
-        self.session = E2EESession(identity, store, trust)
+        self.session = E2EESession(identity, store, PeerDirectory(trust))
         await self.session.load()
         self.link = Link(StoreCredentials(store, identity),
                          LinkConfig((self.devnet.gateway_url,), device_id=identity.device_id), trust)

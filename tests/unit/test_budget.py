@@ -5,6 +5,7 @@ import pytest
 import trio
 import trio.testing
 
+from aund.aun.peers import PeerDirectory
 from aund.aun.budget import PullGate, RpcBudget
 from aund.aun.link import Backoff, refresh_delay
 
@@ -251,7 +252,7 @@ async def test_prekey_rotation_while_the_link_is_down_does_not_wait_for_it(tmp_p
             .sign(key, hashes.SHA256()))
     from aund.identity import pki
     store.promote("rot1.aid.test", key, pki.cert_pem(cert))
-    session = E2EESession(store.load("rot1.aid.test"), store, auth.GatewayTrust([]))
+    session = E2EESession(store.load("rot1.aid.test"), store, PeerDirectory(auth.GatewayTrust([])))
     await session.load()
 
     class DownLink:

@@ -517,7 +517,7 @@ async def test_import_of_a_fastaun_identity(state, fastaun_identity, ca):
     assert ident.public_key_b64 == made["public_key"]
     assert ident.cert_fingerprint == made["cert_fingerprint"]
     # fastaun's signature verifies under the key aund decrypted: the same key pair
-    assert pki.verify_der(ident.public_key, base64.b64decode(made["signature"]), b"probe from fastaun")
+    assert pki.verify_signature(ident.public_key, base64.b64decode(made["signature"]), b"probe from fastaun")
     loaded = IdentityStore(state, SEED).load(ALICE)  # re-encrypted under aund's seed
     assert loaded.public_key_b64 == made["public_key"]
     meta = st.load_meta(ALICE)
