@@ -69,6 +69,7 @@ class LinkEntry:
     holders: set[int] = field(default_factory=set)
     groups: GroupSync | None = None
     idle_since: float | None = None
+    trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
 
 
 class _Handle:
@@ -109,6 +110,7 @@ class Daemon:
                  policy: Any = None, rng=random.random) -> None:
         self.config, self.store, self.trust = config, store, trust
         self.peers = PeerDirectory(trust, discovery_port=config.discovery_port or None)
+        self.trust_epoch = 0
         self.policy = policy
         self.rng = rng
         self.global_budget = trio.CapacityLimiter(config.global_in_flight)
@@ -163,11 +165,18 @@ class Daemon:
         if roots.certs != self.trust.roots.certs:
             self.trust.replace_roots(roots)
             self.peers.forget()
+            self.trust_epoch += 1
             log.info("daemon.trust_reloaded", roots=roots.names(), sources=list(roots.sources))
         old, new = set(self.config.identities), set(config.identities)
+        assert self._nursery is not None
+        for aid in sorted(old & new):  # configured identities that failed for good get another try now
+            entry = self.links.get((aid, config.slot_id))
+            if aid in self.identity_errors or (entry is not None and entry.trust_epoch != self.trust_epoch
+                                               and entry.link.state == LinkState.CONNECTION_FAILED):
+                self.identity_errors.pop(aid, None)
+                self._nursery.start_soon(self._keep_configured, aid)
         added, removed = sorted(new - old), sorted(old - new)
         self.config = config
-        assert self._nursery is not None
         for aid in added:
             self._nursery.start_soon(self._keep_configured, aid)
         for aid in removed:
@@ -223,6 +232,7 @@ class Daemon:
             gateways = await self._gateways(aid)
 
             async def register(aid_: str, public_key) -> str:
+                await self.trust.check_anchor(gateways[0])  # never claim a name where login would fail
                 return await auth.create_aid(gateways[0], aid_, public_key)
 
             identity = await self.store.ensure(aid, register, meta={"gateway_urls": list(gateways)})
@@ -246,7 +256,9 @@ class Daemon:
     async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
         key = (aid, slot_id)
         entry = self.links.get(key)
-        if entry is not None and entry.link.state not in (LinkState.CLOSED,):
+        stale = entry is not None and entry.link.state == LinkState.CONNECTION_FAILED \
+            and entry.trust_epoch != self.trust_epoch  # it failed under other trust roots: start anew
+        if entry is not None and entry.link.state not in (LinkState.CLOSED,) and not stale:
             entry.pinned = entry.pinned or pinned
             return entry
         try:
@@ -271,7 +283,8 @@ class Daemon:
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         entry = LinkEntry(link, sync, session, pinned,
-                          groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds))
+                          groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds),
+                          trust_epoch=self.trust_epoch)
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)

@@ -217,6 +217,24 @@ class GatewayTrust:
         self._chains[base] = (chain, expires)
         return chain
 
+    async def check_anchor(self, gateway_url: str) -> None:
+        """Before registering on a gateway: its CA chain must be well formed and end at a root we
+        trust, so an AID is never claimed on a network whose login would then be refused."""
+        chain = await self.chain(gateway_url)
+        for child, parent in zip(chain, chain[1:]):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature):
+                raise AuthError(f"the CA chain of {http_base(gateway_url)} is broken at "
+                                f"{child.subject.rfc4514_string()!r}", data={"reason": "untrusted_chain"}) from None
+        root_der = chain[-1].public_bytes(serialization.Encoding.DER)
+        if not any(r.public_bytes(serialization.Encoding.DER) == root_der for r in self.roots.certs):
+            raise AuthError(
+                f"not registering on {http_base(gateway_url)}: its CA chain ends at "
+                f"{chain[-1].subject.rfc4514_string()!r}, which is not a trusted AUN root (trusted: "
+                f"{'; '.join(self.roots.names())}); add that root with --root-ca / root_ca, or to "
+                f"{STATE_TRUST_FILE} in the state dir, then reload (SIGHUP)", data={"reason": "untrusted_root"})
+
     async def verify(self, gateway_url: str, cert: x509.Certificate, expected_cn: str | None = None, *,
                      check_revocation: bool = True) -> None:
         """Raise AuthError unless `cert` chains to a trusted root through the gateway's CA chain
