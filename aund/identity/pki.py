@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 CURVE = ec.SECP256R1()
@@ -35,8 +35,8 @@ def b64d(text: str) -> bytes:
         raise PKIError(f"invalid base64: {exc}") from None
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(CURVE)
+def generate_key(curve: ec.EllipticCurve = CURVE) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve)
 
 
 def spki_der(public_key: ec.EllipticCurvePublicKey) -> bytes:
@@ -138,6 +138,48 @@ def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """RAW r||s (64 bytes) ECDSA-SHA256, deterministic nonces: SPK and envelope signatures."""
     r, s = decode_dss_signature(key.sign(data, _DETERMINISTIC))
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def hash_for_key(key) -> hashes.HashAlgorithm | None:
+    """The digest that goes with a key (private or public): SHA-256 for P-256, SHA-384 for P-384,
+    None for Ed25519 (EdDSA hashes internally; X.509 builders take None). PKIError for other keys."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        if isinstance(key.curve, ec.SECP256R1):
+            return hashes.SHA256()
+        if isinstance(key.curve, ec.SECP384R1):
+            return hashes.SHA384()
+        raise PKIError(f"unsupported curve {key.curve.name} (P-256, P-384 or Ed25519)")
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return None
+    raise PKIError(f"unsupported key type {type(key).__name__} (P-256, P-384 or Ed25519)")
+
+
+def sign_for_key(private_key, data: bytes) -> bytes:
+    """Sign with the algorithm that fits the key: DER ECDSA-SHA256 (P-256), DER ECDSA-SHA384
+    (P-384) or Ed25519. Raises PKIError for any other key."""
+    digest = hash_for_key(private_key)
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return private_key.sign(data)
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise PKIError("a private key is needed to sign")
+    return private_key.sign(data, ec.ECDSA(digest))
+
+
+def verify_signature(public_key, signature: bytes, data: bytes) -> bool:
+    """True when `signature` over `data` verifies with the algorithm that fits the key: DER
+    ECDSA-SHA256 for P-256, DER ECDSA-SHA384 for P-384, Ed25519. False (never an exception) for a
+    bad signature and for any other key type."""
+    try:
+        digest = hash_for_key(public_key)
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, data)
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(digest))
+        else:
+            return False
+    except (PKIError, InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def verify_der(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:

@@ -220,7 +220,7 @@ async def login_result(url: str, aid: str, key: ec.EllipticCurvePrivateKey, cert
     auth_cert = pki.load_cert_pem(r1["auth_cert"])
     chain = pki.split_pem_bundle((await http("GET", http_base(url) + "/pki/chain")).body.decode())
     pki.verify_chain(auth_cert, chain, [pki.load_cert_pem(Path(root_ca).read_bytes())])
-    assert pki.verify_der(auth_cert.public_key(), pki.b64d(r1["client_nonce_signature"]), client_nonce.encode())
+    assert pki.verify_signature(auth_cert.public_key(), pki.b64d(r1["client_nonce_signature"]), client_nonce.encode())
     client_time = f"{time.time():.6f}"
     signature = pki.sign_der(key, f"{r1['nonce']}:{client_time}".encode())
     return await short_rpc(url, "auth.aid_login2", {"aid": aid, "request_id": r1["request_id"], "nonce": r1["nonce"],
