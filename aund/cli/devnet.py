@@ -1,4 +1,5 @@
-"""`aund devnet`: run the local AUN network until SIGTERM/SIGINT (then exit 0)."""
+"""`aund devnet`: run the local AUN network until SIGTERM/SIGINT (then exit 0);
+`aund devnet revoke AID --state-dir DIR`: revoke an AID's current certificate on that network."""
 from __future__ import annotations
 
 import argparse
@@ -9,20 +10,34 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (default 127.0.0.1:0, any port)")
-    p.add_argument("--state-dir", required=True, type=Path, help="where the CA and the database live (kept)")
+    p.add_argument("--state-dir", type=Path, help="where the CA and the database live (kept); required")
     p.add_argument("--issuer", default="aid.test", help="the issuer domain of the AIDs it registers")
     p.add_argument("--access-ttl", type=float, default=3600.0, help="access token lifetime in seconds")
     p.add_argument("--slot-policy", choices=("kick", "refuse"), default="kick",
                    help="a second long connection on a slot replaces the first (kick) or is refused")
     p.add_argument("--also-gateway", action="append", default=[], metavar="URL",
                    help="list another gateway URL in /.well-known/aun-gateway (failover candidate)")
+    p.add_argument("--pki", choices=("dev", "production"), default="dev",
+                   help="CA shape: dev (P-256 root -> issuer) or production (P-384 root -> registry -> issuer "
+                        "-> auth cert, as the AUN network); fixed for a state dir at its first start")
+    sub = p.add_subparsers(dest="devnet_command", metavar="revoke")
+    rev = sub.add_parser("revoke", help="put an AID's current certificate on the devnet's CRL (OCSP: revoked)",
+                         description="Revoke an AID's current certificate; a devnet running on the same state "
+                                     "dir serves the new CRL and OCSP answer at once.")
+    rev.add_argument("aid")
+    rev.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help="the devnet's state dir (required)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.devnet_command == "revoke":
+        return _revoke(args)
+    if args.state_dir is None:
+        print("aund devnet: --state-dir is required", file=sys.stderr)
+        return 2
     import trio
 
     from aund import logs
-    from aund.devnet import serve_devnet
+    from aund.devnet import PKIModeMismatch, check_mode, serve_devnet
 
     logs.configure()
     host, _, port = args.listen.rpartition(":")
@@ -31,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if host not in ("127.0.0.1", "::1", "localhost"):
         print("aund devnet: warning: serving a development CA beyond loopback", file=sys.stderr)
+    try:
+        check_mode(args.state_dir.resolve() / "pki", args.pki)
+    except PKIModeMismatch as exc:
+        print(f"aund devnet: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = trio.Event()
@@ -38,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 info = await nursery.start(lambda task_status: serve_devnet(
                     host, int(port), args.state_dir, issuer=args.issuer, access_ttl=args.access_ttl,
-                    slot_policy=args.slot_policy, extra_gateways=args.also_gateway, stop=stop,
+                    slot_policy=args.slot_policy, extra_gateways=args.also_gateway, pki_mode=args.pki, stop=stop,
                     task_status=task_status))
                 print(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:
@@ -46,4 +66,29 @@ def run(args: argparse.Namespace) -> int:
                     break
 
     trio.run(main)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from aund.aun import ids
+    from aund.devnet import revoke
+
+    if args.state_dir is None:
+        print("aund devnet revoke: --state-dir is required", file=sys.stderr)
+        return 2
+    try:
+        aid = ids.normalize_aid(args.aid)
+    except ValueError as exc:
+        print(f"aund devnet revoke: invalid AID {args.aid!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        done = revoke(args.state_dir.resolve(), aid)
+    except FileNotFoundError as exc:
+        print(f"aund devnet revoke: {exc} (is --state-dir a devnet's state dir?)", file=sys.stderr)
+        return 2
+    if done is None:
+        print(f"aund devnet revoke: {aid} has no certificate on this devnet", file=sys.stderr)
+        return 1
+    serial, _, newly = done
+    print(f"{'revoked' if newly else 'already revoked'} {aid} serial={serial}", flush=True)
     return 0

@@ -1,8 +1,9 @@
 """devnet: a spec-faithful local AUN network in one process on loopback (`aund devnet`).
 
 `serve_devnet` binds one port for the gateway WebSocket (`/aun`) and its HTTP endpoints,
-creates or reloads the state under `state_dir` (dev CA, SQLite), reports the gateway URL
-and root CA path through `task_status`, and serves until cancelled.
+creates or reloads the state under `state_dir` (its CA in the `pki_mode` shape, SQLite), reports
+the gateway URL and root CA path through `task_status`, and serves until cancelled.
+`revoke` puts an AID's current certificate on the CRL of a state dir, running devnet or not.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import trio
 
 from aund.devnet.gateway import Devnet
-from aund.devnet.pki import DevCA
+from aund.devnet.pki import DevCA, PKIModeMismatch, check_mode  # noqa: F401  (re-exported)
 from aund.devnet.store import Store
 
 
@@ -27,13 +28,14 @@ class DevnetInfo:
 
 async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "aid.test",
                        access_ttl: float = 3600.0, slot_policy: str = "kick", extra_gateways: list[str] | None = None,
+                       pki_mode: str = "dev",
                        stop: trio.Event | None = None, task_status: trio.TaskStatus[DevnetInfo] = trio.TASK_STATUS_IGNORED) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     state_dir = state_dir.resolve()
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ca = DevCA.open(state_dir / "pki", issuer)
+    ca = DevCA.open(state_dir / "pki", issuer, pki_mode)
     store = Store(state_dir / "devnet.sqlite3")
     net = Devnet(store, ca, issuer, access_ttl=access_ttl, slot_policy=slot_policy, extra_gateways=extra_gateways)
     config = Config()
@@ -54,5 +56,21 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
             task_status.started(DevnetInfo(net.public_url, http_url, ca.root_cert_path, net))
             await (stop.wait() if stop is not None else trio.sleep_forever())
             shutdown.set()  # graceful: hypercorn closes the listener and the sockets, then returns
+    finally:
+        store.close()
+
+
+def revoke(state_dir: Path, aid: str) -> tuple[str, float, bool] | None:
+    """Revoke `aid`'s current certificate in the devnet database under `state_dir`: (serial hex,
+    revoked_at, newly revoked), None when the AID has no certificate there. A devnet running on the
+    same state dir answers from the database, so its CRL and OCSP show it at once.
+
+    Raises FileNotFoundError when `state_dir` holds no devnet database."""
+    db = state_dir / "devnet.sqlite3"
+    if not db.is_file():
+        raise FileNotFoundError(f"no devnet database at {db}")
+    store = Store(db)
+    try:
+        return store.revoke_current(aid)
     finally:
         store.close()

@@ -41,6 +41,9 @@ PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
                        "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True,
                        "max_message_size": MAX_PAYLOAD_BYTES}
+#: Signed methods the gateway also takes unsigned, on the connection's identity (see
+#: `Conn.connection_identity_suffices`).
+UNSIGNED_OK_METHODS = frozenset({"message.send", "group.send"})
 PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
 
 # Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
@@ -250,14 +253,14 @@ class Devnet:
         if path == "/pki/chain" and method == "GET":
             return 200, self.ca.chain_pem(), {"content-type": "application/x-pem-file"}
         if path == "/pki/crl.json" and method == "GET":
-            return 200, {"crl_pem": self.ca.crl_pem(self.store.revoked_serials())}, {}
+            return 200, {"crl_pem": self.ca.crl_pem(self.store.revoked_certs())}, {}
         if path.startswith("/pki/ocsp/") and method == "GET":
             serial = path[len("/pki/ocsp/"):].lower()
             found = self.store.cert_by_serial(serial) if re.fullmatch(r"[0-9a-f]{1,40}", serial) else None
             if found is None and serial == serial_hex(self.ca.gateway_cert):
-                found = (pki.cert_pem(self.ca.gateway_cert), False)
+                found = (pki.cert_pem(self.ca.gateway_cert), None)
             cert = pki.load_cert_pem(found[0]) if found else None
-            status, der = self.ca.ocsp_response(cert, int(serial, 16) if found else 0, bool(found and found[1]))
+            status, der = self.ca.ocsp_response(cert, found[1] if found else None)
             return 200, {"status": status, "ocsp_response": base64.b64encode(der).decode()}, {}
         if path.startswith("/pki/cert/") and method in ("GET", "HEAD"):
             aid = unquote(path[len("/pki/cert/"):]).strip().lower()
@@ -272,6 +275,8 @@ class Devnet:
             return self.agent_md(method, headers, body)
         if path == "/devnet/stats" and method == "GET":
             return 200, self.stats.snapshot(), {}
+        if path == "/devnet/revoke" and method == "POST":
+            return self.revoke_http(body)
         if path == "/devnet/faults" and method == "PUT":
             try:
                 knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
@@ -286,6 +291,22 @@ class Devnet:
                          "replay_pushes": self.faults.replay_pushes, "fail_acks": self.faults.fail_acks,
                          "reply_delay_ms": self.faults.reply_delay_ms}, {}
         return 404, {"error": "not found"}, {}
+
+    def revoke_http(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """POST /devnet/revoke {"aid"}: put the AID's current certificate on the CRL (OCSP: revoked)."""
+        try:
+            request = rpc.loads(body.decode("utf-8", "replace") or "{}")
+        except rpc.FrameError as exc:
+            return 400, {"error": str(exc)}, {}
+        if not isinstance(request, dict) or not isinstance(request.get("aid"), str):
+            return 400, {"error": 'the body must be {"aid": "<aid>"}'}, {}
+        aid = validate_aid(request["aid"])
+        done = self.store.revoke_current(aid)
+        if done is None:
+            return 404, {"error": f"no certificate for {aid}"}, {}
+        serial, revoked_at, newly = done
+        log.info("devnet.revoked", aid=aid, serial=serial, newly=newly)
+        return 200, {"aid": aid, "serial": serial, "revoked_at": revoked_at, "already_revoked": not newly}, {}
 
     def agent_md(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, Any, dict[str, str]]:
         host = headers.get("host", "").rsplit(":", 1)[0].strip().lower()
@@ -515,13 +536,25 @@ class Conn:
         handler = HANDLERS.get(method)
         if handler is None:
             raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {method}")
-        if method in signing.SIGNED_METHODS:
+        if method in signing.SIGNED_METHODS and not self.connection_identity_suffices(method, params):
             cert = pki.load_cert_pem(self.net.store.current_cert(self.aid) or "")
             try:
                 signing.verify_params(method, params, aid=self.aid, cert=cert)
             except signing.SignatureError as exc:
                 raise RpcError(rpc.CLIENT_SIGNATURE_INVALID, str(exc)) from None
         return handler(self, params)
+
+    def connection_identity_suffices(self, method: str, params: dict[str, Any]) -> bool:
+        """True for an unsigned call the production gateway takes on the connection's identity.
+
+        The AUN docs (08-AUN-E2EE-Group 11.2) give plain message RPCs a connection-identity fast
+        path; fastaun relies on it for `message.send` / `group.send` of echo texts, which it sends
+        without client_signature. A signature, when present, is always checked; params that claim
+        another identity (aid, device_id, slot_id) than the connection's always need one."""
+        if method not in UNSIGNED_OK_METHODS or "client_signature" in params:
+            return False
+        claims = {"aid": self.aid, "device_id": self.device_id, "slot_id": self.slot_id}
+        return all(params.get(k) in (None, "", own) for k, own in claims.items())
 
     # --- pre-auth ------------------------------------------------------------------------------
     def rpc_create_aid(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -538,12 +571,18 @@ class Conn:
             cert = pki.load_cert_pem(existing)
             if pki.spki_der(cert.public_key()) != pki.spki_der(public_key):
                 raise RpcError(rpc.CONFLICT, f"aid already registered with another key: {aid}")
+            self._refuse_revoked(aid)
         else:
             cert = self.net.ca.issue(aid, public_key)
             store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
                            pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
         return {"aid": aid, "cert": pki.cert_pem(cert), "ca_cert": pki.cert_pem(self.net.ca.issuer_cert),
                 "curve": "P-256"}
+
+    def _refuse_revoked(self, aid: str) -> None:
+        """Production's auth service checks revocation at login (protocol doc 01, -32002)."""
+        if self.net.store.current_revoked_at(aid) is not None:
+            raise RpcError(rpc.CERT_INVALID, f"certificate revoked: the current certificate of {aid} is on the CRL")
 
     def _aid_cert(self, aid: str):
         pem = self.net.store.current_cert(aid)
@@ -560,6 +599,7 @@ class Conn:
             raise RpcError(rpc.AUTH_FAILED, "aid_login1_failed: invalid cert") from None
         if presented != stored:
             raise RpcError(rpc.AUTH_FAILED, "aid_login1_failed: cert is not the AID's current certificate")
+        self._refuse_revoked(aid)
         client_nonce = _str(params, "client_nonce")
         now = time.time()
         for rid in [r for r, (_, _, exp) in self.net.login_requests.items() if exp < now]:
@@ -568,9 +608,10 @@ class Conn:
             raise RpcError(rpc.RATE_LIMITED, "too many pending logins", {"retryable": True})
         request_id, nonce = "req-" + secrets.token_hex(8), secrets.token_urlsafe(24)
         self.net.login_requests[request_id] = (aid, nonce, now + 60)
-        signature = pki.sign_der(self.net.ca.gateway_key, client_nonce.encode("utf-8"))
+        signature = pki.sign_for_key(self.net.ca.gateway_key, client_nonce.encode("utf-8"))
         return {"request_id": request_id, "nonce": nonce, "auth_cert": pki.cert_pem(self.net.ca.gateway_cert),
-                "client_nonce_signature": pki.b64e(signature), "server_time": int(now), "auth_curve": "P-256"}
+                "client_nonce_signature": pki.b64e(signature), "server_time": int(now),
+                "auth_curve": self.net.ca.auth_curve}
 
     def rpc_login2(self, params: dict[str, Any]) -> dict[str, Any]:
         aid = validate_aid(params.get("aid"))
@@ -591,19 +632,29 @@ class Conn:
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature is not base64") from None
         if not pki.verify_signature(self._aid_cert(aid).public_key(), signature, f"{nonce}:{client_time}".encode()):
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature does not verify")
+        self._refuse_revoked(aid)
         access, refresh, _ = self.net.store.issue_tokens(aid, self.net.access_ttl, self.net.refresh_ttl)
         return {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
                 "expires_in": int(self.net.access_ttl)}
 
     def rpc_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
-        aid = validate_aid(params.get("aid"))
+        """The refresh token alone names its session (protocol doc 01 sends only it); an `aid`
+        given too must be the token's. A revoked AID gets no new tokens: it must log in, which
+        refuses it."""
+        claimed = validate_aid(params["aid"]) if params.get("aid") not in (None, "") else None
         token = params.get("refresh_token")
-        rotated = self.net.store.rotate_refresh(token, aid, self.net.access_ttl, self.net.refresh_ttl) \
-            if isinstance(token, str) and token else None
+        if token is not None and not isinstance(token, str):
+            raise RpcError(rpc.INVALID_PARAMS, "param refresh_token must be a string")
+        refused = {"success": False, "error": "invalid_or_expired_refresh_token", "relogin_required": True,
+                   "retryable": False, **({"aid": claimed} if claimed else {})}
+        owner = claimed or (self.net.store.token_aid(token, "refresh") if token else None)
+        if owner is not None and self.net.store.current_revoked_at(owner) is not None:
+            return dict(refused, error="certificate_revoked")
+        rotated = self.net.store.rotate_refresh(token, claimed, self.net.access_ttl, self.net.refresh_ttl) \
+            if token else None
         if rotated is None:
-            return {"success": False, "error": "invalid_or_expired_refresh_token", "relogin_required": True,
-                    "retryable": False, "aid": aid}
-        access, refresh, _ = rotated
+            return refused
+        aid, access, refresh, _ = rotated
         return {"success": True, "aid": aid, "access_token": access, "refresh_token": refresh,
                 "expires_in": int(self.net.access_ttl), "relogin_required": False, "retryable": False}
 

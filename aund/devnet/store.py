@@ -20,7 +20,7 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certs (
     serial_hex TEXT PRIMARY KEY, aid TEXT NOT NULL, der_sha256 TEXT NOT NULL, spki_sha256 TEXT NOT NULL,
-    pem TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+    pem TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, revoked_at REAL);
 CREATE INDEX IF NOT EXISTS certs_aid ON certs(aid, created_at);
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, aid TEXT NOT NULL, expires_at REAL NOT NULL,
@@ -72,6 +72,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")  # several devnet gateways may share one state dir
         self.db.executescript(SCHEMA)
+        if "revoked_at" not in {r["name"] for r in self.db.execute("PRAGMA table_info(certs)")}:
+            with self.tx() as db:  # a database from before revocation existed
+                if "revoked_at" not in {r["name"] for r in db.execute("PRAGMA table_info(certs)")}:
+                    db.execute("ALTER TABLE certs ADD COLUMN revoked_at REAL")
 
     def close(self) -> None:
         self.db.close()
@@ -89,13 +93,37 @@ class Store:
     # --- certificates --------------------------------------------------------------------
     def add_cert(self, aid: str, serial_hex: str, der_sha256: str, spki_sha256: str, pem: str) -> None:
         with self.tx() as db:
-            db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,0)",
+            db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,0,NULL)",
                        (serial_hex, aid, der_sha256, spki_sha256, pem, time.time()))
 
     def current_cert(self, aid: str) -> str | None:
-        row = self.db.execute("SELECT pem FROM certs WHERE aid=? AND revoked=0 ORDER BY created_at DESC LIMIT 1",
+        """The AID's newest certificate, revoked or not (clients learn of a revocation from the CRL
+        and OCSP, as in production; `current_revoked_at` says whether it is)."""
+        row = self.db.execute("SELECT pem FROM certs WHERE aid=? ORDER BY created_at DESC LIMIT 1",
                               (aid,)).fetchone()
         return row["pem"] if row else None
+
+    def current_revoked_at(self, aid: str) -> float | None:
+        """When the AID's newest certificate was revoked, None if it is not (or there is none)."""
+        row = self.db.execute("SELECT revoked, revoked_at, created_at FROM certs WHERE aid=? "
+                              "ORDER BY created_at DESC LIMIT 1", (aid,)).fetchone()
+        if row is None or not row["revoked"]:
+            return None
+        return row["revoked_at"] if row["revoked_at"] is not None else row["created_at"]
+
+    def revoke_current(self, aid: str) -> tuple[str, float, bool] | None:
+        """Revoke the AID's newest certificate: (serial hex, revoked_at, newly revoked); None for an
+        AID without certificates. Revoking twice keeps the first time."""
+        with self.tx() as db:
+            row = db.execute("SELECT serial_hex, revoked, revoked_at FROM certs WHERE aid=? "
+                             "ORDER BY created_at DESC LIMIT 1", (aid,)).fetchone()
+            if row is None:
+                return None
+            if row["revoked"]:
+                return row["serial_hex"], row["revoked_at"] or 0.0, False
+            now = time.time()
+            db.execute("UPDATE certs SET revoked=1, revoked_at=? WHERE serial_hex=?", (now, row["serial_hex"]))
+            return row["serial_hex"], now, True
 
     def cert_by_fingerprint(self, aid: str, fp_hex: str) -> str | None:
         """A cert of `aid` whose DER or SPKI SHA-256 starts with fp_hex (16 or 64 hex)."""
@@ -105,12 +133,18 @@ class Store:
             "ORDER BY created_at DESC LIMIT 1", (aid, like, like)).fetchone()
         return row["pem"] if row else None
 
-    def cert_by_serial(self, serial_hex: str) -> tuple[str, bool] | None:
-        row = self.db.execute("SELECT pem, revoked FROM certs WHERE serial_hex=?", (serial_hex.lower(),)).fetchone()
-        return (row["pem"], bool(row["revoked"])) if row else None
+    def cert_by_serial(self, serial_hex: str) -> tuple[str, float | None] | None:
+        """(PEM, revoked_at or None) of the certificate with this serial."""
+        row = self.db.execute("SELECT pem, revoked, revoked_at, created_at FROM certs WHERE serial_hex=?",
+                              (serial_hex.lower(),)).fetchone()
+        if row is None:
+            return None
+        return row["pem"], (row["revoked_at"] or row["created_at"]) if row["revoked"] else None
 
-    def revoked_serials(self) -> list[int]:
-        return [int(r[0], 16) for r in self.db.execute("SELECT serial_hex FROM certs WHERE revoked=1")]
+    def revoked_certs(self) -> list[tuple[int, float]]:
+        """(serial, revoked_at) of every revoked certificate, for the CRL."""
+        return [(int(r["serial_hex"], 16), r["revoked_at"] or r["created_at"])
+                for r in self.db.execute("SELECT serial_hex, revoked_at, created_at FROM certs WHERE revoked=1")]
 
     # --- tokens --------------------------------------------------------------------------
     def issue_tokens(self, aid: str, access_ttl: float, refresh_ttl: float) -> tuple[str, str, float]:
@@ -129,15 +163,18 @@ class Store:
             return None
         return row["aid"]
 
-    def rotate_refresh(self, refresh_token: str, aid: str, access_ttl: float,
-                       refresh_ttl: float) -> tuple[str, str, float] | None:
-        """Spend a refresh token (single use) and issue a new pair; None if it is not live."""
+    def rotate_refresh(self, refresh_token: str, aid: str | None, access_ttl: float,
+                       refresh_ttl: float) -> tuple[str, str, str, float] | None:
+        """Spend a live refresh token (single use) and issue a new pair: (aid, access, refresh,
+        expires_at); None if the token is not live, or belongs to another AID than `aid` (the token
+        alone names its AID when `aid` is None)."""
         with self.tx() as db:
-            cur = db.execute("UPDATE tokens SET revoked=1 WHERE token_hash=? AND kind='refresh' AND aid=? "
-                             "AND revoked=0 AND expires_at>?", (token_hash(refresh_token), aid, time.time()))
-            if cur.rowcount != 1:
+            row = db.execute("SELECT aid FROM tokens WHERE token_hash=? AND kind='refresh' AND revoked=0 "
+                             "AND expires_at>?", (token_hash(refresh_token), time.time())).fetchone()
+            if row is None or (aid is not None and row["aid"] != aid):
                 return None
-        return self.issue_tokens(aid, access_ttl, refresh_ttl)
+            db.execute("UPDATE tokens SET revoked=1 WHERE token_hash=?", (token_hash(refresh_token),))
+        return (row["aid"], *self.issue_tokens(row["aid"], access_ttl, refresh_ttl))
 
     # --- prekeys -------------------------------------------------------------------------
     def put_prekey(self, aid: str, device_id: str, entry: dict[str, Any]) -> None:

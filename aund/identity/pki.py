@@ -9,7 +9,6 @@ import base64
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,8 +35,8 @@ def b64d(text: str) -> bytes:
         raise PKIError(f"invalid base64: {exc}") from None
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(CURVE)
+def generate_key(curve: ec.EllipticCurve = CURVE) -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(curve)
 
 
 def spki_der(public_key: ec.EllipticCurvePublicKey) -> bytes:
@@ -143,30 +142,44 @@ def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
-def hash_for_key(public_key) -> hashes.HashAlgorithm | None:
-    """The ECDSA hash that fits a key, as AUN uses them: SHA-384 for P-384, SHA-512 for P-521,
-    SHA-256 for every other curve. None for keys that are not ECDSA (Ed25519 signs whole data)."""
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if isinstance(public_key.curve, ec.SECP384R1):
+def hash_for_key(key) -> hashes.HashAlgorithm | None:
+    """The digest that goes with a key (private or public): SHA-256 for P-256, SHA-384 for P-384,
+    None for Ed25519 (EdDSA hashes internally; X.509 builders take None). PKIError for other keys."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        if isinstance(key.curve, ec.SECP256R1):
+            return hashes.SHA256()
+        if isinstance(key.curve, ec.SECP384R1):
             return hashes.SHA384()
-        if isinstance(public_key.curve, ec.SECP521R1):
-            return hashes.SHA512()
-        return hashes.SHA256()
-    return None
+        raise PKIError(f"unsupported curve {key.curve.name} (P-256, P-384 or Ed25519)")
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return None
+    raise PKIError(f"unsupported key type {type(key).__name__} (P-256, P-384 or Ed25519)")
 
 
-def verify_signature(public_key: Any, signature: bytes, data: bytes) -> bool:
-    """Verify a signature made by a certificate's key with the hash that fits the key: ECDSA DER
-    signatures (P-256/SHA-256, P-384/SHA-384), Ed25519. False for a bad signature and for any
-    other kind of key (RSA, DSA, ...): never raises for what a peer sent."""
+def sign_for_key(private_key, data: bytes) -> bytes:
+    """Sign with the algorithm that fits the key: DER ECDSA-SHA256 (P-256), DER ECDSA-SHA384
+    (P-384) or Ed25519. Raises PKIError for any other key."""
+    digest = hash_for_key(private_key)
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return private_key.sign(data)
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+        raise PKIError("a private key is needed to sign")
+    return private_key.sign(data, ec.ECDSA(digest))
+
+
+def verify_signature(public_key, signature: bytes, data: bytes) -> bool:
+    """True when `signature` over `data` verifies with the algorithm that fits the key: DER
+    ECDSA-SHA256 for P-256, DER ECDSA-SHA384 for P-384, Ed25519. False (never an exception) for a
+    bad signature and for any other key type."""
     try:
+        digest = hash_for_key(public_key)
         if isinstance(public_key, ed25519.Ed25519PublicKey):
             public_key.verify(signature, data)
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, data, ec.ECDSA(hash_for_key(public_key)))
+            public_key.verify(signature, data, ec.ECDSA(digest))
         else:
             return False
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+    except (PKIError, InvalidSignature, ValueError, TypeError):
         return False
     return True
 

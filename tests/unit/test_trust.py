@@ -12,7 +12,7 @@ import hashlib
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -101,22 +101,6 @@ def test_a_bad_root_file_is_named_in_one_line(tmp_path, content, words):
         TrustRoots.load((path,))
     assert str(path) in str(info.value) and words in str(info.value)
     assert "\n" not in str(info.value)
-
-
-# --- signatures --------------------------------------------------------------------------------------
-def test_each_key_is_verified_with_its_own_hash():
-    data = b"client nonce"
-    p256, p384 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1())
-    assert pki.verify_signature(p256.public_key(), p256.sign(data, ec.ECDSA(hashes.SHA256())), data)
-    assert pki.verify_signature(p384.public_key(), p384.sign(data, ec.ECDSA(hashes.SHA384())), data)
-    # a P-384 key signing with SHA-256 is not what ES384 means: refused
-    assert not pki.verify_signature(p384.public_key(), p384.sign(data, ec.ECDSA(hashes.SHA256())), data)
-    ed = ed25519.Ed25519PrivateKey.generate()
-    assert pki.verify_signature(ed.public_key(), ed.sign(data), data)
-    assert not pki.verify_signature(ed.public_key(), ed.sign(b"other"), data)
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    assert pki.verify_signature(rsa_key.public_key(), b"\x00" * 256, data) is False  # unsupported: False, no raise
-    assert pki.verify_signature(p256.public_key(), b"garbage", data) is False
 
 
 # --- chains ----------------------------------------------------------------------------------------
