@@ -1,0 +1,122 @@
+"""aund against a devnet shaped like the public AUN network's PKI (`--pki production`: P-384 root,
+registry and issuer, an ES384 login signature), with revocation, and with no root configured."""
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import trio
+
+from aund.aun.trust import GatewayTrust
+from aund.broker.backend import AppIdentity
+from aund.config import Config
+from aund.daemon import Daemon
+from aund.identity.store import IdentityStore
+from tests.helpers import DevnetProcess
+
+pytestmark = pytest.mark.timeout(120)
+APP = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
+
+
+@pytest.fixture
+def prod_devnet(tmp_path):
+    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--pki", "production"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
+async def _daemon(nursery, devnet, tmp_path, aids, *, root_ca=True) -> Daemon:
+    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "aund.sock", gateway_url=(devnet.gateway_url,),
+                    root_ca=(Path(devnet.root_ca),) if root_ca else (), identities=tuple(aids))
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
+    daemon = Daemon(config, store, GatewayTrust.from_files(list(config.root_ca), config.state_dir))
+    await nursery.start(daemon.run)
+    return daemon
+
+
+async def _ready_handle(daemon, aid):
+    while True:
+        try:
+            handle = await daemon.open_session(APP, aid, "main")
+            break
+        except Exception:  # noqa: BLE001 - not registered yet
+            await trio.sleep(0.05)
+    await handle.wait_ready()
+    return handle
+
+
+def _cert_status(devnet, aid) -> int:
+    try:
+        with urllib.request.urlopen(f"{devnet.http_url}/pki/cert/{aid}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_a_revoked_sender_is_undecryptable_on_a_production_pki(prod_devnet, tmp_path):
+    tag = os.getpid() % 100000
+    mallory, bob = f"mallory-{tag}.aid.test", f"bob-{tag}.aid.test"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            daemon = await _daemon(nursery, prod_devnet, tmp_path, [mallory, bob])
+            m, b = await _ready_handle(daemon, mallory), await _ready_handle(daemon, bob)  # ES384 login1 accepted
+            assert daemon.trust.roots.names()[0] == "O=AgentUnion,CN=AUN Root CA"
+            r = await m.call("message.send", {"to": bob, "payload": {"type": "text", "text": "before"}},
+                             timeout=None, background=False, app=APP)
+            assert r["status"] == "delivered"
+            got = []
+            async with aclosing(daemon.subscribe(APP, bob, ("message.received", "message.undecryptable"), "t",
+                                                 "last_ack")) as events:
+                async for event in events:
+                    got.append(event)
+                    await daemon.ack(APP, bob, "t", event.cursor)
+                    if len(got) == 1:
+                        req = urllib.request.Request(f"{prod_devnet.http_url}/devnet/revoke", method="POST",
+                                                     data=json.dumps({"aid": mallory}).encode())
+                        with urllib.request.urlopen(req, timeout=5) as resp:
+                            assert json.loads(resp.read())["aid"] == mallory
+                        # a fresh reader: no certificate, CRL or OCSP answer cached from before the revocation
+                        # (a running one learns of it when those expire: at most an hour, as the SDK)
+                        daemon.trust.replace_roots(daemon.trust.roots)
+                        daemon.peers.forget()
+                        r = await m.call("message.send", {"to": bob, "payload": {"type": "text", "text": "after"}},
+                                         timeout=None, background=False, app=APP)
+                        assert r["status"] == "delivered"
+                    if len(got) == 2:
+                        break
+            await daemon.aclose()
+    assert got[0].kind == "message.received" and got[0].data["payload"]["text"] == "before"
+    assert got[0].data["encrypted"] is True
+    assert got[1].kind == "message.undecryptable"
+    assert got[1].data["reason"] == "certificate_revoked" and "revoked" in got[1].data["detail"]
+    assert "payload" not in got[1].data
+
+
+async def test_no_trusted_root_claims_no_name_and_a_dropped_in_root_heals_on_reload(prod_devnet, tmp_path):
+    aid = f"lone-{os.getpid() % 100000}.aid.test"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            daemon = await _daemon(nursery, prod_devnet, tmp_path, [aid], root_ca=False)
+            while aid not in daemon.identity_errors:
+                await trio.sleep(0.05)
+            code, message = daemon.identity_errors[aid]
+            assert code == "identity.invalid"
+            assert "not registering" in message and "not a trusted AUN root" in message
+            assert "trust-roots.pem" in message
+            assert _cert_status(prod_devnet, aid) == 404  # the name was not claimed
+            (daemon.config.state_dir / "trust-roots.pem").write_text(Path(prod_devnet.root_ca).read_text())
+            daemon.reload(daemon.config)  # what SIGHUP does
+            handle = await _ready_handle(daemon, aid)
+            assert (await handle.call("meta.ping", {}, timeout=None, background=False, app=APP)) is not None
+            assert aid not in daemon.identity_errors
+            assert _cert_status(prod_devnet, aid) == 200
+            await daemon.aclose()
