@@ -362,6 +362,8 @@ class Daemon:
     def warnings(self) -> list[dict[str, str]]:
         out = [{"code": code, "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
                for aid, (code, text) in self.identity_errors.items()]
+        out += [{"code": "identity.unreadable", "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
+                for aid, text in sorted(self.store.unreadable.items())]
         for text in (self.inbox.write_error if self.inbox is not None else "", self.store_write_error):
             if text:
                 out.append({"code": "storage.error", "severity": "error", "text": text})

@@ -13,6 +13,13 @@ import urllib.parse
 import trio
 import trio_websocket
 
+#: The largest WebSocket message aund accepts from a gateway. Far above the gateway's limit for one
+#: message (1 MB of payload), so that a page or push carrying any message the gateway accepted, with
+#: its JSON wrapping and escaping, is received; larger pages shrink on the 1009 close (aund.aun.messaging).
+MAX_FRAME = 8 * 1024 * 1024
+#: The close code of a message larger than MAX_FRAME (RFC 6455 "message too big").
+MESSAGE_TOO_BIG = 1009
+
 
 async def connect(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: float,
                   message_queue_size: int = 64) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:

@@ -220,6 +220,22 @@ def _create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
     return created
 
 
+def _present(path: Path) -> bool:
+    """Whether ``path`` exists; StorageError (naming the owner) if this process may not look."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError as exc:
+        try:
+            owner = f" (owned by uid {os.stat(path.parent).st_uid})"
+        except OSError:
+            owner = ""
+        raise StorageError(f"cannot read {path.parent}{owner}: {exc.strerror}; give it to the daemon's user "
+                           f"(uid {os.geteuid()})", retryable=False, data={"path": str(path.parent)}) from None
+    return True
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -335,6 +351,7 @@ class IdentityStore:
         self._masters: dict[tuple[int, int, int, bytes], tuple[bytes, bytes]] = {}
         self._store_kdf: dict[str, Any] | None = None
         self._ensure_locks: dict[str, Any] = {}
+        self.unreadable: dict[str, str] = {}  # AID -> why, as found by the last ``list``
         self._mkdirs(self.aids_dir)
         self.device_id = self._device_id()
 
@@ -585,16 +602,32 @@ class IdentityStore:
     # ── public API: reading ──
 
     def exists(self, aid: str) -> bool:
-        return (self._aid_dir(aid) / KEY_FILE).exists()
+        """Errors: StorageError if the AID's directory cannot be read (e.g. owned by another user)."""
+        return _present(self._aid_dir(aid) / KEY_FILE)
 
     def list(self) -> list[str]:
-        """AIDs present in the store, sorted (pending registrations are not listed)."""
-        return sorted(p.name for p in self.aids_dir.iterdir()
-                      if _AID_RE.fullmatch(p.name) and (p / KEY_FILE).exists())
+        """AIDs present in the store, sorted (pending registrations are not listed). A directory this
+        process cannot read is left out, and named in ``unreadable`` (AID -> why) for health."""
+        found, unreadable = [], {}
+        try:
+            entries = list(self.aids_dir.iterdir())
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.aids_dir}: {exc.strerror or exc}",
+                               data={"path": str(self.aids_dir)}) from None
+        for p in entries:
+            if not _AID_RE.fullmatch(p.name):
+                continue
+            try:
+                if _present(p / KEY_FILE):
+                    found.append(p.name)
+            except StorageError as exc:
+                unreadable[p.name] = exc.message
+        self.unreadable = unreadable
+        return sorted(found)
 
     def _require(self, aid: str) -> Path:
         d = self._aid_dir(aid)
-        if not (d / KEY_FILE).exists():
+        if not _present(d / KEY_FILE):
             if d.is_dir() and any(d.iterdir()):
                 raise CorruptIdentity(f"{self._rel(d / KEY_FILE)} is missing but {self._rel(d)} exists",
                                       data={"path": str(d / KEY_FILE), "aid": aid})
