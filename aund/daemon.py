@@ -19,6 +19,7 @@ import structlog
 import trio
 
 import aund
+from aund import systemd
 from aund.aun import auth, ids
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
@@ -28,7 +29,7 @@ from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
 from aund.errors import ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
-from aund.identity.errors import IdentityNotFound
+from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import Inbox
 
@@ -54,7 +55,14 @@ class StoreCredentials:
         self.cert_fingerprint = identity.cert_fingerprint
 
     async def load_tokens(self) -> auth.Tokens | None:
-        return auth.Tokens.from_json(await trio.to_thread.run_sync(self.store.load_tokens, self.aid))
+        """The stored tokens, or None. Tokens are disposable: a damaged file means a fresh login with
+        the key (whose file is never touched), and the next save replaces the damaged one."""
+        try:
+            stored = await trio.to_thread.run_sync(self.store.load_tokens, self.aid)
+            return auth.Tokens.from_json(stored)
+        except (CorruptIdentity, TypeError, ValueError) as exc:
+            log.warning("identity.tokens_unreadable", aid=self.aid, error=str(exc)[:300], action="login again")
+            return None
 
     async def save_tokens(self, tokens: auth.Tokens) -> None:
         await trio.to_thread.run_sync(self.store.save_tokens, self.aid, tokens.to_json())
@@ -125,6 +133,7 @@ class Daemon:
         self.broker: Any = None  # the app socket server, for status
         self.inbox_depth: dict[str, int] = {}
         self.identity_errors: dict[str, tuple[str, str]] = {}
+        self.store_write_error = ""  # the identity store's last failed write, "" once one succeeds
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -235,7 +244,13 @@ class Daemon:
                 await self.trust.check_anchor(gateways[0])  # never claim a name where login would fail
                 return await auth.create_aid(gateways[0], aid_, public_key)
 
-            identity = await self.store.ensure(aid, register, meta={"gateway_urls": list(gateways)})
+            try:
+                identity = await self.store.ensure(aid, register, meta={"gateway_urls": list(gateways)})
+            except StorageError as exc:
+                if not isinstance(exc, CorruptIdentity):  # a failed write (full disk, ...): for health
+                    self.store_write_error = exc.message
+                raise
+            self.store_write_error = ""
         return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
                 "device_id": identity.device_id}
 
@@ -364,11 +379,21 @@ class Daemon:
                 "identities": len(self.store.list()), "links": links, "broker": apps, "inbox": self.inbox_depth,
                 "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                            "waiting": budget.tasks_waiting},
+                "process": systemd.core_dump_state(),
                 "warnings": self.warnings()}
 
     def warnings(self) -> list[dict[str, str]]:
         out = [{"code": code, "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
                for aid, (code, text) in self.identity_errors.items()]
+        out += [{"code": "identity.unreadable", "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
+                for aid, text in sorted(self.store.unreadable.items())]
+        for text in (self.inbox.write_error if self.inbox is not None else "", self.store_write_error):
+            if text:
+                out.append({"code": "storage.error", "severity": "error", "text": text})
+        for aid, count in sorted((self.inbox.quarantined if self.inbox is not None else {}).items()):
+            out.append({"code": "inbox.quarantined", "severity": "warning", "aid": aid,
+                        "text": f"{aid}: {count} inbox row(s) damaged and quarantined (skipped; see the "
+                                "inbox.row_quarantined log events)"})
         for (aid, slot), e in self.links.items():
             state = e.link.state
             if state == LinkState.CONNECTION_FAILED:

@@ -13,6 +13,7 @@ a time (a trio lock).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -22,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aund.errors import StorageError
+
+log = structlog.get_logger("aund.inbox")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -40,7 +44,10 @@ CREATE TABLE IF NOT EXISTS consumers (
 CREATE TABLE IF NOT EXISTS peer_acks (
     aid TEXT NOT NULL, device_id TEXT NOT NULL, slot_key TEXT NOT NULL, sender TEXT NOT NULL,
     ack_seq INTEGER NOT NULL, PRIMARY KEY (aid, device_id, slot_key, sender));
+CREATE TABLE IF NOT EXISTS quarantine (
+    cursor INTEGER PRIMARY KEY, aid TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 """
+QUARANTINED_KIND = "inbox.quarantined"
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,31 @@ class StoredEvent:
     data: dict[str, Any]
 
 
+def _private_files(path: Path) -> None:
+    """The database (and its -wal/-shm, which SQLite creates with the database's mode) 0600, whatever
+    the umask: decrypted payloads are sealed, but senders, kinds and timing are not."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            os.chmod(f"{path}{suffix}", 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class Inbox:
     def __init__(self, path: Path, key: bytes) -> None:
         self.path = path
         self._aead = AESGCM(key)
         self._lock = trio.Lock()  # one SQLite call at a time, in a worker thread
+        try:
+            _private_files(path)
+        except OSError as exc:
+            raise StorageError(f"inbox database {path}: {exc.strerror or exc}", retryable=False,
+                               data={"path": str(path)}) from None
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -76,6 +103,9 @@ class Inbox:
                                data={"path": str(path)}) from None
         self.on_commit = None  # called with the aid after new rows are committed
         self.commits = 0
+        self.write_error = ""  # the last write's failure, "" once a write succeeds
+        self.quarantined: dict[str, int] = dict(self._db.execute(
+            "SELECT aid, COUNT(*) FROM quarantine GROUP BY aid").fetchall())  # rows per AID, for health
 
     def close(self) -> None:
         self._db.close()
@@ -95,12 +125,16 @@ class Inbox:
         return json.loads(plain)
 
     async def _run(self, fn, *args):
-        """A write (it may wait for fsync): in a worker thread, one at a time."""
+        """A write (it may wait for fsync): in a worker thread, one at a time. A failure is kept in
+        `write_error` (for health) until a write succeeds again."""
         async with self._lock:
             try:
-                return await trio.to_thread.run_sync(fn, *args)
+                result = await trio.to_thread.run_sync(fn, *args)
             except sqlite3.Error as exc:
-                raise StorageError(f"inbox {self.path}: {exc}", data={"path": str(self.path)}) from None
+                self.write_error = f"inbox {self.path}: {exc}"
+                raise StorageError(self.write_error, data={"path": str(self.path)}) from None
+            self.write_error = ""
+            return result
 
     async def _read(self, fn, *args):
         """A read: WAL reads never wait for a writer or the disk's flush, so they run inline (a
@@ -132,7 +166,11 @@ class Inbox:
                            (aid, device_id, slot_key, sender, ack_seq))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): a second ROLLBACK would fail
+            # with "cannot rollback - no transaction is active" and hide the error that matters
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
         return new
 
@@ -154,7 +192,25 @@ class Inbox:
             sql += f" AND kind IN ({','.join('?' * len(kinds))})"
             args += list(kinds)
         rows = self._db.execute(sql + " ORDER BY cursor LIMIT ?", (*args, limit)).fetchall()
-        return [StoredEvent(c, aid, k, self._open(aid, k, bytes(d), c)) for c, k, d in rows]
+        out = []
+        for c, k, d in rows:
+            try:
+                out.append(StoredEvent(c, aid, k, self._open(aid, k, bytes(d), c)))
+            except StorageError as exc:
+                out.append(self._quarantine(aid, c, k, exc.message))
+        return out
+
+    def _quarantine(self, aid: str, cursor: int, kind: str, reason: str) -> StoredEvent:
+        """A row that no longer opens (a flipped bit, a torn write): recorded once in `quarantine`, its
+        bytes left as they are, and handed to consumers as an `inbox.quarantined` event in its place,
+        so that the rows behind it flow on (acking that event moves past it)."""
+        cur = self._db.execute("INSERT OR IGNORE INTO quarantine VALUES (?,?,?,?,?)",
+                               (cursor, aid, kind, reason, time.time()))
+        if cur.rowcount == 1:
+            self.quarantined[aid] = self.quarantined.get(aid, 0) + 1
+            log.error("inbox.row_quarantined", aid=aid, cursor=cursor, kind=kind, reason=reason, path=str(self.path))
+        return StoredEvent(cursor, aid, QUARANTINED_KIND, {"aid": aid, "cursor": cursor, "kind": kind,
+                                                           "reason": "row fails authentication (damaged)"})
 
     async def read(self, aid: str, after: int, kinds: Iterable[str] = (), limit: int = 100) -> list[StoredEvent]:
         return await self._read(self._read_sync, aid, after, tuple(kinds), limit)

@@ -31,3 +31,29 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2_000_000
+
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+
+
+def forbid_core_dumps() -> None:
+    """No core dump may ever hold the seed, a private key or a token: RLIMIT_CORE 0 (soft and hard,
+    so it cannot be raised again) and PR_SET_DUMPABLE 0 (which also keeps other processes of the same
+    uid from ptrace-attaching and from reading /proc/<pid>/mem). Raises OSError if prctl fails."""
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(err)}")
+
+
+def core_dump_state() -> dict[str, int | bool]:
+    """What `status` reports: whether this process is dumpable and its core size limit."""
+    import ctypes
+    import resource
+
+    dumpable = ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    return {"dumpable": dumpable != 0, "core_limit": resource.getrlimit(resource.RLIMIT_CORE)[1]}

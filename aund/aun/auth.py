@@ -24,7 +24,7 @@ from aund.identity import pki
 
 CONNECT_TIMEOUT = 10.0
 SHORT_RPC_TIMEOUT = 15.0
-MAX_FRAME = 2 * 1024 * 1024
+MAX_FRAME = transport.MAX_FRAME
 TOKEN_REUSE_MARGIN = 30.0  # a stored access token is reused only if it has this much life left
 
 

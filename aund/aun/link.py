@@ -85,7 +85,7 @@ class LinkConfig:
     backoff_max: float = 64.0
     refresh_before: float = 1800.0
     refresh_check: float = 30.0
-    max_frame: int = 2 * 1024 * 1024
+    max_frame: int = transport.MAX_FRAME
     rpc_in_flight: int = 16
     rpc_background: int = 8
     pull_namespaces: int = 4
@@ -105,7 +105,9 @@ class Backoff:
         self.base = self.initial
 
     def on_drop(self, close_code: int | None) -> None:
-        self.base = self.initial if close_code in (None, 1000, 1006) else self.after_server_close
+        # 1009 is our own close of a too-large message: the next page is smaller, retry soon
+        local = (None, 1000, 1006, transport.MESSAGE_TOO_BIG)
+        self.base = self.initial if close_code in local else self.after_server_close
         self.base = min(max(self.base, self.initial), self.maximum)
 
     def next_delay(self) -> float:
@@ -467,6 +469,9 @@ class Link:
             code = _code(exc) or 1006
         finally:
             session.end(code)
+            # waiters learn now, and why (a 1009 tells the pull to ask for a smaller page)
+            session.fail_all(GatewayUnavailable(f"connection to the gateway closed (code {code})",
+                                                data={"close_code": code}))
 
     def _dispatch_event(self, session: _Session, method: str, params: dict[str, Any]) -> None:
         name = method.removeprefix("event/")

@@ -34,6 +34,12 @@ import trio_websocket
 log = structlog.get_logger("aund.transport")
 
 PROXY_REPLY_LIMIT = 16 * 1024
+#: The largest WebSocket message aund accepts from a gateway. Far above the gateway's limit for one
+#: message (1 MB of payload), so that a page or push carrying any message the gateway accepted, with
+#: its JSON wrapping and escaping, is received.
+MAX_FRAME = 8 * 1024 * 1024
+#: The close code of a message larger than MAX_FRAME (RFC 6455 "message too big").
+MESSAGE_TOO_BIG = 1009
 
 
 class DnsCache:

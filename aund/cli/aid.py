@@ -9,6 +9,8 @@ from pathlib import Path
 
 from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, table, unreachable
 
+DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="aid_command", metavar="list|ensure|import", required=True)
@@ -24,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--from", dest="aun_path", type=Path, required=True, help="the SDK's aun_path")
     imp.add_argument("--state-dir", type=Path, help="aund's state dir (default: from config)")
     imp.add_argument("--config", type=Path)
-    imp.epilog = "The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from AUND_ENCRYPTION_SEED."
+    imp.add_argument("--seed-file", type=Path,
+                     help=f"aund's encryption seed (default: $AUND_ENCRYPTION_SEED, else {DEFAULT_SEED_FILE})")
+    imp.epilog = ("The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from --seed-file, "
+                  f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root, the "
+                  "new files are given to the state dir's owner (the daemon's user).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,15 +62,61 @@ def _import(args: argparse.Namespace) -> int:
     from aund.errors import AundError
     from aund.identity.store import IdentityStore, StateLock, load_seed
 
+    os.umask(0o077)
     try:
         config = load(args.config, {"state_dir": args.state_dir})
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        seed = _seed(args.seed_file, load_seed)
         with StateLock(config.state_dir):
-            store = IdentityStore(config.state_dir, load_seed())
-            identity = store.import_fastaun(args.aun_path, args.aid.strip().lower(),
-                                            os.environ.get("AUND_IMPORT_SEED", ""), meta={"imported_from": "fastaun"})
+            try:
+                store = IdentityStore(config.state_dir, seed)
+                store.verify_seed()
+                identity = store.import_fastaun(args.aun_path, args.aid.strip().lower(),
+                                                os.environ.get("AUND_IMPORT_SEED", ""),
+                                                meta={"imported_from": "fastaun"})
+            finally:
+                _give_to_owner(config.state_dir)
     except (ConfigError, AundError) as exc:
         print(f"aund aid import: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        print(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"imported {identity.aid}  {identity.cert_fingerprint}")
     return EXIT_OK
+
+
+def _seed(seed_file: Path | None, load_seed) -> bytes:
+    """aund's seed: --seed-file, else $AUND_ENCRYPTION_SEED / the systemd credential, else the file
+    aund.service loads it from (so the documented import works without putting the seed in the
+    environment). Errors: SeedMissing (load_seed's, naming every place looked at)."""
+    from aund.identity.errors import SeedMissing
+
+    if seed_file is None:
+        try:
+            return load_seed()
+        except SeedMissing:
+            if not DEFAULT_SEED_FILE.exists():
+                raise
+            seed_file = DEFAULT_SEED_FILE
+    try:
+        data = seed_file.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise SeedMissing(f"cannot read the seed file {seed_file}: {exc.strerror or exc}") from None
+    if not data:
+        raise SeedMissing(f"the seed file {seed_file} is empty")
+    return data
+
+
+def _give_to_owner(state_dir: Path) -> None:
+    """Run as root on a state dir that belongs to another user (the daemon's): hand everything root
+    just created there to that user, so that the daemon can read what was imported."""
+    if os.geteuid() != 0:
+        return
+    owner = state_dir.stat()
+    if owner.st_uid == 0:
+        return
+    for path in [state_dir, *state_dir.rglob("*")]:
+        st = path.lstat()
+        if st.st_uid == 0:
+            os.lchown(path, owner.st_uid, owner.st_gid)

@@ -18,9 +18,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aund import logs
+    import os
+
+    from aund import logs, systemd
     from aund.config import ConfigError, load
 
+    # before the seed or any key is in memory: no core dumps, and every file we create is ours alone
+    # (even when run by hand with a permissive umask)
+    os.umask(0o077)
+    try:
+        systemd.forbid_core_dumps()
+    except OSError as exc:
+        print(f"aund run: cannot disable core dumps: {exc}", file=sys.stderr)
+        return 1
     logs.configure()
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
              "root_ca": args.root_ca, "identities": args.identities}

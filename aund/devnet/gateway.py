@@ -36,6 +36,7 @@ MAX_SHORT_PER_SLOT = 10
 MAX_INFLIGHT_PER_CONN = 64
 MAX_PAYLOAD_BYTES = 1_000_000
 MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frames
+PULL_PAGE_BYTES = 512 * 1024  # a pull page stops adding rows past this size (always at least one row)
 OUTBOX_FRAMES = 512
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
@@ -102,6 +103,7 @@ class Faults:
     break_proof: int = 0          # the next N pull pages claim coverage beyond the head (a lying gateway)
     replay_pushes: int = 0        # the next N pushes are sent twice (a replaying gateway)
     fail_acks: int = 0            # the next N message.v2.ack calls fail (retryable 5003) and change nothing
+    unbounded_pages: int = 0      # 1 = pull pages bounded by row count only (a gateway without a byte cap)
     push_counter: int = 0
 
     def should_drop_push(self) -> bool:
@@ -284,12 +286,14 @@ class Devnet:
                 return 400, {"error": str(exc)}, {}
             if not isinstance(knobs, dict):
                 return 400, {"error": "faults must be a JSON object"}, {}
-            for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes", "fail_acks"):
+            for key in ("drop_push_every", "reply_delay_ms", "break_proof", "replay_pushes", "fail_acks",
+                        "unbounded_pages"):
                 if isinstance(knobs.get(key), int) and not isinstance(knobs.get(key), bool):
                     setattr(self.faults, key, max(0, knobs[key]))
             return 200, {"drop_push_every": self.faults.drop_push_every, "break_proof": self.faults.break_proof,
                          "replay_pushes": self.faults.replay_pushes, "fail_acks": self.faults.fail_acks,
-                         "reply_delay_ms": self.faults.reply_delay_ms}, {}
+                         "reply_delay_ms": self.faults.reply_delay_ms,
+                         "unbounded_pages": self.faults.unbounded_pages}, {}
         return 404, {"error": "not found"}, {}
 
     def revoke_http(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -852,9 +856,18 @@ class Conn:
         rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
         has_more = len(rows) > limit
         rows = rows[:limit]
+        messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
+        if not self.net.faults.unbounded_pages:  # as a production gateway: the page is bounded by bytes
+            size, kept = 0, 0
+            for row in messages:
+                size += len(dumps(row).encode("utf-8"))
+                if kept and size > PULL_PAGE_BYTES:
+                    break
+                kept += 1
+            if kept < len(messages):
+                has_more, rows, messages = True, rows[:kept], messages[:kept]
         head = max(store.peer_head(self.aid, sender), scan_after)
         covered = rows[-1].seq if has_more else head
-        messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
         result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,
                   "messages": messages, "count": len(messages), "scan_after_seq": scan_after,
                   "covered_through_seq": covered, "next_after_seq": covered, "head_seq": head,

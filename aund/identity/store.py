@@ -82,6 +82,7 @@ from aund.identity.errors import (
     SeedMissing,
     StateDirLocked,
 )
+from client_stub.errors import StorageError
 
 __all__ = [
     "Identity", "IdentityStore", "StateLock", "atomic_write", "load_seed",
@@ -138,8 +139,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_failed(exc: OSError, path: Path | str) -> StorageError:
+    """The API error for a failed write of ``path`` (the disk full, read-only, ...), naming both."""
+    why = exc.strerror or str(exc)
+    if exc.errno in _DISK_FULL:
+        why += " (the disk is full: free space, then aund retries)"
+    return StorageError(f"cannot write {path}: {why}",
+                        data={"path": str(path), "errno": errno.errorcode.get(exc.errno or 0, "")})
+
+
 def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh, fsynced temp file next to ``path``; return the temp path."""
+    """Write ``data`` to a fresh, fsynced temp file next to ``path``; return the temp path.
+    Errors: StorageError naming ``path`` (e.g. the disk is full)."""
+    try:
+        return _write_temp_raw(path, data, mode)
+    except OSError as exc:
+        raise write_failed(exc, path) from None
+
+
+def _write_temp_raw(path: Path, data: bytes, mode: int) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
@@ -170,11 +191,16 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         _fault("before_replace", path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_failed(exc, path) from None
         raise
-    _fsync_dir(path.parent)
+    try:
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise write_failed(exc, path) from None
 
 
 def _create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
@@ -192,6 +218,22 @@ def _create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
     if created:
         _fsync_dir(path.parent)
     return created
+
+
+def _present(path: Path) -> bool:
+    """Whether ``path`` exists; StorageError (naming the owner) if this process may not look."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError as exc:
+        try:
+            owner = f" (owned by uid {os.stat(path.parent).st_uid})"
+        except OSError:
+            owner = ""
+        raise StorageError(f"cannot read {path.parent}{owner}: {exc.strerror}; give it to the daemon's user "
+                           f"(uid {os.geteuid()})", retryable=False, data={"path": str(path.parent)}) from None
+    return True
 
 
 def _b64(data: bytes) -> str:
@@ -309,6 +351,7 @@ class IdentityStore:
         self._masters: dict[tuple[int, int, int, bytes], tuple[bytes, bytes]] = {}
         self._store_kdf: dict[str, Any] | None = None
         self._ensure_locks: dict[str, Any] = {}
+        self.unreadable: dict[str, str] = {}  # AID -> why, as found by the last ``list``
         self._mkdirs(self.aids_dir)
         self.device_id = self._device_id()
 
@@ -328,6 +371,8 @@ class IdentityStore:
                 os.mkdir(d, 0o700)
             except FileExistsError:
                 continue
+            except OSError as exc:
+                raise write_failed(exc, d) from None
             os.chmod(d, 0o700)  # umask
             _fsync_dir(d.parent)
 
@@ -393,6 +438,7 @@ class IdentityStore:
             return self._store_kdf
         path = self.state_dir / ".kdf.json"
         if not path.exists():
+            self._refuse_without_kdf(path)
             salt = os.urandom(16)
             _, check = self._master(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt)
             record = {"format": "aund.kdf", "version": 1, "name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R,
@@ -410,13 +456,31 @@ class IdentityStore:
         self._store_kdf = {"name": "scrypt", "n": n, "r": r, "p": p, "salt": _b64(salt), "check": _b64(check)}
         return self._store_kdf
 
+    def _refuse_without_kdf(self, path: Path) -> None:
+        """``.kdf.json`` is absent: fine for a new state dir, fatal for one that holds encrypted data.
+
+        Making a new one there would accept any seed and re-key the state dir (old inbox rows and
+        keys would no longer open with the right seed). Errors: CorruptIdentity naming the file.
+        """
+        sealed = [p for p in (self.state_dir / "inbox.sqlite3",) if p.exists()]
+        sealed += sorted(self.aids_dir.glob("**/*.enc.json"))
+        if sealed:
+            raise CorruptIdentity(
+                f"{path} is missing but {self.state_dir} holds encrypted data (e.g. {self._rel(sealed[0])}): "
+                "restore .kdf.json from a backup; aund will not check the seed without it nor make a new one",
+                data={"path": str(path)})
+
     def verify_seed(self) -> None:
-        """Raise SeedMismatch now if the seed is not the one this state dir was set up with.
+        """Raise SeedMismatch now if the seed is not the one this state dir was set up with, or
+        CorruptIdentity if ``.kdf.json`` is gone from a state dir that holds encrypted data.
 
         Costs one scrypt (~0.1 s); a no-op check on a store that has never encrypted anything.
         """
-        if (self.state_dir / ".kdf.json").exists():
+        path = self.state_dir / ".kdf.json"
+        if path.exists():
             self._kdf_for_writing()
+        else:
+            self._refuse_without_kdf(path)
 
     # ── the envelope ──
 
@@ -538,16 +602,32 @@ class IdentityStore:
     # ── public API: reading ──
 
     def exists(self, aid: str) -> bool:
-        return (self._aid_dir(aid) / KEY_FILE).exists()
+        """Errors: StorageError if the AID's directory cannot be read (e.g. owned by another user)."""
+        return _present(self._aid_dir(aid) / KEY_FILE)
 
     def list(self) -> list[str]:
-        """AIDs present in the store, sorted (pending registrations are not listed)."""
-        return sorted(p.name for p in self.aids_dir.iterdir()
-                      if _AID_RE.fullmatch(p.name) and (p / KEY_FILE).exists())
+        """AIDs present in the store, sorted (pending registrations are not listed). A directory this
+        process cannot read is left out, and named in ``unreadable`` (AID -> why) for health."""
+        found, unreadable = [], {}
+        try:
+            entries = list(self.aids_dir.iterdir())
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.aids_dir}: {exc.strerror or exc}",
+                               data={"path": str(self.aids_dir)}) from None
+        for p in entries:
+            if not _AID_RE.fullmatch(p.name):
+                continue
+            try:
+                if _present(p / KEY_FILE):
+                    found.append(p.name)
+            except StorageError as exc:
+                unreadable[p.name] = exc.message
+        self.unreadable = unreadable
+        return sorted(found)
 
     def _require(self, aid: str) -> Path:
         d = self._aid_dir(aid)
-        if not (d / KEY_FILE).exists():
+        if not _present(d / KEY_FILE):
             if d.is_dir() and any(d.iterdir()):
                 raise CorruptIdentity(f"{self._rel(d / KEY_FILE)} is missing but {self._rel(d)} exists",
                                       data={"path": str(d / KEY_FILE), "aid": aid})

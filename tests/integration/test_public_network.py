@@ -68,7 +68,7 @@ async def test_a_revoked_sender_is_undecryptable_on_a_production_pki(prod_devnet
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
             daemon = await _daemon(nursery, prod_devnet, tmp_path, [mallory, bob])
-            m, b = await _ready_handle(daemon, mallory), await _ready_handle(daemon, bob)  # ES384 login1 accepted
+            m, _ = await _ready_handle(daemon, mallory), await _ready_handle(daemon, bob)  # ES384 login1 accepted
             assert daemon.trust.roots.names()[0] == "O=AgentUnion,CN=AUN Root CA"
             r = await m.call("message.send", {"to": bob, "payload": {"type": "text", "text": "before"}},
                              timeout=None, background=False, app=APP)

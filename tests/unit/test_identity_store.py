@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from aund.errors import StorageError
 from aund.identity import pki, store as store_mod
 from aund.identity.errors import (
     CertKeyMismatch,
@@ -193,9 +194,9 @@ async def test_failure_between_write_and_rename_keeps_old_file(state, ca, monkey
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store_mod, "FAULT_HOOK", boom)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(StorageError, match="No space left on device.*disk is full"):
         st.save_tokens(ALICE, {"refresh_token": "new"})
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(StorageError, match="No space"):
         atomic_write(state / "AIDs" / ALICE / "cert.pem", b"garbage")
     monkeypatch.setattr(store_mod, "FAULT_HOOK", None)
 
