@@ -762,8 +762,8 @@ class Conn:
 
     def _devices(self, aid: str) -> list[dict[str, Any]]:
         pem = self.net.store.current_cert(aid)
-        if pem is None:
-            return []
+        if pem is None or self.net.store.current_revoked_at(aid) is not None:
+            return []  # a revoked identity's prekeys are never handed out
         ik = pki.public_key_b64(pki.load_cert_pem(pem).public_key())
         return [{"aid": aid, "device_id": r["device_id"], "ik_pk": ik, "key_source": r["key_source"],
                  "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
