@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-READY_RE = re.compile(r"^aund devnet ready gateway=(ws://127\.0\.0\.1:(\d+)/aun) root_ca=(/\S+)$")
+READY_RE = re.compile(r"^aund devnet ready gateway=(wss?://([0-9.]+):(\d+)/aun) root_ca=(/\S+)$")
 
 
 def read_line(proc: subprocess.Popen, deadline: float) -> str:
@@ -43,19 +43,21 @@ class DevnetProcess:
     gateway_url: str = ""
     root_ca: str = ""
 
+    host: str = "127.0.0.1"
+
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.gateway_url.startswith('wss') else 'http'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> None:
         """Spawn the devnet (on the same port as before, after a restart) and wait for its ready line."""
         args = [sys.executable, "-m", "aund", "devnet", "--state-dir", str(self.state_dir),
-                "--listen", f"127.0.0.1:{self.port}", *self.extra_args]
+                "--listen", f"{self.host}:{self.port}", *self.extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         line = read_line(self.proc, time.monotonic() + timeout)
         m = READY_RE.match(line)
         assert m, f"unexpected first line: {line!r}"
-        self.gateway_url, self.port, self.root_ca = m.group(1), int(m.group(2)), m.group(3)
+        self.gateway_url, self.port, self.root_ca = m.group(1), int(m.group(3)), m.group(4)
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as in a crash."""

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pki", choices=("dev", "production"), default="dev",
                    help="CA shape: dev (P-256 root -> issuer) or production (P-384 root -> registry -> issuer "
                         "-> auth cert, as the AUN network); fixed for a state dir at its first start")
+    p.add_argument("--tls-cert", type=Path, help="serve wss:// and https:// with this certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     sub = p.add_subparsers(dest="devnet_command", metavar="revoke")
     rev = sub.add_parser("revoke", help="put an AID's current certificate on the devnet's CRL (OCSP: revoked)",
                          description="Revoke an AID's current certificate; a devnet running on the same state "
@@ -46,6 +48,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if host not in ("127.0.0.1", "::1", "localhost"):
         print("aund devnet: warning: serving a development CA beyond loopback", file=sys.stderr)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("aund devnet: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            print(f"aund devnet: {path} does not exist or is not a file", file=sys.stderr)
+            return 2
     try:
         check_mode(args.state_dir.resolve() / "pki", args.pki)
     except PKIModeMismatch as exc:
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 info = await nursery.start(lambda task_status: serve_devnet(
                     host, int(port), args.state_dir, issuer=args.issuer, access_ttl=args.access_ttl,
                     slot_policy=args.slot_policy, extra_gateways=args.also_gateway, pki_mode=args.pki, stop=stop,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key,
                     task_status=task_status))
                 print(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:

@@ -28,7 +28,7 @@ class DevnetInfo:
 
 async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "aid.test",
                        access_ttl: float = 3600.0, slot_policy: str = "kick", extra_gateways: list[str] | None = None,
-                       pki_mode: str = "dev",
+                       pki_mode: str = "dev", tls_cert: Path | None = None, tls_key: Path | None = None,
                        stop: trio.Event | None = None, task_status: trio.TaskStatus[DevnetInfo] = trio.TASK_STATUS_IGNORED) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -40,6 +40,8 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
     net = Devnet(store, ca, issuer, access_ttl=access_ttl, slot_policy=slot_policy, extra_gateways=extra_gateways)
     config = Config()
     config.bind = [f"{host}:{port}"]
+    if tls_cert is not None:  # wss:// and https:// on the same port, as a real gateway serves them
+        config.certfile, config.keyfile = str(tls_cert), str(tls_key)
     config.websocket_max_message_size = 2 * 1024 * 1024
     config.websocket_ping_interval = None
     config.graceful_timeout = 1.0
@@ -52,7 +54,8 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
             binds = await nursery.start(lambda task_status: serve(net.app, config, shutdown_trigger=shutdown.wait,
                                                                   task_status=task_status))
             http_url = binds[0]
-            net.public_url = "ws://" + http_url.split("://", 1)[1] + "/aun"
+            net.tls = tls_cert is not None
+            net.public_url = ("wss://" if net.tls else "ws://") + http_url.split("://", 1)[1] + "/aun"
             task_status.started(DevnetInfo(net.public_url, http_url, ca.root_cert_path, net))
             await (stop.wait() if stop is not None else trio.sleep_forever())
             shutdown.set()  # graceful: hypercorn closes the listener and the sockets, then returns

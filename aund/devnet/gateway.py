@@ -146,6 +146,7 @@ class Devnet:
         self.stats = Stats()
         self.faults = Faults()
         self.public_url = ""
+        self.tls = False  # serving wss:// and https:// (set by serve_devnet)
 
     # --- ASGI --------------------------------------------------------------------------------
     async def app(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
@@ -248,7 +249,8 @@ class Devnet:
         if path == "/health" and method in ("GET", "HEAD"):
             return 200, {"status": "ok", "service": "aund-devnet"}, {}
         if path == "/.well-known/aun-gateway" and method == "GET":
-            url = f"ws://{headers.get('host', '')}/aun" if headers.get("host") else self.public_url
+            scheme = "wss" if self.tls else "ws"
+            url = f"{scheme}://{headers['host']}/aun" if headers.get("host") else self.public_url
             gateways = [{"url": url, "priority": 1}]
             gateways += [{"url": u, "priority": i + 2} for i, u in enumerate(self.extra_gateways)]
             return 200, {"gateways": gateways}, {}
