@@ -44,6 +44,8 @@ class DevnetProcess:
     root_ca: str = ""
 
     host: str = "127.0.0.1"
+    wrap: Any = None            # e.g. tests.netsim.NetSim.wrap: run inside a private name space
+    env: dict[str, str] | None = None
 
     @property
     def http_url(self) -> str:
@@ -53,7 +55,8 @@ class DevnetProcess:
         """Spawn the devnet (on the same port as before, after a restart) and wait for its ready line."""
         args = [sys.executable, "-m", "aund", "devnet", "--state-dir", str(self.state_dir),
                 "--listen", f"{self.host}:{self.port}", *self.extra_args]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(self.wrap(args) if self.wrap else args, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, env=self.env)
         line = read_line(self.proc, time.monotonic() + timeout)
         m = READY_RE.match(line)
         assert m, f"unexpected first line: {line!r}"

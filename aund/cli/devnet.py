@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pki", choices=("dev", "production"), default="dev",
                    help="CA shape: dev (P-256 root -> issuer) or production (P-384 root -> registry -> issuer "
                         "-> auth cert, as the AUN network); fixed for a state dir at its first start")
+    p.add_argument("--federate", action="append", default=[], metavar="ISSUER=URL",
+                   help="relay P2P messages for AIDs of ISSUER to the devnet at URL (repeat per issuer)")
     p.add_argument("--tls-cert", type=Path, help="serve wss:// and https:// with this certificate chain (PEM)")
     p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     sub = p.add_subparsers(dest="devnet_command", metavar="revoke")
@@ -48,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if host not in ("127.0.0.1", "::1", "localhost"):
         print("aund devnet: warning: serving a development CA beyond loopback", file=sys.stderr)
+    from aund.devnet.federation import parse_peers
+
+    try:
+        federate = parse_peers(args.federate)
+    except ValueError as exc:
+        print(f"aund devnet: {exc}", file=sys.stderr)
+        return 2
     if (args.tls_cert is None) != (args.tls_key is None):
         print("aund devnet: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -68,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 info = await nursery.start(lambda task_status: serve_devnet(
                     host, int(port), args.state_dir, issuer=args.issuer, access_ttl=args.access_ttl,
                     slot_policy=args.slot_policy, extra_gateways=args.also_gateway, pki_mode=args.pki, stop=stop,
-                    tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, federate=federate,
                     task_status=task_status))
                 print(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:

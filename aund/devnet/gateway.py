@@ -11,6 +11,7 @@ closes it.
 from __future__ import annotations
 
 import base64
+import inspect
 import math
 import re
 import secrets
@@ -26,6 +27,7 @@ import trio
 from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
 from aund.aun.e2ee import merkle, p2p
+from aund.devnet import federation
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
 from aund.identity import pki
@@ -136,8 +138,9 @@ class Devnet:
 
     def __init__(self, store: Store, ca: DevCA, issuer: str, *, access_ttl: float = 3600.0,
                  refresh_ttl: float = 30 * 86400.0, slot_policy: str = "kick",
-                 extra_gateways: list[str] | None = None) -> None:
+                 extra_gateways: list[str] | None = None, federation: dict[str, str] | None = None) -> None:
         self.store, self.ca, self.issuer = store, ca, issuer
+        self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
         self.extra_gateways = extra_gateways or []
@@ -198,6 +201,16 @@ class Devnet:
             if not peers:
                 del self.conns[conn.aid]
 
+    def devices(self, aid: str) -> list[dict[str, Any]]:
+        """The published devices (identity key + current prekey) of a local AID."""
+        pem = self.store.current_cert(aid)
+        if pem is None or self.store.current_revoked_at(aid) is not None:
+            return []  # a revoked identity's prekeys are never handed out
+        ik = pki.public_key_b64(pki.load_cert_pem(pem).public_key())
+        return [{"aid": aid, "device_id": r["device_id"], "ik_pk": ik, "key_source": r["key_source"],
+                 "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
+                 "spk_timestamp": r["spk_timestamp"]} for r in self.store.prekeys(aid)]
+
     def push_message(self, msg: StoredMessage) -> None:
         """Send `msg` inline to the receiver's online long connections (each device gets its own form)."""
         for conn in list(self.live(msg.receiver)):
@@ -254,6 +267,14 @@ class Devnet:
             gateways = [{"url": url, "priority": 1}]
             gateways += [{"url": u, "priority": i + 2} for i, u in enumerate(self.extra_gateways)]
             return 200, {"gateways": gateways}, {}
+        if path == "/federation/v1/deliver" and method == "POST":
+            status, answer = federation.accept_delivery(self, body)
+            return status, answer, {}
+        if path.startswith("/federation/v1/devices/") and method == "GET":
+            aid = unquote(path[len("/federation/v1/devices/"):]).lower()
+            if federation.issuer_of(aid) != self.issuer:
+                return 404, {"error": f"{aid} is not of {self.issuer}"}, {}
+            return 200, {"aid": aid, "devices": self.devices(aid)}, {}
         if path == "/pki/chain" and method == "GET":
             return 200, self.ca.chain_pem(), {"content-type": "application/x-pem-file"}
         if path == "/pki/crl.json" and method == "GET":
@@ -548,7 +569,8 @@ class Conn:
                 signing.verify_params(method, params, aid=self.aid, cert=cert)
             except signing.SignatureError as exc:
                 raise RpcError(rpc.CLIENT_SIGNATURE_INVALID, str(exc)) from None
-        return handler(self, params)
+        result = handler(self, params)
+        return await result if inspect.isawaitable(result) else result  # federated calls go over the network
 
     def connection_identity_suffices(self, method: str, params: dict[str, Any]) -> bool:
         """True for an unsigned call the production gateway takes on the connection's identity.
@@ -763,24 +785,39 @@ class Conn:
         return spk_id, spk_pk, sig, timestamp
 
     def _devices(self, aid: str) -> list[dict[str, Any]]:
-        pem = self.net.store.current_cert(aid)
-        if pem is None or self.net.store.current_revoked_at(aid) is not None:
-            return []  # a revoked identity's prekeys are never handed out
-        ik = pki.public_key_b64(pki.load_cert_pem(pem).public_key())
-        return [{"aid": aid, "device_id": r["device_id"], "ik_pk": ik, "key_source": r["key_source"],
-                 "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
-                 "spk_timestamp": r["spk_timestamp"]} for r in self.net.store.prekeys(aid)]
+        return self.net.devices(aid)
 
-    def rpc_bootstrap(self, params: dict[str, Any]) -> dict[str, Any]:
+    def rpc_bootstrap(self, params: dict[str, Any]) -> Any:
         peer = validate_aid(params.get("peer_aid"))
+        remote = self.net.federation.get(federation.issuer_of(peer))
+        if remote is not None and federation.issuer_of(peer) != self.net.issuer:
+            return self._bootstrap_foreign(remote, peer)
         if self.net.store.current_cert(peer) is None:
             raise RpcError(rpc.NOT_FOUND, f"unknown peer aid: {peer}")
         own = [d for d in self._devices(self.aid) if d["device_id"] != self.device_id]
         return {"peer_aid": peer, "peer_devices": self._devices(peer) if peer != self.aid else own,
                 "self_devices": own, "audit_recipients": []}
 
+    async def _bootstrap_foreign(self, remote: str, peer: str) -> dict[str, Any]:
+        try:
+            found = await federation.devices(self.net, remote, peer)
+        except federation.FederationError as exc:
+            raise RpcError(rpc.INTERNAL_ERROR, f"the gateway of {peer} cannot be reached: {exc}") from None
+        own = [d for d in self._devices(self.aid) if d["device_id"] != self.device_id]
+        return {"peer_aid": peer, "peer_devices": found, "self_devices": own, "audit_recipients": []}
+
+    async def _send_foreign(self, remote: str, message: dict[str, Any]) -> dict[str, Any]:
+        try:
+            answer = await federation.deliver(self.net, remote, message)
+        except federation.FederationError as exc:
+            raise RpcError(rpc.INTERNAL_ERROR, f"the gateway of {message['to']} refused or cannot be reached: "
+                                               f"{exc}") from None
+        return {"message_id": message["message_id"], "seq": answer.get("seq"), "timestamp": answer.get("timestamp"),
+                "status": "delivered" if answer.get("created", True) else "duplicate", "delivery_mode": "fanout",
+                "storage": "persistent"}
+
     # --- messages ------------------------------------------------------------------------------
-    def rpc_send(self, params: dict[str, Any]) -> dict[str, Any]:
+    def rpc_send(self, params: dict[str, Any]) -> Any:
         for forbidden in ("persist", "delivery_mode", "queue_routing", "affinity_ttl_ms"):
             if forbidden in params:
                 raise RpcError(rpc.INVALID_PARAMS, f"param {forbidden} is not accepted")
@@ -801,7 +838,8 @@ class Conn:
         body = dumps(payload)
         if len(body.encode("utf-8")) > MAX_PAYLOAD_BYTES:
             raise RpcError(rpc.INTERNAL_ERROR, "payload larger than 1 MB")
-        if self.net.store.current_cert(to) is None:
+        remote = self.net.federation.get(federation.issuer_of(to))
+        if remote is None and self.net.store.current_cert(to) is None:
             raise RpcError(rpc.INTERNAL_ERROR, f"unknown target aid: {to}")
         kind = "plain"
         sender_device = self.device_id
@@ -813,6 +851,10 @@ class Conn:
             if aad.get("from") != self.aid or aad.get("message_id") != message_id:
                 raise RpcError(rpc.INVALID_PARAMS, "envelope aad.from / aad.message_id do not match the request")
             sender_device = str(aad.get("from_device") or self.device_id)
+        if remote is not None and federation.issuer_of(to) != self.net.issuer:
+            return self._send_foreign(remote, {"to": to, "from": self.aid, "sender_device_id": sender_device,
+                                               "message_id": message_id, "kind": kind, "payload": payload,
+                                               "need_render": need_render})
         msg, created = self.net.store.append_message(to, self.aid, sender_device, message_id, kind, body, need_render)
         if created:
             self.net.push_message(msg)

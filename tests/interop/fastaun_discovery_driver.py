@@ -1,6 +1,7 @@
 """fastaun 0.5.25 given only an AID: real discovery (https://gateway.{issuer}/.well-known/aun-gateway
 over TLS checked against SSL_CERT_FILE), the devnet root as AUN trust root, then one E2EE message to
-PEER_AID and one wait for PEER_AID's reply. Env: AUN_ROOT_CA, AUN_WORKDIR, PEER_AID. Imports only fastaun."""
+PEER_AID and one wait for PEER_AID's reply. Env: AUN_ROOT_CA, AUN_WORKDIR, PEER_AID, AUN_ISSUER (its own
+issuer, default aid.test). Imports only fastaun."""
 import asyncio
 import json
 import os
@@ -8,7 +9,8 @@ import secrets
 import sys
 from pathlib import Path
 
-os.environ.setdefault("AUN_NAMESERVICE_URL", "https://gateway.aid.test")
+ISSUER = os.environ.get("AUN_ISSUER", "aid.test")
+os.environ.setdefault("AUN_NAMESERVICE_URL", f"https://gateway.{ISSUER}")
 from aun_core import AIDStore, AUNClient  # noqa: E402
 
 failed = []
@@ -23,7 +25,7 @@ def check(name, ok, detail=None):
 async def main():
     work, peer = Path(os.environ["AUN_WORKDIR"]), os.environ["PEER_AID"]
     store = AIDStore(aun_path=str(work / "fa"), encryption_seed="t", root_ca_path=os.environ["AUN_ROOT_CA"])
-    aid = f"fa-{secrets.token_hex(3)}.aid.test"
+    aid = f"fa-{secrets.token_hex(3)}.{ISSUER}"
     registered = await store.register(aid, type="agent")  # no gateway given: discovery
     check("register by discovery", registered.ok, None if registered.ok else registered.error.message)
     client = AUNClient(store.load(aid).data["aid"])

@@ -1,12 +1,14 @@
-"""The public network's shape on loopback (tests/netsim.py): a TLS devnet with the production PKI on
-port 443 of a loopback address named gateway.aid.test; aund and fastaun are given only AIDs (and
-the devnet root as AUN trust root), discover the gateway, and exchange E2EE messages both ways."""
+"""The public network's shape on loopback (tests/netsim.py): TLS devnets with the production PKI on
+port 443 of loopback addresses named gateway.{issuer}; aund and fastaun are given only AIDs (and the
+devnet roots as AUN trust roots), discover their gateways, and exchange E2EE messages both ways:
+on one devnet, and across two federated devnets of different issuer domains."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,21 +19,34 @@ from tests.netsim import NetSim
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
 
-def test_aund_and_fastaun_find_a_tls_production_devnet_by_discovery(tmp_path):
-    net = NetSim(tmp_path / "net", ["aid.test"])
+def _devnets(tmp_path, issuers, *, federate: bool):
+    net = NetSim(tmp_path / "net", list(issuers))
     if net.skip_reason:
         pytest.skip(net.skip_reason)
-    cert, key = net.cert_files("aid.test")
-    devnet = DevnetProcess(tmp_path / "devnet", port=443, host=net.address("aid.test"),
-                           extra_args=["--pki", "production", "--tls-cert", str(cert), "--tls-key", str(key)])
-    devnet.start()
-    assert devnet.gateway_url == f"wss://{net.address('aid.test')}:443/aun"
-    aid = f"x-{os.getpid() % 100000}.aid.test"
+    devnets = {}
+    for issuer in issuers:
+        cert, key = net.cert_files(issuer)
+        args = ["--pki", "production", "--issuer", issuer, "--tls-cert", str(cert), "--tls-key", str(key)]
+        if federate:
+            args += [a for other in issuers if other != issuer for a in ("--federate", f"{other}=https://gateway.{other}")]
+        devnets[issuer] = DevnetProcess(tmp_path / f"devnet-{issuer}", port=443, host=net.address(issuer),
+                                        extra_args=args, wrap=net.wrap, env=net.env())
+        devnets[issuer].start()
+        assert devnets[issuer].gateway_url == f"wss://{net.address(issuer)}:443/aun"
+    roots = tmp_path / "roots.pem"  # every devnet root, one bundle (fastaun takes one file)
+    roots.write_text("".join(Path(d.root_ca).read_text() for d in devnets.values()))
+    return net, devnets, roots
+
+
+def _exchange(tmp_path, net, devnets, roots, aund_issuer: str, fastaun_issuer: str) -> None:
+    """aund holds x.{aund_issuer}; fastaun y.{fastaun_issuer}: one E2EE message each way."""
+    aid = f"x-{os.getpid() % 100000}.{aund_issuer}"
     sock = tmp_path / "aund.sock"
     env = net.env({**os.environ, "AUND_ENCRYPTION_SEED": "test-seed-not-secret"})
+    root_args = [a for d in devnets.values() for a in ("--root-ca", d.root_ca)]
     log = open(tmp_path / "aund.log", "w")
     daemon = subprocess.Popen(net.wrap([sys.executable, "-m", "aund", "run", "--state-dir", str(tmp_path / "aund"),
-                                        "--socket", str(sock), "--root-ca", devnet.root_ca, "--identity", aid]),
+                                        "--socket", str(sock), *root_args, "--identity", aid]),
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     fastaun = None
     try:
@@ -40,18 +55,19 @@ def test_aund_and_fastaun_find_a_tls_production_devnet_by_discovery(tmp_path):
             app.ensure_identity(aid)  # load; register only if absent (by discovery); load again
             s = app.session(aid)
             s.wait_ready(timeout=60)
-            status = json.loads(subprocess.run([sys.executable, "-m", "aund", "status", "--json", "--socket",
-                                                str(sock)], capture_output=True, text=True, timeout=30).stdout)
-            assert json.dumps(status).count("wss://gateway.aid.test/aun") >= 1  # discovered, by name, over TLS
+            status = subprocess.run([sys.executable, "-m", "aund", "status", "--json", "--socket", str(sock)],
+                                    capture_output=True, text=True, timeout=30).stdout
+            assert f"wss://gateway.{aund_issuer}/aun" in status  # discovered, by name, over TLS
             work = tmp_path / "sdk"
             work.mkdir()
             fastaun = subprocess.Popen(
                 net.wrap([sys.executable, str(ROOT / "tests/interop/fastaun_discovery_driver.py")]),
-                env=net.env({**os.environ, "AUN_ROOT_CA": devnet.root_ca, "AUN_WORKDIR": str(work), "PEER_AID": aid}),
+                env=net.env({**os.environ, "AUN_ROOT_CA": str(roots), "AUN_WORKDIR": str(work), "PEER_AID": aid,
+                             "AUN_ISSUER": fastaun_issuer}),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            events = s.events(consumer="t", kinds=("message.received",))
-            first = next(iter(events))
+            first = next(iter(s.events(consumer="t", kinds=("message.received", "message.undecryptable"))))
             peer = json.loads((work / "fa.json").read_text())["aid"]
+            assert first.kind == "message.received", first.data
             assert first.data["from"] == peer and first.data["encrypted"] is True
             assert first.data["payload"]["text"] == "hi from fastaun"
             first.ack()
@@ -69,4 +85,15 @@ def test_aund_and_fastaun_find_a_tls_production_devnet_by_discovery(tmp_path):
                 except subprocess.TimeoutExpired:
                     proc.kill()
         log.close()
-        assert devnet.stop() == 0
+        for devnet in devnets.values():
+            assert devnet.stop() == 0
+
+
+def test_aund_and_fastaun_find_a_tls_production_devnet_by_discovery(tmp_path):
+    net, devnets, roots = _devnets(tmp_path, ["aid.test"], federate=False)
+    _exchange(tmp_path, net, devnets, roots, "aid.test", "aid.test")
+
+
+def test_e2ee_across_two_federated_issuer_domains(tmp_path):
+    net, devnets, roots = _devnets(tmp_path, ["aid.test", "other.test"], federate=True)
+    _exchange(tmp_path, net, devnets, roots, "aid.test", "other.test")
