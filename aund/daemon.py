@@ -24,11 +24,13 @@ from aund.aun import auth, ids
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
+from aund.aun.http import http_base, http_request
 from aund.aun.peers import PeerDirectory
 from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
-from aund.errors import ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
+from aund.errors import AundError, ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
+from aund.identity import agent_md
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import Inbox
@@ -320,9 +322,39 @@ class Daemon:
         entry = self.links[(link.aid, link.config.slot_id)]
         await entry.session.publish_prekey(link)
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
+            await self._publish_agent_md(link, entry.session.identity)
+        with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.sync.full_sync()
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.groups.on_connected()  # group prekeys, then catch-up queued to the group sync
+
+    async def _publish_agent_md(self, link: Link, identity: Identity) -> None:
+        """Publish the AID's signed agent.md once (the production gateway refuses clients that
+        declare agent.md validation without one): a HEAD, then a PUT only when it is missing.
+        Recorded in the identity's meta, so later connects do nothing. Failures are logged and
+        retried at the next connect; they never stop the link."""
+        meta = await trio.to_thread.run_sync(self.store.load_meta, identity.aid)
+        if meta.get("agent_md_etag"):
+            return
+        url = http_base(link.gateway) + "/agent.md"
+        try:
+            host = [("Host", identity.aid)]
+            status, headers, _ = await http_request("HEAD", url, headers=host)
+            if status == 404:
+                text = agent_md.sign(agent_md.default_document(identity.aid), identity.private_key, identity.cert)
+                status, headers, _ = await http_request("PUT", url, body=text.encode("utf-8"), headers=[
+                    *host, ("Authorization", f"Bearer {link.access_token}"), ("If-None-Match", "*"),
+                    ("Content-Type", "text/markdown; charset=utf-8")])
+                if status == 200:
+                    await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md=text))
+            if status in (200, 412) and headers.get("etag"):
+                await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid,
+                                                                             agent_md_etag=headers["etag"]))
+                log.info("identity.agent_md_published", aid=identity.aid, etag=headers["etag"])
+            else:
+                log.warning("identity.agent_md_failed", aid=identity.aid, status=status)
+        except (AundError, agent_md.AgentMdError) as exc:
+            log.warning("identity.agent_md_failed", aid=identity.aid, error=str(exc))
 
     async def _watch_inbox(self) -> None:
         """Keep the inbox depth per AID fresh for `status` (which must answer without I/O)."""

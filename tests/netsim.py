@@ -8,6 +8,7 @@ API:
     net = NetSim(tmp_path, ["aid.test", "other.test"])   # or net = NetSim.create(...)
     net.skip_reason            # None, or why this machine cannot run it (not root, no unshare)
     net.address("aid.test")    # "127.R.S.1" (the order of the issuers list), port 443
+    net.add_host(name, issuer) # resolve an AID's own host name (https://{aid}/agent.md) too
     net.cert_files("aid.test") # (cert.pem, key.pem) for gateway.aid.test and *.aid.test
     net.ca_file                # the throw-away "Web PKI" CA bundle (system trust stand-in)
     net.wrap(argv)             # argv run inside the namespace
@@ -89,6 +90,12 @@ class NetSim:
         key_f.write_bytes(_pem_key(key))
         key_f.chmod(0o600)
         return cert_f, key_f
+
+    def add_host(self, name: str, issuer: str) -> None:
+        """Resolve `name` (an AID's own host, as the name service's DNS does) to the issuer's address.
+        The hosts file is appended in place, so processes already in their namespace see it too."""
+        with self.hosts_file.open("a") as f:
+            f.write(f"{self._addr[issuer]} {name}\n")
 
     def address(self, issuer: str) -> str:
         return self._addr[issuer]

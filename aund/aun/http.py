@@ -38,8 +38,9 @@ async def _once(method: str, url: str, headers: list[tuple[str, str]], body: byt
     try:
         conn = h11.Connection(h11.CLIENT)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        all_headers = [("Host", transport.host_header(parts)), ("User-Agent", USER_AGENT),
-                       ("Connection", "close"), *headers]
+        given = {name.lower() for name, _ in headers}
+        all_headers = [*([] if "host" in given else [("Host", transport.host_header(parts))]),
+                       ("User-Agent", USER_AGENT), ("Connection", "close"), *headers]
         if body or method in ("PUT", "POST"):
             all_headers.append(("Content-Length", str(len(body))))
         data = conn.send(h11.Request(method=method, target=target, headers=all_headers))

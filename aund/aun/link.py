@@ -257,6 +257,11 @@ class Link:
         return self.state == LinkState.READY
 
     @property
+    def access_token(self) -> str:
+        """The current access token (for the gateway's HTTP side: agent.md); never logged."""
+        return self._tokens.access_token if self._tokens is not None else ""
+
+    @property
     def session_open(self) -> bool:
         """An authenticated socket is up (post-connect work may call before the link is ready)."""
         return self._session_open

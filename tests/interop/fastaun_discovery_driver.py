@@ -1,6 +1,6 @@
 """fastaun 0.5.25 given only an AID: real discovery (https://gateway.{issuer}/.well-known/aun-gateway
 over TLS checked against SSL_CERT_FILE), the devnet root as AUN trust root, then one E2EE message to
-PEER_AID and one wait for PEER_AID's reply. Env: AUN_ROOT_CA, AUN_WORKDIR, PEER_AID, AUN_ISSUER (its own
+PEER_AID and one wait for PEER_AID's reply; PEER_AID's agent.md is downloaded and verified. Env: AUN_ROOT_CA, AUN_WORKDIR, PEER_AID, AUN_ISSUER (its own
 issuer, default aid.test). Imports only fastaun."""
 import asyncio
 import json
@@ -35,6 +35,10 @@ async def main():
     check("connect by discovery", client.state.value == "ready", client.gateway_url)
     (work / "fa.json").write_text(json.dumps({"aid": aid}))
     try:
+        card = await store.download_agent_md(peer)  # https://{peer}/agent.md, signature and cert checked
+        verification = (card.data or {}).get("verification") if card.ok else None
+        check("peer agent.md downloaded and verified", card.ok and (verification or {}).get("status") == "verified",
+              verification if card.ok else card.error.message)
         r = await client.call("message.send", {"to": peer, "payload": {"type": "text", "text": "hi from fastaun"}})
         check("e2ee send to aund", r.get("status") == "delivered", r)
         for _ in range(400):

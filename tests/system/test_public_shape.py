@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,15 @@ def _devnets(tmp_path, issuers, *, federate: bool):
     return net, devnets, roots
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _exchange(tmp_path, net, devnets, roots, aund_issuer: str, fastaun_issuer: str) -> None:
     """aund holds x.{aund_issuer}; fastaun y.{fastaun_issuer}: one E2EE message each way."""
     aid = f"x-{os.getpid() % 100000}.{aund_issuer}"
@@ -50,7 +60,7 @@ def _exchange(tmp_path, net, devnets, roots, aund_issuer: str, fastaun_issuer: s
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     fastaun = None
     try:
-        wait_until(sock.exists, 30, 0.05, "the daemon's socket")
+        wait_until(lambda: _listening(sock), 30, 0.05, "the daemon's socket")
         with Client(str(sock), connect_timeout=30) as app:
             app.ensure_identity(aid)  # load; register only if absent (by discovery); load again
             s = app.session(aid)
@@ -58,6 +68,7 @@ def _exchange(tmp_path, net, devnets, roots, aund_issuer: str, fastaun_issuer: s
             status = subprocess.run([sys.executable, "-m", "aund", "status", "--json", "--socket", str(sock)],
                                     capture_output=True, text=True, timeout=30).stdout
             assert f"wss://gateway.{aund_issuer}/aun" in status  # discovered, by name, over TLS
+            net.add_host(aid, aund_issuer)  # now https://{aid}/agent.md resolves too (fastaun reads it)
             work = tmp_path / "sdk"
             work.mkdir()
             fastaun = subprocess.Popen(
@@ -75,7 +86,8 @@ def _exchange(tmp_path, net, devnets, roots, aund_issuer: str, fastaun_issuer: s
             assert r["status"] == "delivered"
             out, err = fastaun.communicate(timeout=60)
             checks = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-            assert fastaun.returncode == 0 and checks and all(c["ok"] for c in checks), (checks, err[-3000:])
+            assert fastaun.returncode == 0 and checks and all(c["ok"] for c in checks), \
+                json.dumps([c for c in checks if not c["ok"]] or checks) + "\n" + err[-3000:]
     finally:
         for proc in (fastaun, daemon):
             if proc is not None and proc.poll() is None:
