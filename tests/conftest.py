@@ -23,3 +23,15 @@ def devnet(tmp_path):
     finally:
         code = proc.stop()
     assert code == 0, f"devnet exited with {code} after SIGTERM"
+
+
+@pytest.fixture
+def prod_devnet(tmp_path):
+    """A `--pki production` devnet (P-384 root, registry and issuer CAs, ES384 login), as `devnet`."""
+    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--pki", "production"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, f"devnet exited with {code} after SIGTERM"

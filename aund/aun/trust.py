@@ -229,11 +229,13 @@ class GatewayTrust:
                                 f"{child.subject.rfc4514_string()!r}", data={"reason": "untrusted_chain"}) from None
         root_der = chain[-1].public_bytes(serialization.Encoding.DER)
         if not any(r.public_bytes(serialization.Encoding.DER) == root_der for r in self.roots.certs):
-            raise AuthError(
-                f"not registering on {http_base(gateway_url)}: its CA chain ends at "
-                f"{chain[-1].subject.rfc4514_string()!r}, which is not a trusted AUN root (trusted: "
-                f"{'; '.join(self.roots.names())}); add that root with --root-ca / root_ca, or to "
-                f"{STATE_TRUST_FILE} in the state dir, then reload (SIGHUP)", data={"reason": "untrusted_root"})
+            raise self._untrusted_root(f"not registering on {http_base(gateway_url)}", chain)
+
+    def _untrusted_root(self, what: str, chain: list[x509.Certificate]) -> AuthError:
+        return AuthError(
+            f"{what}: its CA chain ends at {chain[-1].subject.rfc4514_string()!r}, which is not a trusted AUN "
+            f"root (trusted: {'; '.join(self.roots.names())}); add that root with --root-ca / root_ca, or to "
+            f"{STATE_TRUST_FILE} in the state dir, then reload (SIGHUP)", data={"reason": "untrusted_root"})
 
     async def verify(self, gateway_url: str, cert: x509.Certificate, expected_cn: str | None = None, *,
                      check_revocation: bool = True) -> None:
@@ -245,11 +247,7 @@ class GatewayTrust:
             pki.verify_chain(cert, chain, self.roots.certs)
         except pki.PKIError as exc:
             if "not anchored" in str(exc):
-                raise AuthError(
-                    f"certificate not trusted: its chain ends at {chain[-1].subject.rfc4514_string()!r}, which is "
-                    f"not a trusted AUN root (trusted: {'; '.join(self.roots.names())}); add that root with "
-                    f"--root-ca / root_ca, or to {STATE_TRUST_FILE} in the state dir, then reload (SIGHUP)",
-                    data={"reason": "untrusted_root"}) from None
+                raise self._untrusted_root("certificate not trusted", chain) from None
             raise AuthError(f"certificate not trusted: {exc}", data={"reason": "untrusted_chain"}) from None
         if expected_cn is not None and pki.cert_aid(cert) != expected_cn:
             raise AuthError(f"certificate CN {pki.cert_aid(cert)!r} is not {expected_cn!r}",
@@ -263,38 +261,30 @@ class GatewayTrust:
         base = http_base(gateway_url)
         who = pki.cert_aid(cert) or cert.subject.rfc4514_string()
         now = time.time()
-        try:
-            cached = self._crls.get(base)
-            if cached is None or cached[1] <= now:
-                status, body = await http_get(base + "/pki/crl.json")
-                if status != 200:
-                    raise AuthError(f"HTTP {status}")
-                cached = parse_crl(body, issuer, now)
-                self._crls[base] = cached
-            if cert.serial_number in cached[0]:
+        crl = await self._answer("crl", self._crls, base, f"{base}/pki/crl.json", who,
+                                 lambda body: parse_crl(body, issuer, now), now)
+        ocsp_status = await self._answer("ocsp", self._ocsp, (base, cert.serial_number),
+                                         f"{base}/pki/ocsp/{_serial_hex(cert)}", who,
+                                         lambda body: parse_ocsp(body, cert, issuer, now), now)
+        for source, revoked in (("crl", crl is not None and cert.serial_number in crl),
+                                ("ocsp", ocsp_status == "revoked")):
+            if revoked:
                 raise CertificateRevoked(
-                    f"the certificate of {who} (serial {_serial_hex(cert)}) is revoked: its issuer's CRL lists it",
-                    data={"reason": "certificate_revoked", "aid": who, "source": "crl"})
-        except CertificateRevoked:
-            raise
-        except (AuthError, GatewayUnavailable) as exc:
-            log.warning("pki.crl_unavailable", gateway=base, subject=who, error=str(exc),
-                        note="degrading gracefully: only an explicit revocation is fatal")
-        key = (base, cert.serial_number)
+                    f"the certificate of {who} (serial {_serial_hex(cert)}) is revoked: its issuer's "
+                    f"{source.upper()} says so", data={"reason": "certificate_revoked", "aid": who, "source": source})
+
+    async def _answer(self, kind: str, cache: dict, key: Any, url: str, who: str, parse, now: float) -> Any:
+        """A revocation service's answer (cached until it expires), or None when it cannot give one."""
+        cached = cache.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         try:
-            cached_status = self._ocsp.get(key)
-            if cached_status is None or cached_status[1] <= now:
-                status, body = await http_get(f"{base}/pki/ocsp/{_serial_hex(cert)}")
-                if status != 200:
-                    raise AuthError(f"HTTP {status}")
-                cached_status = parse_ocsp(body, cert, issuer, now)
-                self._ocsp[key] = cached_status
-            if cached_status[0] == "revoked":
-                raise CertificateRevoked(
-                    f"the certificate of {who} (serial {_serial_hex(cert)}) is revoked: its issuer's OCSP says so",
-                    data={"reason": "certificate_revoked", "aid": who, "source": "ocsp"})
-        except CertificateRevoked:
-            raise
+            status, body = await http_get(url)
+            if status != 200:
+                raise AuthError(f"HTTP {status}")
+            cache[key] = parse(body)
         except (AuthError, GatewayUnavailable) as exc:
-            log.warning("pki.ocsp_unavailable", gateway=base, subject=who, error=str(exc),
+            log.warning(f"pki.{kind}_unavailable", url=url, subject=who, error=str(exc),
                         note="degrading gracefully: only an explicit revocation is fatal")
+            return None
+        return cache[key][0]

@@ -17,20 +17,9 @@ from aund.broker.backend import AppIdentity
 from aund.config import Config
 from aund.daemon import Daemon
 from aund.identity.store import IdentityStore
-from tests.helpers import DevnetProcess
 
 pytestmark = pytest.mark.timeout(120)
 APP = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
-
-
-@pytest.fixture
-def prod_devnet(tmp_path):
-    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--pki", "production"])
-    proc.start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0
 
 
 async def _daemon(nursery, devnet, tmp_path, aids, *, root_ca=True) -> Daemon:

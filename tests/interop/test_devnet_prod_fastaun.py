@@ -3,20 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import DevnetProcess, run_fastaun
+from tests.helpers import run_fastaun
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def prod_devnet(tmp_path):
-    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--pki", "production"])
-    proc.start()
-    try:
-        yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0
 
 
 def test_e2ee_and_plain_both_ways_on_production_pki(prod_devnet, tmp_path):
