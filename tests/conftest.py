@@ -13,25 +13,23 @@ import pytest
 from tests.helpers import DevnetProcess
 
 
-@pytest.fixture
-def devnet(tmp_path):
-    """A real `aund devnet` process on 127.0.0.1 with its state in tmp_path; stopped by SIGTERM (exit 0 asserted)."""
-    proc = DevnetProcess(tmp_path / "devnet")
+def _running_devnet(tmp_path, *args: str):
+    proc = DevnetProcess(tmp_path / "devnet", extra_args=list(args))
     proc.start()
     try:
         yield proc
     finally:
         code = proc.stop()
     assert code == 0, f"devnet exited with {code} after SIGTERM"
+
+
+@pytest.fixture
+def devnet(tmp_path):
+    """A real `aund devnet` process on 127.0.0.1 with its state in tmp_path; stopped by SIGTERM (exit 0 asserted)."""
+    yield from _running_devnet(tmp_path)
 
 
 @pytest.fixture
 def prod_devnet(tmp_path):
     """A `--pki production` devnet (P-384 root, registry and issuer CAs, ES384 login), as `devnet`."""
-    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--pki", "production"])
-    proc.start()
-    try:
-        yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, f"devnet exited with {code} after SIGTERM"
+    yield from _running_devnet(tmp_path, "--pki", "production")
