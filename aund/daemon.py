@@ -296,6 +296,7 @@ class Daemon:
                             call_timeout=self.config.call_timeout)
         link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
+                    on_admission_refused=lambda link: self._publish_agent_md(link, identity, force=True),
                     rng=self.rng)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
@@ -320,28 +321,30 @@ class Daemon:
     async def _on_connected(self, link: Link) -> None:
         """After every (re)connect, before the link is ready: publish the prekey, then catch up."""
         entry = self.links[(link.aid, link.config.slot_id)]
-        await entry.session.publish_prekey(link)
-        with trio.move_on_after(RESYNC_BUDGET_SECONDS):
+        with trio.move_on_after(RESYNC_BUDGET_SECONDS):  # first: the gateway may admit nothing without it
             await self._publish_agent_md(link, entry.session.identity)
+        await entry.session.publish_prekey(link)
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.sync.full_sync()
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.groups.on_connected()  # group prekeys, then catch-up queued to the group sync
 
-    async def _publish_agent_md(self, link: Link, identity: Identity) -> None:
+    async def _publish_agent_md(self, link: Link, identity: Identity, *, force: bool = False) -> None:
         """Publish the AID's signed agent.md once (the production gateway refuses clients that
-        declare agent.md validation without one): a HEAD, then a PUT only when it is missing.
-        Recorded in the identity's meta, so later connects do nothing. Failures are logged and
+        declare agent.md validation without one): a HEAD, then a PUT only when it is missing (the
+        text kept in meta is published again where there is one). Recorded in the identity's
+        meta, so later connects do nothing. Failures are logged and
         retried at the next connect; they never stop the link."""
         meta = await trio.to_thread.run_sync(self.store.load_meta, identity.aid)
-        if meta.get("agent_md_etag"):
+        if meta.get("agent_md_etag") and not force:  # force: the gateway says it has none (-32003)
             return
         url = http_base(link.gateway) + "/agent.md"
         try:
             host = [("Host", identity.aid)]
             status, headers, _ = await http_request("HEAD", url, headers=host)
             if status == 404:
-                text = agent_md.sign(agent_md.default_document(identity.aid), identity.private_key, identity.cert)
+                text = agent_md.sign(meta.get("agent_md") or agent_md.default_document(identity.aid),
+                                     identity.private_key, identity.cert)
                 status, headers, _ = await http_request("PUT", url, body=text.encode("utf-8"), headers=[
                     *host, ("Authorization", f"Bearer {link.access_token}"), ("If-None-Match", "*"),
                     ("Content-Type", "text/markdown; charset=utf-8")])

@@ -21,6 +21,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 VERSION_MISMATCH = -32000
 CERT_INVALID = -32002  # expired, revoked or malformed certificate (protocol doc 01)
+AGENT_MD_REQUIRED = -32003  # production's identity admission: the AID has no valid agent.md
 NOT_FOUND = -32008
 SESSION_REQUIRED = -32013
 CLIENT_SIGNATURE_INVALID = -32051

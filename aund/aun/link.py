@@ -190,6 +190,7 @@ class Link:
                  on_event: Callable[["Link", str, dict[str, Any]], None] | None = None,
                  on_state: Callable[["Link", LinkState, dict[str, Any]], None] | None = None,
                  on_connected: Callable[["Link"], Awaitable[None]] | None = None,
+                 on_admission_refused: Callable[["Link"], Awaitable[None]] | None = None,
                  rng: Callable[[], float] = random.random) -> None:
         if not config.gateways:
             raise ValueError("a link needs at least one gateway URL")
@@ -197,6 +198,7 @@ class Link:
         self.aid = creds.aid
         self.global_budget = global_budget
         self.on_event, self.on_state, self.on_connected = on_event, on_state, on_connected
+        self.on_admission_refused = on_admission_refused  # republish agent.md (the gateway said -32003)
         self.budget = RpcBudget(config.rpc_in_flight, config.rpc_background)
         self.pulls = PullGate(config.pull_namespaces)
         self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng)
@@ -561,7 +563,27 @@ class Link:
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
                    background: bool = False, on_behalf_of: object | None = None) -> dict[str, Any]:
-        """Call a gateway method within the budget; waits for the link to be ready (bounded by timeout)."""
+        """Call a gateway method within the budget; waits for the link to be ready (bounded by timeout).
+
+        A gateway that refuses the AID for want of a valid agent.md (-32003, the production
+        admission of clients declaring `agent_md_validation_v1`) gets it published again
+        (`on_admission_refused`), and the call is retried after 0, 50, 100 and 200 ms while the same
+        refusal comes back, as the SDK recovers."""
+        for delay in (*ADMISSION_RETRY_DELAYS, None):
+            try:
+                return await self._call(method, params, timeout=timeout, background=background,
+                                        on_behalf_of=on_behalf_of)
+            except AuthError as exc:
+                if delay is None or self.on_admission_refused is None or not _admission_refused(exc):
+                    raise
+                if delay == ADMISSION_RETRY_DELAYS[0]:
+                    self.log.info("link.admission_refused", method=method, reason="agent.md required")
+                    await self.on_admission_refused(self)
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call(self, method: str, params: dict[str, Any] | None, *, timeout: float | None,
+                    background: bool, on_behalf_of: object | None) -> dict[str, Any]:
         if method in INTERNAL_ONLY:
             raise InvalidParams(f"{method} is managed by aund and cannot be called directly")
         params = dict(params or {})
@@ -604,6 +626,13 @@ class Link:
         """A pull through the gate: one per namespace, identical keys coalesced."""
         return await self.pulls.run(namespace, key, lambda: self.call(method, params, timeout=timeout,
                                                                       background=background))
+
+
+ADMISSION_RETRY_DELAYS = (0.0, 0.05, 0.1, 0.2)
+
+
+def _admission_refused(exc: AuthError) -> bool:
+    return exc.data.get("remote_code") == -32003 and "agent.md" in str(exc).lower()
 
 
 def _code(exc: trio_websocket.ConnectionClosed) -> int | None:

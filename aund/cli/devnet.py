@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "-> auth cert, as the AUN network); fixed for a state dir at its first start")
     p.add_argument("--federate", action="append", default=[], metavar="ISSUER=URL",
                    help="relay P2P messages for AIDs of ISSUER to the devnet at URL (repeat per issuer)")
+    p.add_argument("--no-agent-md-check", action="store_true",
+                   help="admit clients that declare agent.md validation without one (production answers -32003)")
     p.add_argument("--tls-cert", type=Path, help="serve wss:// and https:// with this certificate chain (PEM)")
     p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     sub = p.add_subparsers(dest="devnet_command", metavar="revoke")
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                     host, int(port), args.state_dir, issuer=args.issuer, access_ttl=args.access_ttl,
                     slot_policy=args.slot_policy, extra_gateways=args.also_gateway, pki_mode=args.pki, stop=stop,
                     tls_cert=args.tls_cert, tls_key=args.tls_key, federate=federate,
+                    agent_md_check=not args.no_agent_md_check,
                     task_status=task_status))
                 print(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:

@@ -47,6 +47,8 @@ SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_
 #: Signed methods the gateway also takes unsigned, on the connection's identity (see
 #: `Conn.connection_identity_suffices`).
 UNSIGNED_OK_METHODS = frozenset({"message.send", "group.send"})
+# calls production admits without an agent.md (the recovery paths of group identities)
+AGENT_MD_EXEMPT = frozenset({"group.create", "group.bind_group_aid", "group.renew_group_aid"})
 PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
 
 # Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
@@ -141,6 +143,7 @@ class Devnet:
                  extra_gateways: list[str] | None = None, federation: dict[str, str] | None = None) -> None:
         self.store, self.ca, self.issuer = store, ca, issuer
         self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
+        self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
         self.extra_gateways = extra_gateways or []
@@ -302,6 +305,10 @@ class Devnet:
             return 200, self.stats.snapshot(), {}
         if path == "/devnet/revoke" and method == "POST":
             return self.revoke_http(body)
+        if path == "/devnet/agent-md" and method == "DELETE":  # as a gateway that lost it: -32003 follows
+            aid = (query.get("aid") or [""])[0].strip().lower()
+            return (200, {"aid": aid, "deleted": True}, {}) if self.store.delete_agent_md(aid) \
+                else (404, {"error": f"no agent.md for {aid!r}"}, {})
         if path == "/devnet/faults" and method == "PUT":
             try:
                 knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
@@ -563,6 +570,10 @@ class Conn:
         handler = HANDLERS.get(method)
         if handler is None:
             raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {method}")
+        if (self.aid and self.net.agent_md_check and getattr(self, "declares_agent_md", False)
+                and method not in AGENT_MD_EXEMPT and self.net.store.agent_md(self.aid) is None):
+            # production's identity admission for clients that declare agent.md validation (SDK 0.5.8)
+            raise RpcError(rpc.AGENT_MD_REQUIRED, f"valid agent.md is required for {self.aid}")
         if method in signing.SIGNED_METHODS and not self.connection_identity_suffices(method, params):
             cert = pki.load_cert_pem(self.net.store.current_cert(self.aid) or "")
             try:
@@ -718,6 +729,8 @@ class Conn:
         mode = params.get("delivery_mode") or {}
         self.delivery_mode = str(mode.get("mode") or "fanout") if isinstance(mode, dict) else "fanout"
         self.aid, self.device_id, self.slot_id, self.kind = aid, device_id, slot_id or "default", kind
+        caps = params.get("capabilities")
+        self.declares_agent_md = isinstance(caps, dict) and caps.get("agent_md_validation_v1") is True
         self.slot_key = ids.slot_isolation_key(self.slot_id)
         try:
             kicked = self.net.register_conn(self)

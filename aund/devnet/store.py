@@ -245,6 +245,11 @@ class Store:
         row = self.db.execute("SELECT body, etag FROM agent_md WHERE aid=?", (aid,)).fetchone()
         return (bytes(row["body"]), row["etag"]) if row else None
 
+    def delete_agent_md(self, aid: str) -> bool:
+        """Forget an AID's agent.md (a test knob); True when there was one."""
+        with self.tx() as db:
+            return db.execute("DELETE FROM agent_md WHERE aid=?", (aid,)).rowcount > 0
+
     def put_agent_md(self, aid: str, body: bytes) -> str:
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         with self.tx() as db:

@@ -16,6 +16,7 @@ from aund.aun.trust import GatewayTrust
 from aund.broker.backend import AppIdentity
 from aund.config import Config
 from aund.daemon import Daemon
+from aund.identity import agent_md
 from aund.identity.store import IdentityStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,3 +110,30 @@ async def test_no_trusted_root_claims_no_name_and_a_dropped_in_root_heals_on_rel
             assert aid not in daemon.identity_errors
             assert _cert_status(prod_devnet, aid) == 200
             await daemon.aclose()
+
+
+async def test_a_gateway_without_the_agent_md_gets_it_again_and_the_call_succeeds(devnet, tmp_path):
+    """The devnet admits clients that declare agent.md validation only with an agent.md (-32003, as
+    production). aund published one at the first connection; when the gateway loses it, the next
+    call is refused, aund publishes it again and the call succeeds."""
+    aid, peer = f"card-{os.getpid() % 100000}.aid.test", f"peer-{os.getpid() % 100000}.aid.test"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            daemon = await _daemon(nursery, devnet, tmp_path, [aid, peer])
+            handle = await _ready_handle(daemon, aid)
+            await _ready_handle(daemon, peer)
+            meta = await trio.to_thread.run_sync(daemon.store.load_meta, aid)
+            assert meta["agent_md_etag"] and meta["agent_md"].startswith(f'---\naid: "{aid}"')
+            req = urllib.request.Request(f"{devnet.http_url}/devnet/agent-md?aid={aid}", method="DELETE")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert json.loads(resp.read())["deleted"] is True
+            r = await handle.call("message.send", {"to": peer, "payload": {"type": "text", "text": "x"},
+                                                   "encrypt": False}, timeout=None, background=False, app=APP)
+            assert r["status"] == "delivered"
+            await daemon.aclose()
+    stats = devnet.stats()
+    assert stats["rpc_errors"].get("message.send -32003", 0) >= 1  # refused once, then recovered from
+    with urllib.request.urlopen(urllib.request.Request(f"{devnet.http_url}/agent.md", headers={"Host": aid}),
+                                timeout=5) as resp:
+        again = resp.read().decode()  # the same card, signed again and published
+    assert agent_md.payload_of(again) == agent_md.payload_of(meta["agent_md"]) and agent_md.MARKER in again
