@@ -33,3 +33,10 @@ def devnet(tmp_path):
 def prod_devnet(tmp_path):
     """A `--pki production` devnet (P-384 root, registry and issuer CAs, ES384 login), as `devnet`."""
     yield from _running_devnet(tmp_path, "--pki", "production")
+
+
+@pytest.fixture
+def lenient_devnet(tmp_path):
+    """A devnet without the agent.md admission, for tests that drive bare `Link`s: publishing the
+    agent.md is the daemon's work (`Daemon._publish_agent_md`), not the link's."""
+    yield from _running_devnet(tmp_path, "--no-agent-md-check")

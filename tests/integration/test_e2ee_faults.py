@@ -79,7 +79,8 @@ async def _next_events(daemon, aid, kinds, n, start="last_ack"):
                 return out
 
 
-async def test_tampered_wrong_recipient_and_replayed_messages_are_rejected(devnet, tmp_path):
+async def test_tampered_wrong_recipient_and_replayed_messages_are_rejected(lenient_devnet, tmp_path):
+    devnet = lenient_devnet
     alice = f"alice-{os.getpid() % 100000}.aid.test"
     with trio.fail_after(90), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
@@ -130,7 +131,8 @@ async def test_tampered_wrong_recipient_and_replayed_messages_are_rejected(devne
     assert [e["reason"] for e in logged][:1] == ["bad_signature"] and len(logged) == 2
 
 
-async def test_a_page_that_breaks_the_coverage_proof_is_not_trusted_or_acked(devnet, tmp_path):
+async def test_a_page_that_breaks_the_coverage_proof_is_not_trusted_or_acked(lenient_devnet, tmp_path):
+    devnet = lenient_devnet
     alice = f"alice-{os.getpid() % 100000}.aid.test"
     with trio.fail_after(90), structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
