@@ -441,6 +441,7 @@ class Conn:
         self.slot_key = ""
         self.kind = "long"
         self.delivery_mode = "fanout"
+        self.declares_agent_md = False  # auth.connect declared agent_md_validation_v1
         self.conn_id = "conn_" + secrets.token_hex(6)
         self.connected_at = 0.0
         self.closed = False
@@ -570,7 +571,7 @@ class Conn:
         handler = HANDLERS.get(method)
         if handler is None:
             raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {method}")
-        if (self.aid and self.net.agent_md_check and getattr(self, "declares_agent_md", False)
+        if (self.aid and self.net.agent_md_check and self.declares_agent_md
                 and method not in AGENT_MD_EXEMPT and self.net.store.agent_md(self.aid) is None):
             # production's identity admission for clients that declare agent.md validation (SDK 0.5.8)
             raise RpcError(rpc.AGENT_MD_REQUIRED, f"valid agent.md is required for {self.aid}")
