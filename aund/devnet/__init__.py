@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from aund.devnet import federation
 from aund.devnet.gateway import Devnet
 from aund.devnet.pki import DevCA, PKIModeMismatch, check_mode  # noqa: F401  (re-exported)
 from aund.devnet.store import Store
@@ -56,12 +57,15 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(lambda task_status: serve(net.app, config, shutdown_trigger=shutdown.wait,
                                                                   task_status=task_status))
+            if net.federation:
+                nursery.start_soon(federation.run_pusher, net)
             http_url = binds[0]
             net.tls = tls_cert is not None
             net.public_url = ("wss://" if net.tls else "ws://") + http_url.split("://", 1)[1] + "/aun"
             task_status.started(DevnetInfo(net.public_url, http_url, ca.root_cert_path, net))
             await (stop.wait() if stop is not None else trio.sleep_forever())
             shutdown.set()  # graceful: hypercorn closes the listener and the sockets, then returns
+            net.federation_outbox[0].close()  # the pusher sends what is queued and ends
     finally:
         store.close()
 

@@ -28,6 +28,7 @@ from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
 from aund.aun.e2ee import merkle, p2p
 from aund.devnet import federation
+from aund.devnet.federation import PUSH_QUEUE as FEDERATED_PUSH_QUEUE
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
 from aund.identity import pki
@@ -143,6 +144,7 @@ class Devnet:
                  extra_gateways: list[str] | None = None, federation: dict[str, str] | None = None) -> None:
         self.store, self.ca, self.issuer = store, ca, issuer
         self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
+        self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
@@ -255,7 +257,14 @@ class Devnet:
                 break
         self.stats.http[f"{method} /{'/'.join(path.split('/')[1:3])}"] += 1
         try:
-            status, payload, extra = self.route(method, path, headers, query, body)
+            if path == "/federation/v1/group" and method == "POST":  # runs a group handler: may await
+                status, payload = await federation.accept_group_call(self, body)
+                extra: dict[str, str] = {}
+            elif path == "/federation/v1/push" and method == "POST":
+                status, payload = federation.accept_push(self, body)
+                extra = {}
+            else:
+                status, payload, extra = self.route(method, path, headers, query, body)
         except RpcError as exc:
             status, payload, extra = 400, {"error": exc.message}, {}
         await _respond(send, status, payload, extra, head=(method == "HEAD"))
@@ -277,7 +286,7 @@ class Devnet:
             aid = unquote(path[len("/federation/v1/devices/"):]).lower()
             if federation.issuer_of(aid) != self.issuer:
                 return 404, {"error": f"{aid} is not of {self.issuer}"}, {}
-            return 200, {"aid": aid, "devices": self.devices(aid)}, {}
+            return 200, federation.local_material(self, aid), {}
         if path == "/pki/chain" and method == "GET":
             return 200, self.ca.chain_pem(), {"content-type": "application/x-pem-file"}
         if path == "/pki/crl.json" and method == "GET":
@@ -426,6 +435,25 @@ def per_device_envelope(envelope: dict[str, Any], own_row: list[Any], device_id:
     split["merkle_proof"] = proof
     split["delivery_device_id"] = device_id
     return split
+
+
+
+def checked_prekey(params: dict[str, Any], cert: Any) -> tuple[str, str, str, int]:
+    """(spk_id, spk_pk, spk_signature, spk_timestamp) of an uploaded prekey (P2P or group), after
+    checking what a sender will: a P-256 key, its id, and the RAW signature by the AID key (`cert`)."""
+    spk_id, spk_pk, sig = _str(params, "spk_id"), _str(params, "spk_pk"), _str(params, "spk_signature")
+    timestamp = params.get("spk_timestamp")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise RpcError(rpc.INVALID_PARAMS, "spk_timestamp must be an integer")
+    try:
+        pki.load_public_key_b64(spk_pk)
+    except pki.PKIError as exc:
+        raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
+    if spk_id != p2p.spk_id_for(pki.b64d(spk_pk)):
+        raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
+    if not p2p.verify_spk(cert.public_key(), spk_pk, spk_id, sig, timestamp):
+        raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
+    return spk_id, spk_pk, sig, timestamp
 
 
 class Conn:
@@ -581,8 +609,15 @@ class Conn:
                 signing.verify_params(method, params, aid=self.aid, cert=cert)
             except signing.SignatureError as exc:
                 raise RpcError(rpc.CLIENT_SIGNATURE_INVALID, str(exc)) from None
+        if method.startswith("group."):
+            home = federation.group_home(self.net, method, params)
+            if home is not None:  # the group lives on a federated devnet: it answers for us
+                return await federation.call_group(self, home, method, params)
+            await _groups.prepare(self.net, method, params)
         result = handler(self, params)
-        return await result if inspect.isawaitable(result) else result  # federated calls go over the network
+        result = await result if inspect.isawaitable(result) else result  # federated calls go over the network
+        return await federation.merge_lists(self, method, params, result) if method in federation.GROUP_MERGED \
+            else result
 
     def connection_identity_suffices(self, method: str, params: dict[str, Any]) -> bool:
         """True for an unsigned call the production gateway takes on the connection's identity.
@@ -782,21 +817,11 @@ class Conn:
         return {"success": True, "spk_id": spk_id, "device_id": self.device_id}
 
     def checked_prekey(self, params: dict[str, Any]) -> tuple[str, str, str, int]:
-        """(spk_id, spk_pk, spk_signature, spk_timestamp) of an uploaded prekey (P2P or group), after
-        checking what a sender will: a P-256 key, its id, and the RAW signature by the AID key."""
-        spk_id, spk_pk, sig = _str(params, "spk_id"), _str(params, "spk_pk"), _str(params, "spk_signature")
-        timestamp = params.get("spk_timestamp")
-        if isinstance(timestamp, bool) or not isinstance(timestamp, int):
-            raise RpcError(rpc.INVALID_PARAMS, "spk_timestamp must be an integer")
-        try:
-            pki.load_public_key_b64(spk_pk)
-        except pki.PKIError as exc:
-            raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
-        if spk_id != p2p.spk_id_for(pki.b64d(spk_pk)):
-            raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
-        if not p2p.verify_spk(self._aid_cert(self.aid).public_key(), spk_pk, spk_id, sig, timestamp):
-            raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
-        return spk_id, spk_pk, sig, timestamp
+        return checked_prekey(params, self._aid_cert(self.aid))
+
+    def own_cert(self):
+        """The connection's AID certificate (a federated group call carries its own, see federation.py)."""
+        return self._aid_cert(self.aid)
 
     def _devices(self, aid: str) -> list[dict[str, Any]]:
         return self.net.devices(aid)

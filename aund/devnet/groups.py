@@ -53,6 +53,7 @@ GROUP_BASE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{3,63}$")
 ROLES = ("owner", "admin", "member")
 JOIN_MODES = ("open", "approval", "invite_only", "closed")
 WRAP_ROLES = ("member", "self_sync", "audit")
+DEVICE_KEYS = ("device_id", "key_source", "spk_id", "spk_pk", "spk_signature")  # + int spk_timestamp
 PULL_MAX_LIMIT = 200
 EVENTS_MAX_LIMIT = 50
 THOUGHT_ITEMS_PER_HEAD = 20
@@ -135,6 +136,11 @@ def normalize_group_id(raw: Any, issuer: str) -> str:
     return value
 
 
+def _plain_type(body: str) -> str:
+    payload = rpc.loads(body)
+    return (payload.get("type") if isinstance(payload, dict) else "") or "message"
+
+
 def snapshot_aids(snapshot: str) -> set[str] | None:
     """Member AIDs named by a committed membership snapshot (object or legacy array); None if unreadable."""
     if not snapshot:
@@ -189,6 +195,52 @@ class GroupService:
         self.db = net.store.db
         self.db.executescript(SCHEMA)
         self.thoughts: dict[tuple[str, str], dict[tuple[str, str], Thought]] = {}
+        # members of federated issuers: aid -> {"cert": PEM | None, "devices": [...], "at": monotonic}
+        self.foreign: dict[str, dict[str, Any]] = {}
+
+    # --- members of federated issuers ----------------------------------------------------------
+    def is_foreign(self, aid: str) -> bool:
+        issuer = aid.partition(".")[2]
+        return issuer != self.net.issuer and issuer in self.net.federation
+
+    def cert_pem(self, aid: str) -> str | None:
+        """The current certificate of a local AID, or the one a federated AID's devnet last gave."""
+        if self.is_foreign(aid):
+            return (self.foreign.get(aid) or {}).get("cert")
+        return self.net.store.current_cert(aid)
+
+    def published_prekeys(self, aid: str) -> list[Any]:
+        """Rows with device_id, key_source and spk_*: the P2P prekeys of `aid`'s devices."""
+        if self.is_foreign(aid):
+            return list((self.foreign.get(aid) or {}).get("devices") or [])
+        return list(self.net.store.prekeys(aid))
+
+    def remember(self, aid: str, material: Any) -> None:
+        """Keep what a federated AID's devnet says of it: {"cert": PEM | None, "devices": [...]}."""
+        if not isinstance(material, dict):
+            return
+        listed = material.get("devices")
+        devices = [d for d in listed if isinstance(d, dict) and all(isinstance(d.get(k), str) for k in DEVICE_KEYS)
+                   and isinstance(d.get("spk_timestamp"), int)] if isinstance(listed, list) else []
+        cert = material.get("cert")
+        try:
+            pki.load_cert_pem(cert) if isinstance(cert, str) else None
+        except (pki.PKIError, ValueError):
+            cert = None
+        self.foreign[aid] = {"cert": cert if isinstance(cert, str) else None, "devices": devices,
+                             "at": time.monotonic()}
+
+    async def learn(self, aid: str, max_age: float) -> None:
+        """Fetch a federated AID's certificate and devices from its devnet when ours are older than max_age."""
+        known = self.foreign.get(aid)
+        if known is not None and time.monotonic() - known["at"] < max_age:
+            return
+        from aund.devnet import federation
+
+        try:
+            self.remember(aid, await federation.material(self.net, aid))
+        except federation.FederationError as exc:
+            gw.log.warning("devnet.federation_unreachable", aid=aid, error=str(exc))  # keep what we had
 
     # --- reads -----------------------------------------------------------------------------
     def group(self, group_id: str) -> dict[str, Any]:
@@ -258,14 +310,14 @@ class GroupService:
 
     def devices(self, group_id: str, aid: str) -> list[dict[str, Any]]:
         """Bootstrap device entries of `aid`: its group prekey per device, else its P2P prekey."""
-        pem = self.net.store.current_cert(aid)
+        pem = self.cert_pem(aid)
         if pem is None:
             return []
         ik_der = pki.spki_der(pki.load_cert_pem(pem).public_key())
         ik_b64 = pki.b64e(ik_der)
         ik_fp = "sha256:" + hashlib.sha256(ik_der).hexdigest()[:16]
         by_device: dict[str, dict[str, Any]] = {}
-        for r in self.net.store.prekeys(aid):
+        for r in self.published_prekeys(aid):
             by_device[r["device_id"]] = {"key_source": r["key_source"], "spk_id": r["spk_id"], "spk_pk": r["spk_pk"],
                                          "spk_signature": r["spk_signature"], "spk_timestamp": r["spk_timestamp"]}
         for r in self.db.execute("SELECT * FROM grp_prekeys WHERE group_id=? AND aid=?", (group_id, aid)):
@@ -315,20 +367,42 @@ class GroupService:
 
     def push(self, aids: set[str] | list[str], method: str, params: dict[str, Any]) -> int:
         """Send one event to the online long connections of `aids`; returns how many were queued."""
+        return sum(self.push_to(aid, method, params) for aid in sorted(set(aids)))
+
+    def push_to(self, aid: str, method: str, params: dict[str, Any],
+                rows: Callable[[str, str], dict[str, Any] | None] | None = None, skip_device: str = "") -> int:
+        """`event/{method}` to each long connection of `aid`, with the connection's device fields;
+        with `rows`, each connection also gets its own `inline_message` (rows(device_id, slot_id)) and
+        one without a row gets nothing. A member of a federated issuer is reached through its devnet,
+        which does the same for its connections (federation.accept_push)."""
+        if self.is_foreign(aid):
+            from aund.devnet import federation
+
+            inline = None
+            if rows is not None:
+                devices = {d["device_id"] for d in self.published_prekeys(aid)} | {""}  # "": any device
+                inline = {d: row for d in sorted(devices) if (row := rows(d, "")) is not None}
+            return int(federation.push_foreign(self.net, aid, method, params, inline, skip_device))
         sent = 0
         stats = self.net.stats
-        for aid in sorted(set(aids)):
-            for conn in list(self.net.live(aid)):
-                if conn.kind != "long" or conn.closed:
+        for conn in list(self.net.live(aid)):
+            if conn.kind != "long" or conn.closed or (skip_device and conn.device_id == skip_device):
+                continue
+            fields = {"device_id": conn.device_id, "target_device_id": conn.device_id, "slot_id": conn.slot_id}
+            body = dict(params, **fields)
+            if rows is not None:
+                row = rows(conn.device_id, conn.slot_id)
+                if row is None:
                     continue
-                frame = rpc.notification("event/" + method, dict(params, device_id=conn.device_id,
-                                                                 target_device_id=conn.device_id,
-                                                                 slot_id=conn.slot_id))
-                if conn.push(frame):
-                    stats.pushes += 1
-                    sent += 1
-                else:
+                if self.net.faults.should_drop_push():
                     stats.pushes_dropped += 1
+                    continue
+                body["inline_message"] = dict(row, **fields)
+            if conn.push(rpc.notification("event/" + method, body)):
+                stats.pushes += 1
+                sent += 1
+            else:
+                stats.pushes_dropped += 1
         return sent
 
     def push_event(self, event: dict[str, Any], extra_aids: tuple[str, ...] = ()) -> None:
@@ -412,9 +486,7 @@ class GroupService:
                 "device_id": device_id, "target_device_id": device_id, "slot_id": slot_id,
                 "mention_mode": "disabled"}
         if msg["kind"] == "plain":
-            payload = rpc.loads(msg["body"])
-            ptype = payload.get("type", "") if isinstance(payload, dict) else ""
-            return dict(base, version="v1", type=ptype or "message", encrypted=False, payload=payload)
+            return dict(base, version="v1", type=_plain_type(msg["body"]), encrypted=False, payload=rpc.loads(msg["body"]))
         envelope = rpc.loads(msg["body"])
         own = None
         for row in envelope.get("recipients", []):
@@ -439,32 +511,17 @@ class GroupService:
             readers = {r[0] for r in self.db.execute("SELECT DISTINCT aid FROM grp_wraps WHERE group_id=? AND seq=?",
                                                      (group_id, msg["seq"]))}
         method = "group.message_created" if msg["kind"] == "plain" else "group.v2.message_created"
-        stats, faults = self.net.stats, self.net.faults
+        params = {"module_id": "group", "group_id": group_id, "group_aid": group_id, "seq": msg["seq"],
+                  "message_id": msg["message_id"], "sender_aid": msg["sender_aid"],
+                  "from_aid": msg["sender_aid"], "sender_device_id": msg["sender_device_id"],
+                  "type": _plain_type(msg["body"]) if msg["kind"] == "plain" else "e2ee.group_encrypted",
+                  "kind": "group.broadcast",
+                  "dispatch": {"mode": "broadcast", "reason": "duty_disabled"}}
         for aid in sorted(readers):
             if self.member(group_id, aid) is None:
                 continue
-            for conn in list(self.net.live(aid)):
-                if conn.kind != "long" or conn.closed:
-                    continue
-                if aid == msg["sender_aid"] and conn.device_id == msg["sender_device_id"]:
-                    continue  # the sending device already has its own message
-                row = self.message_row(msg, aid, conn.device_id, conn.slot_id)
-                if row is None:
-                    continue
-                if faults.should_drop_push():
-                    stats.pushes_dropped += 1
-                    continue
-                params = {"module_id": "group", "group_id": group_id, "group_aid": group_id, "seq": msg["seq"],
-                          "message_id": msg["message_id"], "sender_aid": msg["sender_aid"],
-                          "from_aid": msg["sender_aid"], "sender_device_id": msg["sender_device_id"],
-                          "type": row["type"], "kind": "group.broadcast",
-                          "dispatch": {"mode": "broadcast", "reason": "duty_disabled"},
-                          "device_id": conn.device_id, "target_device_id": conn.device_id, "slot_id": conn.slot_id,
-                          "inline_message": row}
-                if conn.push(rpc.notification("event/" + method, params)):
-                    stats.pushes += 1
-                else:
-                    stats.pushes_dropped += 1
+            self.push_to(aid, method, params, rows=lambda device, slot, aid=aid: self.message_row(msg, aid, device, slot),
+                         skip_device=msg["sender_device_id"] if aid == msg["sender_aid"] else "")
 
     def store_message(self, group: dict[str, Any], sender: str, sender_device: str, message_id: str, kind: str,
                       body: str, need_render: bool, wraps: list[tuple[str, str]]) -> tuple[dict[str, Any], bool]:
@@ -526,6 +583,27 @@ def handler(*methods: str) -> Callable[[Handler], Handler]:
     return register
 
 
+AID_PARAMS = ("aid", "invitee_aid", "member_aid", "applicant_aid")
+REFRESH_MEMBERS = {"group.v2.bootstrap": 5.0, "group.v2.send": 60.0, "group.send": 60.0}  # max age, seconds
+
+
+async def prepare(net: Devnet, method: str, params: dict[str, Any]) -> None:
+    """Before a group call: fetch what we lack of the federated AIDs it names or sends to (their
+    certificates and devices come from their own devnets; the handlers themselves are synchronous)."""
+    svc = service(net)
+    wanted = {v.lower(): 60.0 for k in AID_PARAMS if isinstance(v := params.get(k), str) and svc.is_foreign(v.lower())}
+    if method in REFRESH_MEMBERS:
+        try:
+            gid = normalize_group_id(params.get("group_id") or params.get("group_aid"), net.issuer)
+        except RpcError:
+            gid = ""
+        for m in svc.members(gid) if gid else []:
+            if svc.is_foreign(m["aid"]):
+                wanted[m["aid"]] = min(wanted.get(m["aid"], 1e9), REFRESH_MEMBERS[method])
+    for aid, max_age in sorted(wanted.items()):
+        await svc.learn(aid, max_age)
+
+
 def _ctx(conn: Conn, params: dict[str, Any]) -> tuple[GroupService, str]:
     svc = service(conn.net)
     raw = params.get("group_id") or params.get("group_aid")
@@ -545,7 +623,7 @@ def _cursor_device(conn: Conn, params: dict[str, Any]) -> tuple[str, str]:
 
 def _known_aid(conn: Conn, value: Any) -> str:
     aid = validate_aid(value)
-    if conn.net.store.current_cert(aid) is None:
+    if service(conn.net).cert_pem(aid) is None:
         raise RpcError(rpc.NOT_FOUND, f"unknown aid: {aid}")
     return aid
 
@@ -837,7 +915,7 @@ def rpc_invite_member(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
                          "AND status='pending'", (gid, invitee, conn.aid)).fetchone()
     if row is None:
         now = now_ms()
-        invite_id = "inv-" + secrets.token_hex(8)
+        invite_id = f"inv-{secrets.token_hex(8)}.{conn.net.issuer}"  # names its home (federation routes by it)
         with conn.net.store.tx() as db:
             db.execute("INSERT INTO grp_invites VALUES (?,?,?,?,?,'pending',?,?)",
                        (invite_id, gid, invitee, conn.aid, _text(params, "member_type", "human"), now, now))
@@ -993,7 +1071,7 @@ def rpc_propose_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         sig = pki.b64d(signature)
     except pki.PKIError:
         raise RpcError(rpc.INVALID_PARAMS, "signature is not base64") from None
-    cert = pki.load_cert_pem(conn.net.store.current_cert(conn.aid) or "")
+    cert = conn.own_cert()
     if not pki.verify_signature(cert.public_key(), sig, state_sign_input(gid, version, state_hash, snapshot)):
         raise RpcError(rpc.INVALID_PARAMS, "state signature does not verify with the proposer's certificate")
     if snapshot_aids(snapshot) != svc.current_member_aids(gid):
@@ -1109,7 +1187,7 @@ def _check_envelope(conn: Conn, svc: GroupService, group: dict[str, Any], envelo
         signature = pki.b64d(envelope["sender_signature"])
     except (KeyError, TypeError, ValueError, pki.PKIError):
         raise RpcError(rpc.INVALID_PARAMS, "envelope ciphertext/tag/sender_signature malformed") from None
-    cert = pki.load_cert_pem(conn.net.store.current_cert(conn.aid) or "")
+    cert = conn.own_cert()
     if not pki.verify_raw(cert.public_key(), signature, signed):
         raise RpcError(rpc.INVALID_PARAMS, "sender_signature does not verify with the sender's certificate")
     members = svc.current_member_aids(gid)
