@@ -19,14 +19,12 @@ from aund.aun import auth
 from aund.aun.e2ee import encrypt_p2p
 from aund.aun.link import Link, LinkConfig
 from aund.aun.messaging import E2EESession
-from aund.broker.backend import AppIdentity
-from aund.config import Config
-from aund.daemon import Daemon, StoreCredentials
+from aund.daemon import StoreCredentials
 from aund.errors import InvalidParams
 from aund.identity.store import IdentityStore
+from tests.inproc import APP, start_daemon
 
 pytestmark = pytest.mark.timeout(120)
-APP = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
 
 
 class Peer:
@@ -59,11 +57,7 @@ class Peer:
 
 
 async def _daemon(nursery, devnet, tmp_path, aid):
-    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "s", gateway_url=(devnet.gateway_url,),
-                    root_ca=(Path(devnet.root_ca),), identities=(aid,))
-    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
-    daemon = Daemon(config, store, auth.GatewayTrust.from_files(list(config.root_ca)))
-    await nursery.start(daemon.run)
+    daemon = await start_daemon(nursery, devnet, tmp_path, [aid])
     while not any(e.link.state.value == "ready" for e in daemon.links.values()):
         await trio.sleep(0.02)
     return daemon

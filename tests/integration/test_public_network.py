@@ -12,36 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from aund.aun.trust import GatewayTrust
-from aund.broker.backend import AppIdentity
-from aund.config import Config
-from aund.daemon import Daemon
 from aund.identity import agent_md
-from aund.identity.store import IdentityStore
+from tests.inproc import APP, ready_handle, start_daemon
 
 pytestmark = pytest.mark.timeout(120)
-APP = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
-
-
-async def _daemon(nursery, devnet, tmp_path, aids, *, root_ca=True) -> Daemon:
-    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "aund.sock", gateway_url=(devnet.gateway_url,),
-                    root_ca=(Path(devnet.root_ca),) if root_ca else (), identities=tuple(aids))
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
-    daemon = Daemon(config, store, GatewayTrust.from_files(list(config.root_ca), config.state_dir))
-    await nursery.start(daemon.run)
-    return daemon
-
-
-async def _ready_handle(daemon, aid):
-    while True:
-        try:
-            handle = await daemon.open_session(APP, aid, "main")
-            break
-        except Exception:  # noqa: BLE001 - not registered yet
-            await trio.sleep(0.05)
-    await handle.wait_ready()
-    return handle
 
 
 def _cert_status(devnet, aid) -> int:
@@ -57,8 +31,8 @@ async def test_a_revoked_sender_is_undecryptable_on_a_production_pki(prod_devnet
     mallory, bob = f"mallory-{tag}.aid.test", f"bob-{tag}.aid.test"
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            daemon = await _daemon(nursery, prod_devnet, tmp_path, [mallory, bob])
-            m, _ = await _ready_handle(daemon, mallory), await _ready_handle(daemon, bob)  # ES384 login1 accepted
+            daemon = await start_daemon(nursery, prod_devnet, tmp_path, [mallory, bob])
+            m, _ = await ready_handle(daemon, mallory), await ready_handle(daemon, bob)  # ES384 login1 accepted
             assert daemon.trust.roots.names()[0] == "O=AgentUnion,CN=AUN Root CA"
             r = await m.call("message.send", {"to": bob, "payload": {"type": "text", "text": "before"}},
                              timeout=None, background=False, app=APP)
@@ -95,7 +69,7 @@ async def test_no_trusted_root_claims_no_name_and_a_dropped_in_root_heals_on_rel
     aid = f"lone-{os.getpid() % 100000}.aid.test"
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            daemon = await _daemon(nursery, prod_devnet, tmp_path, [aid], root_ca=False)
+            daemon = await start_daemon(nursery, prod_devnet, tmp_path, [aid], root_ca=False)
             while aid not in daemon.identity_errors:
                 await trio.sleep(0.05)
             code, message = daemon.identity_errors[aid]
@@ -105,7 +79,7 @@ async def test_no_trusted_root_claims_no_name_and_a_dropped_in_root_heals_on_rel
             assert _cert_status(prod_devnet, aid) == 404  # the name was not claimed
             (daemon.config.state_dir / "trust-roots.pem").write_text(Path(prod_devnet.root_ca).read_text())
             daemon.reload(daemon.config)  # what SIGHUP does
-            handle = await _ready_handle(daemon, aid)
+            handle = await ready_handle(daemon, aid)
             assert (await handle.call("meta.ping", {}, timeout=None, background=False, app=APP)) is not None
             assert aid not in daemon.identity_errors
             assert _cert_status(prod_devnet, aid) == 200
@@ -119,9 +93,9 @@ async def test_a_gateway_without_the_agent_md_gets_it_again_and_the_call_succeed
     aid, peer = f"card-{os.getpid() % 100000}.aid.test", f"peer-{os.getpid() % 100000}.aid.test"
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            daemon = await _daemon(nursery, devnet, tmp_path, [aid, peer])
-            handle = await _ready_handle(daemon, aid)
-            await _ready_handle(daemon, peer)
+            daemon = await start_daemon(nursery, devnet, tmp_path, [aid, peer])
+            handle = await ready_handle(daemon, aid)
+            await ready_handle(daemon, peer)
             meta = await trio.to_thread.run_sync(daemon.store.load_meta, aid)
             assert meta["agent_md_etag"] and meta["agent_md"].startswith(f'---\naid: "{aid}"')
             req = urllib.request.Request(f"{devnet.http_url}/devnet/agent-md?aid={aid}", method="DELETE")

@@ -3,31 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from contextlib import aclosing
-from pathlib import Path
 
 import pytest
 import trio
 
-from aund.aun.auth import GatewayTrust
 from aund.broker.backend import AppIdentity
-from aund.config import Config
-from aund.daemon import Daemon
-from aund.identity.store import IdentityStore
 from tests.helpers import ROOT
+from tests.inproc import ready_handle, start_daemon
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
-
-
-async def _start_daemon(nursery, devnet, tmp_path, aids):
-    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "aund.sock", gateway_url=(devnet.gateway_url,),
-                    root_ca=(Path(devnet.root_ca),), identities=tuple(aids))
-    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
-    daemon = Daemon(config, store, GatewayTrust.from_files(list(config.root_ca)))
-    await nursery.start(daemon.run)
-    return daemon
 
 
 async def _fastaun(scenario, devnet, work, **env):
@@ -56,11 +42,8 @@ async def test_e2ee_both_ways_with_protected_headers(devnet, tmp_path):
     result = {}
     with trio.fail_after(150):
         async with trio.open_nursery() as nursery:
-            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
-            while alice not in [i["aid"] for i in daemon.list_identities()]:
-                await trio.sleep(0.05)
-            handle = await daemon.open_session(app, alice, "main")
-            await handle.wait_ready()
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await ready_handle(daemon, alice, app)
             handle.set_protected_headers(app, {"trace": "from-aund"})
 
             async def run_peer():
@@ -107,14 +90,8 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
     with trio.fail_after(170):
         # 1. alice's daemon runs once (publishing her prekey), then stops
         async with trio.open_nursery() as nursery:
-            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
-            handle = None
-            while handle is None:
-                try:
-                    handle = await daemon.open_session(app, alice, "main")
-                except Exception:  # noqa: BLE001 - not registered yet
-                    await trio.sleep(0.05)
-            await handle.wait_ready()
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await ready_handle(daemon, alice, app)
             first_spk = daemon.sessions[alice].current_spk_id
             await daemon.aclose()
         # 2. fastaun sends n messages while alice is offline
@@ -122,7 +99,7 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
         bob = json.loads((work / "fastpeer.json").read_text())["aid"]
         # 3. alice comes back: everything arrives by pull, in order; then she sends n while bob is away
         async with trio.open_nursery() as nursery:
-            daemon = await _start_daemon(nursery, devnet, tmp_path, [alice])
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
             handle = await daemon.open_session(app, alice, "main")
             await handle.wait_ready()
             events = await _collect(daemon, app, alice, "t", n)

@@ -19,40 +19,16 @@ from typing import Any
 import pytest
 import trio
 
-from aund.aun.auth import GatewayTrust
-from aund.broker.backend import AppIdentity
-from aund.config import Config
 from aund.daemon import Daemon
 from aund.errors import AundError
-from aund.identity.store import IdentityStore
 from tests.helpers import ROOT
+from tests.inproc import APP, ready_handle, start_daemon
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
 DRIVER = ROOT / "tests" / "interop" / "fastaun_groups_aund_driver.py"
 N = 20
-APP = AppIdentity(1, os.getpid(), os.getuid(), os.getgid(), "test")
 KINDS = ("group.message.received", "message.undecryptable", "group.changed")
-
-
-async def _daemon(nursery: trio.Nursery, devnet, tmp_path: Path, aids: list[str]) -> Daemon:
-    config = Config(state_dir=tmp_path / "aund", socket=tmp_path / "aund.sock", gateway_url=(devnet.gateway_url,),
-                    root_ca=(Path(devnet.root_ca),), identities=tuple(aids), sync_poll_seconds=5.0)
-    store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, "seed")
-    daemon = Daemon(config, store, GatewayTrust.from_files(list(config.root_ca)))
-    await nursery.start(daemon.run)
-    return daemon
-
-
-async def _handle(daemon: Daemon, aid: str):
-    while True:
-        try:
-            handle = await daemon.open_session(APP, aid, "main")
-            break
-        except AundError:  # the configured identity is still being registered
-            await trio.sleep(0.05)
-    await handle.wait_ready()
-    return handle
 
 
 class Reader:
@@ -109,8 +85,8 @@ async def test_group_with_two_aund_aids_and_a_fastaun_member(devnet, tmp_path):
                                                         capture_stdout=True, capture_stderr=True, check=False)
 
             nursery.start_soon(fastaun)
-            daemon = await _daemon(nursery, devnet, tmp_path, [alice, bob])
-            handles = {alice: await _handle(daemon, alice), bob: await _handle(daemon, bob)}
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice, bob], sync_poll_seconds=5.0)
+            handles = {alice: await ready_handle(daemon, alice), bob: await ready_handle(daemon, bob)}
 
             async def call(aid: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
                 return await handles[aid].call(method, params, timeout=None, background=False, app=APP)
@@ -235,8 +211,8 @@ async def test_pull_gate_serializes_group_pulls_and_coalesces_identical_ones(dev
     alice, bob = f"gatea-{tag}.aid.test", f"gateb-{tag}.aid.test"
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            daemon = await _daemon(nursery, devnet, tmp_path, [alice, bob])
-            handles = {alice: await _handle(daemon, alice), bob: await _handle(daemon, bob)}
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice, bob], sync_poll_seconds=5.0)
+            handles = {alice: await ready_handle(daemon, alice), bob: await ready_handle(daemon, bob)}
 
             async def call(aid: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
                 return await handles[aid].call(method, params, timeout=None, background=False, app=APP)
