@@ -64,6 +64,7 @@ class Config:
     shutdown_grace: float = 10.0
     sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost
     policy: Mapping[str, Any] = field(default_factory=dict)
+    limits: Mapping[str, Any] = field(default_factory=dict)  # [limits]: aund.broker.Limits fields
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def merged(self, values: Mapping[str, Any], source: str) -> "Config":

@@ -33,7 +33,7 @@ from aund.errors import AundError, ClientError, GatewayUnavailable, InvalidParam
 from aund.identity import agent_md
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
-from aund.inbox import Inbox
+from aund.inbox import AckPastHead, Inbox
 
 log = structlog.get_logger("aund.daemon")
 
@@ -468,7 +468,9 @@ class Daemon:
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
         assert self.inbox is not None
         if start == "last_ack":
-            cursor = await self.inbox.consumer_cursor(aid, consumer)
+            cursor = await self.inbox.consumer_cursor(aid, consumer_key(app, consumer))
+            if cursor == 0:  # a consumer of an older aund, not yet per uid: resume where it was
+                cursor = await self.inbox.consumer_cursor(aid, consumer)
         elif start == "now":
             cursor = await self.inbox.head(aid)
         elif isinstance(start, int) and not isinstance(start, bool) and start >= 0:
@@ -502,7 +504,16 @@ class Daemon:
         if not self.allowed(app, aid):
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
         assert self.inbox is not None
-        await self.inbox.ack(aid, consumer, cursor)
+        try:
+            await self.inbox.ack(aid, consumer_key(app, consumer), cursor)
+        except AckPastHead as exc:
+            raise InvalidParams(f"cursor {cursor} is past the newest event of {aid} ({exc.head}): ack only "
+                                "cursors of events you received", data={"cursor": cursor, "head": exc.head}) from None
+
+
+def consumer_key(app: AppIdentity, consumer: str) -> str:
+    """The inbox name of an app's durable consumer: per uid, so no other user's app can move it."""
+    return f"uid{app.uid}/{consumer}"
 
 
 class _Subscriber:

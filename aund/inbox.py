@@ -50,6 +50,14 @@ CREATE TABLE IF NOT EXISTS quarantine (
 QUARANTINED_KIND = "inbox.quarantined"
 
 
+class AckPastHead(Exception):
+    """An ack beyond the newest event of the AID (`head`)."""
+
+    def __init__(self, head: int) -> None:
+        super().__init__(f"past the head {head}")
+        self.head = head
+
+
 @dataclass(frozen=True)
 class NewEvent:
     kind: str
@@ -239,13 +247,20 @@ class Inbox:
         return await self._read(self._consumer_sync, aid, name)
 
     def _ack_sync(self, aid: str, name: str, cursor: int) -> int:
+        head = self._db.execute("SELECT MAX(c) FROM (SELECT MAX(cursor) AS c FROM events WHERE aid=? UNION ALL "
+                                "SELECT MAX(cursor) FROM quarantine WHERE aid=?)", (aid, aid)).fetchone()[0] or 0
+        if cursor > head:
+            raise AckPastHead(head)
         self._db.execute("INSERT INTO consumers VALUES (?,?,?,?) ON CONFLICT(aid, name) DO UPDATE SET "
                          "cursor=MAX(cursor, excluded.cursor), updated_at=excluded.updated_at",
                          (aid, name, cursor, time.time()))
         return self._consumer_sync(aid, name)
 
     async def ack(self, aid: str, name: str, cursor: int) -> int:
-        """Move a consumer's cursor forward (never back); returns the stored cursor."""
+        """Move a consumer's cursor forward (never back); returns the stored cursor.
+
+        Raises AckPastHead when `cursor` is beyond the last event this inbox holds (or quarantined)
+        for `aid`: such an ack would skip events not written yet."""
         return await self._run(self._ack_sync, aid, name, cursor)
 
     def _depth_sync(self) -> dict[str, int]:

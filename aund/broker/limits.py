@@ -1,8 +1,9 @@
 """Broker layer: the per-app quotas and global limits of the app socket, and the frozen statistics
 the server reports. Pure dataclasses (imports client_stub.wire for the frame bounds only).
 
-An *app* is one connection (one ``AppSession``): quotas are per connection, and
-``max_connections`` caps how many connections exist at once.
+An *app* is one connection (one ``AppSession``): quotas are per connection, per uid (all of one
+user's connections together) and global; ``max_connections`` caps how many connections exist at
+once. The daemon's ``[limits]`` table sets any field (``Limits.from_table``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ class Limits:
     - ``max_call_timeout``: the largest ``timeout`` a call may ask for, in seconds.
     - ``release_grace``: shielded time to release an app's sessions and subscriptions once it left.
     - ``hello_timeout``: a connection that has not said ``hello`` this long is closed.
+    - ``connections_per_uid``: connections at once of one uid, so one user cannot lock the others out.
+    - ``calls_per_uid`` / ``calls_per_aid``: global call slots one uid / one AID may hold at once;
+      further calls wait (within their timeout) for one of their own, so a slow AID or a busy user
+      leaves the rest of the global budget to the others.
+    - ``links_per_app`` / ``links_per_uid``: distinct (AID, slot) gateway links one connection /
+      one uid may hold open through its sessions.
     """
 
     max_connections: int = 256
@@ -46,6 +53,27 @@ class Limits:
     max_call_timeout: float = 600.0
     release_grace: float = 5.0
     hello_timeout: float = 10.0
+    connections_per_uid: int = 64
+    calls_per_uid: int = 128
+    calls_per_aid: int = 64
+    links_per_app: int = 16
+    links_per_uid: int = 32
+
+    @classmethod
+    def from_table(cls, table: Any) -> "Limits":
+        """Limits from a config table ({field: value}); ValueError names an unknown or bad key."""
+        if not isinstance(table, dict):
+            raise ValueError("[limits] must be a table")
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ValueError(f"unknown key {key!r} (known: {', '.join(sorted(known))})")
+            default = getattr(cls(), key)
+            if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            values[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
+        return cls(**values)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,6 +84,7 @@ class Limits:
             raise ValueError(f"Limits.max_frame must be <= {wire.HARD_MAX_FRAME}")
         if self.calls_per_app > self.requests_per_app:
             raise ValueError("Limits.calls_per_app must be <= requests_per_app")
+
 
     def per_app(self) -> dict[str, Any]:
         """The quotas an app sees in the hello reply."""

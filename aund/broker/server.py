@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import itertools
 from pathlib import Path
+from typing import Any
+
 import structlog
 import trio
 
@@ -57,8 +59,36 @@ class BrokerServer:
         self.stalled_disconnects = 0
         self._conn_ids = itertools.count(1)
         self._rejecting = False
-        self._refused_uids: set[int] = set()
+        self._refused_uids: set[tuple[int, str]] = set()
         self.draining = False
+        # call slots of one uid / one AID (created on first use, dropped once unused)
+        self._shares: dict[tuple[str, Any], trio.CapacityLimiter] = {}
+
+    def uid_apps(self, uid: int) -> list[AppSession]:
+        return [a for a in self.apps.values() if a.app.uid == uid]
+
+    def call_stages(self, uid: int, aid: str) -> list[tuple[str, tuple[str, Any] | None, trio.CapacityLimiter]]:
+        """The limiters a call acquires in order: its AID's share, its uid's share, the global budget.
+
+        The AID's comes first so that calls queued behind a slow AID hold nothing its user's other
+        AIDs need."""
+        stages: list[tuple[str, tuple[str, Any] | None, trio.CapacityLimiter]] = []
+        for name, key, size in (("aid", ("aid", aid), self.limits.calls_per_aid),
+                                ("uid", ("uid", uid), self.limits.calls_per_uid)):
+            limiter = self._shares.get(key)
+            if limiter is None:
+                limiter = self._shares[key] = trio.CapacityLimiter(size)
+            stages.append((name, key, limiter))
+        stages.append(("global", None, self.call_limiter))
+        return stages
+
+    def release_call(self, held: list[tuple[str, tuple[str, Any] | None, trio.CapacityLimiter]], borrower: Any) -> None:
+        for _, key, limiter in reversed(held):
+            limiter.release_on_behalf_of(borrower)
+        for _, key, limiter in held:
+            stats = limiter.statistics()
+            if key is not None and stats.borrowed_tokens == 0 and stats.tasks_waiting == 0:
+                self._shares.pop(key, None)
 
     def __repr__(self) -> str:
         lim = self.call_limiter.statistics()
@@ -107,14 +137,18 @@ class BrokerServer:
                 data={"quota": "connections", "limit": self.limits.max_connections}))
             return
         self._rejecting = False
+        if len(self.uid_apps(uid)) >= self.limits.connections_per_uid:
+            self._log_refused(uid, "connections_per_uid", conn=conn_id, pid=pid)
+            await self._reject(stream, LimitsExceeded(
+                f"uid {uid} has {self.limits.connections_per_uid} connections to aund already (the most one user "
+                "may hold); close some", data={"quota": "connections_per_uid", "limit": self.limits.connections_per_uid}))
+            return
         if self.draining:
             await self._reject(stream, NotReady("aund is stopping; try again when it is back",
                                                 data={"reason": "stopping"}))
             return
         if self.policy is not None and not self.policy.admits(uid, gid):
-            if uid not in self._refused_uids and len(self._refused_uids) < MAX_LOGGED_UIDS:
-                self._refused_uids.add(uid)
-                log.warning("broker.connection_rejected", reason="policy", conn=conn_id, uid=uid, gid=gid, pid=pid)
+            self._log_refused(uid, "policy", conn=conn_id, gid=gid, pid=pid)
             await self._reject(stream, PermissionDenied(f"uid {uid} may not use aund", data={"uid": uid}))
             return
         session = AppSession(self, stream, conn_id, pid, uid, gid)
@@ -126,6 +160,12 @@ class BrokerServer:
         finally:
             del self.apps[conn_id]
             await trio.aclose_forcefully(stream)
+
+    def _log_refused(self, uid: int, reason: str, **kw: Any) -> None:
+        """One warning per (uid, reason), for a bounded number of them."""
+        if (uid, reason) not in self._refused_uids and len(self._refused_uids) < MAX_LOGGED_UIDS:
+            self._refused_uids.add((uid, reason))
+            log.warning("broker.connection_rejected", reason=reason, uid=uid, **kw)
 
     async def _reject(self, stream: trio.SocketStream, exc: AundError) -> None:
         self.connections_rejected += 1

@@ -58,6 +58,12 @@ BROKER_FEATURES = ("subscriptions", "subscription.end", "ack.by_sub", "ack.by_co
 SUBSCRIPTION_END_KIND = "subscription.end"
 UNDELIVERABLE_KIND = "event.undeliverable"
 START_WORDS = ("last_ack", "now")
+# calls that carry signed protected headers (the SDK's instance-level headers go into these)
+HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
+MAX_HEADERS = 64
+# names the sender's SDK or the receiver's view set: an app giving them would forge what they mean
+RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
+                              "group_id", "timestamp", "sdk_lang", "sdk_version", "verified", "encrypted"})
 
 
 class Outbox:
@@ -192,6 +198,21 @@ def _map(args: dict[str, Any], name: str, default: Any = _MISSING) -> dict[str, 
     value = _get(args, name, default)
     if not isinstance(value, dict):
         raise InvalidParams(f"argument {name!r} must be a map", data={"arg": name})
+    return value
+
+
+def _headers(value: Any, arg: str) -> dict[str, str]:
+    """Protected headers an app gives (per session or per call): at most MAX_HEADERS names of up to
+    256 characters, string values of up to 4096, none of the names aund or the protocol sets."""
+    if (not isinstance(value, dict) or len(value) > MAX_HEADERS
+            or not all(isinstance(k, str) and 0 < len(k) <= 256 and isinstance(v, str) and len(v) <= 4096
+                       for k, v in value.items())):
+        raise InvalidParams(f"argument {arg!r} must map at most {MAX_HEADERS} names (up to 256 characters) to "
+                            "strings (up to 4096 characters)", data={"arg": arg})
+    reserved = sorted(k for k in value if k.strip().lower() in RESERVED_HEADERS)
+    if reserved:
+        raise InvalidParams(f"argument {arg!r}: header {reserved[0]!r} is set by aund or the protocol, not by apps",
+                            data={"arg": arg, "header": reserved[0]})
     return value
 
 
@@ -433,9 +454,14 @@ class AppSession:
         self._logged.add(once)
         self.log.warning(event, **kw)
 
-    def _quota(self, name: str, limit: int) -> LimitsExceeded:
-        self._log_once(("quota", name), "broker.limits_exceeded", app=self.app.app_name, quota=name, limit=limit)
-        return LimitsExceeded(f"the {name} quota of {limit} per app is reached", data={"quota": name, "limit": limit})
+    def _quota(self, name: str, limit: int, per: str = "app") -> LimitsExceeded:
+        quota = name if per == "app" else f"{name}_per_uid"
+        self._log_once(("quota", quota), "broker.limits_exceeded", app=self.app.app_name, quota=quota, limit=limit)
+        return LimitsExceeded(f"the {name} quota of {limit} per {per} is reached", data={"quota": quota, "limit": limit})
+
+    def links(self) -> set[tuple[str, str]]:
+        """The (AID, slot) links this connection's sessions hold."""
+        return {(h.aid, h.slot_id) for h in self.sessions.values()}
 
     # --- shared checks -----------------------------------------------------------------------------
     def _authorize(self, aid: str) -> None:
@@ -486,6 +512,13 @@ class AppSession:
         self._authorize(aid)
         if len(self.sessions) + self._opening >= self.limits.sessions_per_app:
             raise self._quota("sessions", self.limits.sessions_per_app)
+        link = (aid.strip().lower(), slot_id)
+        mine = self.links()
+        if link not in mine and len(mine) >= self.limits.links_per_app:
+            raise self._quota("links", self.limits.links_per_app)
+        users = set().union(*(a.links() for a in self.server.uid_apps(self.app.uid)))
+        if link not in users and len(users) >= self.limits.links_per_uid:
+            raise self._quota("links", self.limits.links_per_uid, per="user")
         self._opening += 1
         try:
             handle = await self.backend.open_session(self.app, aid, slot_id)
@@ -520,37 +553,37 @@ class AppSession:
         params = _map(args, "params", {})
         timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
         background = _bool(args, "background", False)
+        if method in HEADER_METHODS:  # the same bounds as set_protected_headers, whichever way they come
+            for key in ("protected_headers", "headers"):
+                if params.get(key) is not None:
+                    _headers(params[key], f"params.{key}")
         if self.calls_in_flight >= self.limits.calls_per_app:
             raise self._quota("calls", self.limits.calls_per_app)
         self.calls_in_flight += 1
         borrower = CallBorrower(self.app.conn_id, self.app.app_name, self.app.pid, next(self._ids))
-        limiter = self.server.call_limiter
+        held: list[Any] = []
         try:
             start = trio.current_time()
             with trio.move_on_after(self.limits.call_queue_timeout if timeout is None else timeout) as queued:
-                await limiter.acquire_on_behalf_of(borrower)
+                for stage in self.server.call_stages(self.app.uid, handle.aid):  # AID share, uid share, global
+                    waiting = stage[0]
+                    await stage[2].acquire_on_behalf_of(borrower)
+                    held.append(stage)
             if queued.cancelled_caught:
-                raise RpcTimeout(f"{method}: no global call slot within {queued.deadline - start:.3g}s",
-                                 data={"method": method, "queue": "global"})
-            try:
-                remaining = None if timeout is None else max(timeout - (trio.current_time() - start), 0.001)
-                guard = (self.limits.max_call_timeout if remaining is None else remaining) + CALL_GRACE
-                with trio.move_on_after(guard):
-                    return await handle.call(method, params, timeout=remaining, background=background, app=self.app)
-                raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s",
-                                 data={"method": method})
-            finally:
-                limiter.release_on_behalf_of(borrower)
+                raise RpcTimeout(f"{method}: no {waiting} call slot within {queued.deadline - start:.3g}s",
+                                 data={"method": method, "queue": waiting})
+            remaining = None if timeout is None else max(timeout - (trio.current_time() - start), 0.001)
+            guard = (self.limits.max_call_timeout if remaining is None else remaining) + CALL_GRACE
+            with trio.move_on_after(guard):
+                return await handle.call(method, params, timeout=remaining, background=background, app=self.app)
+            raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s", data={"method": method})
         finally:
+            self.server.release_call(held, borrower)  # whatever was acquired, on every path
             self.calls_in_flight -= 1
 
     def op_set_protected_headers(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)
-        headers = _map(args, "headers")
-        if len(headers) > 64 or not all(isinstance(v, str) and len(k) <= 256 and len(v) <= 4096
-                                        for k, v in headers.items()):
-            raise InvalidParams("argument 'headers' must map at most 64 names to strings", data={"arg": "headers"})
-        handle.set_protected_headers(self.app, headers)
+        handle.set_protected_headers(self.app, _headers(_map(args, "headers"), "headers"))
         return {}
 
     def op_invalidate_prekey_cache(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ async def _main(config) -> int:
     from aund import systemd
     from aund.aun import transport
     from aund.aun.trust import GatewayTrust
-    from aund.broker import Policy, serve_broker
+    from aund.broker import Limits, Policy, serve_broker
     from aund.broker.sockets import BoundPath, DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix
     from aund.daemon import Daemon
     from aund.errors import InvalidParams
@@ -71,6 +71,10 @@ async def _main(config) -> int:
             policy = Policy(config.policy)
         except ValueError as exc:
             raise InvalidParams(f"config: policy: {exc}") from None
+        try:
+            limits = Limits.from_table(dict(config.limits))
+        except ValueError as exc:
+            raise InvalidParams(f"config: limits: {exc}") from None
         seed = load_seed()
         store = await trio.to_thread.run_sync(IdentityStore, config.state_dir, seed)
         await trio.to_thread.run_sync(store.verify_seed)
@@ -90,7 +94,7 @@ async def _main(config) -> int:
                 async with trio.open_nursery() as nursery:
                     daemon = await nursery.start(Daemon(config, store, trust, policy=policy).run)
                     daemon.broker = await nursery.start(lambda task_status: serve_broker(
-                        daemon, listeners=listeners, policy=policy, task_status=task_status))
+                        daemon, listeners=listeners, policy=policy, limits=limits, task_status=task_status))
                     nursery.start_soon(_systemd_pings, daemon)
                     log.info("daemon.started", state_dir=str(config.state_dir), socket=str(config.socket),
                              activated=bound is None, identities=len(config.identities),

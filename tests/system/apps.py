@@ -14,6 +14,8 @@ Commands (the config keys each reads are in their docstrings):
 - ``holder``: reads some events, acks only part of them, then blocks in a call (to be SIGKILLed
   mid-call and mid-iteration).
 - ``uid-probe``: what an app under another uid may do (run by test_uid_policy with ``user=``).
+- ``quota-probe``: how many connections another uid gets, and whether its calls still run.
+- ``consumer-probe``: where another uid's durable consumer of the same name resumes.
 
 The programs talk to the test through files in a work directory (ready/go flags, JSON results)
 and print nothing but their final JSON line on stdout. Stdlib and client_stub only: no aund.
@@ -458,7 +460,53 @@ def uid_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-COMMANDS = {"mesh": mesh, "staller": staller, "consume": consume, "holder": holder, "uid-probe": uid_probe}
+# --- quota-probe -----------------------------------------------------------------------------------
+def quota_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config: socket, uid, gid, connections (how many to open and keep), aid. Drops to uid/gid as
+    uid-probe does, opens that many connections one after the other (each: "ok" or the typed
+    error), then calls `echo` on `aid` through the first one that connected."""
+    os.setgroups([])
+    os.setgid(cfg["gid"])
+    os.setuid(cfg["uid"])
+    out: dict[str, Any] = {"connections": []}
+    clients = []
+    for _ in range(cfg["connections"]):
+        client = Client(cfg["socket"], app="quota-probe", timeout=10, reconnect_attempts=0)
+        try:
+            client.connect()
+            clients.append(client)
+            out["connections"].append("ok")
+        except AundError as exc:
+            out["connections"].append(_outcome(exc))
+            out["refusal"] = exc.data
+    try:
+        clients[0].session(cfg["aid"]).call("echo", {}, timeout=5)
+        out["echo"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported by class
+        out["echo"] = _outcome(exc)
+    for client in clients:
+        client.close()
+    return out
+
+
+# --- consumer-probe --------------------------------------------------------------------------------
+def consumer_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config: socket, uid, gid, aid, consumer. Drops to uid/gid as uid-probe does, then reads the
+    durable consumer `consumer` of `aid` from its last ack and reports the cursor of the first
+    event (None if none came within 5 s)."""
+    os.setgroups([])
+    os.setgid(cfg["gid"])
+    os.setuid(cfg["uid"])
+    first = None
+    with Client(cfg["socket"], app="consumer-probe", timeout=10, reconnect_attempts=0) as client:
+        with client.session(cfg["aid"]).events(cfg["consumer"], start="last_ack") as events:
+            event = events.get(timeout=5)
+            first = None if event is None else event.cursor
+    return {"first_cursor": first}
+
+
+COMMANDS = {"mesh": mesh, "staller": staller, "consume": consume, "holder": holder, "uid-probe": uid_probe,
+            "quota-probe": quota_probe, "consumer-probe": consumer_probe}
 
 if __name__ == "__main__":
     result = COMMANDS[sys.argv[1]](json.loads(sys.argv[2]))
