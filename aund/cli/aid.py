@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if text is not None:
             print(f"published the agent.md of {result['aid']}  etag {result['etag']}")
         else:
-            sys.stdout.write(result["content"])
+            content = result["content"]
+            sys.stdout.write(content if content.endswith("\n") else content + "\n")
     elif args.aid_command == "list":
         rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]

@@ -244,8 +244,13 @@ def _front_matter(payload: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise AgentMdError(f"the front matter is not valid YAML: {' '.join(str(exc).split())[:200]}",
                            field="front_matter") from None
+    except AgentMdError:
+        raise
     except RecursionError:
         raise AgentMdError("the front matter is nested too deeply", field="front_matter") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML cannot build, e.g. the date 2001-13-01
+        raise AgentMdError(f"the front matter holds a value YAML cannot read: {str(exc)[:100]}",
+                           field="front_matter") from None
     if front is None:
         front = {}
     if not isinstance(front, dict):

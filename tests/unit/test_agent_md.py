@@ -86,6 +86,9 @@ def _front(**fields) -> str:
     ('---\naid: "a.aid.test"\naid: "b.aid.test"\n---\n', "aid", "appears twice"),
     ("---\n[1, 2]\n---\n", "front_matter", "mapping"),
     ("---\na: [\n---\n", "front_matter", "not valid YAML"),
+    (_front(updated="2001-13-01"), "front_matter", "value YAML cannot read"),  # a date with month 13
+    (_front(updated="2001-01-01 25:00:00"), "front_matter", "value YAML cannot read"),
+    (_front(**{"? [a]": "1"}), "front_matter", "not a scalar"),
     ("# no front matter\n", "front_matter", "start with YAML front matter"),
     ('---\naid: "x.aid.test"\n', "front_matter", "not closed"),
     (_front().rstrip("\n"), "payload", "newline"),
@@ -162,6 +165,8 @@ def test_random_mutations_never_raise_anything_but_agent_md_error():
     rng = random.Random(1234)
     pieces = [b"---", b"\n", b":", b"-->", agent_md.MARKER.encode(), b"&a", b"*a", b"!!python/object", b"[", b"{",
               b"\xff", b"\r", b"\x00", b"'", b'"', b"- ", b"? ", b"\t", "é".encode(), b"=" * 3]
+    lines = [b"when: 2001-13-01\n", b"at: 2001-01-01 25:61:00\n", b"n: 1e99999\n", b"? [k]\n: v\n", b"t: !!set {}\n",
+             b"x: *a\n", b"d: {a: [1, {b: 2}]}\n", b"description: 3\n", b"tags: [1]\n", b"---\n", b"aid: x\n"]
     accepted = 0
     for _ in range(1500):
         mutated = bytearray(data)
@@ -172,8 +177,12 @@ def test_random_mutations_never_raise_anything_but_agent_md_error():
                 mutated[at % len(mutated)] = rng.randrange(256)
             elif choice < 0.5:
                 mutated[at:at] = rng.choice(pieces)
-            elif choice < 0.7:
+            elif choice < 0.6:
                 del mutated[at:at + rng.randint(1, 40)]
+            elif choice < 0.8:  # a whole line, at the start of a line (mostly in the front matter)
+                starts = [i + 1 for i, c in enumerate(mutated[:200]) if c == 0x0A]
+                line_at = rng.choice(starts) if starts else 0
+                mutated[line_at:line_at] = rng.choice(lines)
             else:
                 start = rng.randrange(len(mutated) + 1)
                 mutated[at:at] = mutated[start:start + rng.randint(1, 200)]
