@@ -145,6 +145,7 @@ class Daemon:
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
         self._event_listeners: set[trio.MemorySendChannel] = set()
+        self._agent_md_locks: dict[str, trio.Lock] = {}
         self._holds = itertools.count(1)  # daemon-side holders of a link (negative, unlike app conn ids)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -407,12 +408,13 @@ class Daemon:
             if entry.link.state != LinkState.READY:
                 raise NotReady(f"{aid}: the link is {entry.link.state.value}, agent.md not uploaded",
                                data={"aid": aid, "state": entry.link.state.value})
-            etag = await self._replace_agent_md(entry.link, aid, text)
+            async with self._agent_md_locks.setdefault(aid, trio.Lock()):  # the card kept = the card published
+                etag = await self._replace_agent_md(entry.link, aid, text)
+                await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, agent_md=text, agent_md_etag=etag))
         finally:
             entry.holders.discard(hold)
             if not entry.holders:
                 entry.idle_since = trio.current_time()
-        await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, agent_md=text, agent_md_etag=etag))
         log.info("identity.agent_md_replaced", aid=aid, etag=etag)
         return {"aid": aid, "etag": etag, "content": text}
 

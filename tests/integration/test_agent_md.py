@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -123,3 +124,21 @@ def test_the_cli_prints_and_replaces_the_card(daemon, tmp_path):
     r = aund("aid", "agent-md", aid, "--set", "-", "--socket", sock, stdin=CARD.format(aid=aid).replace("1.2.0", "1.3.0"))
     assert r.returncode == 0
     assert 'version: "1.3.0"' in aund("aid", "agent-md", aid, "--socket", sock).stdout
+
+
+def test_concurrent_replacements_all_succeed_and_the_last_one_is_published(daemon):
+    """Five apps replace the card at once: each upload is conditional (If-Match), none is lost to a
+    412, and the card published afterwards is one of theirs, whole."""
+    aid = daemon.aid
+    texts = [CARD.format(aid=aid).replace("Ask me about cards.", f"Version {i}.") for i in range(5)]
+
+    def replace(text):
+        with Client(str(daemon.socket)) as app:
+            return app.set_agent_md(aid, text)
+
+    with ThreadPoolExecutor(5) as pool:
+        done = list(pool.map(replace, texts))
+    with Client(str(daemon.socket)) as app:
+        now = app.agent_md(aid)
+    assert all(d["etag"] == _etag(d["content"]) for d in done)
+    assert now["content"] in [d["content"] for d in done] and agent_md.payload_of(now["content"]) in texts
