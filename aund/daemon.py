@@ -7,6 +7,8 @@ reaches identities and links only through it.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import random
 import time
@@ -29,7 +31,10 @@ from aund.aun.peers import PeerDirectory
 from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
-from aund.errors import AundError, ClientError, GatewayUnavailable, InvalidParams, PermissionDenied, StorageError
+from aund.errors import (
+    AundError, AuthError, ClientError, GatewayError, GatewayUnavailable, InvalidParams, NotReady, PermissionDenied,
+    ResourceNotExistError, StorageError,
+)
 from aund.identity import agent_md
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
@@ -140,6 +145,8 @@ class Daemon:
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
         self._event_listeners: set[trio.MemorySendChannel] = set()
+        self._agent_md_locks: dict[str, trio.Lock] = {}
+        self._holds = itertools.count(1)  # daemon-side holders of a link (negative, unlike app conn ids)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -338,16 +345,13 @@ class Daemon:
         meta = await trio.to_thread.run_sync(self.store.load_meta, identity.aid)
         if meta.get("agent_md_etag") and not force:  # force: the gateway says it has none (-32003)
             return
-        url = http_base(link.gateway) + "/agent.md"
         try:
-            host = [("Host", identity.aid)]
-            status, headers, _ = await http_request("HEAD", url, headers=host)
+            status, headers, _ = await _agent_md_http("HEAD", link.gateway, identity.aid)
             if status == 404:
                 text = agent_md.sign(meta.get("agent_md") or agent_md.default_document(identity.aid),
                                      identity.private_key, identity.cert)
-                status, headers, _ = await http_request("PUT", url, body=text.encode("utf-8"), headers=[
-                    *host, ("Authorization", f"Bearer {link.access_token}"), ("If-None-Match", "*"),
-                    ("Content-Type", "text/markdown; charset=utf-8")])
+                status, headers, _ = await _agent_md_http("PUT", link.gateway, identity.aid, text.encode("utf-8"),
+                                                          token=link.access_token, condition=("If-None-Match", "*"))
                 if status == 200:
                     await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md=text))
             if status in (200, 412) and headers.get("etag"):
@@ -358,6 +362,87 @@ class Daemon:
                 log.warning("identity.agent_md_failed", aid=identity.aid, status=status)
         except (AundError, agent_md.AgentMdError) as exc:
             log.warning("identity.agent_md_failed", aid=identity.aid, error=str(exc))
+
+    async def agent_md(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """The AID's agent.md as its gateway serves it: `{aid, content, etag}`."""
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        entry = self.links.get((aid, self.config.slot_id))
+        gateway = entry.link.gateway if entry is not None else (await self._gateways(aid))[0]
+        status, headers, body = await _agent_md_http("GET", gateway, aid)
+        if status == 404:
+            raise ResourceNotExistError(f"no agent.md is published for {aid}", data={"aid": aid})
+        if status != 200:
+            raise GatewayError(f"GET agent.md of {aid}: HTTP {status}", retryable=status >= 500 or status == 429)
+        try:
+            content = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GatewayError(f"the gateway serves an agent.md of {aid} that is not UTF-8", retryable=False) from None
+        return {"aid": aid, "content": content, "etag": headers.get("etag", "")}
+
+    async def set_agent_md(self, app: AppIdentity, aid: str, content: str) -> dict[str, Any]:
+        """Replace the AID's agent.md with `content` (any signature in it dropped), signed with the
+        AID key: checked first (InvalidParams naming the field, nothing uploaded), then uploaded
+        over the AID's link and kept in its meta (the card published again when a gateway lost it).
+        Returns `{aid, etag, content}` (the signed document)."""
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        try:
+            identity = await trio.to_thread.run_sync(self.store.load, aid)
+        except IdentityNotFound:
+            raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first", data={"aid": aid}) from None
+        try:
+            text = agent_md.sign(content, identity.private_key, identity.cert)
+            agent_md.validate(text, aid=aid, cert=identity.cert)
+        except agent_md.AgentMdError as exc:
+            raise _bad_agent_md(str(exc), exc.field, exc.code) from None
+        entry = await self._open_link(aid, self.config.slot_id, pinned=False)
+        hold = -next(self._holds)  # keeps the link from being reaped while it uploads (not an app)
+        entry.holders.add(hold)
+        entry.idle_since = None
+        try:
+            with trio.move_on_after(self.config.call_timeout):
+                await entry.link.wait_ready()
+            if entry.link.state != LinkState.READY:
+                raise NotReady(f"{aid}: the link is {entry.link.state.value}, agent.md not uploaded",
+                               data={"aid": aid, "state": entry.link.state.value})
+            async with self._agent_md_locks.setdefault(aid, trio.Lock()):  # the card kept = the card published
+                etag = await self._replace_agent_md(entry.link, aid, text)
+                await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, agent_md=text, agent_md_etag=etag))
+        finally:
+            entry.holders.discard(hold)
+            if not entry.holders:
+                entry.idle_since = trio.current_time()
+        log.info("identity.agent_md_replaced", aid=aid, etag=etag)
+        return {"aid": aid, "etag": etag, "content": text}
+
+    async def _replace_agent_md(self, link: Link, aid: str, text: str) -> str:
+        """PUT `text` over whatever is published (If-Match its ETag, If-None-Match: * if none; a
+        concurrent change is retried twice); returns the new ETag."""
+        for _ in range(3):
+            status, headers, _ = await _agent_md_http("HEAD", link.gateway, aid)
+            if status not in (200, 404):
+                raise GatewayError(f"HEAD agent.md of {aid}: HTTP {status}", retryable=status >= 500)
+            condition = ("If-Match", headers["etag"]) if status == 200 and headers.get("etag") else ("If-None-Match", "*")
+            status, headers, body = await _agent_md_http("PUT", link.gateway, aid, text.encode("utf-8"),
+                                                         token=link.access_token, condition=condition)
+            if status == 200:
+                etag = headers.get("etag") or _json_field(body, "etag")
+                if not etag:
+                    raise GatewayError(f"PUT agent.md of {aid}: no ETag in the answer", retryable=False)
+                return etag
+            if status in (400, 413):  # the name service disagrees with our own check: say why
+                reason = _json_field(body, "message") or body.decode("utf-8", "replace")[:300]
+                raise _bad_agent_md(f"the gateway refused it: {reason}", _json_field(body, "field"),
+                                    _json_field(body, "error") or agent_md.INVALID)
+            if status in (401, 403):
+                raise AuthError(f"PUT agent.md of {aid}: HTTP {status} (the gateway refused the token)",
+                                data={"aid": aid})
+            if status != 412:
+                raise GatewayError(f"PUT agent.md of {aid}: HTTP {status}", retryable=status >= 500 or status == 429)
+        raise GatewayError(f"PUT agent.md of {aid}: it kept changing under us (412)", retryable=True)
 
     async def _watch_inbox(self) -> None:
         """Keep the inbox depth per AID fresh for `status` (which must answer without I/O)."""
@@ -535,6 +620,30 @@ class _Subscriber:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = trio.Event()
+
+
+async def _agent_md_http(method: str, gateway: str, aid: str, body: bytes = b"", *, token: str = "",
+                         condition: tuple[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request to the gateway's agent.md of `aid` (served by its host name, as the name service)."""
+    headers = [("Host", aid)]
+    if token:
+        headers += [("Authorization", f"Bearer {token}"), ("Content-Type", "text/markdown; charset=utf-8")]
+    if condition is not None:
+        headers.append(condition)
+    return await http_request(method, http_base(gateway) + "/agent.md", headers=headers, body=body)
+
+
+def _bad_agent_md(message: str, field: Any, code: Any) -> InvalidParams:
+    return InvalidParams(f"agent.md: {message}", data={"arg": "content", "field": str(field or ""),
+                                                       "reason": str(code or agent_md.INVALID)})
+
+
+def _json_field(body: bytes, name: str) -> str:
+    try:
+        value = json.loads(body.decode("utf-8")).get(name)
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def _normalize_aid(aid: Any) -> str:

@@ -58,7 +58,7 @@ ENV_SOCKET = "AUND_SOCKET"
 SYSTEM_SOCKET = Path("/run/aund/aund.sock")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TIMEOUT = 30.0        # client-side wait for an ordinary op's reply
-ENSURE_WAIT = 90.0            # identity.ensure may register with the gateway
+ENSURE_WAIT = 90.0            # identity.ensure may register with the gateway (agent_md.set: start a link)
 CALL_MARGIN = 10.0            # client-side wait for a call = its timeout + this
 DEFAULT_CALL_WAIT = 75.0      # ... for a call without a timeout (daemon default + queue + margin)
 EVENT_QUEUE_MAX = 1024        # events buffered per iterator before it resubscribes
@@ -573,6 +573,16 @@ class Client:
         """The identities this app may use."""
         return self.request("identity.list")["identities"]
 
+    def agent_md(self, aid: str) -> dict[str, Any]:
+        """The AID's published agent.md: ``{aid, content, etag}`` (``ResourceNotExistError`` if none)."""
+        return self.request("agent_md.get", {"aid": aid})
+
+    def set_agent_md(self, aid: str, text: str) -> dict[str, Any]:
+        """Replace the AID's agent.md with ``text`` (markdown with YAML front matter; the daemon signs
+        it with the AID key): ``{aid, etag, content}``. ``InvalidParams`` (``data.field``) for a
+        document that does not validate; the published one then stays."""
+        return self.request("agent_md.set", {"aid": aid, "content": text}, timeout=max(self.timeout, ENSURE_WAIT))
+
     def session(self, aid: str, slot_id: str = "main") -> "Session":
         """A handle on the daemon's link for (aid, slot_id); opened on first use."""
         return Session(self, aid, slot_id)
@@ -930,6 +940,12 @@ class AsyncClient:
 
     async def list_identities(self) -> list[dict[str, Any]]:
         return (await self.request("identity.list"))["identities"]
+
+    async def agent_md(self, aid: str) -> dict[str, Any]:
+        return await self.request("agent_md.get", {"aid": aid})
+
+    async def set_agent_md(self, aid: str, text: str) -> dict[str, Any]:
+        return await self.request("agent_md.set", {"aid": aid, "content": text}, timeout=max(self.timeout, ENSURE_WAIT))
 
     def session(self, aid: str, slot_id: str = "main") -> "AsyncSession":
         return AsyncSession(self, aid, slot_id)

@@ -64,6 +64,13 @@ class Backend(Protocol):
 
     def list_identities(self) -> list[dict[str, Any]]: ...
 
+    async def agent_md(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """The AID's published agent.md: `{aid, content, etag}` (ResourceNotExistError if none)."""
+
+    async def set_agent_md(self, app: AppIdentity, aid: str, content: str) -> dict[str, Any]:
+        """Sign `content` with the AID key, check and upload it: `{aid, etag, content}`;
+        InvalidParams (`data.field`, `data.reason`) for a document that does not validate."""
+
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         """The policy: may this app's uid/gid use this AID?"""
 

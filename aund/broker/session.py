@@ -58,12 +58,16 @@ BROKER_FEATURES = ("subscriptions", "subscription.end", "ack.by_sub", "ack.by_co
 SUBSCRIPTION_END_KIND = "subscription.end"
 UNDELIVERABLE_KIND = "event.undeliverable"
 START_WORDS = ("last_ack", "now")
+<<<<<<< HEAD
 # calls that carry signed protected headers (the SDK's instance-level headers go into these)
 HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
 MAX_HEADERS = 64
 # names the sender's SDK or the receiver's view set: an app giving them would forge what they mean
 RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
                               "group_id", "timestamp", "sdk_lang", "sdk_version", "verified", "encrypted"})
+=======
+AGENT_MD_MAX_CHARS = 64 * 1024  # far above the 4 KiB card: the daemon's check says what is too large
+>>>>>>> agentmd2
 
 
 class Outbox:
@@ -501,6 +505,17 @@ class AppSession:
         self._authorize(aid)
         return await self.backend.ensure_identity(aid)
 
+    async def op_agent_md_get(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        self._authorize(aid)
+        return await self.backend.agent_md(self.app, aid)
+
+    async def op_agent_md_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        content = _str(args, "content", max_len=AGENT_MD_MAX_CHARS)
+        self._authorize(aid)
+        return await self.backend.set_agent_md(self.app, aid, content)
+
     def op_identity_list(self, args: dict[str, Any]) -> dict[str, Any]:
         mine = [i for i in self.backend.list_identities()
                 if isinstance(i.get("aid"), str) and self.backend.allowed(self.app, i["aid"])]
@@ -690,6 +705,8 @@ _OPS: dict[str, Callable[..., Any]] = {
     "status": AppSession.op_status,
     "identity.ensure": AppSession.op_identity_ensure,
     "identity.list": AppSession.op_identity_list,
+    "agent_md.get": AppSession.op_agent_md_get,
+    "agent_md.set": AppSession.op_agent_md_set,
     "session.open": AppSession.op_session_open,
     "session.close": AppSession.op_session_close,
     "session.wait_ready": AppSession.op_session_wait_ready,

@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "run": "run the daemon",
     "status": "show links, apps, budget and warnings",
     "health": "exit 0 if healthy, 1 if not (with reasons), 2 if the daemon is unreachable",
-    "aid": "list, ensure or import identities",
+    "aid": "list, ensure or import identities; print or replace their agent.md",
     "call": "call a gateway method as an identity",
     "listen": "print an identity's events as they arrive",
     "config": "show the effective configuration",

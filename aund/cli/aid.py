@@ -1,5 +1,6 @@
-"""`aund aid list|ensure|import`: identities. list/ensure go through the daemon; import moves an
-identity made by the official SDK into aund's store (with the daemon stopped: it owns the store)."""
+"""`aund aid list|ensure|agent-md|import`: identities. list/ensure/agent-md go through the daemon;
+import moves an identity made by the official SDK into aund's store (with the daemon stopped: it
+owns the store)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="aid_command", metavar="list|ensure|import", required=True)
+    sub = p.add_subparsers(dest="aid_command", metavar="list|ensure|agent-md|import", required=True)
     lst = sub.add_parser("list", help="identities in the daemon's store")
     add_socket_argument(lst)
     lst.add_argument("--json", action="store_true")
@@ -21,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_socket_argument(ens)
     ens.add_argument("aid")
     ens.add_argument("--json", action="store_true")
+    card = sub.add_parser("agent-md", help="print the AID's published agent.md, or replace it (--set FILE)")
+    add_socket_argument(card)
+    card.add_argument("aid")
+    card.add_argument("--set", dest="set_file", type=Path, metavar="FILE",
+                      help="markdown with YAML front matter (aid, name, type, version); aund signs it ('-': stdin)")
+    card.add_argument("--json", action="store_true", help="print {aid, etag, content}")
     imp = sub.add_parser("import", help="import an identity created by fastaun (aund must be stopped)")
     imp.add_argument("aid")
     imp.add_argument("--from", dest="aun_path", type=Path, required=True, help="the SDK's aun_path")
@@ -38,16 +45,35 @@ def run(args: argparse.Namespace) -> int:
         return _import(args)
     from client_stub import AundError, DaemonUnavailable
 
+    text = None
+    if args.aid_command == "agent-md" and args.set_file is not None:
+        text = _read_card(args.set_file)
+        if text is None:
+            return EXIT_FAILED
     try:
         with open_client(args, timeout=60) as client:
-            result = client.list_identities() if args.aid_command == "list" else client.ensure_identity(args.aid)
+            if args.aid_command == "list":
+                result = client.list_identities()
+            elif args.aid_command == "ensure":
+                result = client.ensure_identity(args.aid)
+            elif text is not None:
+                result = client.set_agent_md(args.aid, text)
+            else:
+                result = client.agent_md(args.aid)
     except DaemonUnavailable as exc:
         return unreachable(exc)
     except AundError as exc:
-        print(f"aund aid {args.aid_command}: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        where = f" {args.set_file}" if text is not None else ""
+        print(f"aund aid {args.aid_command}{where}: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print_json(result)
+    elif args.aid_command == "agent-md":
+        if text is not None:
+            print(f"published the agent.md of {result['aid']}  etag {result['etag']}")
+        else:
+            content = result["content"]
+            sys.stdout.write(content if content.endswith("\n") else content + "\n")
     elif args.aid_command == "list":
         rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]
@@ -55,6 +81,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{result['aid']}  {result['cert_fingerprint']}")
     return EXIT_OK
+
+
+def _read_card(path: Path) -> str | None:
+    """The text of `path` ('-': stdin), or None after one line on stderr saying what is wrong."""
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text (byte {exc.start}); save it as UTF-8 markdown"
+    except IsADirectoryError:
+        problem = "is a directory; give the agent.md file"
+    except FileNotFoundError:
+        problem = "does not exist; give the path of a markdown file with YAML front matter"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc}); check the path and its permissions"
+    print(f"aund aid agent-md: {path} {problem}", file=sys.stderr)
+    return None
 
 
 def _import(args: argparse.Namespace) -> int:

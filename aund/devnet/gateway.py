@@ -31,6 +31,7 @@ from aund.devnet import federation
 from aund.devnet.federation import PUSH_QUEUE as FEDERATED_PUSH_QUEUE
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
+from aund.identity import agent_md as agent_md_doc
 from aund.identity import pki
 
 log = structlog.get_logger("aund.devnet")
@@ -369,6 +370,9 @@ class Devnet:
         token = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not token or self.store.token_aid(token, "access") != aid:
             return 401, {"error": "a bearer access token of the AID is required"}, {}
+        refused = self.check_agent_md(aid, body)  # as the name service: schema, sizes, signature
+        if refused is not None:
+            return refused
         if headers.get("if-none-match") == "*" and current is not None:
             return 412, {"error": "agent.md already exists"}, {"etag": current[1]}
         if_match = headers.get("if-match")
@@ -377,6 +381,21 @@ class Devnet:
         etag = self.store.put_agent_md(aid, body)
         now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
         return 200, {"etag": etag, "last_modified": now}, {"etag": etag}
+
+    def check_agent_md(self, aid: str, body: bytes) -> tuple[int, Any, dict[str, str]] | None:
+        """None when `body` is a valid agent.md of `aid`, signed with its current certificate; else
+        the name service's answer: 413 agent_md_too_large (payload or body over the limits) or 400
+        invalid_agent_md, with the reason."""
+        pem = self.store.current_cert(aid)
+        try:
+            agent_md_doc.validate(body, aid=aid, cert=pki.load_cert_pem(pem) if pem else None)
+            if pem is None:
+                raise agent_md_doc.AgentMdError(f"{aid} has no certificate to verify the signature with")
+        except agent_md_doc.AgentMdError as exc:
+            log.info("devnet.agent_md_refused", aid=aid, code=exc.code, field=exc.field, reason=str(exc))
+            return (413 if exc.code == agent_md_doc.TOO_LARGE else 400), \
+                {"error": exc.code, "message": str(exc), "field": exc.field}, {}
+        return None
 
 
 async def _respond(send: Callable, status: int, payload: Any, extra: dict[str, str] | None = None,

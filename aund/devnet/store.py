@@ -251,7 +251,7 @@ class Store:
             return db.execute("DELETE FROM agent_md WHERE aid=?", (aid,)).rowcount > 0
 
     def put_agent_md(self, aid: str, body: bytes) -> str:
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        etag = '"' + hashlib.sha256(body).hexdigest() + '"'  # what fastaun's in_sync compares with
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO agent_md VALUES (?,?,?,?)", (aid, body, etag, time.time()))
         return etag

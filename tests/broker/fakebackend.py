@@ -21,7 +21,7 @@ import trio
 
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.broker.policy import Policy
-from client_stub.errors import ERROR_CLASSES, AundError, GatewayUnavailable, InvalidParams
+from client_stub.errors import ERROR_CLASSES, AundError, GatewayUnavailable, InvalidParams, ResourceNotExistError
 
 
 class FakeSession:
@@ -76,6 +76,7 @@ class FakeBackend:
 
     def __init__(self, policy: Policy | None = None) -> None:
         self.policy = policy or Policy()
+        self.cards: dict[str, str] = {}  # agent.md by AID
         self.identities: dict[str, dict[str, Any]] = {}
         self.inboxes: dict[str, list[InboxEvent]] = {}
         self.acks: dict[tuple[str, str], int] = {}
@@ -120,6 +121,19 @@ class FakeBackend:
 
     def list_identities(self) -> list[dict[str, Any]]:
         return list(self.identities.values())
+
+    async def agent_md(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        if aid not in self.cards:
+            raise ResourceNotExistError(f"no agent.md is published for {aid}", data={"aid": aid})
+        return {"aid": aid, "content": self.cards[aid], "etag": '"' + hashlib.sha256(self.cards[aid].encode()).hexdigest() + '"'}
+
+    async def set_agent_md(self, app: AppIdentity, aid: str, content: str) -> dict[str, Any]:
+        if not content.startswith("---\n"):
+            raise InvalidParams("agent.md: it must start with YAML front matter", data={"arg": "content"})
+        await trio.lowlevel.checkpoint()
+        self.cards[aid] = content
+        return await self.agent_md(app, aid)
 
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         return self.policy.allows(app.uid, app.gid, aid)

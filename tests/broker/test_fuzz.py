@@ -172,9 +172,9 @@ values = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
                       max_leaves=12)
 KNOWN_OPS = ["ping", "status", "identity.ensure", "identity.list", "session.open", "session.close",
              "session.wait_ready", "call", "set_protected_headers", "invalidate_prekey_cache", "subscribe",
-             "unsubscribe", "ack", "hello"]
+             "unsubscribe", "ack", "hello", "agent_md.get", "agent_md.set"]
 ARG_NAMES = ["aid", "slot_id", "session", "method", "params", "timeout", "background", "headers", "peer_aid",
-             "consumer", "kinds", "start", "sub", "cursor", "protocol", "min_protocol", "app"]
+             "consumer", "kinds", "start", "sub", "cursor", "protocol", "min_protocol", "app", "content"]
 args_strategy = st.dictionaries(st.sampled_from(ARG_NAMES), values, max_size=6)
 op_strategy = st.one_of(st.sampled_from(KNOWN_OPS), st.text(min_size=1, max_size=30))
 request_ids = st.one_of(st.integers(0, 2**31), st.text(min_size=1, max_size=20))

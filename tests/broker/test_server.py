@@ -132,6 +132,14 @@ async def test_every_op_through_blocking_client(start_broker):
             out["ensure"] = aund.ensure_identity(ALICE)
             out["list"] = aund.list_identities()
             out["status"] = aund.status()
+            with pytest.raises(ResourceNotExistError):
+                aund.agent_md(ALICE)
+            out["card_set"] = aund.set_agent_md(ALICE, "---\naid: x\n---\n")
+            out["card"] = aund.agent_md(ALICE)
+            with pytest.raises(InvalidParams):
+                aund.set_agent_md(ALICE, "no front matter")
+            with pytest.raises(InvalidParams):
+                aund.set_agent_md(ALICE, "")
             s = aund.session(ALICE, slot_id="main")
             out["ready"] = s.wait_ready(timeout=5)
             out["echo"] = s.call("echo", {"x": [1, 2]}, timeout=3, background=True)
@@ -162,6 +170,7 @@ async def test_every_op_through_blocking_client(start_broker):
     assert out["ensure"]["aid"] == ALICE and out["ensure"]["cert_fingerprint"].startswith("sha256:")
     assert {i["aid"] for i in out["list"]} == {ALICE, BOB}  # the default policy: root and self see all
     assert out["status"]["fake"] is True
+    assert out["card"] == out["card_set"] and out["card"]["content"] == "---\naid: x\n---\n"
     assert [a["app"] for a in out["status"]["broker"]["apps"]] == ["blocking-app"]
     assert out["ready"] == {"aid": ALICE, "slot_id": "main", "state": "ready"}
     assert out["echo"]["echo"] == {"x": [1, 2]} and out["echo"]["background"] is True
@@ -188,6 +197,10 @@ async def test_every_op_through_async_client(start_broker):
             out["ensure"] = await aund.ensure_identity(ALICE)
             out["list"] = await aund.list_identities()
             out["status"] = await aund.status()
+            out["card_set"] = await aund.set_agent_md(ALICE, "---\naid: y\n---\n")
+            out["card"] = await aund.agent_md(ALICE)
+            with pytest.raises(InvalidParams):
+                await aund.set_agent_md(ALICE, "x" * (64 * 1024 + 1))
             s = aund.session(ALICE)
             out["ready"] = await s.wait_ready(timeout=5)
             out["echo"] = await s.call("echo", {"y": "z"})
@@ -223,6 +236,7 @@ async def test_every_op_through_async_client(start_broker):
     assert out["hello"]["ops"] == sorted(DISPATCH) and out["rtt"] > 0
     assert out["ensure"]["aid"] == ALICE and out["list"] == [out["ensure"]]
     assert out["status"]["broker"]["apps"][0]["app"] == "async-app"
+    assert out["card"] == out["card_set"] and out["card"]["etag"].startswith('"')
     assert out["ready"]["state"] == "ready"
     assert out["echo"]["echo"] == {"y": "z"} and out["echo"]["timeout"] is None
     assert list(b.backend.headers.values()) == [{"x-a": "b"}]

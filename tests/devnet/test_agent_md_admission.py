@@ -6,9 +6,14 @@ from __future__ import annotations
 import trio
 
 from aund.aun import jsonrpc as rpc
+from aund.identity import agent_md
 from tests.devnet.rawclient import CAPABILITIES, fresh_aid, http, http_base, new_account, open_raw
 
 DECLARING = {**CAPABILITIES, "agent_md_validation_v1": True}
+
+
+def _card(account) -> bytes:
+    return agent_md.sign(agent_md.default_document(account.aid), account.identity.key, account.identity.cert).encode()
 
 
 async def _ping(info, account, capabilities):
@@ -26,7 +31,7 @@ async def test_declaring_clients_need_an_agent_md(start_devnet):
         assert refused["error"]["code"] == rpc.AGENT_MD_REQUIRED == -32003
         assert refused["error"]["message"] == f"valid agent.md is required for {alice.aid}"
         assert "result" in await _ping(info, alice, CAPABILITIES)  # an older client: served as before
-        put = await http("PUT", http_base(info.gateway_url) + "/agent.md", body=b"---\naid: x\n---\n",
+        put = await http("PUT", http_base(info.gateway_url) + "/agent.md", body=_card(alice),
                          headers={"Host": alice.aid, "Authorization": f"Bearer {alice.token}", "If-None-Match": "*"})
         assert put.status == 200
         assert "result" in await _ping(info, alice, DECLARING)

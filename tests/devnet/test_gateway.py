@@ -15,7 +15,7 @@ from trio_websocket import ConnectionClosed
 
 from aund.aun import jsonrpc as rpc
 from aund.aun import signing
-from aund.identity import pki
+from aund.identity import agent_md, pki
 from tests.devnet.rawclient import (
     connect,
     fresh_aid,
@@ -403,33 +403,74 @@ async def test_delivery_mode_conflict(devnet_inproc, alice):
 
 
 # --- HTTP side endpoints ---------------------------------------------------------------------------------
+def _card(account, heading: str) -> bytes:
+    """`account`'s agent.md with body `heading`, signed with its key (what the devnet accepts)."""
+    text = agent_md.default_document(account.aid) + f"\n{heading}\n"
+    return agent_md.sign(text, account.identity.key, account.identity.cert).encode()
+
+
 async def test_agent_md_etags(devnet_inproc, alice, bob):
     with trio.fail_after(DEADLINE):
         url = http_base(devnet_inproc.gateway_url) + "/agent.md"
         host = {"Host": alice.aid}
         auth = dict(host, Authorization=f"Bearer {alice.token}")
+        v1, v2 = _card(alice, "alice v1"), _card(alice, "alice v2")
         assert (await http("GET", url, headers=host)).status == 404
         for token in (bob.token, "dat_nope", ""):  # another AID's token, a bad one, none
             headers = dict(host, Authorization=f"Bearer {token}", **{"If-None-Match": "*"})
-            r = await http("PUT", url, headers=headers, body=b"# x")
+            r = await http("PUT", url, headers=headers, body=v1)
             assert r.status == 401
-        r = await http("PUT", url, headers=dict(auth, **{"If-None-Match": "*"}), body=b"# alice v1")
+        r = await http("PUT", url, headers=dict(auth, **{"If-None-Match": "*"}), body=v1)
         assert r.status == 200
         etag1 = r.json()["etag"]
-        assert etag1.startswith('"') and etag1.endswith('"') and r.json()["last_modified"]
-        assert (await http("PUT", url, headers=dict(auth, **{"If-None-Match": "*"}), body=b"# again")).status == 412
+        assert etag1 == '"' + hashlib.sha256(v1).hexdigest() + '"' and r.json()["last_modified"]  # fastaun's in_sync
+        assert (await http("PUT", url, headers=dict(auth, **{"If-None-Match": "*"}), body=v2)).status == 412
         r = await http("GET", url, headers=host)
-        assert (r.status, r.body, r.headers["etag"]) == (200, b"# alice v1", etag1)
+        assert (r.status, r.body, r.headers["etag"]) == (200, v1, etag1)
         r = await http("HEAD", url, headers=host)
         assert (r.status, r.body, r.headers["etag"]) == (200, b"", etag1)
         assert (await http("GET", url, headers=dict(host, **{"If-None-Match": etag1}))).status == 304
         assert (await http("HEAD", url, headers=dict(host, **{"If-None-Match": etag1}))).status == 304
         assert (await http("GET", url, headers=dict(host, **{"If-None-Match": '"other"'}))).status == 200
-        assert (await http("PUT", url, headers=dict(auth, **{"If-Match": '"stale"'}), body=b"# v2")).status == 412
-        r = await http("PUT", url, headers=dict(auth, **{"If-Match": etag1}), body=b"# alice v2")
+        assert (await http("PUT", url, headers=dict(auth, **{"If-Match": '"stale"'}), body=v2)).status == 412
+        r = await http("PUT", url, headers=dict(auth, **{"If-Match": etag1}), body=v2)
         assert r.status == 200 and r.json()["etag"] != etag1
-        assert (await http("GET", url, headers=host)).body == b"# alice v2"
+        assert (await http("GET", url, headers=host)).body == v2
         assert (await http("GET", url, headers={"Host": bob.aid})).status == 404  # per-AID documents
+
+
+async def test_agent_md_uploads_are_verified_as_the_name_service_does(devnet_inproc, alice, bob):
+    """PUT /agent.md: schema, sizes and the signature with the AID's current certificate; what
+    fails is refused (400 invalid_agent_md / 413 agent_md_too_large, with the reason) and the
+    published card stays."""
+    with trio.fail_after(DEADLINE):
+        url = http_base(devnet_inproc.gateway_url) + "/agent.md"
+        auth = {"Host": alice.aid, "Authorization": f"Bearer {alice.token}"}
+        good = _card(alice, "published")
+        assert (await http("PUT", url, headers=auth, body=good)).status == 200
+        payload, _, block = good.decode().partition(agent_md.MARKER)
+        block = agent_md.MARKER + block
+        unsigned = agent_md.default_document(alice.aid).encode()
+        forged = payload + "\n".join([
+            agent_md.MARKER, f"cert_fingerprint: {bob.identity.fingerprint}", f"timestamp: {int(time.time())}",
+            f"signature: {pki.b64e(pki.sign_for_key(bob.identity.key, payload.encode()))}", "-->"])
+        cases = [
+            (payload.replace("published", "tampered") + block, 400, "signature.signature", "does not verify"),
+            (_card(bob, "bob's").decode(), 400, "aid", f"is not {alice.aid}"),  # another AID's card
+            (forged, 400, "signature.cert_fingerprint", "current certificate"),  # signed by bob's key
+            (unsigned.decode(), 400, "signature", "no AUN-SIGNATURE"),
+            ("# just markdown\n", 400, "front_matter", "front matter"),
+            (payload.replace("# alice", "x" * 4100 + "\n# alice") + block, 413, "payload", "larger than 4096"),
+            ("x" * 7000, 413, "document", "at most 6144"),
+        ]
+        for body, status, field, words in cases:
+            r = await http("PUT", url, headers=auth, body=body.encode())
+            assert r.status == status, (words, r.status, r.body)
+            answer = r.json()
+            assert answer["error"] == ("agent_md_too_large" if status == 413 else "invalid_agent_md")
+            assert words in answer["message"] and answer["field"] == field, answer
+        r = await http("GET", url, headers={"Host": alice.aid})
+        assert r.body == good  # every refused upload left the published card as it was
 
 
 async def test_pki_cert_lookup(devnet_inproc, alice):

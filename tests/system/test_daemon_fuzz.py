@@ -187,6 +187,7 @@ def _round_trips(path: Path) -> tuple[list[float], list[float]]:
 # Requests whose arguments reach the real backend: they run after a prelude that opened session 1
 # (ALICE) and subscription 2 on the same connection, and mostly name those, so calls go to the
 # gateway, acks to the inbox and unsubscribes to a live pump.
+CARD = f'---\naid: "{ALICE}"\nname: "fuzz"\ntype: "agent"\nversion: "1.0.0"\n---\n\n# fuzz\n'
 METHODS = ["meta.ping", "meta.status", "message.send", "message.pull", "message.v2.ack", "group.send", "x.nope"]
 PRELUDE = [wire.make_request("p1", "session.open", {"aid": ALICE}),
            wire.make_request("p2", "subscribe", {"aid": ALICE, "consumer": "fuzz-live", "start": "now"})]
@@ -231,6 +232,10 @@ LIVE_ARGS = {
                      st.fixed_dictionaries({"aid": aids, "consumer": st.text(min_size=1, max_size=12),
                                             "cursor": _or_fuzz(st.integers(0, 10**6))})),
     "identity.list": st.just({}),
+    "agent_md.get": st.fixed_dictionaries({"aid": aids}),
+    "agent_md.set": st.fixed_dictionaries({"aid": aids, "content": _or_fuzz(st.one_of(
+        st.sampled_from([CARD, CARD.replace('"1.0.0"', "1"), CARD.replace(ALICE, BOB), CARD + "x" * 5000]),
+        st.text(max_size=60)))}),
     "ping": st.just({}),
     "status": st.just({}),
 }
