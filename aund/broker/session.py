@@ -58,16 +58,13 @@ BROKER_FEATURES = ("subscriptions", "subscription.end", "ack.by_sub", "ack.by_co
 SUBSCRIPTION_END_KIND = "subscription.end"
 UNDELIVERABLE_KIND = "event.undeliverable"
 START_WORDS = ("last_ack", "now")
-<<<<<<< HEAD
 # calls that carry signed protected headers (the SDK's instance-level headers go into these)
 HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
 MAX_HEADERS = 64
 # names the sender's SDK or the receiver's view set: an app giving them would forge what they mean
 RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
                               "group_id", "timestamp", "sdk_lang", "sdk_version", "verified", "encrypted"})
-=======
 AGENT_MD_MAX_CHARS = 64 * 1024  # far above the 4 KiB card: the daemon's check says what is too large
->>>>>>> agentmd2
 
 
 class Outbox:
