@@ -105,9 +105,13 @@ class _Handle:
         if method in SYNC_METHODS:
             raise InvalidParams(f"{method}: aund pulls and acks messages itself; subscribe to "
                                 "message.received events instead")
-        if method == "message.send":
+        if method in ("message.send", "message.thought.put"):
             headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
-            return await self.entry.session.send(self.entry.link, params, headers, timeout=timeout)
+            put = self.entry.session.send if method == "message.send" else self.entry.session.thought_put
+            return await put(self.entry.link, params, headers, timeout=timeout)
+        if method == "message.thought.get":
+            result = await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
+            return await self.entry.session.decrypt_thoughts(self.entry.link.gateway, result)
         if method in GROUP_METHODS and self.entry.groups is not None:
             headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
             return await self.entry.groups.call(method, params, headers, timeout=timeout)

@@ -34,7 +34,7 @@ from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_gro
                                  state_sign_input)
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
-                                LinkSync, append_prekey, new_prekey_record, prekey_wire, row_content)
+                                LinkSync, append_prekey, merged_headers, new_prekey_record, prekey_wire, row_content)
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.inbox import Inbox, NewEvent
@@ -326,7 +326,7 @@ class GroupSession:
         out.setdefault("message_id", "m-" + uuid.uuid4().hex)
         if params.get("encrypt", True) is False:
             return await link.call("group.send", out, timeout=timeout)
-        merged = _merged_headers(headers, params)
+        merged = merged_headers(headers, params)
         need_render = bool(params.get("need_render", True))
 
         async def attempt(boot: Bootstrap) -> dict[str, Any]:
@@ -345,7 +345,7 @@ class GroupSession:
             raise InvalidParams("group.thought.put needs `group_id`, `context` {type, id} and `payload` (an object)")
         thought_id = str(params.get("thought_id") or f"gt-{uuid.uuid4()}").strip()
         timestamp = _int(params.get("timestamp")) or int(time.time() * 1000)
-        merged = _merged_headers(headers, params)
+        merged = merged_headers(headers, params)
 
         async def attempt(boot: Bootstrap) -> dict[str, Any]:
             envelope = self._encrypt(gid, boot, payload, thought_id, merged, context, True)
@@ -542,14 +542,6 @@ class GroupSession:
                     seq=base["seq"], reason=reason, detail=detail[:200])
         data = dict(base, reason=reason, detail=detail[:500], encrypted=True)
         return NewEvent("message.undecryptable", base["from"], key, _int(base["seq"]) or 0, data)
-
-
-def _merged_headers(headers: dict[str, str] | None, params: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = dict(headers or {})
-    extra = params.get("protected_headers", params.get("headers"))
-    if isinstance(extra, dict):
-        merged.update(extra)
-    return merged
 
 
 async def _quietly(awaitable, event: str, aid: str, gid: str) -> Any:

@@ -46,6 +46,15 @@ ENCRYPTED_TYPES = frozenset({"e2ee.encrypted", "e2ee.p2p_encrypted", "e2ee.group
 PUSH_QUEUE = 1024
 
 
+def merged_headers(headers: dict[str, str] | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The session's protected headers with the call's own (`protected_headers`, or `headers`) over them."""
+    merged: dict[str, Any] = dict(headers or {})
+    extra = params.get("protected_headers", params.get("headers"))
+    if isinstance(extra, dict):
+        merged.update(extra)
+    return merged
+
+
 def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
     """What a gateway message row carries: ("envelope", dict) when encrypted (a v2 `envelope_json`,
     or a v1 payload of `envelope_type`), ("unsupported", why) for an encrypted payload of another
@@ -212,28 +221,81 @@ class E2EESession:
         out.setdefault("message_id", "m-" + uuid.uuid4().hex)
         if params.get("encrypt", True) is False:
             return await link.call("message.send", out, timeout=timeout)
-        merged = dict(headers or {})
-        extra = params.get("protected_headers", params.get("headers"))
-        if isinstance(extra, dict):
-            merged.update(extra)
+        return await self._sealed_call(link, "message.send", out, params, merged_headers(headers, params), out["message_id"],
+                                       None, timeout)
+
+    async def thought_put(self, link: Link, params: dict[str, Any], headers: dict[str, str] | None, *,
+                          timeout: float | None = None) -> dict[str, Any]:
+        """`message.thought.put` as the SDK does it: always E2EE, the envelope's message id is the
+        thought id and the context is MAC-bound into it (`encrypt: false` is refused)."""
+        context = params.get("context")
+        if (not isinstance(params.get("to"), str) or not isinstance(params.get("payload"), dict)
+                or not isinstance(context, dict) or not all(isinstance(context.get(k), str) and context[k].strip()
+                                                            for k in ("type", "id"))):
+            raise InvalidParams("message.thought.put needs `to` (an AID), `context` {type, id} and `payload` (an object)")
+        if params.get("encrypt", True) is False:
+            raise InvalidParams("message.thought.put is always end-to-end encrypted (encrypt: false is refused)")
+        thought_id = str(params.get("thought_id") or f"mt-{uuid.uuid4()}").strip()
+        timestamp = params.get("timestamp") if isinstance(params.get("timestamp"), int) else int(time.time() * 1000)
+        out = {"to": params["to"].strip().lower(), "encrypted": True, "thought_id": thought_id,
+               "timestamp": timestamp, "context": context}
+        return await self._sealed_call(link, "message.thought.put", out, params, merged_headers(headers, params), thought_id,
+                                       context, timeout, timestamp)
+
+    async def _sealed_call(self, link: Link, method: str, out: dict[str, Any], params: dict[str, Any],
+                           headers: dict[str, Any], message_id: str, context: dict[str, Any] | None,
+                           timeout: float | None, timestamp: int | None = None) -> dict[str, Any]:
+        """Encrypt `params["payload"]` to every device of `out["to"]` (and our other devices), send it
+        as `out["payload"]`; on the gateway's prekey errors refetch the devices once and retry."""
         for attempt in (0, 1):
             targets = await self._targets(link, out["to"])
             try:
                 envelope = encrypt_p2p(
                     sender_aid=self.aid, sender_device_id=self.device_id, sender_ik_private=self.identity.private_key,
-                    targets=targets, payload=params["payload"], message_id=out["message_id"],
-                    timestamp_ms=int(time.time() * 1000), protected_headers=merged or None, to_aid=out["to"],
-                    need_render=bool(params.get("need_render", True)))
+                    targets=targets, payload=params["payload"], message_id=message_id,
+                    timestamp_ms=timestamp or int(time.time() * 1000), protected_headers=headers or None,
+                    context=context, to_aid=out["to"], need_render=bool(params.get("need_render", True)))
             except E2EEEncryptError as exc:
                 raise InvalidParams(f"cannot encrypt: {exc}", data={"reason": exc.reason_code}) from None
             try:
-                return await link.call("message.send", dict(out, payload=envelope), timeout=timeout)
+                return await link.call(method, dict(out, payload=envelope), timeout=timeout)
             except GatewayError as exc:
                 if attempt == 0 and exc.remote_code in PREKEY_RETRY_CODES:
                     self.invalidate(out["to"])
                     continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def decrypt_thoughts(self, gateway_url: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Open the envelopes of a `message.thought.get` result in place: each thought gets its
+        `payload` (and `protected_headers`, `encrypted: true`), or `payload: None` and a
+        `decrypt_error` reason; ciphertext is never handed on as if it were the payload."""
+        thoughts = result.get("thoughts") if isinstance(result.get("thoughts"), list) else []
+        sender = str(result.get("sender_aid") or "").lower()
+        peer = str(result.get("peer_aid") or self.aid).lower()
+        for thought in thoughts:
+            if not isinstance(thought, dict):
+                continue
+            author = str(thought.get("from") or thought.get("sender_aid") or sender).lower()
+            envelope = thought.get("payload")
+            if not isinstance(envelope, dict) or envelope.get("type") not in ENCRYPTED_TYPES:
+                thought.update(encrypted=False)  # a plaintext thought (another client's): said so
+                continue
+            try:
+                if envelope.get("type") != p2p.ENVELOPE_TYPE:
+                    raise E2EEDecryptError("unsupported_envelope", f"{envelope.get('type')} in a P2P thought")
+                ik = await self.peer_ik(gateway_url, author, str(envelope.get("sender_cert_fingerprint") or ""))
+                opened = decrypt_p2p(envelope, my_aid=self.aid, my_device_id=self.device_id,
+                                     my_ik_private=self.identity.private_key, spk_lookup=self._spk_lookup,
+                                     sender_ik_public=ik, expected_from=author,
+                                     expected_to=peer if author != self.aid else None,
+                                     expected_message_id=str(thought.get("thought_id") or "") or None)
+            except (E2EEDecryptError, AundError) as exc:
+                reason = getattr(exc, "reason_code", None) or getattr(exc, "data", {}).get("reason", "decrypt_failed")
+                thought.update(payload=None, encrypted=True, decrypt_error=reason)
+                continue
+            thought.update(payload=opened.payload, encrypted=True, protected_headers=opened.protected_headers)
+        return result
 
     # --- receive ---------------------------------------------------------------------------------
     async def decode_row(self, gateway_url: str, row: dict[str, Any], sender: str) -> tuple[NewEvent, str]:

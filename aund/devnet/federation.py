@@ -293,3 +293,36 @@ def accept_delivery(net: "Devnet", body: bytes) -> tuple[int, dict[str, Any]]:
         net.push_message(stored)
     net.stats.http["federation.delivered"] += 1
     return 200, {"seq": stored.seq, "timestamp": stored.t_server, "created": created}
+
+
+# --- thoughts -------------------------------------------------------------------------------------
+async def read_thought(conn: Any, url: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`message.thought.get` of a sender of a federated issuer, answered by its devnet for our caller."""
+    from aund.devnet.gateway import RpcError
+
+    try:
+        answer = await _call("POST", f"{url}/federation/v1/thought", {"reader": conn.aid, "params": params})
+    except FederationError as exc:
+        raise RpcError(rpc.INTERNAL_ERROR, f"the sender's gateway refused or cannot be reached: {exc}") from None
+    error = answer.get("error")
+    if isinstance(error, dict):
+        raise RpcError(int(error.get("code", rpc.INTERNAL_ERROR)), str(error.get("message", "")), error.get("data"))
+    result = answer.get("result")
+    return result if isinstance(result, dict) else {}
+
+
+def accept_thought_read(net: "Devnet", body: bytes) -> tuple[int, dict[str, Any]]:
+    from aund.devnet import thoughts
+    from aund.devnet.gateway import RpcError
+
+    try:
+        msg = rpc.loads(body.decode("utf-8"))
+        reader, params = str(msg["reader"]).lower(), msg["params"]
+    except (rpc.FrameError, UnicodeDecodeError, KeyError, TypeError):
+        return 400, {"error": "malformed thought read"}
+    if issuer_of(reader) == net.issuer or issuer_of(reader) not in net.federation or not isinstance(params, dict):
+        return 403, {"error": f"this devnet does not federate with the issuer of {reader}"}
+    try:
+        return 200, {"result": thoughts.read(net, reader, params)}
+    except RpcError as exc:
+        return 200, {"error": {"code": exc.code, "message": exc.message, "data": exc.data}}

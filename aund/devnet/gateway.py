@@ -261,6 +261,9 @@ class Devnet:
             if path == "/federation/v1/group" and method == "POST":  # runs a group handler: may await
                 status, payload = await federation.accept_group_call(self, body)
                 extra: dict[str, str] = {}
+            elif path == "/federation/v1/thought" and method == "POST":
+                status, payload = federation.accept_thought_read(self, body)
+                extra = {}
             elif path == "/federation/v1/push" and method == "POST":
                 status, payload = federation.accept_push(self, body)
                 extra = {}
@@ -1012,3 +1015,4 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
 # The group service (group.*, group.v2.*) lives in its own module and registers its handlers here;
 # (group.list_my and group.list_my_invites included).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
+from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)

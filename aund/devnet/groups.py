@@ -21,7 +21,6 @@ import re
 import secrets
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from aund.aun import ids
@@ -30,6 +29,8 @@ from aund.aun.e2ee import merkle
 from aund.aun.e2ee.canonical import canonical_json
 from aund.aun.e2ee.group import state_commitment, state_sign_input
 from aund.devnet import gateway as gw
+from aund.devnet import thoughts
+from aund.devnet.thoughts import Thought
 from aund.devnet.gateway import RpcError, validate_aid
 from aund.devnet.store import dumps
 from aund.identity import pki
@@ -56,8 +57,6 @@ WRAP_ROLES = ("member", "self_sync", "audit")
 DEVICE_KEYS = ("device_id", "key_source", "spk_id", "spk_pk", "spk_signature")  # + int spk_timestamp
 PULL_MAX_LIMIT = 200
 EVENTS_MAX_LIMIT = 50
-THOUGHT_ITEMS_PER_HEAD = 20
-THOUGHT_HEADS_PER_SENDER = 100
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grp_groups (
@@ -181,12 +180,6 @@ def _text(params: dict[str, Any], key: str, default: str = "", *, limit: int = 4
 
 
 # --- the service -----------------------------------------------------------------------------------
-@dataclass
-class Thought:
-    items: list[dict[str, Any]] = field(default_factory=list)
-    updated_at: int = 0
-
-
 class GroupService:
     """Group state of one devnet: SQLite tables in the devnet store plus in-memory thoughts."""
 
@@ -1364,19 +1357,11 @@ def rpc_ack_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- thoughts (memory only) ------------------------------------------------------------------------
-def _context(params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    ctx = params.get("context")
-    if not isinstance(ctx, dict) or not isinstance(ctx.get("type"), str) or not isinstance(ctx.get("id"), str) \
-            or not ctx["type"].strip() or not ctx["id"].strip():
-        raise RpcError(rpc.INVALID_PARAMS, "context.type and context.id are required")
-    return ctx["type"], ctx["id"], {"type": ctx["type"], "id": ctx["id"]}
-
-
 @handler("group.thought.put")
 def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, _ = svc.require_member(gid, conn.aid)
-    ctx_type, ctx_id, ctx = _context(params)
+    key, ctx = thoughts.context_of(params)
     envelope = params.get("payload")
     if params.get("encrypted") is not True or not isinstance(envelope, dict) \
             or envelope.get("type") != "e2ee.group_encrypted" or envelope.get("version") != "v2":
@@ -1385,16 +1370,10 @@ def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     _check_body(envelope)
     _check_envelope(conn, svc, group, envelope, thought_id)  # same rules as a message: wraps for the members
     now = now_ms()
-    heads = svc.thoughts.setdefault((gid, conn.aid), {})
-    head = heads.pop((ctx_type, ctx_id), None) or Thought()
-    head.items = [i for i in head.items if i["thought_id"] != thought_id][-(THOUGHT_ITEMS_PER_HEAD - 1):]
-    head.items.append({"thought_id": thought_id, "message_id": thought_id, "context": ctx, "payload": envelope,
-                       "sender_aid": conn.aid, "created_at": now,
-                       "timestamp": params.get("timestamp") if isinstance(params.get("timestamp"), int) else now})
-    head.updated_at = now
-    heads[(ctx_type, ctx_id)] = head  # most recent last
-    while len(heads) > THOUGHT_HEADS_PER_SENDER:
-        heads.pop(next(iter(heads)))
+    head = thoughts.keep(svc.thoughts.setdefault((gid, conn.aid), {}), key, {
+        "thought_id": thought_id, "message_id": thought_id, "context": ctx, "payload": envelope,
+        "sender_aid": conn.aid, "created_at": now,
+        "timestamp": params.get("timestamp") if isinstance(params.get("timestamp"), int) else now}, now)
     return {"group_id": gid, "sender_aid": conn.aid, "context": ctx, "thought_id": thought_id,
             "stored_count": len(head.items), "updated_at": now}
 
@@ -1404,8 +1383,8 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     svc.require_member(gid, conn.aid)
     sender = validate_aid(params.get("sender_aid"))
-    ctx_type, ctx_id, ctx = _context(params)
-    head = svc.thoughts.get((gid, sender), {}).get((ctx_type, ctx_id))
+    key, ctx = thoughts.context_of(params)
+    head = svc.thoughts.get((gid, sender), {}).get(key)
     if head is None:
         return {"found": False, "group_id": gid, "sender_aid": sender, "context": ctx, "thoughts": []}
     return {"found": True, "group_id": gid, "sender_aid": sender, "context": ctx,

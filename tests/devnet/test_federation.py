@@ -124,3 +124,38 @@ async def test_a_group_call_whose_home_is_unreachable_says_so(start_devnet):
             assert "home gateway refused or cannot be reached" in reply["error"]["message"]
             mine = await c.call("group.list_my", {})  # one unreachable devnet does not hide our own groups
             assert mine["result"]["items"] == []
+
+
+def _thought(sender: str, to: str, thought_id: str, **extra: Any) -> dict[str, Any]:
+    envelope = {"type": "e2ee.p2p_encrypted", "version": "v2", "aad": {"from": sender, "message_id": thought_id},
+                "recipients": []}  # the devnet checks shape and sender, never decrypts
+    return {"to": to, "context": {"type": "run", "id": "r1"}, "thought_id": thought_id, "encrypted": True,
+            "payload": envelope, **extra}
+
+
+async def test_p2p_thoughts_plaintext_refused_readers_bounded_and_read_across_issuers(start_devnet):
+    a, b = await _pair(start_devnet)
+    with trio.fail_after(30):
+        alice = await new_account(a.gateway_url, f"ta-{secrets.token_hex(3)}.aid.test", root_ca=a.root_ca)
+        carol = await new_account(a.gateway_url, f"tc-{secrets.token_hex(3)}.aid.test", root_ca=a.root_ca)
+        bob = await new_account(b.gateway_url, f"tb-{secrets.token_hex(3)}.other.test", root_ca=b.root_ca)
+        async with connect(a.gateway_url, alice.token, "d1", "default", identity=alice.identity) as ca, \
+                connect(a.gateway_url, carol.token, "d1", "default", identity=carol.identity) as cc, \
+                connect(b.gateway_url, bob.token, "d1", "default", identity=bob.identity) as cb:
+            plain = dict(_thought(alice.aid, bob.aid, "mt-1"), encrypted=False,
+                         payload={"type": "thought", "text": "plain"})
+            reply = await ca.signed_call("message.thought.put", plain)
+            assert reply["error"]["code"] == rpc.INVALID_PARAMS  # a thought is never stored in plaintext
+            forged = _thought(carol.aid, bob.aid, "mt-2")  # aad.from names someone else
+            assert (await ca.signed_call("message.thought.put", forged))["error"]["code"] == rpc.INVALID_PARAMS
+            put = await ca.signed_call("message.thought.put", _thought(alice.aid, bob.aid, "mt-3"))
+            assert put["result"]["stored_count"] == 1 and put["result"]["peer_aid"] == bob.aid
+            ctx = {"type": "run", "id": "r1"}
+            got = (await cb.call("message.thought.get", {"sender_aid": alice.aid, "context": ctx}))["result"]
+            assert got["found"] and got["cross_domain"] is True and got["target_issuer"] == "aid.test"
+            assert [t["thought_id"] for t in got["thoughts"]] == ["mt-3"] and got["thoughts"][0]["to"] == bob.aid
+            denied = await cc.call("message.thought.get", {"sender_aid": alice.aid, "peer_aid": bob.aid, "context": ctx})
+            assert denied["error"]["code"] == rpc.PERMISSION_DENIED  # neither the sender nor the peer
+            own = (await ca.call("message.thought.get", {"sender_aid": alice.aid, "peer_aid": bob.aid,
+                                                         "context": ctx}))["result"]
+            assert own["found"] and "cross_domain" not in own

@@ -46,6 +46,8 @@ PARAM_KEYS = {
     "message.peers": ["filter", "limit", "page_token"],
     "message.v2.pull": ["cursor_scope", "sender_aid", "after_seq", "limit", "ack_up_to_seq", "window_mode", "force"],
     "message.v2.ack": ["cursor_scope", "sender_aid", "up_to_seq", "device_id", "slot_id"],
+    "message.thought.put": ["to", "payload", "encrypted", "thought_id", "timestamp", "context"],
+    "message.thought.get": ["sender_aid", "peer_aid", "to", "context"],
 }
 ALL_KEYS = sorted({k for keys in PARAM_KEYS.values() for k in keys})
 

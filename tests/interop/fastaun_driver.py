@@ -191,7 +191,32 @@ async def peer_phase():
         await client.close()
 
 
-SCENARIOS = {"peer": peer, "peer_phase": peer_phase, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+async def thoughts():
+    """P2P thoughts with an aund-held AID (env PEER_AID): we put one for the peer, wait for
+    WORK/aund_put, then read the peer's thought for us; the SDK must find a V2 envelope (its
+    `e2ee` metadata) and open it."""
+    peer_aid = os.environ["PEER_AID"]
+    aid, client, _ = await open_client("thinker")
+    (WORK / "thinker.json").write_text(json.dumps({"aid": aid}))
+    ctx = {"type": "run", "id": "run-aund"}
+    try:
+        r = await client.call("message.thought.put", {"to": peer_aid, "context": ctx,
+                                                      "payload": {"type": "thought", "text": "f-thought"},
+                                                      "protected_headers": {"step": "1"}})
+        check("thought put to the aund AID", str(r.get("thought_id", "")).startswith("mt-") and r.get("stored_count") == 1, r)
+        (WORK / "put").touch()
+        await wait_for((WORK / "aund_put").exists, 60)
+        r = await client.call("message.thought.get", {"sender_aid": peer_aid, "context": ctx})
+        items = r.get("thoughts") or []
+        last = items[-1] if items else {}
+        check("aund's thought found", r.get("found") is True and len(items) == 1, r)
+        check("aund's thought was a V2 envelope and opened", bool(last.get("e2ee")) and last.get("encrypted") is True
+              and (last.get("payload") or {}).get("text") == "a-thought" and not last.get("decrypt_failed"), last)
+    finally:
+        await client.close()
+
+
+SCENARIOS = {"thoughts": thoughts, "peer": peer, "peer_phase": peer_phase, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
              "slot_kick": slot_kick}
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from aund.broker.backend import AppIdentity
+from aund.errors import InvalidParams
 from tests.helpers import ROOT
-from tests.inproc import ready_handle, start_daemon
+from tests.inproc import APP, ready_handle, start_daemon
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -115,3 +116,44 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
     assert rotated_spk != first_spk  # reading a message wrapped to the published prekey rotated it
     assert [e.data["payload"]["text"] for e in late] == [f"f2a-late {i}" for i in range(n)]
     assert all(e.kind == "message.received" and e.data["encrypted"] for e in events + late)
+
+
+async def test_p2p_thoughts_both_ways_end_to_end_encrypted(devnet, tmp_path):
+    """message.thought.put / get between an aund-held AID and fastaun: each reads the other's
+    thought decrypted, and fastaun finds a V2 envelope in what aund put (never plaintext)."""
+    alice = f"think-{os.getpid() % 100000}.aid.test"
+    work = tmp_path / "sdk"
+    work.mkdir()
+    ctx = {"type": "run", "id": "run-aund"}
+    result = {}
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await ready_handle(daemon, alice)
+
+            async def call(method, params):
+                return await handle.call(method, params, timeout=None, background=False, app=APP)
+
+            async def run_peer():
+                result["proc"] = await _fastaun("thoughts", devnet, work, PEER_AID=alice)
+
+            nursery.start_soon(run_peer)
+            while not (work / "put").exists():
+                await trio.sleep(0.05)
+            bob = json.loads((work / "thinker.json").read_text())["aid"]
+            got = await call("message.thought.get", {"sender_aid": bob, "context": ctx})
+            assert got["found"] is True and len(got["thoughts"]) == 1, got
+            thought = got["thoughts"][0]
+            assert thought["encrypted"] is True and thought["payload"] == {"type": "thought", "text": "f-thought"}
+            assert thought["protected_headers"]["step"] == "1"
+            with pytest.raises(InvalidParams):  # never in plaintext
+                await call("message.thought.put", {"to": bob, "context": ctx, "encrypt": False,
+                                                   "payload": {"type": "thought", "text": "plain"}})
+            put = await call("message.thought.put", {"to": bob, "context": ctx,
+                                                     "payload": {"type": "thought", "text": "a-thought"}})
+            assert put["thought_id"].startswith("mt-") and put["stored_count"] == 1
+            (work / "aund_put").touch()
+            while "proc" not in result:
+                await trio.sleep(0.05)
+            await daemon.aclose()
+    _checks(result["proc"])
