@@ -59,7 +59,9 @@ async def _main(config) -> int:
     from aund.aun import transport
     from aund.aun.trust import GatewayTrust
     from aund.broker import Policy, serve_broker
-    from aund.broker.sockets import BoundPath, DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix
+    from aund.broker.sockets import (
+        BoundPath, DaemonAlreadyRunning, SocketPathInUse, UnsafeSocketPath, activated_listeners, bind_unix,
+    )
     from aund.daemon import Daemon
     from aund.errors import InvalidParams
     from aund.identity.store import IdentityStore, StateLock, load_seed
@@ -84,6 +86,12 @@ async def _main(config) -> int:
                 listeners = [bind_unix(config.socket)]
             except (DaemonAlreadyRunning, SocketPathInUse) as exc:
                 raise InvalidParams(f"socket {config.socket}: {exc}") from None
+            except UnsafeSocketPath as exc:
+                raise InvalidParams(f"refusing to listen on {config.socket}: {exc}") from None
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise InvalidParams(f"cannot listen on {config.socket}: {exc.strerror or exc}{where}; "
+                                    f"pass --socket or set XDG_RUNTIME_DIR") from None
             bound = BoundPath.of(config.socket)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
