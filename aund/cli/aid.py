@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, table, unreachable
+from aund.cli._common import (
+    EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, say, table, unreachable,
+)
 
 DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     except DaemonUnavailable as exc:
         return unreachable(exc)
     except AundError as exc:
-        print(f"aund aid {args.aid_command}: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        say(f"aund aid {args.aid_command}: {type(exc).__name__}: {exc.message or exc}", err=True)
         return EXIT_FAILED
     if args.json:
         print_json(result)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                 for i in result]
         print(table(rows, ["AID", "LINKS"]) if rows else "no identities")
     else:
-        print(f"{result['aid']}  {result['cert_fingerprint']}")
+        say(f"{result['aid']}  {result['cert_fingerprint']}")
     return EXIT_OK
 
 
@@ -77,12 +78,12 @@ def _import(args: argparse.Namespace) -> int:
             finally:
                 _give_to_owner(config.state_dir)
     except (ConfigError, AundError) as exc:
-        print(f"aund aid import: {exc}", file=sys.stderr)
+        say(f"aund aid import: {exc}", err=True)
         return EXIT_FAILED
     except OSError as exc:
-        print(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        say(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", err=True)
         return EXIT_FAILED
-    print(f"imported {identity.aid}  {identity.cert_fingerprint}")
+    say(f"imported {identity.aid}  {identity.cert_fingerprint}")
     return EXIT_OK
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
+
+from aund.cli._common import say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         systemd.forbid_core_dumps()
     except OSError as exc:
-        print(f"aund run: cannot disable core dumps: {exc}", file=sys.stderr)
+        say(f"aund run: cannot disable core dumps: {exc}", err=True)
         return 1
     logs.configure()
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config, flags)
     except ConfigError as exc:
-        print(f"aund run: {exc}", file=sys.stderr)
+        say(f"aund run: {exc}", err=True)
         return 2
     import trio
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return trio.run(_main, config)
     except AundError as exc:
-        print(f"aund run: {exc}", file=sys.stderr)
+        say(f"aund run: {exc}", err=True)
         return 1
 
 
