@@ -5,8 +5,9 @@
 - ``squatter``: another local user pretending to be aund: makes ``dirs`` mode 0777, listens on
   ``socket`` (0777), prints ``{"listening": path}``, then answers ``hello`` like a daemon and every
   other request with ``{"status": "delivered"}``, printing ``{"got": op}`` for each request.
-- ``victim``: an app of the victim uid: connects (``socket`` or the default path) and pings; prints
-  what happened (``{"path", "outcome", "message"}``).
+- ``victim``: an app of the victim uid: connects (``socket`` or the default path) and pings, with
+  ``Client`` and with ``AsyncClient``; prints what happened (``{"path", "outcome", "message",
+  "async.outcome", "async.message"}``).
 - ``aund``: the victim's own ``aund run ARGV`` (stderr: its log).
 
 Each starts as root, imports what it needs, then drops to ``uid``/``gid`` for good (no supplementary
@@ -23,7 +24,7 @@ import sys
 import threading
 from typing import Any
 
-from client_stub import Client, wire
+from client_stub import AsyncClient, Client, wire
 from client_stub.errors import AundError
 
 
@@ -68,8 +69,12 @@ def squatter(cfg: dict[str, Any]) -> None:
 
 
 def victim(cfg: dict[str, Any]) -> None:
+    """Connects and pings with ``Client``, then with ``AsyncClient`` ("async." keys)."""
+    import asyncio
+
     _drop(cfg)
-    client = Client(cfg.get("socket"), app="victim", timeout=10, connect_timeout=5, reconnect_attempts=0)
+    kw = {"app": "victim", "timeout": 10, "connect_timeout": 5, "reconnect_attempts": 0}
+    client = Client(cfg.get("socket"), **kw)
     out: dict[str, Any] = {"path": str(client.socket_path)}
     try:
         with client:
@@ -79,6 +84,17 @@ def victim(cfg: dict[str, Any]) -> None:
         out.update(outcome=type(exc).__name__, message=exc.message)
     else:
         out["outcome"] = "ok"
+
+    async def twin() -> None:
+        try:
+            async with AsyncClient(cfg.get("socket"), **kw) as aclient:
+                await aclient.ping()
+        except AundError as exc:
+            out.update({"async.outcome": type(exc).__name__, "async.message": exc.message})
+        else:
+            out["async.outcome"] = "ok"
+
+    asyncio.run(twin())
     _say(out)
 
 

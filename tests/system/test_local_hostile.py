@@ -142,6 +142,7 @@ def test_stub_will_not_talk_to_a_socket_another_user_planted_in_tmp(box):
     assert message.startswith(f"refusing to talk to aund at {SQUAT_SOCKET}: ") and "\n" not in message, message
     assert f"{SQUAT / 'aund'} is writable by others (mode 0777)" in message, message
     assert "XDG_RUNTIME_DIR" in message, message
+    assert (explicit["async.outcome"], explicit["async.message"]) == ("DaemonUnavailable", message), explicit
 
     assert _heard(squatter) == []  # the impostor never got the hello
 
@@ -162,6 +163,7 @@ def test_stub_refuses_a_listener_whose_uid_is_not_root_yours_or_the_directorys_o
     assert got["outcome"] == "DaemonUnavailable", got
     assert f"the process listening on {mine / 'aund.sock'} runs as uid {ATTACKER}, not as root, you (uid {VICTIM})" \
         in got["message"], got
+    assert (got["async.outcome"], got["async.message"]) == ("DaemonUnavailable", got["message"]), got
     assert _heard(squatter) == []
 
 
@@ -194,6 +196,7 @@ def test_victim_daemon_will_not_bind_in_a_squatted_dir_and_its_own_is_accepted(b
     assert not SQUAT_SOCKET.exists()
     got = _victim_app(procs, home, base / "victim.log")
     assert (got["path"], got["outcome"], got.get("daemon_version")) == (str(own), "ok", aund.__version__), got
+    assert got["async.outcome"] == "ok", got
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(20) == 0
     assert _heard(squatter) == []
