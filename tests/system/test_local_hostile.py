@@ -255,6 +255,7 @@ def test_params_nested_990_deep_get_invalid_params_and_the_session_lives(devnet,
     try:
         raw = Raw(daemon.socket)
         assert isinstance(raw.request(1, "hello", wire.make_hello(1, "deep-raw")["args"]), wire.Reply)
+        assert isinstance(raw.request(8, "identity.ensure", {"aid": me}), wire.Reply)
         opened = raw.request(2, "session.open", {"aid": me})
         assert isinstance(opened, wire.Reply), opened
         sid = opened.result["session"]
