@@ -101,8 +101,8 @@ def victim(cfg: dict[str, Any]) -> None:
 def aund(cfg: dict[str, Any]) -> int:
     # everything `aund run` imports, while the interpreter can still be read (found with -X importtime)
     import encodings.ascii  # noqa: F401
-    import importlib.readers  # noqa: F401
-    import importlib.resources.readers  # noqa: F401
+    import importlib.readers as _readers  # noqa: F401
+    import importlib.resources.readers as _resource_readers  # noqa: F401
     import resource  # noqa: F401
 
     import aund.aun.transport  # noqa: F401

@@ -362,8 +362,8 @@ def _depth(value) -> int:
     return 0
 
 
-_leaves = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=5) \
-    | st.binary(max_size=5)
+_leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+           | st.text(max_size=5) | st.binary(max_size=5))
 _nested = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4)
                        | st.dictionaries(st.text(max_size=3), inner, max_size=4), max_leaves=60)
 
