@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from client_stub import localsock
 from client_stub.errors import InvalidParams
 
 DEFAULT_CONFIG_FILE = Path("/etc/aund/aund.toml")
@@ -38,15 +39,15 @@ def default_state_dir() -> Path:
 
 def default_socket(env: Mapping[str, str] | None = None) -> Path:
     """The daemon's socket by default: systemd's RuntimeDirectory=, else /run/aund/aund.sock as root,
-    else $XDG_RUNTIME_DIR/aund/aund.sock (/tmp/aund-<uid>/... without it). client_stub resolves the
-    same rule on its own (it may not import the daemon); a test keeps the two in step."""
+    else the user's socket of client_stub.localsock ($XDG_RUNTIME_DIR/aund/aund.sock, without it
+    ~/.local/state/aund/run/aund.sock; never a fixed name under /tmp that another user can take
+    first). Apps resolve the same rule from the same module."""
     env = os.environ if env is None else env
     if env.get("RUNTIME_DIRECTORY"):
         return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "aund.sock"
     if os.geteuid() == 0:
-        return Path("/run/aund/aund.sock")
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/aund-{os.getuid()}"
-    return Path(runtime) / "aund" / "aund.sock"
+        return localsock.SYSTEM_SOCKET
+    return localsock.user_socket_path(env)
 
 
 @dataclass(frozen=True)

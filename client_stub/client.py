@@ -16,7 +16,11 @@ may be used from several threads at once (one thread per ``EventStream``). ``Asy
 asyncio twin (one reader task). Neither keeps a nursery or task group in a context manager.
 
 Socket path: the first argument, else ``$AUND_SOCKET``, else ``/run/aund/aund.sock`` as root,
-else ``$XDG_RUNTIME_DIR/aund/aund.sock`` (falling back to the system socket if only that exists).
+else ``$XDG_RUNTIME_DIR/aund/aund.sock``, else ``~/.local/state/aund/run/aund.sock`` (falling back to
+the system socket if only that exists): ``client_stub.localsock``. Before connecting the stub checks
+who could have made the socket's directory, and after connecting who listens (``SO_PEERCRED``):
+an untrusted directory or a listener that is not root, you or the directory's owner is refused
+with ``DaemonUnavailable`` (the rule is in ``client_stub.localsock``).
 
 Connections: a request made after the daemon connection dropped reconnects once (connect
 timeout 5 s); requests that were in flight when it dropped raise ``DaemonUnavailable``. Sessions
@@ -45,7 +49,7 @@ TYPE_CHECKING = False  # typing is for checkers only: apps should not pay for im
 if TYPE_CHECKING:
     from typing import Any
 
-from client_stub import wire
+from client_stub import localsock, wire
 from client_stub.errors import (
     AundError, DaemonUnavailable, LimitsExceeded, ProtocolError, RpcTimeout, error_from_wire,
     error_to_wire,
@@ -54,8 +58,9 @@ from client_stub.errors import (
 __all__ = ["Client", "AsyncClient", "Session", "AsyncSession", "EventStream", "AsyncEventStream",
            "Event", "default_socket_path"]
 
-ENV_SOCKET = "AUND_SOCKET"
-SYSTEM_SOCKET = Path("/run/aund/aund.sock")
+ENV_SOCKET = localsock.ENV_SOCKET
+SYSTEM_SOCKET = localsock.SYSTEM_SOCKET
+default_socket_path = localsock.default_socket_path
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TIMEOUT = 30.0        # client-side wait for an ordinary op's reply
 ENSURE_WAIT = 90.0            # identity.ensure may register with the gateway (agent_md.set: start a link)
@@ -84,20 +89,6 @@ class _LazyAsyncio:
 asyncio: Any = _LazyAsyncio()
 
 
-def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
-    """Where aund listens, by the rule in the module docstring (the daemon uses the same rule)."""
-    env = os.environ if env is None else env
-    if env.get(ENV_SOCKET):
-        return Path(env[ENV_SOCKET])
-    if os.geteuid() == 0:
-        return SYSTEM_SOCKET
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/aund-{os.getuid()}"
-    user = Path(runtime) / "aund" / "aund.sock"
-    if not user.exists() and SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return user
-
-
 def _default_app_name() -> str:
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return (name or "python")[:128]
@@ -109,6 +100,12 @@ def _unavailable(path: Path, exc: BaseException | None = None, what: str = "cann
     hint = PERMISSION_HINT if isinstance(exc, PermissionError) else None
     err = DaemonUnavailable(socket_path=str(path), hint=hint)
     err.message = f"{what} aund at {path}{reason}; {err.hint}"
+    return err
+
+
+def _untrusted(path: Path, exc: localsock.UnsafeSocketPath) -> DaemonUnavailable:
+    err = DaemonUnavailable(socket_path=str(path), hint=localsock.UNSAFE_HINT)
+    err.message = f"refusing to talk to aund at {path}: {exc}"
     return err
 
 
@@ -415,6 +412,10 @@ class _ThreadConn:
         self.core = _Core(app)
         self.lock = threading.Lock()       # guards core
         self.send_lock = threading.Lock()  # one frame at a time on the socket
+        try:
+            owner = localsock.check_socket_dir(path)
+        except localsock.UnsafeSocketPath as exc:
+            raise _untrusted(path, exc) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
@@ -422,6 +423,11 @@ class _ThreadConn:
         except (OSError, socket.timeout) as exc:
             sock.close()
             raise _unavailable(path, exc) from None
+        try:
+            localsock.check_peer(sock, path, owner)
+        except localsock.UnsafeSocketPath as exc:
+            sock.close()
+            raise _untrusted(path, exc) from None
         sock.settimeout(None)
         self.sock = sock
         waiter = _ThreadWaiter()
@@ -794,10 +800,19 @@ class _AsyncConn:
     async def open(cls, path: Path, app: str, connect_timeout: float) -> "_AsyncConn":
         self = cls(path, app)
         try:
+            owner = localsock.check_socket_dir(path)
+        except localsock.UnsafeSocketPath as exc:
+            raise _untrusted(path, exc) from None
+        try:
             self.reader, self.writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)),
                                                               connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise _unavailable(path, exc) from None
+        try:
+            localsock.check_peer(self.writer.get_extra_info("socket"), path, owner)
+        except localsock.UnsafeSocketPath as exc:
+            await self.close()
+            raise _untrusted(path, exc) from None
         waiter = asyncio.get_running_loop().create_future()
         data = self.core.hello_request(waiter)  # registered before the reader can see a hang-up
         self.task = asyncio.get_running_loop().create_task(self._read_loop())

@@ -14,7 +14,9 @@ frame names its ``kind``::
 Unknown extra fields are ignored (room for additions without a version bump). An undecodable
 or oversize frame, or one with a bad ``kind``/field, is a protocol violation: the receiver sends
 an ``err`` frame with id None (when it can) and closes the connection. A bad op argument or an
-unknown op is an ordinary ``err`` reply and the connection stays open.
+unknown op is an ordinary ``err`` reply and the connection stays open; so are ``args`` nested
+deeper than ``MAX_DEPTH`` maps/arrays (``InvalidParams``, checked by ``Request`` on both sides:
+the stub refuses to send them, the daemon answers them without descending into them).
 
 Handshake: the app's first frame must be ``req`` op ``hello`` with args
 ``{protocol: int, min_protocol: int, app: str}``; the reply result is
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 import msgpack
 
-from client_stub.errors import AundError, ProtocolError, error_from_wire, error_to_wire
+from client_stub.errors import AundError, InvalidParams, ProtocolError, error_from_wire, error_to_wire
 
 # Protocol version history (bump only for incompatible framing/shape changes):
 #   1  2026-11-23  initial: length-prefixed msgpack maps, req/rep/err/evt, hello handshake.
@@ -43,6 +45,7 @@ DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB
 HARD_MAX_FRAME = 16 << 20  # 16 MiB: no negotiation may go above this
 HEADER = struct.Struct(">I")
 MAX_ID_LEN = 256  # longest str request/subscription id
+MAX_DEPTH = 64  # deepest nesting of maps/arrays in a request's args (args itself is depth 1)
 HELLO_OP = "hello"
 
 Id = "int | str"  # (type hints only)
@@ -72,6 +75,28 @@ def _check_map(name: str, value: object) -> None:
     for key in value:
         if not isinstance(key, str):
             raise ProtocolError(f"field {name!r} has a non-string key {key!r:.40}")
+
+
+def check_depth(value: object, limit: int = MAX_DEPTH, name: str = "args") -> None:
+    """Refuse ``value`` if maps/arrays nest more than ``limit`` deep (``value`` itself counts 1).
+
+    Iterative (an explicit stack, no recursion), so any depth is checked in bounded Python stack;
+    it stops at the first container past the limit. Self-referencing containers count as too deep.
+
+    Errors: InvalidParams naming ``name`` and the limit.
+    """
+    containers = (dict, list, tuple)
+    if not isinstance(value, containers):
+        return
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise InvalidParams(f"{name!r} is nested more than {limit} levels deep",
+                                data={"arg": name, "max_depth": limit})
+        for child in (node.values() if isinstance(node, dict) else node):  # type: ignore[attr-defined]
+            if isinstance(child, containers):
+                stack.append((child, depth + 1))
 
 
 class _Record:
@@ -129,6 +154,7 @@ class Request(_Record):
         if not isinstance(self.op, str) or not self.op:
             raise ProtocolError("field 'op' must be a non-empty string")
         _check_map("args", self.args)
+        check_depth(self.args)  # last: a caller answering the InvalidParams may rely on a valid id
 
     def to_wire(self) -> dict[str, Any]:
         return {"kind": "req", "id": self.id, "op": self.op, "args": self.args}
@@ -186,7 +212,8 @@ Frame = "Request | Reply | ErrorReply | Event"  # (a name for type hints; no typ
 
 
 def make_request(id: Id, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return a ``req`` frame dict. Errors: ProtocolError on an ill-typed id, op or args."""
+    """Return a ``req`` frame dict. Errors: ProtocolError on an ill-typed id, op or args;
+    InvalidParams if args nest deeper than ``MAX_DEPTH``."""
     return Request(id, op, {} if args is None else args).to_wire()
 
 
@@ -236,7 +263,8 @@ def validate_request(frame: object) -> Request:
     """Check a decoded app->aund frame and return it as a Request.
 
     Errors: ProtocolError if the frame is not a map, its kind is not ``req``, or a field is
-    missing or ill-typed (the message names the field).
+    missing or ill-typed (the message names the field); InvalidParams if ``args`` nests deeper
+    than ``MAX_DEPTH`` (the frame's ``id`` is then valid: answer it and keep the connection).
     """
     return _parse(frame, ("req",))  # type: ignore[return-value]
 

@@ -335,7 +335,12 @@ class AppSession:
                         if not self.outbox.has_room(1):
                             self._stalled()
                             return "consumer_stalled"
-                    self._on_request(wire.validate_request(frame))
+                    try:
+                        req = wire.validate_request(frame)
+                    except InvalidParams as exc:  # too deep: the id is valid, answer and go on
+                        self._reply_error(frame["id"], exc)
+                        continue
+                    self._on_request(req)
             except ProtocolError as exc:
                 self._violation(exc)
                 return "protocol_violation"

@@ -2,9 +2,10 @@
 the peer's credentials. Imports trio and the stdlib only; reads the environment only through the
 ``env`` argument of the functions that say so.
 
-- ``bind_unix(path)``: safesocket-style binding: create the directory (0750), dial an existing
-  socket file first (a live daemon -> ``DaemonAlreadyRunning``; a dead one -> unlink), bind,
-  chmod 0660, listen.
+- ``bind_unix(path)``: safesocket-style binding: create the directory (0750), refuse a directory
+  another user could have made or can write (``UnsafeSocketPath``, the rule of
+  ``client_stub.localsock``), dial an existing socket file first (a live daemon ->
+  ``DaemonAlreadyRunning``; a dead one -> unlink), bind, chmod 0660, listen.
 - ``activated_listeners(env)``: systemd socket activation without libsystemd (``LISTEN_PID``,
   ``LISTEN_FDS``, fds from 3), unsetting the variables afterwards.
 - ``peer_credentials(sock)``: ``SO_PEERCRED`` -> (pid, uid, gid).
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from client_stub.localsock import UnsafeSocketPath, check_bind_dir
+
+__all__ = ["BoundPath", "DaemonAlreadyRunning", "SocketPathInUse", "UnsafeSocketPath", "activated_listeners",
+           "bind_unix", "peer_credentials"]
 
 SD_LISTEN_FDS_START = 3
 LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -68,16 +74,23 @@ def bind_unix(path: Path | str, *, mode: int = SOCKET_MODE, dir_mode: int = DIR_
     """Bind a listening Unix socket at ``path`` and return it as a ``trio.SocketListener``.
 
     The parent directory is created with ``dir_mode`` (0750) if missing (an existing directory
-    is left as it is: systemd's ``RuntimeDirectory=`` owns its mode). An existing socket file is
-    dialed first: if a daemon answers, nothing is touched.
+    is left as it is: systemd's ``RuntimeDirectory=`` owns its mode), but it and its ancestors must
+    be owned by root or this uid and not writable by group or others (sticky ones excepted), so
+    that nobody else can have made it or put a socket there. An existing socket file is dialed
+    first: if a daemon answers, nothing is touched.
 
-    Errors: ``DaemonAlreadyRunning`` if a live process listens on ``path``; ``SocketPathInUse`` if
-    ``path`` exists and is not a socket; ``OSError`` from mkdir/bind/chmod (e.g. EACCES).
+    Errors: ``UnsafeSocketPath`` if the directory fails that check; ``DaemonAlreadyRunning`` if a
+    live process listens on ``path``; ``SocketPathInUse`` if ``path`` exists and is not a socket;
+    ``OSError`` from mkdir/bind/chmod (e.g. EACCES).
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True)
+    except FileExistsError:
+        pass  # someone's: checked below like any existing directory
+    else:
         os.chmod(path.parent, dir_mode)  # mkdir's mode is filtered by the umask
+    check_bind_dir(path.parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

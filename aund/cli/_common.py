@@ -1,5 +1,10 @@
 """Shared bits of the client-side subcommands. Imports only the stdlib and client_stub (never the
-daemon's stack), so `aund status` / `aund health` start in tens of milliseconds."""
+daemon's stack), so `aund status` / `aund health` start in tens of milliseconds.
+
+Everything a printer shows goes through ``printable`` (``say`` and ``table`` call it): app names,
+AIDs, warnings and error messages come from other processes and peers, and a raw ESC or newline
+in them would repaint or forge the terminal's output. ``print_json`` is safe as it is (JSON
+escapes control characters, and ``ensure_ascii`` the rest)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +15,21 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 SYSTEMD_HINT = "is the service running? try: systemctl status aund.service (or start one: aund run)"
+
+
+def printable(value: Any) -> str:
+    """``str(value)`` with every non-printable character (C0/C1 controls, DEL, bidi and other
+    format characters, line and paragraph separators) written repr-style: ``\\x1b``, ``\\n``,
+    ``\\u202e``. Printable text, non-ASCII included, is left alone."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def say(*parts: Any, err: bool = False, flush: bool = False) -> None:
+    """Print one line made of ``parts`` (joined by spaces), made ``printable``."""
+    print(printable(" ".join(str(p) for p in parts)), file=sys.stderr if err else sys.stdout, flush=flush)
 
 
 def add_socket_argument(p: argparse.ArgumentParser) -> None:
@@ -25,9 +45,9 @@ def open_client(args: argparse.Namespace, timeout: float = 30.0):
 
 def unreachable(exc: Exception) -> int:
     message = getattr(exc, "message", None) or str(exc)
-    print(f"aund: {message}", file=sys.stderr)
+    say(f"aund: {message}", err=True)
     if "systemctl" not in message:
-        print(f"aund: {SYSTEMD_HINT}", file=sys.stderr)
+        say(f"aund: {SYSTEMD_HINT}", err=True)
     return EXIT_UNREACHABLE
 
 
@@ -37,7 +57,7 @@ def print_json(value: Any) -> None:
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
-    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [[printable(c) for c in headers]] + [["" if c is None else printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, table, unreachable
+from aund.cli._common import (
+    EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, say, table, unreachable,
+)
 
 DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
 
@@ -64,22 +65,22 @@ def run(args: argparse.Namespace) -> int:
         return unreachable(exc)
     except AundError as exc:
         where = f" {args.set_file}" if text is not None else ""
-        print(f"aund aid {args.aid_command}{where}: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        say(f"aund aid {args.aid_command}{where}: {type(exc).__name__}: {exc.message or exc}", err=True)
         return EXIT_FAILED
     if args.json:
         print_json(result)
     elif args.aid_command == "agent-md":
         if text is not None:
-            print(f"published the agent.md of {result['aid']}  etag {result['etag']}")
+            say(f"published the agent.md of {result['aid']}  etag {result['etag']}")
         else:
-            content = result["content"]
-            sys.stdout.write(content if content.endswith("\n") else content + "\n")
+            for line in result["content"].removesuffix("\n").split("\n"):  # a card from the network: escaped
+                say(line)
     elif args.aid_command == "list":
         rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]
         print(table(rows, ["AID", "LINKS"]) if rows else "no identities")
     else:
-        print(f"{result['aid']}  {result['cert_fingerprint']}")
+        say(f"{result['aid']}  {result['cert_fingerprint']}")
     return EXIT_OK
 
 
@@ -96,7 +97,7 @@ def _read_card(path: Path) -> str | None:
         problem = "does not exist; give the path of a markdown file with YAML front matter"
     except OSError as exc:
         problem = f"cannot be read ({exc.strerror or exc}); check the path and its permissions"
-    print(f"aund aid agent-md: {path} {problem}", file=sys.stderr)
+    say(f"aund aid agent-md: {path} {problem}", err=True)
     return None
 
 
@@ -120,12 +121,12 @@ def _import(args: argparse.Namespace) -> int:
             finally:
                 _give_to_owner(config.state_dir)
     except (ConfigError, AundError) as exc:
-        print(f"aund aid import: {exc}", file=sys.stderr)
+        say(f"aund aid import: {exc}", err=True)
         return EXIT_FAILED
     except OSError as exc:
-        print(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        say(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", err=True)
         return EXIT_FAILED
-    print(f"imported {identity.aid}  {identity.cert_fingerprint}")
+    say(f"imported {identity.aid}  {identity.cert_fingerprint}")
     return EXIT_OK
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, unreachable
+from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, say, unreachable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,10 +25,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = json.loads(text)
     except ValueError as exc:
-        print(f"aund call: params are not JSON: {exc}", file=sys.stderr)
+        say(f"aund call: params are not JSON: {exc}", err=True)
         return 2
     if not isinstance(params, dict):
-        print("aund call: params must be a JSON object", file=sys.stderr)
+        say("aund call: params must be a JSON object", err=True)
         return 2
     try:
         with open_client(args, timeout=args.timeout + 5) as client:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except DaemonUnavailable as exc:
         return unreachable(exc)
     except AundError as exc:
-        print(f"aund call: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        say(f"aund call: {type(exc).__name__}: {exc.message or exc}", err=True)
         return EXIT_FAILED
     print_json(result)
     return EXIT_OK

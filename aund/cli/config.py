@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, print_json
+from aund.cli._common import EXIT_FAILED, EXIT_OK, print_json, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"aund config: {exc}", file=sys.stderr)
+        say(f"aund config: {exc}", err=True)
         return EXIT_FAILED
     shown = config.redacted()
     if args.json:
@@ -30,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     width = max(len(k) for k in shown)
     for key, item in shown.items():
-        print(f"{key.ljust(width)}  {json.dumps(item['value'])}  # {item['source']}")
+        say(f"{key.ljust(width)}  {json.dumps(item['value'])}  # {item['source']}")
     return EXIT_OK

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from aund.cli._common import say
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (state, logs) for a look")
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _say(text: str) -> None:
-    print(f"aund demo: {text}", flush=True)
+    say(f"aund demo: {text}", flush=True)
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
+
+from aund.cli._common import say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.devnet_command == "revoke":
         return _revoke(args)
     if args.state_dir is None:
-        print("aund devnet: --state-dir is required", file=sys.stderr)
+        say("aund devnet: --state-dir is required", err=True)
         return 2
     import trio
 
@@ -48,28 +49,28 @@ def run(args: argparse.Namespace) -> int:
     logs.configure()
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
-        print(f"aund devnet: --listen must be HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        say(f"aund devnet: --listen must be HOST:PORT, got {args.listen!r}", err=True)
         return 2
     if host not in ("127.0.0.1", "::1", "localhost"):
-        print("aund devnet: warning: serving a development CA beyond loopback", file=sys.stderr)
+        say("aund devnet: warning: serving a development CA beyond loopback", err=True)
     from aund.devnet.federation import parse_peers
 
     try:
         federate = parse_peers(args.federate)
     except ValueError as exc:
-        print(f"aund devnet: {exc}", file=sys.stderr)
+        say(f"aund devnet: {exc}", err=True)
         return 2
     if (args.tls_cert is None) != (args.tls_key is None):
-        print("aund devnet: --tls-cert and --tls-key go together", file=sys.stderr)
+        say("aund devnet: --tls-cert and --tls-key go together", err=True)
         return 2
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
-            print(f"aund devnet: {path} does not exist or is not a file", file=sys.stderr)
+            say(f"aund devnet: {path} does not exist or is not a file", err=True)
             return 2
     try:
         check_mode(args.state_dir.resolve() / "pki", args.pki)
     except PKIModeMismatch as exc:
-        print(f"aund devnet: {exc}", file=sys.stderr)
+        say(f"aund devnet: {exc}", err=True)
         return 2
 
     async def main() -> None:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                     tls_cert=args.tls_cert, tls_key=args.tls_key, federate=federate,
                     agent_md_check=not args.no_agent_md_check,
                     task_status=task_status))
-                print(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
+                say(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:
                     stop.set()
                     break
@@ -96,21 +97,21 @@ def _revoke(args: argparse.Namespace) -> int:
     from aund.devnet import revoke
 
     if args.state_dir is None:
-        print("aund devnet revoke: --state-dir is required", file=sys.stderr)
+        say("aund devnet revoke: --state-dir is required", err=True)
         return 2
     try:
         aid = ids.normalize_aid(args.aid)
     except ValueError as exc:
-        print(f"aund devnet revoke: invalid AID {args.aid!r}: {exc}", file=sys.stderr)
+        say(f"aund devnet revoke: invalid AID {args.aid!r}: {exc}", err=True)
         return 2
     try:
         done = revoke(args.state_dir.resolve(), aid)
     except FileNotFoundError as exc:
-        print(f"aund devnet revoke: {exc} (is --state-dir a devnet's state dir?)", file=sys.stderr)
+        say(f"aund devnet revoke: {exc} (is --state-dir a devnet's state dir?)", err=True)
         return 2
     if done is None:
-        print(f"aund devnet revoke: {aid} has no certificate on this devnet", file=sys.stderr)
+        say(f"aund devnet revoke: {aid} has no certificate on this devnet", err=True)
         return 1
     serial, _, newly = done
-    print(f"{'revoked' if newly else 'already revoked'} {aid} serial={serial}", flush=True)
+    say(f"{'revoked' if newly else 'already revoked'} {aid} serial={serial}", flush=True)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, unreachable
+from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, print_json, say, unreachable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("healthy" if not reasons else "unhealthy")
         for r in reasons:
-            print(f"  [{r['code']}] {r['text']}")
+            say(f"  [{r['code']}] {r['text']}")
     return EXIT_OK if not reasons else EXIT_FAILED

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, unreachable
+from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, say, unreachable
 
 DEFAULT_KINDS = ("message.received", "message.undecryptable", "group.message.received", "group.changed",
                  "state_change", "gateway.disconnect", "sync.proof_rejected", "token.refreshed")
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                         print(json.dumps({"kind": event.kind, "cursor": event.cursor, "data": event.data},
                                          default=str), flush=True)
                     else:
-                        print(f"[{event.cursor}] {event.kind} {_summary(event)}", flush=True)
+                        say(f"[{event.cursor}] {event.kind} {_summary(event)}", flush=True)
                     if not args.no_ack:
                         event.ack()
                     seen += 1
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     except DaemonUnavailable as exc:
         return unreachable(exc)
     except AundError as exc:
-        print(f"aund listen: {type(exc).__name__}: {exc.message or exc}", file=sys.stderr)
+        say(f"aund listen: {type(exc).__name__}: {exc.message or exc}", err=True)
         return EXIT_FAILED
     return EXIT_OK
 

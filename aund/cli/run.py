@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
+
+from aund.cli._common import say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         systemd.forbid_core_dumps()
     except OSError as exc:
-        print(f"aund run: cannot disable core dumps: {exc}", file=sys.stderr)
+        say(f"aund run: cannot disable core dumps: {exc}", err=True)
         return 1
     logs.configure()
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config, flags)
     except ConfigError as exc:
-        print(f"aund run: {exc}", file=sys.stderr)
+        say(f"aund run: {exc}", err=True)
         return 2
     import trio
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return trio.run(_main, config)
     except AundError as exc:
-        print(f"aund run: {exc}", file=sys.stderr)
+        say(f"aund run: {exc}", err=True)
         return 1
 
 
@@ -59,7 +60,9 @@ async def _main(config) -> int:
     from aund.aun import transport
     from aund.aun.trust import GatewayTrust
     from aund.broker import Limits, Policy, serve_broker
-    from aund.broker.sockets import BoundPath, DaemonAlreadyRunning, SocketPathInUse, activated_listeners, bind_unix
+    from aund.broker.sockets import (
+        BoundPath, DaemonAlreadyRunning, SocketPathInUse, UnsafeSocketPath, activated_listeners, bind_unix,
+    )
     from aund.daemon import Daemon
     from aund.errors import InvalidParams
     from aund.identity.store import IdentityStore, StateLock, load_seed
@@ -88,6 +91,12 @@ async def _main(config) -> int:
                 listeners = [bind_unix(config.socket)]
             except (DaemonAlreadyRunning, SocketPathInUse) as exc:
                 raise InvalidParams(f"socket {config.socket}: {exc}") from None
+            except UnsafeSocketPath as exc:
+                raise InvalidParams(f"refusing to listen on {config.socket}: {exc}") from None
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise InvalidParams(f"cannot listen on {config.socket}: {exc.strerror or exc}{where}; "
+                                    f"pass --socket or set XDG_RUNTIME_DIR") from None
             bound = BoundPath.of(config.socket)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -5,8 +5,9 @@ import argparse
 import sys
 import time
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, ago, open_client, print_json, table, \
-    unreachable
+from aund.cli._common import (
+    EXIT_FAILED, EXIT_OK, add_socket_argument, ago, open_client, print_json, say, table, unreachable,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def wait_ready(client, seconds: float) -> bool:
         ready = sum(link.get("state") == "ready" for link in links)
         line = f"{ready}/{len(links)} links ready"
         if line != last and sys.stderr.isatty() or line != last and time.monotonic() > deadline - seconds + 1:
-            print(f"aund: {line}", file=sys.stderr)
+            say(f"aund: {line}", err=True)
             last = line
         if links and ready == len(links):
             return True
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def render(status: dict) -> None:
     now = time.time()
-    print(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
+    say(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
           f", {status.get('identities', 0)} identities")
     links = status.get("links", [])
     rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
@@ -63,7 +64,7 @@ def render(status: dict) -> None:
     broker = status.get("broker") or {}
     apps = broker.get("apps") or []
     print()
-    print(f"apps connected: {len(apps)}; calls in flight {broker.get('calls_in_flight', 0)}; "
+    say(f"apps connected: {len(apps)}; calls in flight {broker.get('calls_in_flight', 0)}; "
           f"daemon budget {status.get('budget', {}).get('in_use', 0)}/{status.get('budget', {}).get('total', 0)}")
     if apps:
         print(table([[a.get("pid"), a.get("uid"), a.get("app_name") or a.get("app"), a.get("calls_in_flight"),
@@ -71,6 +72,6 @@ def render(status: dict) -> None:
                     ["PID", "UID", "APP", "CALLS", "SUBS", "SESSIONS"]))
     inbox = status.get("inbox") or {}
     if inbox:
-        print(f"inbox: {sum(inbox.values())} events for {len(inbox)} identities")
+        say(f"inbox: {sum(inbox.values())} events for {len(inbox)} identities")
     for w in status.get("warnings", []):
-        print(f"warning [{w.get('code')}] {w.get('text')}")
+        say(f"warning [{w.get('code')}] {w.get('text')}")

@@ -890,7 +890,11 @@ def test_default_socket_path_rule_matches_client(monkeypatch):
         if not SYSTEM_EXISTS:
             assert client_module.default_socket_path(env) == expected
     assert default_socket({"XDG_RUNTIME_DIR": "/r"}) == Path("/r/aund/aund.sock")
-    assert default_socket({}) == Path("/tmp/aund-1000/aund/aund.sock")
+    # issue 12 item 1: no fixed name under /tmp that another uid can create first
+    assert default_socket({"HOME": "/home/u"}) == Path("/home/u/.local/state/aund/run/aund.sock")
+    assert default_socket({"HOME": "/home/u", "XDG_STATE_HOME": "/s"}) == Path("/s/aund/run/aund.sock")
+    assert default_socket({"HOME": "/home/u", "XDG_RUNTIME_DIR": "relative"}) == \
+        Path("/home/u/.local/state/aund/run/aund.sock")
 
 
 SYSTEM_EXISTS = Path("/run/aund/aund.sock").exists()

@@ -350,3 +350,86 @@ def test_fuzz_mutated_valid_frames(frames, flips, cuts):
             validate_reply(frame)
         except errors.ProtocolError:
             pass
+
+
+# --- nesting depth (issue 12 item 16) --------------------------------------------------------------
+def _depth(value) -> int:
+    """Reference: containers nested in `value` (recursive; the strategies keep it shallow)."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, (list, tuple)):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+           | st.text(max_size=5) | st.binary(max_size=5))
+_nested = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=3), inner, max_size=4), max_leaves=60)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.dictionaries(st.text(max_size=3), _nested, max_size=4), st.integers(1, 12))
+def test_fuzz_check_depth_agrees_with_a_recursive_reference(args, limit):
+    deep = _depth(args) > limit
+    try:
+        wire.check_depth(args, limit)
+    except errors.InvalidParams as exc:
+        assert deep and exc.data == {"arg": "args", "max_depth": limit}
+    else:
+        assert not deep
+    # the same verdict through the codec, as the daemon sees it (limit MAX_DEPTH)
+    frame = decode_all(encode_frame({"kind": "req", "id": 1, "op": "x", "args": args}))[0]
+    if _depth(args) > wire.MAX_DEPTH:
+        with pytest.raises(errors.InvalidParams):
+            validate_request(frame)
+    else:
+        assert validate_request(frame).args == args
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(st.integers(1, 200_000), st.sampled_from(["dict", "list", "mixed"]))
+def test_fuzz_check_depth_of_long_chains_does_not_recurse(depth, shape):
+    root: dict = {}
+    node: object = root
+    for i in range(depth - 1):
+        child: object = [] if shape == "list" or (shape == "mixed" and i % 2) else {}
+        if isinstance(node, dict):
+            node["k"] = child
+        else:
+            node.append(child)  # type: ignore[attr-defined]
+        node = child
+    if depth > wire.MAX_DEPTH:
+        with pytest.raises(errors.InvalidParams, match="nested more than 64"):
+            wire.check_depth(root)
+    else:
+        wire.check_depth(root)
+
+
+def test_depth_limit_edges_self_reference_and_request_checks():
+    chain: dict = {}
+    node = chain
+    for _ in range(wire.MAX_DEPTH - 1):  # chain is exactly MAX_DEPTH maps deep
+        node["a"] = {}
+        node = node["a"]
+    wire.check_depth(chain)
+    node["a"] = [1]  # one more level
+    with pytest.raises(errors.InvalidParams):
+        wire.check_depth(chain)
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(errors.InvalidParams):
+        wire.check_depth({"x": loop})
+    wire.check_depth("not a container")
+    # the stub's side: building the request refuses it (nothing is sent); field errors stay protocol errors
+    with pytest.raises(errors.InvalidParams):
+        wire.make_request(1, "call", {"params": chain})
+    with pytest.raises(errors.ProtocolError):
+        validate_request({"kind": "req", "id": [1], "op": "call", "args": {"params": chain}})
+    # 990 maps decode (msgpack's own stack stops at 1024), then are refused by depth, not by a crash
+    body = b"\x84" + b"".join(msgpack.packb(x) for x in ("kind", "req", "id", 7, "op", "call", "args")) \
+        + b"\x81\xa1p" + b"\x81\xa1a" * 989 + b"\x80"
+    frame = decode_all(raw_frame(body))[0]
+    with pytest.raises(errors.InvalidParams):
+        validate_request(frame)
+    assert frame["id"] == 7  # what the daemon answers to
