@@ -3,7 +3,6 @@ tokens, identity or prekey private keys, nor message plaintext."""
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 
 import pytest
