@@ -10,6 +10,7 @@ systemd's `User=` would; the pid stays the same through unshare, sh and setpriv 
 """
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import pwd
@@ -114,3 +115,12 @@ def user_daemon(base: Path, uid: int, gid: int, *, config: Path | None = None,
     return AundProcess(base / "state", base / "run" / "aund.sock", config,
                        env={"HOME": str(base), **(env or {})},
                        wrap=in_shell(prelude, wrap) if prelude else wrap)
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    """A shipped systemd unit (systemd/NAME) parsed as systemd reads it: repeated keys allowed (the
+    last wins), keys case-sensitive, no interpolation."""
+    parsed = configparser.ConfigParser(strict=False, interpolation=None)
+    parsed.optionxform = str
+    parsed.read(ROOT / "systemd" / name)
+    return parsed

@@ -39,7 +39,7 @@ def _sdk_identity(devnet, work: Path) -> tuple[str, Path]:
 def _readme_import_command() -> str:
     """The README's `aund aid import` command (its continuation lines joined)."""
     text = (ROOT / "README.md").read_text()
-    m = re.search(r"^(AUND_IMPORT_SEED=.*aund aid import(?:.*\\\n)*.*)$", text, re.M)
+    m = re.search(r"^(AUND_IMPORT_SEED=.*aund aid import(?:.*\\\n)*.*)$", text, re.MULTILINE)
     assert m, "no aund aid import command in the README"
     return m.group(1).replace("\\\n", " ")
 

@@ -3,15 +3,13 @@ the daemon makes itself non-dumpable (PR_SET_DUMPABLE 0) with RLIMIT_CORE 0 (sof
 when started from a shell with `ulimit -c unlimited`, and the systemd unit says LimitCORE=0."""
 from __future__ import annotations
 
-import configparser
 import os
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-from tests.hostile.common import daemon_user, require_root, shared_dir, user_daemon
+from tests.hostile.common import daemon_user, require_root, shared_dir, unit, user_daemon
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,7 +46,4 @@ def test_daemon_is_not_dumpable_and_has_no_core_limit():
 
 
 def test_systemd_unit_sets_limit_core_zero():
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str
-    unit.read(ROOT / "systemd" / "aund.service")
-    assert unit.get("Service", "LimitCORE", fallback=None) == "0"
+    assert unit("aund.service").get("Service", "LimitCORE", fallback=None) == "0"

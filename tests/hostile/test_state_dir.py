@@ -69,10 +69,10 @@ def test_missing_kdf_json_refuses_to_start_and_never_rekeys(devnet, tmp_path):
                                  str(tmp_path / "aund.sock"), "--config", str(daemon.config_file)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         try:
-            out, err = proc.communicate(timeout=10)
+            _, err = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             raise AssertionError(f"aund started on a state dir without .kdf.json (seed {seed!r}): {err[-1500:]}")
         assert proc.returncode != 0
         lines = [x for x in err.splitlines() if x.strip()]

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import shutil
@@ -19,24 +18,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.hostile.common import mode, require_root
+from tests.hostile.common import mode, require_root, unit
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _unit(name: str) -> configparser.ConfigParser:
-    unit = configparser.ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # systemd keys are case-sensitive
-    unit.read(ROOT / "systemd" / name)
-    return unit
-
-
 def test_service_has_no_runtime_directory():
-    service = _unit("aund.service")
+    service = unit("aund.service")
     assert service.has_section("Service") and service.get("Service", "User") == "aund"
     runtime = [k for k in service["Service"] if k.startswith("RuntimeDirectory")]
     assert runtime == [], f"aund.service sets {runtime}: stopping aund would remove the activated socket"
-    assert _unit("aund.socket").get("Socket", "ListenStream") == "/run/aund/aund.sock"
+    assert unit("aund.socket").get("Socket", "ListenStream") == "/run/aund/aund.sock"
 
 
 def _passwd(root: Path, name: str) -> tuple[int, int]:
@@ -60,7 +52,7 @@ def test_tmpfiles_creates_run_aund_for_the_daemon_user(tmp_path):
     for cmd in (["systemd-sysusers", f"--root={root}"], ["systemd-tmpfiles", "--create", f"--root={root}"]):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, (cmd, done.stderr)
-    service = _unit("aund.service")
+    service = unit("aund.service")
     uid, gid = _passwd(root, service.get("Service", "User"))
     run_dir = root / "run" / "aund"
     assert run_dir.is_dir(), "tmpfiles does not create /run/aund: it is root's (made by aund.socket) at first start"
