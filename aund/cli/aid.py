@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -110,13 +111,40 @@ def _seed(seed_file: Path | None, load_seed) -> bytes:
 
 def _give_to_owner(state_dir: Path) -> None:
     """Run as root on a state dir that belongs to another user (the daemon's): hand everything root
-    just created there to that user, so that the daemon can read what was imported."""
+    just created there to that user, so that the daemon can read what was imported.
+
+    That user may be hostile, and root must give away nothing outside the state dir: the walk never
+    follows a symlink, not even one swapped in for a directory mid-walk (``os.fwalk`` holds each
+    directory open), a file is chowned through its own descriptor (opened without following a
+    link), and a file with other hard links (one planted to a root file elsewhere) stays root's:
+    the import's own files have none. Only directories and regular files are touched."""
     if os.geteuid() != 0:
         return
     owner = state_dir.stat()
     if owner.st_uid == 0:
         return
-    for path in [state_dir, *state_dir.rglob("*")]:
-        st = path.lstat()
-        if st.st_uid == 0:
-            os.lchown(path, owner.st_uid, owner.st_gid)
+    uid, gid = owner.st_uid, owner.st_gid
+    kept = []
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    for _, dirs, files, dir_fd in os.fwalk(state_dir, follow_symlinks=False):
+        for name in dirs:
+            if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == 0:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # a symlink: the link itself
+        for name in files:
+            try:
+                fd = os.open(name, flags, dir_fd=dir_fd)
+            except OSError:  # a symlink (ELOOP), gone, ...: not the import's
+                continue
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != 0 or not stat.S_ISREG(st.st_mode):
+                    continue
+                if st.st_nlink > 1:
+                    kept.append(name)
+                    continue
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+    if kept:
+        print(f"aund aid import: left root's {', '.join(sorted(kept))} in {state_dir} as it is: it has other "
+              "hard links (not made by the import; look into it)", file=sys.stderr)

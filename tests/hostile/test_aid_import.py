@@ -152,3 +152,29 @@ def test_unreadable_aid_directory_breaks_no_command(devnet, tmp_path):
                 assert [r["aid"] for r in named] == [stray.name] and "uid 0" in named[0]["text"], (who, report)
         finally:
             assert daemon.stop() == 0
+
+
+def test_root_import_gives_away_nothing_outside_the_state_dir(devnet, tmp_path):
+    """The state dir belongs to the daemon's user, who may be hostile: root's import must hand over
+    only what it created there. A hard link planted in the state dir to a root-owned file elsewhere
+    (possible where fs.protected_hardlinks is 0; root makes it here) must stay root's."""
+    require_root("imports as root into the state dir of a daemon run as another uid")
+    uid, gid = daemon_user()
+    aid, aun_path = _sdk_identity(devnet, tmp_path / "sdk")
+    seed = "import-seed-" + secrets.token_hex(8)
+    with shared_dir("aund-import-") as base:
+        daemon = user_daemon(base, uid, gid, config=_user_config(base, devnet), env={"AUND_ENCRYPTION_SEED": seed})
+        daemon.start()
+        assert daemon.stop() == 0
+        precious = base / "root-only.conf"  # stands in for /etc/shadow (same file system)
+        precious.write_text("root's\n")
+        os.chmod(precious, 0o600)
+        os.link(precious, daemon.state_dir / "AIDs" / "planted")
+        done = aund_cli("aid", "import", aid, "--from", str(aun_path), "--state-dir", str(daemon.state_dir),
+                        env={"AUND_IMPORT_SEED": SDK_SEED, "AUND_ENCRYPTION_SEED": seed})
+        assert done.returncode == 0, done.stderr
+        st = os.stat(precious)
+        assert (st.st_uid, st.st_gid) == (0, 0), f"root's import gave {precious} to uid {st.st_uid}"
+        assert "planted" in done.stderr and "hard links" in done.stderr, done.stderr  # and says so
+        imported = daemon.state_dir / "AIDs" / aid
+        assert all(os.lstat(p).st_uid == uid for p in [imported, *imported.rglob("*")])
