@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -30,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--seed-file", type=Path,
                      help=f"aund's encryption seed (default: $AUND_ENCRYPTION_SEED, else {DEFAULT_SEED_FILE})")
     imp.epilog = ("The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from --seed-file, "
-                  f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root, the "
-                  "new files are given to the state dir's owner (the daemon's user).")
+                  f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root on a "
+                  "state dir of another user (the daemon's), the import reads the seed and the SDK's files as "
+                  "root, then writes the state dir as that user.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,22 +61,19 @@ def run(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from aund.config import ConfigError, load
     from aund.errors import AundError
-    from aund.identity.store import IdentityStore, StateLock, load_seed
+    from aund.identity.store import IdentityStore, StateLock, load_seed, read_fastaun
 
     os.umask(0o077)
     try:
         config = load(args.config, {"state_dir": args.state_dir})
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         seed = _seed(args.seed_file, load_seed)
+        found = read_fastaun(args.aun_path, args.aid.strip().lower(), os.environ.get("AUND_IMPORT_SEED", ""))
+        _become_owner(config.state_dir)
         with StateLock(config.state_dir):
-            try:
-                store = IdentityStore(config.state_dir, seed)
-                store.verify_seed()
-                identity = store.import_fastaun(args.aun_path, args.aid.strip().lower(),
-                                                os.environ.get("AUND_IMPORT_SEED", ""),
-                                                meta={"imported_from": "fastaun"})
-            finally:
-                _give_to_owner(config.state_dir)
+            store = IdentityStore(config.state_dir, seed)
+            store.verify_seed()
+            identity = store.import_read(found, meta={"imported_from": "fastaun"})
     except (ConfigError, AundError) as exc:
         print(f"aund aid import: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -109,42 +106,17 @@ def _seed(seed_file: Path | None, load_seed) -> bytes:
     return data
 
 
-def _give_to_owner(state_dir: Path) -> None:
-    """Run as root on a state dir that belongs to another user (the daemon's): hand everything root
-    just created there to that user, so that the daemon can read what was imported.
-
-    That user may be hostile, and root must give away nothing outside the state dir: the walk never
-    follows a symlink, not even one swapped in for a directory mid-walk (``os.fwalk`` holds each
-    directory open), a file is chowned through its own descriptor (opened without following a
-    link), and a file with other hard links (one planted to a root file elsewhere) stays root's:
-    the import's own files have none. Only directories and regular files are touched."""
+def _become_owner(state_dir: Path) -> None:
+    """Run as root on a state dir that belongs to another user (the daemon's): from here on, be that
+    user for good. Everything the import writes is then that user's, as if the daemon had written
+    it, and root never writes where that user (who may be hostile) could point it with a symlink or
+    a hard link planted in the state dir. Call after reading what only root may read (the seed
+    file, the SDK's files)."""
     if os.geteuid() != 0:
         return
     owner = state_dir.stat()
     if owner.st_uid == 0:
         return
-    uid, gid = owner.st_uid, owner.st_gid
-    kept = []
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    for _, dirs, files, dir_fd in os.fwalk(state_dir, follow_symlinks=False):
-        for name in dirs:
-            if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == 0:
-                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # a symlink: the link itself
-        for name in files:
-            try:
-                fd = os.open(name, flags, dir_fd=dir_fd)
-            except OSError:  # a symlink (ELOOP), gone, ...: not the import's
-                continue
-            try:
-                st = os.fstat(fd)
-                if st.st_uid != 0 or not stat.S_ISREG(st.st_mode):
-                    continue
-                if st.st_nlink > 1:
-                    kept.append(name)
-                    continue
-                os.fchown(fd, uid, gid)
-            finally:
-                os.close(fd)
-    if kept:
-        print(f"aund aid import: left root's {', '.join(sorted(kept))} in {state_dir} as it is: it has other "
-              "hard links (not made by the import; look into it)", file=sys.stderr)
+    os.setgroups([])
+    os.setresgid(owner.st_gid, owner.st_gid, owner.st_gid)
+    os.setresuid(owner.st_uid, owner.st_uid, owner.st_uid)

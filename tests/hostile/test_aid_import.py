@@ -175,6 +175,27 @@ def test_root_import_gives_away_nothing_outside_the_state_dir(devnet, tmp_path):
         assert done.returncode == 0, done.stderr
         st = os.stat(precious)
         assert (st.st_uid, st.st_gid) == (0, 0), f"root's import gave {precious} to uid {st.st_uid}"
-        assert "planted" in done.stderr and "hard links" in done.stderr, done.stderr  # and says so
         imported = daemon.state_dir / "AIDs" / aid
         assert all(os.lstat(p).st_uid == uid for p in [imported, *imported.rglob("*")])
+
+
+def test_root_import_writes_nowhere_a_planted_symlink_points(devnet, tmp_path):
+    """The daemon's user owns AIDs/ and may plant AIDs/_pending/<aid> as a symlink to a directory
+    only root may write (/etc/cron.d, say): root's import must not create its files there."""
+    require_root("imports as root into the state dir of a daemon run as another uid")
+    uid, gid = daemon_user()
+    aid, aun_path = _sdk_identity(devnet, tmp_path / "sdk")
+    seed = "import-seed-" + secrets.token_hex(8)
+    with shared_dir("aund-import-") as base:
+        daemon = user_daemon(base, uid, gid, config=_user_config(base, devnet), env={"AUND_ENCRYPTION_SEED": seed})
+        daemon.start()
+        assert daemon.stop() == 0
+        root_only = base / "root-only.d"
+        root_only.mkdir(mode=0o755)
+        pending = daemon.state_dir / "AIDs" / "_pending"
+        plant = f'mkdir -p -m 0700 "{pending}" && ln -s "{root_only}" "{pending / aid}"'
+        subprocess.run(as_user(uid, gid, base)(["sh", "-c", plant]), check=True, timeout=10)  # the daemon's user
+        done = aund_cli("aid", "import", aid, "--from", str(aun_path), "--state-dir", str(daemon.state_dir),
+                        env={"AUND_IMPORT_SEED": SDK_SEED, "AUND_ENCRYPTION_SEED": seed})
+        assert "Traceback" not in done.stderr, done.stderr
+        assert sorted(os.listdir(root_only)) == [], f"root's import wrote into {root_only}: {done.stdout}{done.stderr}"
