@@ -24,7 +24,7 @@ import pytest
 
 from client_stub import Client
 from tests.helpers import ROOT, AundProcess, run_fastaun
-from tests.hostile.common import as_user, aund_cli, daemon_user, require_root, shared_dir, user_daemon
+from tests.hostile.common import as_user, aund_cli, daemon_user, mode, require_root, shared_dir, user_daemon
 from tests.system.harness import write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,9 +58,12 @@ def test_readme_import_command_works_with_the_seed_file(devnet, tmp_path):
     i = words.index("aund")
     argv = [*words[:i], sys.executable, "-m", "aund", *words[i + 1:]]
     env = {k: v for k, v in os.environ.items() if k not in ("AUND_ENCRYPTION_SEED", "AUND_CONFIG", "CREDENTIALS_DIRECTORY")}
-    done = subprocess.run(["env", *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+    done = subprocess.run(["sh", "-c", 'umask 022 && exec env "$@"', "sh", *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=30)  # by hand, in a permissive shell
     assert done.returncode == 0, (argv, done.stderr)
     assert done.stdout.startswith(f"imported {aid}"), done.stdout
+    exposed = {str(p): oct(mode(p)) for p in [state, *state.rglob("*")] if mode(p) & 0o077}
+    assert exposed == {}, f"the import left group/world-readable files: {exposed}"
 
     cfg = write_config(tmp_path / "aund.toml", devnet, [aid])
     daemon = AundProcess(state, tmp_path / "aund.sock", cfg, env={"AUND_ENCRYPTION_SEED": seed})
