@@ -129,6 +129,7 @@ class AundProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    wrap: Any = None            # argv -> argv, e.g. another uid or umask (tests/hostile/common.py)
 
     def start(self, timeout: float = 30.0) -> None:
         args = [sys.executable, "-m", "aund", "run", "--state-dir", str(self.state_dir), "--socket", str(self.socket)]
@@ -140,7 +141,8 @@ class AundProcess:
         self.log_path = self.state_dir.parent / f"aund-{int(time.time() * 1000)}.log"
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(self.wrap(args) if self.wrap else args, stdout=subprocess.DEVNULL,
+                                     stderr=log, cwd=ROOT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--seed-file", type=Path,
                      help=f"aund's encryption seed (default: $AUND_ENCRYPTION_SEED, else {DEFAULT_SEED_FILE})")
     imp.epilog = ("The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from --seed-file, "
-                  f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root, the "
-                  "new files are given to the state dir's owner (the daemon's user).")
+                  f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root on a "
+                  "state dir of another user (the daemon's), the import reads the seed and the SDK's files as "
+                  "root, then writes the state dir as that user.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,22 +106,19 @@ def _read_card(path: Path) -> str | None:
 def _import(args: argparse.Namespace) -> int:
     from aund.config import ConfigError, load
     from aund.errors import AundError
-    from aund.identity.store import IdentityStore, StateLock, load_seed
+    from aund.identity.store import IdentityStore, StateLock, load_seed, read_fastaun
 
     os.umask(0o077)
     try:
         config = load(args.config, {"state_dir": args.state_dir})
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         seed = _seed(args.seed_file, load_seed)
+        found = read_fastaun(args.aun_path, args.aid.strip().lower(), os.environ.get("AUND_IMPORT_SEED", ""))
+        _become_owner(config.state_dir)
         with StateLock(config.state_dir):
-            try:
-                store = IdentityStore(config.state_dir, seed)
-                store.verify_seed()
-                identity = store.import_fastaun(args.aun_path, args.aid.strip().lower(),
-                                                os.environ.get("AUND_IMPORT_SEED", ""),
-                                                meta={"imported_from": "fastaun"})
-            finally:
-                _give_to_owner(config.state_dir)
+            store = IdentityStore(config.state_dir, seed)
+            store.verify_seed()
+            identity = store.import_read(found, meta={"imported_from": "fastaun"})
     except (ConfigError, AundError) as exc:
         say(f"aund aid import: {exc}", err=True)
         return EXIT_FAILED
@@ -153,15 +151,17 @@ def _seed(seed_file: Path | None, load_seed) -> bytes:
     return data
 
 
-def _give_to_owner(state_dir: Path) -> None:
-    """Run as root on a state dir that belongs to another user (the daemon's): hand everything root
-    just created there to that user, so that the daemon can read what was imported."""
+def _become_owner(state_dir: Path) -> None:
+    """Run as root on a state dir that belongs to another user (the daemon's): from here on, be that
+    user for good. Everything the import writes is then that user's, as if the daemon had written
+    it, and root never writes where that user (who may be hostile) could point it with a symlink or
+    a hard link planted in the state dir. Call after reading what only root may read (the seed
+    file, the SDK's files)."""
     if os.geteuid() != 0:
         return
     owner = state_dir.stat()
     if owner.st_uid == 0:
         return
-    for path in [state_dir, *state_dir.rglob("*")]:
-        st = path.lstat()
-        if st.st_uid == 0:
-            os.lchown(path, owner.st_uid, owner.st_gid)
+    os.setgroups([])
+    os.setresgid(owner.st_gid, owner.st_gid, owner.st_gid)
+    os.setresuid(owner.st_uid, owner.st_uid, owner.st_uid)

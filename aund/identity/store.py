@@ -85,7 +85,7 @@ from aund.identity.errors import (
 from client_stub.errors import StorageError
 
 __all__ = [
-    "Identity", "IdentityStore", "StateLock", "atomic_write", "load_seed",
+    "FastaunIdentity", "Identity", "IdentityStore", "StateLock", "atomic_write", "load_seed", "read_fastaun",
     "SEED_ENV", "SEED_CREDENTIAL", "FAULT_HOOK",
 ]
 
@@ -376,7 +376,8 @@ class IdentityStore:
             os.chmod(d, 0o700)  # umask
             _fsync_dir(d.parent)
 
-    def _check_aid(self, aid: str) -> str:
+    @staticmethod
+    def _check_aid(aid: str) -> str:
         if not isinstance(aid, str) or len(aid) > 255 or not _AID_RE.fullmatch(aid):
             raise InvalidIdentity(
                 f"{aid!r} is not a usable AID (expected lower-case '<name>.<issuer>' of [a-z0-9_-] labels)",
@@ -568,7 +569,8 @@ class IdentityStore:
 
     # ── certificates ──
 
-    def _check_cert(self, aid: str, spki: bytes, cert_pem: str | bytes) -> x509.Certificate:
+    @staticmethod
+    def _check_cert(aid: str, spki: bytes, cert_pem: str | bytes) -> x509.Certificate:
         try:
             cert = pki.load_cert_pem(cert_pem)
         except pki.PKIError as exc:
@@ -854,33 +856,16 @@ class IdentityStore:
 
     def import_fastaun(self, aun_path: Path | str, aid: str, fastaun_seed: str | bytes,
                        *, meta: Mapping[str, Any] | None = None) -> Identity:
-        """Import an identity made by fastaun (``{aun_path}/AIDs/{aid}/private/key.json`` + ``public/cert.pem``).
+        """Import an identity made by fastaun (``{aun_path}/AIDs/{aid}/private/key.json`` + ``public/cert.pem``):
+        ``read_fastaun`` then ``import_read``; see both for what is read, written and raised."""
+        return self.import_read(read_fastaun(aun_path, aid, fastaun_seed), meta=meta)
 
-        The key is decrypted with fastaun's scheme (PBKDF2-HMAC-SHA256 100k + HMAC field key +
-        AES-256-GCM, see ``_fastaun_reveal``) and re-encrypted under this store's seed; cert
-        versions in ``public/certs/`` join the history; ``gateway_url`` from fastaun's aun.db is
-        copied into meta.json when readable. fastaun's files are only read. fastaun's tokens are
-        not imported (they are bound to fastaun's device id; aund logs in afresh).
-        Idempotent for the same key. Errors: IdentityNotFound (nothing at that path),
-        SeedMismatch (wrong fastaun seed), CorruptIdentity, CertKeyMismatch,
-        IdentityConflict (``aid`` exists here, or is pending, with another key), InvalidIdentity.
-        """
-        self._check_aid(aid)
-        src = Path(aun_path) / "AIDs" / aid  # fastaun's safe_aid() is the identity for valid AIDs
-        key_path, cert_path = src / "private" / "key.json", src / "public" / "cert.pem"
-        if not key_path.exists():
-            raise IdentityNotFound(f"no fastaun identity {aid}: {key_path} does not exist",
-                                   data={"aid": aid, "path": str(key_path)})
-        key = _fastaun_private_key(key_path, aid, fastaun_seed)
-        try:
-            cert_bytes = cert_path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptIdentity(f"{cert_path} is missing", data={"path": str(cert_path)}) from None
-        cert = self._check_cert(aid, _spki(key), cert_bytes)
-        older: list[x509.Certificate] = []
-        for p in sorted((src / "public" / "certs").glob("*.pem")):
-            with contextlib.suppress(OSError, pki.PKIError):
-                older.append(pki.load_cert_pem(p.read_bytes()))
+    def import_read(self, found: FastaunIdentity, *, meta: Mapping[str, Any] | None = None) -> Identity:
+        """Store what ``read_fastaun`` found: the key re-encrypted under this store's seed, the cert
+        and its older versions (history), ``gateway_url`` in meta.json. Reads nothing of fastaun's
+        (so the caller may read as one user and store as another). Idempotent for the same key.
+        Errors: IdentityConflict (the AID exists here, or is pending, with another key), StorageError."""
+        aid, key, cert = found.aid, found.key, found.cert
         with self._lock:
             target = self._aid_dir(aid)
             if (target / KEY_FILE).exists():
@@ -900,21 +885,58 @@ class IdentityStore:
                 _create_once(pkey, record)
             history = pdir / CERTS_DIR
             self._mkdirs(history)
-            for old in older:
+            for old in found.older:
                 if not (history / _history_name(old)).exists():
                     _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
             self._write_cert(pdir, cert)
             now = time.time()
             full: dict[str, Any] = {"version": 1, "aid": aid, "created_at": now,
-                                    "imported_from": {"sdk": "fastaun", "aun_path": str(Path(aun_path).resolve()),
+                                    "imported_from": {"sdk": "fastaun", "aun_path": found.aun_path,
                                                       "imported_at": now}}
-            gateway_url = _fastaun_metadata(src / "aun.db", "gateway_url")
-            if gateway_url:
-                full["gateway_url"] = gateway_url
+            if found.gateway_url:
+                full["gateway_url"] = found.gateway_url
             full.update(meta or {})
             atomic_write(pdir / META_FILE, _json_bytes(full))
             self._move_into_place(pdir, target)
         return self.load(aid)
+
+
+@dataclass(frozen=True)
+class FastaunIdentity:
+    """One identity as the official SDK holds it, read by ``read_fastaun`` (nothing stored yet)."""
+
+    aid: str
+    aun_path: str  # resolved, for meta.json
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    older: tuple[x509.Certificate, ...]  # the versions in public/certs/ that parse
+    gateway_url: str | None  # from fastaun's aun.db, when readable
+
+
+def read_fastaun(aun_path: Path | str, aid: str, fastaun_seed: str | bytes) -> FastaunIdentity:
+    """Read (only) the fastaun identity ``{aun_path}/AIDs/{aid}``: the key is decrypted with fastaun's
+    scheme (PBKDF2-HMAC-SHA256 100k + HMAC field key + AES-256-GCM, see ``_fastaun_reveal``) and
+    checked against ``public/cert.pem``. fastaun's tokens are not read (they are bound to fastaun's
+    device id; aund logs in afresh). Errors: IdentityNotFound (nothing at that path), SeedMismatch
+    (wrong fastaun seed), CorruptIdentity, CertKeyMismatch, InvalidIdentity."""
+    IdentityStore._check_aid(aid)
+    src = Path(aun_path) / "AIDs" / aid  # fastaun's safe_aid() is the identity for valid AIDs
+    key_path, cert_path = src / "private" / "key.json", src / "public" / "cert.pem"
+    if not key_path.exists():
+        raise IdentityNotFound(f"no fastaun identity {aid}: {key_path} does not exist",
+                               data={"aid": aid, "path": str(key_path)})
+    key = _fastaun_private_key(key_path, aid, fastaun_seed)
+    try:
+        cert_bytes = cert_path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptIdentity(f"{cert_path} is missing", data={"path": str(cert_path)}) from None
+    cert = IdentityStore._check_cert(aid, _spki(key), cert_bytes)
+    older: list[x509.Certificate] = []
+    for p in sorted((src / "public" / "certs").glob("*.pem")):
+        with contextlib.suppress(OSError, pki.PKIError):
+            older.append(pki.load_cert_pem(p.read_bytes()))
+    return FastaunIdentity(aid, str(Path(aun_path).resolve()), key, cert, tuple(older),
+                           _fastaun_metadata(src / "aun.db", "gateway_url") or None)
 
 
 # ── fastaun's key.json (aun_core/keystore/_utils.py, local_identity_store.py) ──
