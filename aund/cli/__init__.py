@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+from importlib import metadata
 
 SUBCOMMANDS = {
     "run": "run the daemon",
@@ -22,6 +24,10 @@ SUBCOMMANDS = {
 }
 
 
+# the daemons write to sockets: a peer that goes away must never end them by SIGPIPE
+LONG_RUNNING = frozenset({"run", "devnet", "demo"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aund", description="AUN daemon: many identities, one connection each.",
@@ -30,8 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"aund.cli.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    parser.add_argument("--version", action="version", version=f"aund {_version()}")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return importlib.import_module(f"aund.cli.{args.command}").run(args)
+    if args.command not in LONG_RUNNING:
+        # a reader that goes away (`aund status | head`) ends us quietly, as it ends cat or ls
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return importlib.import_module(f"aund.cli.{args.command}").run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # the last resort for what a person caused: one line, no traceback
+        from aund.cli._common import only_os_error, os_error_line, say
+
+        found = only_os_error(exc)
+        if found is None:
+            raise  # a bug: the traceback is what its report needs
+        say(f"aund {args.command}: {os_error_line(found)}", err=True)
+        return 1
+
+
+def _version() -> str:
+    try:
+        return metadata.version("aund")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from aund import __version__
+
+        return __version__

@@ -8,6 +8,7 @@ escapes control characters, and ``ensure_ascii`` the rest)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -72,3 +73,34 @@ def ago(timestamp: float | None, now: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there",
+    errno.EDQUOT: "the disk quota is used up: free space there",
+    errno.EACCES: "permission denied: check its owner and mode, or run as the user that owns it",
+    errno.EPERM: "not permitted: check its owner and mode, or run as the user that owns it",
+    errno.EROFS: "the file system is read-only: choose a writable place",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: move that file away or choose another path",
+    errno.EISDIR: "it is a directory, not a file",
+    errno.EEXIST: "it exists already and is in the way",
+    errno.EADDRINUSE: "the address is in use: stop what listens there or choose another one",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError a person caused (a bad path, a full disk, a port in use): what, where
+    and what to do."""
+    where = " ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+    what = exc.strerror or str(exc)
+    hint = _OS_HINTS.get(exc.errno or -1, "")
+    return f"{where + ': ' if where else ''}{what}{' (' + hint + ')' if hint else ''}"
+
+
+def only_os_error(exc: BaseException) -> OSError | None:
+    """The OSError that `exc` is or (through exception groups, e.g. trio's nurseries) wraps alone."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None

@@ -6,7 +6,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from aund.cli._common import say
+from aund.cli._common import only_os_error, os_error_line, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
                     stop.set()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        found = only_os_error(exc)
+        if found is None or found.filename:  # a path is named by the generic line (aund.cli.main)
+            raise
+        say(f"aund devnet: cannot listen on {args.listen}: {os_error_line(found)}", err=True)
+        return 1
     return 0
 
 
