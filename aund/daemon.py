@@ -501,6 +501,7 @@ class Daemon:
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
         return {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
                 "identities": len(self.store.list()), "links": links, "broker": apps, "inbox": self.inbox_depth,
+                "inbox_written": dict(self.inbox.events_written) if self.inbox is not None else {},
                 "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                            "waiting": budget.tasks_waiting},
                 "process": systemd.core_dump_state(),

@@ -111,6 +111,7 @@ class Inbox:
                                data={"path": str(path)}) from None
         self.on_commit = None  # called with the aid after new rows are committed
         self.commits = 0
+        self.events_written: dict[str, int] = {}  # per AID, since the daemon started
         self.write_error = ""  # the last write's failure, "" once a write succeeds
         self.quarantined: dict[str, int] = dict(self._db.execute(
             "SELECT aid, COUNT(*) FROM quarantine GROUP BY aid").fetchall())  # rows per AID, for health
@@ -188,6 +189,8 @@ class Inbox:
         transaction. Returns the cursors of the rows that were new. Raises StorageError."""
         new = await self._run(self._commit_sync, aid, list(events), ack)
         self.commits += 1
+        if new:
+            self.events_written[aid] = self.events_written.get(aid, 0) + len(new)
         if new and self.on_commit is not None:
             self.on_commit(aid)
         return new

@@ -28,6 +28,7 @@ class BudgetStatistics:
     queued_background: int
     max_in_flight: int
     max_background_in_flight: int
+    granted: int = 0  # places handed out since start (one per RPC)
 
 
 class RpcBudget:
@@ -41,10 +42,12 @@ class RpcBudget:
         self._bg_lot = trio.lowlevel.ParkingLot()
         self._max = 0
         self._max_bg = 0
+        self._granted = 0
 
     def _grant(self, background: bool) -> None:
         self._in_flight += 1
         self._bg_in_flight += background
+        self._granted += 1
         self._max = max(self._max, self._in_flight)
         self._max_bg = max(self._max_bg, self._bg_in_flight)
 
@@ -93,7 +96,7 @@ class RpcBudget:
 
     def statistics(self) -> BudgetStatistics:
         return BudgetStatistics(self.total, self._in_flight, self._bg_in_flight,
-                                len(self._fg_lot), len(self._bg_lot), self._max, self._max_bg)
+                                len(self._fg_lot), len(self._bg_lot), self._max, self._max_bg, self._granted)
 
 
 class _Shared:

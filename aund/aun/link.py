@@ -182,6 +182,7 @@ class LinkStatistics:
     max_background_in_flight: int
     pulls_executed: int
     pulls_coalesced: int
+    rpcs: int  # RPCs started on this link since the daemon started
 
 
 class Link:
@@ -277,7 +278,7 @@ class Link:
         return LinkStatistics(self.aid, self.config.slot_id, self.state.value, self.gateway, self.connected_at,
                               self.last_connected_at, self.connects, self.reconnects, self.last_error,
                               b.in_flight, b.queued_foreground + b.queued_background, b.background_in_flight,
-                              b.max_in_flight, b.max_background_in_flight, p.executed, p.coalesced)
+                              b.max_in_flight, b.max_background_in_flight, p.executed, p.coalesced, b.granted)
 
     # --- supervisor ------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -54,7 +54,7 @@ def render(status: dict) -> None:
     now = time.time()
     say(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
           f", {status.get('identities', 0)} identities")
-    links = status.get("links", [])
+    links = sorted(status.get("links", []), key=lambda x: (x.get("aid", ""), x.get("slot_id", "")))
     rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
              link.get("reconnects", 0), f"{link.get('in_flight', 0)}/{link.get('queued', 0)}", link.get("holders", 0),
              "yes" if link.get("pinned") else ""] for link in links]
@@ -62,7 +62,7 @@ def render(status: dict) -> None:
         print()
         print(table(rows, ["AID", "SLOT", "STATE", "CONNECTED", "RECONNECTS", "RPC/QUEUED", "APPS", "CONFIGURED"]))
     broker = status.get("broker") or {}
-    apps = broker.get("apps") or []
+    apps = sorted(broker.get("apps") or [], key=lambda a: (a.get("uid", 0), a.get("pid", 0), a.get("conn_id", 0)))
     print()
     say(f"apps connected: {len(apps)}; calls in flight {broker.get('calls_in_flight', 0)}; "
           f"daemon budget {status.get('budget', {}).get('in_use', 0)}/{status.get('budget', {}).get('total', 0)}")

@@ -62,3 +62,40 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     err = (tmp_path / "err").read_text()
     assert status in (0, 141), (status, err)  # done, or ended by SIGPIPE as cat or ls would be
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_metrics_in_openmetrics_and_node_exporter_textfile(devnet, tmp_path):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from aund.aun.link import LinkState
+    from aund.cli.metrics import LINK_STATES
+    from client_stub import Client
+    from tests.helpers import AundProcess
+
+    assert set(LINK_STATES) == {s.value for s in LinkState}
+    aid = f"metrics-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nidentities = ["{aid}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    try:
+        with Client(daemon.socket) as app:
+            s = app.session(aid)
+            s.wait_ready(timeout=30)
+            s.call("message.send", {"to": aid, "payload": {"type": "text", "text": "to myself"}, "encrypt": False})
+            r = aund("metrics", "--socket", str(daemon.socket))
+            assert r.returncode == 0, r.stderr
+            families = {f.name: f for f in text_string_to_metric_families(r.stdout)}  # strict: ends with # EOF
+            ready = [x for x in families["aund_links"].samples if x.labels == {"state": "ready"}]
+            assert ready[0].value == 1
+            rpcs = [x for x in families["aund_link_rpcs"].samples if x.labels.get("aid") == aid]
+            assert rpcs and rpcs[0].name == "aund_link_rpcs_total" and rpcs[0].value >= 1
+            assert families["aund_up"].samples[0].value == 1
+            prom = tmp_path / "textfile" / "aund.prom"
+            prom.parent.mkdir()
+            r = aund("metrics", "--socket", str(daemon.socket), "--textfile", str(prom))
+            assert r.returncode == 0 and "aund_links{state=\"ready\"} 1.0" in prom.read_text()
+            r = aund("metrics", "--socket", str(daemon.socket), "--textfile", str(tmp_path / "nowhere" / "a.prom"))
+            _one_line(r, "aund metrics", str(tmp_path / "nowhere"))
+    finally:
+        daemon.stop()
