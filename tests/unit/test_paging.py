@@ -2,6 +2,8 @@
 that a row fits in no page (aund.aun.paging)."""
 from __future__ import annotations
 
+import pytest
+
 from aund.aun.paging import PageSizer, frame_too_big
 from aund.errors import GatewayUnavailable, RpcTimeout
 
@@ -70,3 +72,19 @@ def test_a_single_remaining_row_strikes_at_once_even_with_a_large_limit():
     assert sizer.too_big(TOO_BIG, "ns", 3, sizer.rows(remaining=1)) is False
     assert sizer.limit == 1
     assert sizer.too_big(TOO_BIG, "ns", 3, 1) is True
+
+
+def test_gateway_max_frame_is_configurable_but_not_below_64_kib(tmp_path):
+    from aund import config
+
+    toml = tmp_path / "aund.toml"
+    toml.write_text("gateway_max_frame = 0\n")
+    assert config.load(toml, env={}).gateway_max_frame == 0  # 0: the built-in 8 MiB
+    loaded = config.load(toml, env={"AUND_GATEWAY_MAX_FRAME": "600000"})
+    assert loaded.gateway_max_frame == 600000
+    assert loaded.source_of("gateway_max_frame") == "environment AUND_GATEWAY_MAX_FRAME"
+    with pytest.raises(config.ConfigError, match="gateway_max_frame.*at least 65536"):
+        config.load(toml, env={"AUND_GATEWAY_MAX_FRAME": "1000"})
+    toml.write_text("gateway_max_frame = -1\n")
+    with pytest.raises(config.ConfigError, match="non-negative integer"):
+        config.load(toml, env={})
