@@ -8,7 +8,7 @@ the link with 1009 and asked for the same page again, forever. Now the page limi
 1009 (aund.aun.paging), so everything arrives, for P2P and for groups, and against a gateway that
 bounds its pages by bytes too. A row that fits in no page at all (here: aund's frame limit lowered
 below it with `AUND_GATEWAY_MAX_FRAME`) is reported as `message.undecryptable` with reason
-`too_large`, and the messages behind it arrive.
+`too_large`, and the messages behind it arrive (P2P and groups).
 
 Real processes: one devnet, a sender daemon and the victim's daemon (stopped and started again).
 """
@@ -196,3 +196,34 @@ def _gateway_ack(devnet: DevnetProcess, receiver: str, sender: str) -> int:
     finally:
         db.close()
     return row[0] or 0
+
+
+def test_a_group_row_larger_than_any_page_is_skipped_and_the_rest_arrive(devnet, tmp_path):
+    owner, victim = aid("owner"), aid("member")
+    frame = 600_000
+    tx = _daemon(tmp_path, devnet, "tx", [owner])
+    rx = _daemon(tmp_path, devnet, "rx", [victim], AUND_GATEWAY_MAX_FRAME=str(frame))
+    try:
+        _ready(tx, owner)
+        _ready(rx, victim)
+        with Client(tx.socket, timeout=30) as c:
+            s = c.session(owner)
+            gid = s.call("group.create", {"name": "too-large"}, timeout=20)["group"]["group_id"]
+            s.call("group.add_member", {"group_id": gid, "aid": victim}, timeout=20)
+            wait_until(lambda: _group_send_reaches(s, rx, victim, gid), 30, 0.5, "a first group message read")
+            assert rx.stop() == 0
+            devnet.set_faults(unbounded_pages=1)
+            sent = [s.call("group.send", {"group_id": gid, "payload": _text(n, size)}, timeout=30)
+                    for n, size in enumerate([10, BIG, 10])]
+        rx = _restart(rx)
+        got = _collect(rx, victim, 3, 60)
+        assert [_brief(e) for e in got] == [("group.message.received", None, (0, 10)),
+                                            ("message.undecryptable", "too_large", (None, 0)),
+                                            ("group.message.received", None, (2, 10))]
+        skipped = got[1]
+        assert skipped["group_id"] == gid and skipped["seq"] == sent[1]["seq"] and skipped["skipped"] is True
+        logged = [e for e in rx.log_events() if e.get("event") == "sync.row_skipped"]
+        assert len(logged) == 1 and logged[0]["group_id"] == gid and logged[0]["seq"] == sent[1]["seq"]
+    finally:
+        assert tx.stop() == 0
+        assert rx.stop() == 0
