@@ -2,7 +2,7 @@
 
 The attack: with the victim's daemon stopped, a peer sends it messages of 700 KB each (under the
 gateway's 1 MB limit) until one catch-up page of them is larger than aund's frame limit (8 MiB:
-twelve of them). When the victim returns, a gateway that bounds pages by rows only (the devnet's
+twelve of them; four against the 2 MiB limit aund had when the issue was filed). When the victim returns, a gateway that bounds pages by rows only (the devnet's
 `unbounded_pages` fault) answers the first pull with one oversized WebSocket message; aund closed
 the link with 1009 and asked for the same page again, forever. Now the page limit halves on every
 1009 (aund.aun.paging), so everything arrives, for P2P and for groups, and against a gateway that
@@ -82,11 +82,13 @@ def _log_has(daemon: AundProcess, event: str) -> bool:
     return any(e.get("event") == event for e in daemon.log_events())
 
 
+@pytest.mark.parametrize("count, frame", [(COUNT, ""), (4, str(2 * 1024 * 1024))],
+                         ids=["12-over-8MiB", "4-over-2MiB-as-in-the-issue"])
 @pytest.mark.parametrize("unbounded", [True, False], ids=["row-bounded-pages", "byte-bounded-pages"])
-def test_a_backlog_of_large_p2p_messages_arrives(devnet, tmp_path, unbounded):
+def test_a_backlog_of_large_p2p_messages_arrives(devnet, tmp_path, unbounded, count, frame):
     sender, victim = aid("sender"), aid("victim")
     tx = _daemon(tmp_path, devnet, "tx", [sender])
-    rx = _daemon(tmp_path, devnet, "rx", [victim])
+    rx = _daemon(tmp_path, devnet, "rx", [victim], **({"AUND_GATEWAY_MAX_FRAME": frame} if frame else {}))
     try:
         _ready(tx, sender)
         _ready(rx, victim)  # the victim's prekey is published: it can be written to while away
@@ -94,12 +96,12 @@ def test_a_backlog_of_large_p2p_messages_arrives(devnet, tmp_path, unbounded):
         devnet.set_faults(unbounded_pages=int(unbounded))
         with Client(tx.socket, timeout=30) as c:
             s = c.session(sender)
-            for n in range(COUNT):
+            for n in range(count):
                 s.call("message.send", {"to": victim, "payload": _text(n, BIG)}, timeout=30)
         rx = _restart(rx)
-        got = _collect(rx, victim, COUNT, 60)
+        got = _collect(rx, victim, count, 60)
         assert [(e["kind"], e["from"], e["payload"]["n"], e["payload"]["text"]) for e in got] == \
-            [("message.received", sender, n, _text(n, BIG)["text"]) for n in range(COUNT)]
+            [("message.received", sender, n, _text(n, BIG)["text"]) for n in range(count)]
         assert all(e["encrypted"] is True for e in got)
         # the 1009 path ran where the gateway does not bound pages by bytes, and only there
         assert _log_has(rx, "sync.page_shrunk") is unbounded
