@@ -363,7 +363,7 @@ class PeerSync(LinkSync):
         if seq <= local:
             self.stats["duplicates"] += 1
             return
-        if prev == local:
+        if isinstance(prev, int) and prev == local:
             self._next_row[sender] = (local, seq)
         row = params.get("inline_message")
         if isinstance(row, dict) and isinstance(prev, int) and prev == local and row.get("seq") == seq:

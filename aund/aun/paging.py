@@ -50,6 +50,7 @@ class PageSizer:
         self.grow_after, self.skip_strikes = grow_after, skip_strikes
         self._fitted = 0
         self._strikes: dict[str, tuple[int, int]] = {}   # namespace -> (cursor, 1009s on one-row pages there)
+        self._last_error: BaseException | None = None    # a coalesced pull hands one error to several callers
         self.shrinks = 0
         self.skipped = 0
 
@@ -72,8 +73,9 @@ class PageSizer:
     def too_big(self, exc: BaseException, namespace: str, cursor: int, asked: int) -> bool:
         """Learn from a failed pull of `asked` rows after `cursor`. True: the row after `cursor`
         cannot be received at all and must be skipped (the strikes are then cleared)."""
-        if not frame_too_big(exc):
+        if not frame_too_big(exc) or exc is self._last_error:
             return False
+        self._last_error = exc
         self._fitted = 0
         new = max(1, min(self.limit, asked // 2))
         if new < self.limit:
@@ -103,4 +105,3 @@ def skipped_row(*, aid: str, sender: str, seq: int, after: int, max_frame: int, 
     data = {"from": sender, "to": aid, "seq": seq, "message_id": "", "reason": TOO_LARGE, "detail": detail,
             "skipped": True, **extra}
     return NewEvent("message.undecryptable", sender, dedupe_key, seq, data)
-
