@@ -18,6 +18,7 @@ from client_stub import localsock
 from client_stub.errors import InvalidParams
 
 DEFAULT_CONFIG_FILE = Path("/etc/aund/aund.toml")
+MIN_GATEWAY_FRAME = 64 * 1024
 
 
 class ConfigError(InvalidParams):
@@ -64,6 +65,7 @@ class Config:
     idle_link_seconds: float = 300.0         # on-demand links close this long after the last app lets go
     shutdown_grace: float = 10.0
     sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost
+    gateway_max_frame: int = 0               # largest WebSocket message from a gateway; 0 = built-in 8 MiB
     policy: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Any] = field(default_factory=dict)  # [limits]: aund.broker.Limits fields
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -76,6 +78,9 @@ class Config:
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {key!r}")
             changes[key] = _coerce(key, raw, getattr(self, key), source)
+            if key == "gateway_max_frame" and 0 < changes[key] < MIN_GATEWAY_FRAME:
+                raise ConfigError(f"{source}: key {key!r} must be 0 (the built-in limit) or at least "
+                                  f"{MIN_GATEWAY_FRAME} bytes")
         new_sources = dict(self.sources)
         new_sources.update({k: source for k in changes})
         return replace(self, **changes, sources=new_sources)
@@ -144,7 +149,7 @@ def _coerce(key: str, raw: Any, current: Any, source: str) -> Any:
 ENV_KEYS = {"AUND_STATE_DIR": "state_dir", "AUND_SOCKET": "socket", "AUND_GATEWAY_URL": "gateway_url",
             "AUND_ROOT_CA": "root_ca", "AUND_IDENTITIES": "identities", "AUND_SLOT_ID": "slot_id",
             "AUND_CALL_TIMEOUT": "call_timeout", "AUND_DISCOVERY_PORT": "discovery_port",
-            "AUND_SYNC_POLL_SECONDS": "sync_poll_seconds"}
+            "AUND_SYNC_POLL_SECONDS": "sync_poll_seconds", "AUND_GATEWAY_MAX_FRAME": "gateway_max_frame"}
 
 
 def _env_value(key: str, text: str) -> Any:

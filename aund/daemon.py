@@ -22,7 +22,7 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, ids
+from aund.aun import auth, ids, transport
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
@@ -304,7 +304,8 @@ class Daemon:
             await group_session.load()
             self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
-                            call_timeout=self.config.call_timeout)
+                            call_timeout=self.config.call_timeout,
+                            max_frame=self.config.gateway_max_frame or transport.MAX_FRAME)
         link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     on_admission_refused=lambda link: self._publish_agent_md(link, identity, force=True),

@@ -12,7 +12,8 @@ into the envelope), `thought_put()` / `decrypt_thoughts()`, the owner/admin prop
 and `decode_row()` (decrypt with every check, or a `message.undecryptable` event).
 
 `GroupSync` (one per link): inline `event/group.v2.message_created` pushes, `group.v2.pull`
-pages through the link's pull gate (namespace `group:{gid}`), `group.changed` ->
+pages through the link's pull gate (namespace `group:{gid}`, sized by the link's `PageSizer`, see
+aund.aun.paging: a row that fits in no page becomes `message.undecryptable` `too_large`), `group.changed` ->
 `group.pull_events` (namespace `group-events:{gid}`). Rows and events are committed to the inbox
 together with the new cursor in one transaction, and only then acked upstream (`group.v2.ack`,
 `group.ack_events`). Group cursors live in the inbox's `peer_acks` table under the pseudo senders
@@ -35,6 +36,7 @@ from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_gro
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
                                 LinkSync, append_prekey, merged_headers, new_prekey_record, prekey_wire, row_content)
+from aund.aun.paging import skipped_row
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.inbox import Inbox, NewEvent
@@ -556,18 +558,22 @@ async def _quietly(awaitable, event: str, aid: str, gid: str) -> Any:
 class GroupSync(LinkSync):
     """Lossless inbound group sync for one link: pushes, pulls and events, committed before acked."""
 
+    page_rows = PAGE_LIMIT
+
     def __init__(self, link: Link, session: GroupSession, inbox: Inbox, *, poll_seconds: float = 30.0) -> None:
         super().__init__(link, inbox, poll_seconds)
         self.session = session
         self._acks: dict[str, int] = {}
         self._event_acks: dict[str, int] = {}
+        self._heads: dict[str, int] = {}          # the newest message seq the gateway named per group
         self._own: dict[str, set[int]] = {}       # seqs of our own sends: nothing for this device there
         self._blocked: set[str] = set()           # refused / removed: no background pulls (9.3)
         self._dirty: set[str] = set()             # groups whose last sync failed: retried with backoff
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any, Any]](PUSH_QUEUE)
         self._nursery: trio.Nursery | None = None
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "committed": 0, "duplicates": 0,
-                      "undecryptable": 0, "events": 0, "event_pulls": 0, "ignored": 0, "failures": 0, "blocked": 0}
+                      "undecryptable": 0, "events": 0, "event_pulls": 0, "ignored": 0, "failures": 0, "blocked": 0,
+                      "skipped": 0}
 
     # --- app calls -------------------------------------------------------------------------------------------
     async def call(self, method: str, params: dict[str, Any], headers: dict[str, str] | None, *,
@@ -712,6 +718,8 @@ class GroupSync(LinkSync):
 
     async def _queue_catch_up(self, gid: str, group: dict[str, Any]) -> None:
         head, event_head = _int(group.get("message_seq")), _int(group.get("event_seq"))
+        if head is not None:
+            self._heads[gid] = head
         if head is None or head > self._advance(gid, await self._ack_of(gid)):
             self._queue(("sync", gid, None))
         if event_head is None or event_head > await self._event_ack_of(gid):
@@ -758,6 +766,7 @@ class GroupSync(LinkSync):
         if seq is None or params.get("kind") == "group.online_unread_hint":
             await self.sync_group(gid)
             return
+        self._heads[gid] = max(self._heads.get(gid, 0), seq)
         local = self._advance(gid, await self._ack_of(gid))
         if seq <= local:
             self.stats["duplicates"] += 1
@@ -772,19 +781,41 @@ class GroupSync(LinkSync):
 
     async def fetch_page(self, gid: str, after: int) -> dict[str, Any] | None:
         """One forward `group.v2.pull` page through the pull gate (one pull per group at a time,
-        identical ones shared); None once the gateway refused us for this group."""
-        params = {"group_id": gid, "after_seq": after, "limit": PAGE_LIMIT, "device_id": self.device_id,
+        identical ones shared); None once the gateway refused us for this group. At most the
+        link's page limit, and no more rows than the head last named leaves."""
+        namespace = f"group:{gid}"
+        head = self._heads.get(gid)
+        limit = self.pages.rows(None if head is None else head - after)
+        params = {"group_id": gid, "after_seq": after, "limit": limit, "device_id": self.device_id,
                   "slot_id": self.slot_id}
-        key = f"group:{gid}|forward|{after}|limit={PAGE_LIMIT}"
+        key = f"{namespace}|forward|{after}|limit={limit}"
         try:
-            page = await self.link.pull(f"group:{gid}", key, "group.v2.pull", params, background=True)
+            page = await self.link.pull(namespace, key, "group.v2.pull", params, background=True)
         except AundError as exc:
             if _is_refusal(exc):
                 self._block(gid, str(exc))
                 return None
+            if self.pages.too_big(exc, namespace, after, limit):
+                await self._skip_row(gid, after)
             raise
+        self.pages.fitted(namespace, limit)
         self.stats["pulls"] += 1
+        head = _int(page.get("latest_message_seq"))
+        if head is not None:
+            self._heads[gid] = head
         return page
+
+    async def _skip_row(self, gid: str, after: int) -> None:
+        """Move past the row after `after` that fits in no page, recording it for apps. Group seqs
+        have holes (rows for other devices): the row is taken to be `after + 1`, so a hole in front
+        of it costs another round and another event. Acked upstream by the next sync of the group."""
+        seq = after + 1
+        covered = self._advance(gid, seq)
+        event = skipped_row(aid=self.aid, sender="", seq=seq, after=after, max_frame=self.link.config.max_frame,
+                            dedupe_key=f"{gid}/skipped:{seq}", group_id=gid)
+        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, f"group:{gid}", covered))
+        self._acks[gid] = max(self._acks.get(gid, 0), covered)
+        self.stats["skipped"] += 1
 
     def _block(self, gid: str, why: str) -> None:
         if gid not in self._blocked:
@@ -812,6 +843,10 @@ class GroupSync(LinkSync):
             covered = self._advance(gid, max([after, floor, *rows]))
             if covered > after or rows:
                 await self._commit(gid, [rows[s] for s in sorted(rows)], covered)
+            else:
+                server = _int(cursor.get("current_seq"))
+                if server is not None and server < covered:  # the gateway lags (past a skipped row, nothing behind)
+                    await self._ack_upstream(gid, covered)
             head = _int(page.get("latest_message_seq")) or _int(cursor.get("latest_seq")) or 0
             if not rows or covered <= after or not (page.get("has_more") is True or head > covered):
                 return
@@ -832,13 +867,16 @@ class GroupSync(LinkSync):
         self._acks[gid] = max(self._acks.get(gid, 0), covered)
         self._advance(gid, self._acks[gid])
         # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated)
+        await self._ack_upstream(gid, covered)
+        if rotate:  # a message used our current group prekey: replace it (the old one is kept)
+            self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
+
+    async def _ack_upstream(self, gid: str, up_to: int) -> None:
         try:
-            await self.link.call("group.v2.ack", {"group_id": gid, "up_to_seq": covered, "device_id": self.device_id,
+            await self.link.call("group.v2.ack", {"group_id": gid, "up_to_seq": up_to, "device_id": self.device_id,
                                                   "slot_id": self.slot_id}, background=True)
         except AundError as exc:
             log.info("groups.ack_deferred", aid=self.aid, group_id=gid, error=str(exc))
-        if rotate:  # a message used our current group prekey: replace it (the old one is kept)
-            self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
 
     # --- group events ------------------------------------------------------------------------------------------
     async def _event_ack_of(self, gid: str) -> int:

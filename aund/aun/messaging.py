@@ -10,7 +10,9 @@ turn the row into a `message.undecryptable` event with the reason).
 `PeerSync` (one per link): one task that handles inline pushes (with `prev_peer_seq` gap
 detection) and pulls (`message.peers` + `message.v2.pull` through the link's pull gate, every
 page checked against the coverage proof). Rows are committed to the inbox together with the
-new gateway cursor in one transaction, and only then acked upstream.
+new gateway cursor in one transaction, and only then acked upstream. Pages are sized by the
+link's `PageSizer` (aund.aun.paging): fewer rows after a page closed the link with 1009, and a
+row that fits in no page is recorded as `message.undecryptable` (`too_large`) and moved past.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
 from aund.aun.link import Link
+from aund.aun.paging import PageSizer, skipped_row
 from aund.aun.peers import PeerDirectory
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
@@ -333,7 +336,10 @@ class E2EESession:
 
 
 class LinkSync:
-    """What every inbound sync of one link knows: its link, inbox, cursor identity and poll period."""
+    """What every inbound sync of one link knows: its link, inbox, cursor identity, poll period and
+    the row limit of its pages (`pages`, learnt from 1009s for as long as the link lives)."""
+
+    page_rows = PAGE_LIMIT
 
     def __init__(self, link: Link, inbox: Inbox, poll_seconds: float) -> None:
         self.link, self.inbox = link, inbox
@@ -342,6 +348,7 @@ class LinkSync:
         self.device_id = link.config.device_id
         self.slot_id = link.config.slot_id
         self.slot_key = ids.slot_isolation_key(self.slot_id)
+        self.pages = PageSizer(self.page_rows, self.aid)
 
 
 class PeerSync(LinkSync):
@@ -352,11 +359,12 @@ class PeerSync(LinkSync):
         super().__init__(link, inbox, poll_seconds)
         self.session = session
         self._acks: dict[str, int] = {}
+        self._next_row: dict[str, tuple[int, int]] = {}  # sender -> (our ack, seq of its next row) as last heard
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
-                      "duplicates": 0, "undecryptable": 0, "failures": 0, "reacks": 0}
+                      "duplicates": 0, "undecryptable": 0, "failures": 0, "reacks": 0, "skipped": 0}
 
     # called by the link's reader: never blocks
     def on_event(self, name: str, params: dict[str, Any]) -> None:
@@ -417,6 +425,8 @@ class PeerSync(LinkSync):
         if seq <= local:
             self.stats["duplicates"] += 1
             return
+        if isinstance(prev, int) and prev == local:
+            self._next_row[sender] = (local, seq)
         row = params.get("inline_message")
         if isinstance(row, dict) and isinstance(prev, int) and prev == local and row.get("seq") == seq:
             row_sender = str(row.get("from_aid") or row.get("sender_aid") or row.get("from") or "").lower()
@@ -425,7 +435,7 @@ class PeerSync(LinkSync):
                 await self._commit_rows(sender, [row], seq)
                 return
         self.stats["gaps"] += 1  # a gap (prev_peer_seq ahead of what we hold) or no inline row: pull
-        await self.sync_sender(sender)
+        await self.sync_sender(sender, seq)
 
     async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
         events, rotate = [], False
@@ -446,14 +456,23 @@ class PeerSync(LinkSync):
         if rotate:
             await self.session.publish_prekey(self.link, rotate=True)
 
-    async def sync_sender(self, sender: str) -> None:
-        """Pull everything from `sender` after what the inbox holds, page by page."""
+    async def sync_sender(self, sender: str, head: int | None = None) -> None:
+        """Pull everything from `sender` after what the inbox holds, page by page (at most `head`
+        minus the cursor rows per page, when the head is known)."""
+        namespace = f"p2p.peer.v1/{sender}"
         while True:
             after = await self._ack_of(sender)
-            params = {"cursor_scope": "peer", "sender_aid": sender, "after_seq": after, "limit": PAGE_LIMIT,
+            limit = self.pages.rows(None if head is None else head - after)
+            params = {"cursor_scope": "peer", "sender_aid": sender, "after_seq": after, "limit": limit,
                       "device_id": self.device_id, "slot_id": self.slot_id}
-            key = f"p2p.peer.v1/{sender}|forward|{after}|limit={PAGE_LIMIT}"
-            page = await self.link.pull(f"p2p.peer.v1/{sender}", key, "message.v2.pull", params, background=True)
+            key = f"{namespace}|forward|{after}|limit={limit}"
+            try:
+                page = await self.link.pull(namespace, key, "message.v2.pull", params, background=True)
+            except AundError as exc:
+                if self.pages.too_big(exc, namespace, after, limit):
+                    await self._skip_row(sender, after)
+                raise
+            self.pages.fitted(namespace, limit)
             self.stats["pulls"] += 1
             try:
                 verify_peer_page(params, page, local_ack=after)
@@ -463,11 +482,24 @@ class PeerSync(LinkSync):
                 if self.on_notice is not None:
                     self.on_notice(self.aid, "sync.proof_rejected", {"sender": sender, "reason": exc.reason})
                 return  # not trusted, not acked; the next push or connect tries again
-            covered = page["covered_through_seq"]
+            covered, head = page["covered_through_seq"], page["head_seq"]
             if covered > after or page["messages"]:
                 await self._commit_rows(sender, page["messages"], covered)
             if not page["has_more"] or covered <= after:
                 return
+
+    async def _skip_row(self, sender: str, after: int) -> None:
+        """Move past the row after `after` that fits in no page, recording it for apps. Its seq is
+        the `next_pending_seq` the gateway last named for that cursor (seqs are sparse per sender),
+        else `after + 1` (a hole skipped so costs another round). Acked upstream by the next
+        `full_sync` (the link is down now: it closed with 1009)."""
+        hint = self._next_row.get(sender)
+        seq = hint[1] if hint is not None and hint[0] == after and hint[1] > after else after + 1
+        event = skipped_row(aid=self.aid, sender=sender, seq=seq, after=after, max_frame=self.link.config.max_frame,
+                            dedupe_key=f"skipped:{seq}")
+        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, sender, seq))
+        self._acks[sender] = max(self._acks.get(sender, 0), seq)
+        self.stats["skipped"] += 1
 
     async def _ack_upstream(self, sender: str, up_to: int) -> None:
         try:
@@ -485,8 +517,11 @@ class PeerSync(LinkSync):
             sender = peer.get("sender_aid") if isinstance(peer, dict) else None
             if isinstance(sender, str) and isinstance(peer.get("head_seq"), int):
                 local = await self._ack_of(sender)
+                pending = peer.get("next_pending_seq")
+                if peer.get("server_ack_seq") == local and isinstance(pending, int) and pending > local:
+                    self._next_row[sender] = (local, pending)
                 if peer["head_seq"] > local:
-                    await self.sync_sender(sender)
+                    await self.sync_sender(sender, peer["head_seq"])
                 server_ack = peer.get("server_ack_seq")
                 if isinstance(server_ack, int) and server_ack < await self._ack_of(sender):
                     self.stats["reacks"] += 1

@@ -175,6 +175,18 @@ class Devnet:
     def live(self, aid: str) -> set["Conn"]:
         return self.conns.get(aid, set())
 
+    def page_rows_that_fit(self, rows: list[dict[str, Any]]) -> int:
+        """How many of a pull page's rows it keeps: as a production gateway, rows while the page
+        stays within PULL_PAGE_BYTES (always at least one); all of them with `unbounded_pages`."""
+        if self.faults.unbounded_pages:
+            return len(rows)
+        size = 0
+        for kept, row in enumerate(rows):
+            size += len(dumps(row).encode("utf-8"))
+            if kept and size > PULL_PAGE_BYTES:
+                return kept
+        return len(rows)
+
     def register_conn(self, conn: "Conn") -> list["Conn"]:
         """Apply the slot rules to a freshly authenticated connection; returns connections to kick.
 
@@ -962,15 +974,9 @@ class Conn:
         has_more = len(rows) > limit
         rows = rows[:limit]
         messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
-        if not self.net.faults.unbounded_pages:  # as a production gateway: the page is bounded by bytes
-            size, kept = 0, 0
-            for row in messages:
-                size += len(dumps(row).encode("utf-8"))
-                if kept and size > PULL_PAGE_BYTES:
-                    break
-                kept += 1
-            if kept < len(messages):
-                has_more, rows, messages = True, rows[:kept], messages[:kept]
+        kept = self.net.page_rows_that_fit(messages)
+        if kept < len(messages):
+            has_more, rows, messages = True, rows[:kept], messages[:kept]
         head = max(store.peer_head(self.aid, sender), scan_after)
         covered = rows[-1].seq if has_more else head
         result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,

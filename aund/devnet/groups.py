@@ -1288,6 +1288,9 @@ def rpc_v2_pull(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     rows = svc.visible_rows(gid, member, device, after, None, limit + 1)
     has_more = len(rows) > limit
     messages = [r for r in (svc.message_row(m, conn.aid, device, conn.slot_id) for m in rows[:limit]) if r]
+    kept = conn.net.page_rows_that_fit(messages)
+    if kept < len(messages):  # bounded by bytes: the next page starts after the last row kept
+        has_more, messages = True, messages[:kept]
     ack = svc.cursor(gid, conn.aid, device, slot_key, "msg")
     unread = svc.db.execute("SELECT COUNT(*) FROM grp_messages WHERE group_id=? AND seq>?",
                             (gid, max(ack, member["join_seq"]))).fetchone()[0]
