@@ -53,6 +53,9 @@ def render(status: dict) -> None:
     now = time.time()
     print(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
           f", {status.get('identities', 0)} identities")
+    view = status.get("view") or {}
+    if view and not view.get("all", True):
+        print(f"(showing only what uid {view.get('uid')} may use: its identities and its own apps)")
     links = status.get("links", [])
     rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
              link.get("reconnects", 0), f"{link.get('in_flight', 0)}/{link.get('queued', 0)}", link.get("holders", 0),
