@@ -96,7 +96,7 @@ def run_cli_as(uid: int, gid: int, argv: list[str], *, groups: Iterable[int] = (
     """`aund ARGV` as uid/gid (and supplementary `groups`), started as root; output captured."""
     cfg = {"uid": uid, "gid": gid, "groups": list(groups), "argv": argv}
     return subprocess.run([sys.executable, "-c", _CLI_AS, json.dumps(cfg)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          check=False, cwd=ROOT, timeout=timeout)
 
 
 def spawn_app(command: str, cfg: dict[str, Any], log: Path, **popen: Any) -> subprocess.Popen:

@@ -27,7 +27,14 @@ from pathlib import Path
 import pytest
 
 from client_stub import Client
-from tests.system.harness import aid, finish, group_socket_dir, kill_all, spawn_app, start_aund
+from tests.system.harness import (
+    aid,
+    finish,
+    group_socket_dir,
+    kill_all,
+    spawn_app,
+    start_aund,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
