@@ -501,7 +501,7 @@ def policy_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     - await_event {aid, seconds}: a message event arrived on that subscription; ended {aid, seconds}:
       the subscription ended (LABEL.how: "ok" for a clean end, or the error's class name, or
       "running" when it did not end in time)
-    - touch {file}; wait {file} (in the work directory)
+    - touch {file}; wait {file} (in the work directory); report {file}: the outcomes so far, as JSON
     """
     os.setgroups(cfg.get("groups", []))
     os.setgid(cfg["gid"])
@@ -571,6 +571,7 @@ def policy_probe(cfg: dict[str, Any]) -> dict[str, Any]:
         "call_bg": call_bg, "join": join, "subscribe": subscribe, "await_event": await_event, "ended": ended,
         "touch": lambda st: (work / st["file"]).touch(),
         "wait": wait,
+        "report": lambda st: _write_json(work / st["file"], out),
     }
     for step in cfg["steps"]:
         label = step.get("as", step["op"])
