@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,12 @@ SOCKET_MODE = 0o660
 DIR_MODE = 0o750
 BACKLOG = 128
 _PEERCRED = struct.Struct("3i")
-# Python has no name for it; 59 is Linux's value on every architecture aund runs on (asm-generic)
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+# Python has no name for it: 59 is its value in Linux's asm-generic socket.h, which these
+# architectures use; elsewhere (alpha, mips, parisc, sparc: their own numbers) it stays unknown
+# and only the primary gid counts, rather than reading some other option.
+_GENERIC_SOCKET_ABI = ("x86_64", "i386", "i686", "aarch64", "arm", "riscv", "ppc", "s390", "loongarch")
+SO_PEERGROUPS: int | None = getattr(socket, "SO_PEERGROUPS", None) or (
+    59 if sys.platform == "linux" and os.uname().machine.startswith(_GENERIC_SOCKET_ABI) else None)
 PEERGROUPS_SMALL = 1024  # bytes: the most CPython's getsockopt() reads (256 groups)
 NGROUPS_MAX = 65536  # Linux's cap on supplementary groups
 
@@ -190,10 +195,12 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
 def peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
     """The supplementary groups of the process that connected, from ``SO_PEERGROUPS`` (Linux):
     taken by the kernel at ``connect()``, together with ``SO_PEERCRED``, so no pid-reuse race.
-    ``()`` where the kernel has no such option (then only the primary gid counts).
+    ``()`` where the kernel or platform has no such option (then only the primary gid counts).
 
     Errors: ``OSError`` if the socket is not a connected Unix socket.
     """
+    if SO_PEERGROUPS is None:
+        return ()
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEERGROUPS_SMALL)
     except OSError as exc:
