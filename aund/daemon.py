@@ -81,7 +81,7 @@ class LinkEntry:
     sync: PeerSync
     session: E2EESession
     pinned: bool
-    holders: set[int] = field(default_factory=set)
+    holders: dict[object, int] = field(default_factory=dict)  # each session or subscription -> its app's conn_id
     groups: GroupSync | None = None
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
@@ -178,11 +178,13 @@ class Daemon:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def reload(self, config: Config) -> dict[str, list[str]]:
+    def reload(self, config: Config, policy: Any = None) -> dict[str, Any]:
         """Apply a new configuration: trust roots (bundled + root_ca + the state dir's trust-roots.pem,
         re-read; caches of chains, revocation answers and peer certificates are dropped when they
-        change) and the identity list (start links for added AIDs, unpin removed ones: they close
-        once idle). Other links are not touched. Returns what changed."""
+        change), the identity list (start links for added AIDs, unpin removed ones: they close
+        once idle) and, if given, the already validated `policy` built from `config.policy` (the
+        broker then takes from its apps what it no longer allows). Other links are not touched.
+        Returns what changed."""
         roots = TrustRoots.load(config.root_ca, config.state_dir)  # a bad root file keeps everything as it was
         if roots.certs != self.trust.roots.certs:
             self.trust.replace_roots(roots)
@@ -207,8 +209,15 @@ class Daemon:
                 entry.pinned = False
                 if not entry.holders:
                     entry.idle_since = trio.current_time()
-        log.info("daemon.reloaded", added=added, removed=removed)
-        return {"added": added, "removed": removed}
+        changed = policy is not None and policy != self.policy
+        if policy is not None:
+            self.policy = policy
+            if self.broker is not None:
+                self.broker.set_policy(policy)
+            if changed:
+                log.info("daemon.policy_reloaded", rules=len(policy.rules), owners=sorted(policy.owners))
+        log.info("daemon.reloaded", added=added, removed=removed, policy_changed=changed)
+        return {"added": added, "removed": removed, "policy_changed": changed}
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
@@ -495,18 +504,39 @@ class Daemon:
     def daemon_info(self) -> dict[str, Any]:
         return {"daemon_version": aund.__version__, "features": ["links", "link_events"]}
 
-    def status(self) -> dict[str, Any]:
-        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(e.holders)}
-                 for e in self.links.values()]
+    def status(self, app: AppIdentity | None = None) -> dict[str, Any]:
+        """Everything for None and for the owners (root, the daemon's uid); any other app sees the
+        links, inbox depths and warnings of the AIDs its policy allows, and only its own uid's apps
+        (daemon-wide counters and warnings that name no AID stay)."""
+        everything = app is None or self.sees_all(app)
+
+        def visible(aid: str) -> bool:
+            return everything or self.allowed(app, aid)  # type: ignore[arg-type]
+
+        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()))}
+                 for (aid, _), e in self.links.items() if visible(aid)]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
-        return {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-                "identities": len(self.store.list()), "links": links, "broker": apps, "inbox": self.inbox_depth,
-                "inbox_written": dict(self.inbox.events_written) if self.inbox is not None else {},
-                "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
-                           "waiting": budget.tasks_waiting},
-                "process": systemd.core_dump_state(),
-                "warnings": self.warnings()}
+        if not everything and apps:
+            apps["apps"] = [a for a in apps["apps"] if a["uid"] == app.uid]  # type: ignore[union-attr]
+        out = {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
+               "identities": sum(map(visible, self.store.list())), "links": links, "broker": apps,
+               "inbox": {aid: n for aid, n in self.inbox_depth.items() if visible(aid)},
+               "inbox_written": {aid: n for aid, n in (self.inbox.events_written if self.inbox is not None
+                                                       else {}).items() if visible(aid)},
+               "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
+                          "waiting": budget.tasks_waiting},
+               "process": systemd.core_dump_state(),
+               "warnings": [w for w in self.warnings() if "aid" not in w or visible(w["aid"])]}
+        if app is not None:
+            out["view"] = {"uid": app.uid, "all": everything}
+        return out
+
+    def sees_all(self, app: AppIdentity) -> bool:
+        """Root and the daemon's uid (the policy's owners) see every AID and app in `status`."""
+        if self.policy is None:
+            return app.uid in (0, os.getuid())
+        return bool(self.policy.sees_all(app.uid))
 
     def warnings(self) -> list[dict[str, str]]:
         out = [{"code": code, "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
@@ -530,33 +560,69 @@ class Daemon:
                             "text": f"{aid}/{slot} is {state.value}: {e.link.last_error}"})
         return out
 
+    def canonical_aid(self, aid: str) -> str:
+        return _normalize_aid(aid)
+
     def allowed(self, app: AppIdentity, aid: str) -> bool:
+        """May this app use `aid`? Asked about the normalised AID (False if it is none)."""
+        try:
+            aid = ids.normalize_aid(aid)
+        except ValueError:
+            return False
         if self.policy is None:
             return app.uid in (0, os.getuid())
-        return bool(self.policy.allows(app.uid, app.gid, aid))
+        return bool(self.policy.allows(app.uid, app.gid, aid, app.groups))
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
+    def _permitted(self, app: AppIdentity, aid: Any) -> str:
+        """The normalised `aid`, if this app may use it (InvalidParams, PermissionDenied)."""
         aid = _normalize_aid(aid)
         if not self.allowed(app, aid):
-            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
-        entry = await self._open_link(aid, slot_id, pinned=False)
-        entry.holders.add(app.conn_id)
-        entry.idle_since = None
-        return _Handle(self, entry)
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}", data={"aid": aid})
+        return aid
 
-    async def release_session(self, app: AppIdentity, handle: _Handle) -> None:
-        entry = handle.entry
-        entry.holders.discard(app.conn_id)
-        self.protected_headers.pop((app.conn_id, handle.aid), None)
+    @staticmethod
+    def _hold(entry: LinkEntry, holder: object, conn_id: int) -> None:
+        entry.holders[holder] = conn_id
+        entry.idle_since = None
+
+    @staticmethod
+    def _let_go(entry: LinkEntry, holder: object) -> None:
+        entry.holders.pop(holder, None)
         if not entry.holders:
             entry.idle_since = trio.current_time()
 
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
+        aid = self._permitted(app, aid)
+        entry = await self._open_link(aid, slot_id, pinned=False)
+        handle = _Handle(self, entry)
+        self._hold(entry, handle, app.conn_id)
+        return handle
+
+    async def release_session(self, app: AppIdentity, handle: _Handle) -> None:
+        self.protected_headers.pop((app.conn_id, handle.aid), None)
+        self._let_go(handle.entry, handle)
+
+    async def _hold_for_subscription(self, app: AppIdentity, aid: str, holder: object) -> LinkEntry | None:
+        """A subscription holds its AID's link as a session does, so a subscribe-only app keeps
+        receiving after the other apps let go: the running link of the configured slot (else of any
+        slot), else one started on demand. None when the identity does not exist (yet)."""
+        live = [e for (a, _), e in self.links.items() if a == aid and e.link.state != LinkState.CLOSED]
+        entry = next((e for e in live if e.link.config.slot_id == self.config.slot_id), live[0] if live else None)
+        if entry is None:
+            if not self.store.exists(aid):
+                return None
+            try:
+                entry = await self._open_link(aid, self.config.slot_id, pinned=False)
+            except IdentityNotFound:
+                return None
+        self._hold(entry, holder, app.conn_id)
+        return entry
+
     async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                         start: str | int) -> AsyncIterator[InboxEvent]:
-        """Durable message events from the inbox (from `start`), interleaved with live link events."""
-        aid = _normalize_aid(aid)
-        if not self.allowed(app, aid):
-            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        """Durable message events from the inbox (from `start`), interleaved with live link events;
+        holds the AID's link while it runs."""
+        aid = self._permitted(app, aid)
         assert self.inbox is not None
         if start == "last_ack":
             cursor = await self.inbox.consumer_cursor(aid, consumer_key(app, consumer))
@@ -572,7 +638,9 @@ class Daemon:
         durable = tuple(sorted(wanted & MESSAGE_EVENT_KINDS))
         sub = _Subscriber(wanted & LINK_EVENT_KINDS)
         self._subscribers.setdefault(aid, set()).add(sub)
+        held: LinkEntry | None = None
         try:
+            held = await self._hold_for_subscription(app, aid, sub)
             while True:
                 rows = await self.inbox.read(aid, cursor, durable, 100) if durable else []
                 for row in rows:
@@ -584,6 +652,8 @@ class Daemon:
                 if not rows:
                     await sub.wait()
         finally:
+            if held is not None:
+                self._let_go(held, sub)
             subs = self._subscribers.get(aid)
             if subs is not None:
                 subs.discard(sub)
@@ -591,9 +661,7 @@ class Daemon:
                     del self._subscribers[aid]
 
     async def ack(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> None:
-        aid = _normalize_aid(aid)
-        if not self.allowed(app, aid):
-            raise PermissionDenied(f"uid {app.uid} may not use {aid}")
+        aid = self._permitted(app, aid)
         assert self.inbox is not None
         try:
             await self.inbox.ack(aid, consumer_key(app, consumer), cursor)

@@ -13,13 +13,15 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class AppIdentity:
-    """Who is on the other end of an app connection (from SO_PEERCRED at accept)."""
+    """Who is on the other end of an app connection (SO_PEERCRED and SO_PEERGROUPS at accept;
+    ``groups`` are the supplementary groups)."""
 
     conn_id: int
     pid: int
     uid: int
     gid: int
     app_name: str = ""
+    groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,13 @@ class Backend(Protocol):
     def daemon_info(self) -> dict[str, Any]:
         """Version, protocol, features; merged into the hello reply."""
 
-    def status(self) -> dict[str, Any]:
-        """Per-link, budget, inbox and warnings for `aund status` (JSON-safe)."""
+    def status(self, app: AppIdentity | None = None) -> dict[str, Any]:
+        """Per-link, budget, inbox and warnings for `aund status` (JSON-safe): for `app`, only
+        what its policy lets it see (everything for the owners and for None)."""
+
+    def canonical_aid(self, aid: str) -> str:
+        """The normalised AID (what the policy is asked about and what is used);
+        InvalidParams if `aid` is not an AID."""
 
     async def ensure_identity(self, aid: str) -> dict[str, Any]:
         """Load, register only if absent, load again; returns at least aid and cert_fingerprint."""
@@ -72,7 +79,8 @@ class Backend(Protocol):
         InvalidParams (`data.field`, `data.reason`) for a document that does not validate."""
 
     def allowed(self, app: AppIdentity, aid: str) -> bool:
-        """The policy: may this app's uid/gid use this AID?"""
+        """The policy: may this app's uid/gid/groups use this (normalised) AID? The answer may
+        change at a policy reload, after which the broker checks what its apps hold again."""
 
     async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> SessionHandle:
         """Hold the (AID, slot) link for this app, starting it on demand."""
@@ -83,6 +91,8 @@ class Backend(Protocol):
     def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                   start: str | int) -> AsyncIterator[InboxEvent]:
         """Events for `aid` from the durable inbox (and link events), from `start`:
-        "last_ack" (resume where `consumer` acked), "now" (skip history), or an int cursor."""
+        "last_ack" (resume where `consumer` acked), "now" (skip history), or an int cursor.
+        While it runs, the subscription holds the AID's link (as a session does), so a
+        subscribe-only app keeps receiving."""
 
     async def ack(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> None: ...

@@ -1,15 +1,18 @@
-"""Broker layer: who may use which AID, decided from the peer's ``SO_PEERCRED`` uid/gid. Pure (the
-stdlib only; ``pwd``/``grp`` are consulted once, when a rule names a user or group).
+"""Broker layer: who may use which AID, decided from the peer's ``SO_PEERCRED`` uid/gid and its
+supplementary groups (``SO_PEERGROUPS``). Pure (the stdlib only; ``pwd``/``grp`` are consulted
+once, when a rule names a user or group).
 
 Configuration shape (the ``[policy]`` table of the config file, or a dict)::
 
     {"alice.aid.test": {"uids": [1000]},
      "*.bots.aid.test": {"uids": ["botrunner"], "gids": ["aund-apps", 1002]}}
 
-Keys are exact AIDs or ``fnmatch`` globs (case-sensitive; ``*`` also matches dots). Every rule
-whose key matches an AID grants its ``uids`` and ``gids``; rules only ever grant (their order does
-not matter). The *owners* (by default the daemon's own uid and root) may use every AID. Only the
-peer's primary gid is known from ``SO_PEERCRED``; supplementary groups are not consulted.
+Keys are exact AIDs or ``fnmatch`` globs (``*`` also matches dots), lower-cased like AIDs: they
+are matched against the normalised (lower-case) AID, which the caller passes. Every rule whose key
+matches an AID grants its ``uids`` and ``gids``; a ``gids`` entry matches the peer's primary gid or
+any of its supplementary groups. Rules only ever grant (their order does not matter). The
+*owners* (by default the daemon's own uid and root) may use every AID and see everything in
+``status``.
 """
 from __future__ import annotations
 
@@ -77,24 +80,39 @@ class Policy:
             unknown = set(spec) - {"uids", "gids"}
             if unknown:
                 raise ValueError(f"policy rule {pattern!r}: unknown keys {sorted(unknown)}")
-            parsed.append(Rule(pattern, _ids(spec.get("uids"), "uids", pattern, lambda n: pwd.getpwnam(n).pw_uid),
+            parsed.append(Rule(pattern.lower(), _ids(spec.get("uids"), "uids", pattern, lambda n: pwd.getpwnam(n).pw_uid),
                                _ids(spec.get("gids"), "gids", pattern, lambda n: grp.getgrnam(n).gr_gid)))
         self.rules: tuple[Rule, ...] = tuple(parsed)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.owners == other.owners and set(self.rules) == set(other.rules)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @classmethod
     def from_config(cls, mapping: Mapping[str, Mapping[str, Any]] | None, **kw: Any) -> "Policy":
         """Same as the constructor; reads as what it is at the call site."""
         return cls(mapping, **kw)
 
-    def allows(self, uid: int, gid: int, aid: str) -> bool:
-        """May a peer with this uid/gid act as ``aid``? Owners always may."""
+    def allows(self, uid: int, gid: int, aid: str, groups: Iterable[int] = ()) -> bool:
+        """May a peer with this uid, primary gid and supplementary ``groups`` act as ``aid`` (the
+        normalised AID)? Owners always may."""
         if uid in self.owners:
             return True
-        return any((uid in r.uids or gid in r.gids) and r.matches(aid) for r in self.rules)
+        gids = {gid, *groups}
+        return any((uid in r.uids or not r.gids.isdisjoint(gids)) and r.matches(aid) for r in self.rules)
 
-    def admits(self, uid: int, gid: int) -> bool:
-        """May this peer connect at all (it is an owner or some rule names its uid or gid)?"""
-        return uid in self.owners or any(uid in r.uids or gid in r.gids for r in self.rules)
+    def admits(self, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
+        """May this peer connect at all (it is an owner or some rule names its uid or one of its
+        groups)?"""
+        gids = {gid, *groups}
+        return uid in self.owners or any(uid in r.uids or not r.gids.isdisjoint(gids) for r in self.rules)
+
+    def sees_all(self, uid: int) -> bool:
+        """Does this uid see every AID and app in ``status`` (the owners do)?"""
+        return uid in self.owners
 
     def __repr__(self) -> str:
         return f"<Policy owners={sorted(self.owners)} rules={len(self.rules)}>"

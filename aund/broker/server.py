@@ -4,13 +4,14 @@ rest of ``aund.broker``; never the daemon (it reaches identities and links throu
 ``serve_broker`` binds the socket (or takes listeners handed over by systemd), accepts apps with
 ``trio.serve_listeners``, identifies each with ``SO_PEERCRED`` and runs one ``AppSession`` per
 connection. ``task_status.started(server)`` hands back the ``BrokerServer``, whose
-``statistics()`` the daemon merges into ``status``.
+``statistics()`` the daemon merges into ``status``. ``set_policy()`` applies a reloaded policy to
+the connected apps (``AppSession.enforce`` / ``revoke``).
 
 Logged events (stable names, all at warning level and at most once per cause and connection):
 ``broker.connection_rejected`` (max connections, policy), ``broker.protocol_violation``,
 ``broker.permission_denied``, ``broker.limits_exceeded``, ``broker.outbox_overflow``,
 ``broker.consumer_stalled``, ``broker.event_undeliverable``, ``broker.release_failed``,
-``broker.release_timeout``; ``broker.session_crashed`` (error, with the traceback: a bug).
+``broker.release_timeout``, ``broker.access_revoked``; ``broker.session_crashed`` (error, with the traceback: a bug).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from aund.broker.backend import Backend
 from aund.broker.limits import BrokerStatistics, Limits
 from aund.broker.policy import Policy
 from aund.broker.session import AppSession
-from aund.broker.sockets import BoundPath, bind_unix, peer_credentials
+from aund.broker.sockets import BoundPath, bind_unix, peer_credentials, peer_groups
 from client_stub import wire
 from client_stub.errors import AundError, LimitsExceeded, NotReady, PermissionDenied
 
@@ -42,7 +43,7 @@ class BrokerServer:
     share one budget, or let the server make one of ``limits.global_calls`` tokens. Every call
     acquires it with ``acquire_on_behalf_of(CallBorrower(...))`` (one borrower per call, naming the
     app), so ``call_limiter.statistics().borrowers`` shows which app holds which tokens.
-    ``policy``, if given, only admits connections from its owners and from uids/gids some rule
+    ``policy``, if given, only admits connections from its owners and from uids/groups some rule
     names; per-AID decisions are always ``backend.allowed``.
     """
 
@@ -111,6 +112,18 @@ class BrokerServer:
         their in-flight calls, which the caller lets finish within its grace period."""
         self.draining = True
 
+    def set_policy(self, policy: Policy | None) -> None:
+        """A reloaded policy (the backend answers ``allowed`` by it already): apps whose uid it no
+        longer admits are told so and closed; the others lose what they may no longer use."""
+        self.policy = policy
+        self._refused_uids.clear()
+        for session in list(self.apps.values()):
+            a = session.app
+            if policy is not None and not policy.admits(a.uid, a.gid, a.groups):
+                session.revoke()
+            else:
+                session.enforce()
+
     async def serve(self, listeners: list[trio.SocketListener], *,
                     task_status: trio.TaskStatus[BrokerServer] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept on ``listeners`` until cancelled; ``started(self)`` once accepting."""
@@ -122,6 +135,7 @@ class BrokerServer:
         """Serve one accepted connection to its end (the ``trio.serve_listeners`` handler)."""
         try:
             pid, uid, gid = peer_credentials(stream.socket)
+            groups = peer_groups(stream.socket)
         except OSError:
             await trio.aclose_forcefully(stream)
             return
@@ -147,11 +161,11 @@ class BrokerServer:
             await self._reject(stream, NotReady("aund is stopping; try again when it is back",
                                                 data={"reason": "stopping"}))
             return
-        if self.policy is not None and not self.policy.admits(uid, gid):
+        if self.policy is not None and not self.policy.admits(uid, gid, groups):
             self._log_refused(uid, "policy", conn=conn_id, gid=gid, pid=pid)
             await self._reject(stream, PermissionDenied(f"uid {uid} may not use aund", data={"uid": uid}))
             return
-        session = AppSession(self, stream, conn_id, pid, uid, gid)
+        session = AppSession(self, stream, conn_id, pid, uid, gid, groups)
         self.apps[conn_id] = session
         try:
             await session.run()

@@ -14,6 +14,13 @@ Tasks of one connection (all in its own nursery, so a disconnect cancels every o
   outbox is full, so a slow app only ever slows itself. An outbox that stays full for
   ``Limits.stall_timeout`` closes the connection; the events stay in the durable inbox.
 
+Policy: every op that names an AID normalises it first and asks the policy about the normalised
+name, which is the one it then uses. After a policy reload the server calls ``enforce()``: what
+the app may no longer use is taken away (its sessions are released, its subscriptions end with
+``subscription.end`` carrying ``PermissionDenied``, its requests in flight for that AID answer
+``PermissionDenied``); ``revoke()`` does all of that for every AID and then closes the connection
+with a connection-level ``PermissionDenied`` (the uid is no longer admitted at all).
+
 Error handling: an op raises ``AundError`` subclasses only; they become ``err`` replies and the
 connection stays open. A protocol violation (undecodable/oversize frame, a bad frame field, a
 request before ``hello``, no common protocol) gets one ``err`` frame, one log line, and closes this
@@ -22,10 +29,11 @@ connection. Anything else is a bug: it propagates and the server closes this con
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +73,7 @@ MAX_HEADERS = 64
 RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
                               "group_id", "timestamp", "sdk_lang", "sdk_version", "verified", "encrypted"})
 AGENT_MD_MAX_CHARS = 64 * 1024  # far above the 4 KiB card: the daemon's check says what is too large
+MAX_REVOKED_SESSIONS = 1024  # per connection: session ids remembered as taken away by the policy
 
 
 class Outbox:
@@ -130,6 +139,7 @@ class Subscription:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed: bool = False
     delivered: int = 0
+    end_error: AundError | None = None  # why the broker ended it (the policy no longer allows it)
 
 
 @dataclass(frozen=True)
@@ -228,12 +238,12 @@ class AppSession:
     """One connected app: its peer credentials, quotas, sessions, subscriptions and outbox."""
 
     def __init__(self, server: "BrokerServer", stream: trio.SocketStream, conn_id: int,
-                 pid: int, uid: int, gid: int) -> None:
+                 pid: int, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
         self.server = server
         self.backend = server.backend
         self.limits = server.limits
         self.stream = stream
-        self.app = AppIdentity(conn_id=conn_id, pid=pid, uid=uid, gid=gid)
+        self.app = AppIdentity(conn_id=conn_id, pid=pid, uid=uid, gid=gid, groups=tuple(groups))
         self.protocol: int | None = None
         self.max_frame = min(PRE_HELLO_MAX_FRAME, self.limits.max_frame)
         self.decoder = wire.FrameDecoder(self.max_frame)
@@ -244,6 +254,9 @@ class AppSession:
         self.subscriptions: dict[int, Subscription] = {}
         self.close_reason: str | None = None
         self._opening = 0
+        self._guards: dict[object, tuple[str, trio.CancelScope]] = {}  # requests in flight per AID
+        self._revoked_sessions: dict[int, str] = {}  # session id -> AID, taken away by the policy
+        self._revoked = False
         self._ids = itertools.count(1)
         self._logged: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
@@ -277,15 +290,14 @@ class AppSession:
                         await self.outbox.wait_flushed()
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None  # from here on _release_all releases whatever is still held
             await self._release_all()
 
     async def _hello_watchdog(self) -> None:
         await trio.sleep(self.limits.hello_timeout)
         if self.protocol is None and self.close_reason is None:
             self._violation(ProtocolError(f"no hello within {self.limits.hello_timeout}s"))
-            with trio.move_on_after(FLUSH_GRACE):
-                await self.outbox.wait_flushed()
-            self.close("hello_timeout")
+            await self._close_after_flush("hello_timeout")
 
     def close(self, reason: str) -> None:
         """Close this connection now (cancels its requests, pumps and writer); idempotent."""
@@ -470,18 +482,103 @@ class AppSession:
         return {(h.aid, h.slot_id) for h in self.sessions.values()}
 
     # --- shared checks -----------------------------------------------------------------------------
-    def _authorize(self, aid: str) -> None:
+    def _authorized(self, args: dict[str, Any], name: str = "aid") -> str:
+        """The normalised AID in argument ``name``, once the policy allows this app to use it (the
+        policy is asked about the normalised name, the one the backend registers and uses)."""
+        aid = self.backend.canonical_aid(_str(args, name))
         if self.backend.allowed(self.app, aid):
-            return
+            return aid
         self._log_once(("denied", aid), "broker.permission_denied", app=self.app.app_name, aid=aid)
-        raise PermissionDenied(f"uid {self.app.uid} may not use {aid}", data={"aid": aid})
+        raise self._denied(aid)
+
+    def _denied(self, aid: str) -> PermissionDenied:
+        return PermissionDenied(f"uid {self.app.uid} may not use {aid}", data={"aid": aid})
+
+    @contextlib.contextmanager
+    def _guard(self, aid: str) -> Iterator[None]:
+        """Run a request for ``aid``; if a policy reload takes the AID away meanwhile, the request
+        is cancelled and answers PermissionDenied."""
+        key, scope = object(), trio.CancelScope()
+        self._guards[key] = (aid, scope)
+        try:
+            with scope:
+                yield
+        finally:
+            del self._guards[key]
+        if scope.cancelled_caught:
+            raise self._denied(aid)
 
     def _session(self, args: dict[str, Any]) -> SessionHandle:
         sid = _int(args, "session", minimum=1)
         try:
             return self.sessions[sid]
         except KeyError:
+            if sid in self._revoked_sessions:
+                raise self._denied(self._revoked_sessions[sid]) from None
             raise ResourceNotExistError(f"no open session {sid} on this connection", data={"session": sid}) from None
+
+    # --- policy reload -----------------------------------------------------------------------------
+    def enforce(self) -> dict[str, Any]:
+        """Take away what the policy no longer allows this app (see the module docstring).
+        Returns what was taken (empty when nothing was)."""
+        if self._nursery is None:  # not running (yet, or any more): nothing is held by a request
+            return {}
+        allowed: dict[str, bool] = {}
+
+        def ok(aid: str) -> bool:
+            if aid not in allowed:
+                allowed[aid] = self.backend.allowed(self.app, aid)
+            return allowed[aid]
+
+        sessions = [(sid, h) for sid, h in self.sessions.items() if not ok(h.aid)]
+        for sid, handle in sessions:
+            del self.sessions[sid]
+            self._revoked_sessions[sid] = handle.aid
+            while len(self._revoked_sessions) > MAX_REVOKED_SESSIONS:
+                del self._revoked_sessions[next(iter(self._revoked_sessions))]
+            self._nursery.start_soon(self._release_shielded, handle)
+        subs = [sub for sub in self.subscriptions.values() if not ok(sub.aid)]
+        for sub in subs:
+            del self.subscriptions[sub.id]
+            sub.end_error = self._denied(sub.aid)
+            sub.scope.cancel()
+        requests = [scope for aid, scope in self._guards.values() if not ok(aid)]
+        for scope in requests:
+            scope.cancel()
+        aids = sorted(aid for aid, ok_ in allowed.items() if not ok_)
+        if not aids:
+            return {}
+        taken = {"aids": aids, "sessions": len(sessions), "subscriptions": len(subs), "requests": len(requests)}
+        self.log.warning("broker.access_revoked", app=self.app.app_name, scope="aid", **taken)
+        return taken
+
+    def revoke(self) -> None:
+        """The policy no longer admits this uid: take everything away, tell the app with a
+        connection-level PermissionDenied and close the connection (once that went out)."""
+        if self._revoked or self.close_reason is not None:
+            return
+        self._revoked = True
+        taken = self.enforce()
+        self.log.warning("broker.access_revoked", app=self.app.app_name, scope="connection",
+                         sessions=taken.get("sessions", 0), subscriptions=taken.get("subscriptions", 0),
+                         requests=taken.get("requests", 0))
+        self._queue(self._encode_error(None, PermissionDenied(
+            f"uid {self.app.uid} may no longer use aund (the policy was reloaded)",
+            data={"uid": self.app.uid, "reason": "policy_reloaded"})))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_after_flush, "policy_revoked")
+        else:
+            self.close("policy_revoked")
+
+    async def _close_after_flush(self, reason: str) -> None:
+        with trio.move_on_after(FLUSH_GRACE):
+            await self.outbox.wait_flushed()
+        self.close(reason)
+
+    async def _release_shielded(self, handle: SessionHandle) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.release_grace
+            await self._release_one(handle)
 
     def _subscription(self, args: dict[str, Any]) -> Subscription:
         sub_id = _int(args, "sub", minimum=1)
@@ -498,25 +595,25 @@ class AppSession:
         return {"pong": True}
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
-        status = dict(self.backend.status())
+        status = dict(self.backend.status(self.app))
         status.setdefault("broker", self.server.statistics().as_dict())
         return status
 
     async def op_identity_ensure(self, args: dict[str, Any]) -> dict[str, Any]:
-        aid = _str(args, "aid")
-        self._authorize(aid)
-        return await self.backend.ensure_identity(aid)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.ensure_identity(aid)
 
     async def op_agent_md_get(self, args: dict[str, Any]) -> dict[str, Any]:
-        aid = _str(args, "aid")
-        self._authorize(aid)
-        return await self.backend.agent_md(self.app, aid)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.agent_md(self.app, aid)
 
     async def op_agent_md_set(self, args: dict[str, Any]) -> dict[str, Any]:
-        aid = _str(args, "aid")
         content = _str(args, "content", max_len=AGENT_MD_MAX_CHARS)
-        self._authorize(aid)
-        return await self.backend.set_agent_md(self.app, aid, content)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.set_agent_md(self.app, aid, content)
 
     def op_identity_list(self, args: dict[str, Any]) -> dict[str, Any]:
         mine = [i for i in self.backend.list_identities()
@@ -524,12 +621,12 @@ class AppSession:
         return {"identities": mine}
 
     async def op_session_open(self, args: dict[str, Any]) -> dict[str, Any]:
-        aid = _str(args, "aid")
+        _str(args, "aid")
         slot_id = _str(args, "slot_id", "main", max_len=128)
-        self._authorize(aid)
+        aid = self._authorized(args)
         if len(self.sessions) + self._opening >= self.limits.sessions_per_app:
             raise self._quota("sessions", self.limits.sessions_per_app)
-        link = (aid.strip().lower(), slot_id)
+        link = (aid, slot_id)  # aid is normalised
         mine = self.links()
         if link not in mine and len(mine) >= self.limits.links_per_app:
             raise self._quota("links", self.limits.links_per_app)
@@ -538,9 +635,13 @@ class AppSession:
             raise self._quota("links", self.limits.links_per_uid, per="user")
         self._opening += 1
         try:
-            handle = await self.backend.open_session(self.app, aid, slot_id)
+            with self._guard(aid):
+                handle = await self.backend.open_session(self.app, aid, slot_id)
         finally:
             self._opening -= 1
+        if not self.backend.allowed(self.app, aid):  # a reload took it away as the open returned
+            await self._release_shielded(handle)
+            raise self._denied(aid)
         sid = next(self._ids)
         self.sessions[sid] = handle
         return {"session": sid, "aid": handle.aid, "slot_id": handle.slot_id, "state": handle.state()}
@@ -548,15 +649,13 @@ class AppSession:
     async def op_session_close(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)
         del self.sessions[args["session"]]
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.limits.release_grace
-            await self._release_one(handle)
+        await self._release_shielded(handle)
         return {}
 
     async def op_session_wait_ready(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)
         timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        with self._guard(handle.aid), trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             await handle.wait_ready()
         state = handle.state()
         if scope.cancelled_caught:
@@ -578,6 +677,14 @@ class AppSession:
             raise self._quota("calls", self.limits.calls_per_app)
         self.calls_in_flight += 1
         borrower = CallBorrower(self.app.conn_id, self.app.app_name, self.app.pid, next(self._ids))
+        try:
+            with self._guard(handle.aid):  # a policy reload may take the AID away while queued or running
+                return await self._call(handle, method, params, timeout, background, borrower)
+        finally:
+            self.calls_in_flight -= 1
+
+    async def _call(self, handle: SessionHandle, method: str, params: dict[str, Any], timeout: float | None,
+                    background: bool, borrower: CallBorrower) -> Any:
         held: list[Any] = []
         try:
             start = trio.current_time()
@@ -596,7 +703,6 @@ class AppSession:
             raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s", data={"method": method})
         finally:
             self.server.release_call(held, borrower)  # whatever was acquired, on every path
-            self.calls_in_flight -= 1
 
     def op_set_protected_headers(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)
@@ -609,13 +715,13 @@ class AppSession:
         return {}
 
     def op_subscribe(self, args: dict[str, Any]) -> dict[str, Any]:
-        aid = _str(args, "aid")
+        _str(args, "aid")
         consumer = _str(args, "consumer", max_len=128)
         kinds = _get(args, "kinds", [])
         if not isinstance(kinds, list) or len(kinds) > 64 or not all(isinstance(k, str) and k for k in kinds):
             raise InvalidParams("argument 'kinds' must be a list of event kinds", data={"arg": "kinds"})
         start = _start(args)
-        self._authorize(aid)
+        aid = self._authorized(args)
         if len(self.subscriptions) >= self.limits.subscriptions_per_app:
             raise self._quota("subscriptions", self.limits.subscriptions_per_app)
         iterator = self.backend.subscribe(self.app, aid, tuple(kinds), consumer, start)
@@ -639,9 +745,11 @@ class AppSession:
             sub = self._subscription(args)
             aid, consumer = sub.aid, sub.consumer
         else:
-            aid, consumer = _str(args, "aid"), _str(args, "consumer", max_len=128)
-            self._authorize(aid)
-        await self.backend.ack(self.app, aid, consumer, cursor)
+            _str(args, "aid")
+            consumer = _str(args, "consumer", max_len=128)
+            aid = self._authorized(args)
+        with self._guard(aid):
+            await self.backend.ack(self.app, aid, consumer, cursor)
         return {"cursor": cursor}
 
     # --- subscription pumps ------------------------------------------------------------------------
@@ -665,9 +773,10 @@ class AppSession:
             error = exc
         finally:
             await self._close_iterator(sub)
-        if not sub.closed:  # the backend ended it (or failed): tell the app, free the quota
+        if not sub.closed:  # the backend ended it (or failed), or the policy did: tell the app, free the quota
             sub.closed = True
             self.subscriptions.pop(sub.id, None)
+            error = error or sub.end_error
             end = {"kind": SUBSCRIPTION_END_KIND, "cursor": None,
                    "data": {"error": None if error is None else error_to_wire(error)}}
             self._queue(wire.encode_frame(wire.make_event(sub.id, end), self.max_frame))

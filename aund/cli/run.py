@@ -1,5 +1,6 @@
 """`aund run`: the daemon. Config from file < env < flags; the seed only from the environment or
-a systemd credential. SIGTERM/SIGINT: stop gracefully and exit 0."""
+a systemd credential. SIGTERM/SIGINT: stop gracefully and exit 0. SIGHUP: re-read the
+configuration (trust roots, identities, `[policy]`); a bad file or policy keeps the running one."""
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ async def _main(config) -> int:
     from aund import systemd
     from aund.aun import transport
     from aund.aun.trust import GatewayTrust
-    from aund.broker import Limits, Policy, serve_broker
+    from aund.broker import Limits, serve_broker
     from aund.broker.sockets import (
         BoundPath, DaemonAlreadyRunning, SocketPathInUse, UnsafeSocketPath, activated_listeners, bind_unix,
     )
@@ -70,10 +71,7 @@ async def _main(config) -> int:
     log = structlog.get_logger("aund")
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with StateLock(config.state_dir):
-        try:
-            policy = Policy(config.policy)
-        except ValueError as exc:
-            raise InvalidParams(f"config: policy: {exc}") from None
+        policy = build_policy(config)
         try:
             limits = Limits.from_table(dict(config.limits))
         except ValueError as exc:
@@ -141,8 +139,22 @@ async def _drain(daemon, grace: float, log) -> None:
                     grace=grace)
 
 
+def build_policy(config):
+    """The `[policy]` of `config`, validated (at start and at every SIGHUP alike).
+
+    Errors: InvalidParams naming the rule (a malformed entry, an unknown user or group)."""
+    from aund.broker import Policy
+    from aund.errors import InvalidParams
+
+    try:
+        return Policy(config.policy)
+    except ValueError as exc:
+        raise InvalidParams(f"config: policy: {exc}") from None
+
+
 def _reload(daemon, log) -> None:
-    """SIGHUP: re-read the configuration; a bad file keeps the running one."""
+    """SIGHUP: re-read the configuration and the policy; a bad file or policy keeps the running
+    configuration (all of it) and is logged."""
     import time
 
     from aund import systemd
@@ -152,7 +164,7 @@ def _reload(daemon, log) -> None:
     systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1_000_000)}")
     try:
         config = load(_RELOAD_ARGS["config"], _RELOAD_ARGS["flags"])
-        daemon.reload(config)
+        daemon.reload(config, build_policy(config))
     except (ConfigError, AundError) as exc:
         log.error("daemon.reload_failed", error=str(exc))
     finally:

@@ -54,6 +54,9 @@ def render(status: dict) -> None:
     now = time.time()
     say(f"aund {status.get('daemon_version', '?')}, up {ago(status.get('started_at'), now).removesuffix(' ago')}"
           f", {status.get('identities', 0)} identities")
+    view = status.get("view") or {}
+    if view and not view.get("all", True):
+        say(f"(showing only what uid {view.get('uid')} may use: its identities and its own apps)")
     links = sorted(status.get("links", []), key=lambda x: (x.get("aid", ""), x.get("slot_id", "")))
     rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
              link.get("reconnects", 0), f"{link.get('in_flight', 0)}/{link.get('queued', 0)}", link.get("holders", 0),

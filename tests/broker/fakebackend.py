@@ -109,8 +109,8 @@ class FakeBackend:
     def daemon_info(self) -> dict[str, Any]:
         return {"daemon_version": "0.0.0-fake", "features": ["fake"]}
 
-    def status(self) -> dict[str, Any]:
-        return {"fake": True, "identities": len(self.identities), "open_sessions": self.open_sessions}
+    def status(self, app: AppIdentity | None = None) -> dict[str, Any]:
+        return {"fake": True, "view_uid": None if app is None else app.uid, "identities": len(self.identities), "open_sessions": self.open_sessions}
 
     async def ensure_identity(self, aid: str) -> dict[str, Any]:
         if not aid.endswith(".aid.test"):
@@ -135,8 +135,11 @@ class FakeBackend:
         self.cards[aid] = content
         return await self.agent_md(app, aid)
 
+    def canonical_aid(self, aid: str) -> str:
+        return aid.strip().lower()  # lenient: the broker tests use short made-up AIDs
+
     def allowed(self, app: AppIdentity, aid: str) -> bool:
-        return self.policy.allows(app.uid, app.gid, aid)
+        return self.policy.allows(app.uid, app.gid, aid, app.groups)
 
     async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> FakeSession:
         await trio.lowlevel.checkpoint()

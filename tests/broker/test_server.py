@@ -26,7 +26,7 @@ from aund.broker import (
     bind_unix,
 )
 from client_stub import (
-    AsyncClient, Client, DaemonUnavailable, GatewayUnavailable, InvalidParams, LimitsExceeded, NotReady,
+    AundError, AsyncClient, Client, DaemonUnavailable, GatewayUnavailable, InvalidParams, LimitsExceeded, NotReady,
     PermissionDenied, ProtocolError, ResourceNotExistError, RpcTimeout, StorageError, UnknownOp, wire,
 )
 from tests.broker.conftest import in_asyncio, in_thread, wait_until
@@ -424,6 +424,64 @@ async def test_policy_refuses_connections_of_unknown_uids(start_broker):
     assert [e["reason"] for e in events_named(logs, "broker.connection_rejected")] == ["policy"]
 
 
+async def test_set_policy_takes_away_what_the_new_policy_no_longer_allows(start_broker):
+    """Issue 12 item 3 at the broker: one AID taken away ends its session, subscription and call
+    in flight and nothing else; the uid no longer admitted loses its connection."""
+    import threading
+
+    uid = os.getuid()
+    both = Policy({ALICE: {"uids": [uid]}, BOB: {"uids": [uid]}}, owners={4242})
+    backend = FakeBackend(both)
+    b = await start_broker(backend=backend, policy=both)
+    step, out = threading.Event(), {}
+
+    def outcome(fn) -> str:
+        try:
+            fn()
+        except AundError as exc:
+            return type(exc).__name__
+        return "ok"
+
+    def app() -> None:
+        with Client(b.path, app="loser", reconnect_attempts=0) as aund:
+            alice, bob = aund.session(ALICE), aund.session(BOB)
+            alice.open(), bob.open()
+            sub_a = alice.events("c", start="now").open()
+            sub_b = bob.events("c", start="now").open()
+            held = threading.Thread(target=lambda: out.__setitem__("held", outcome(lambda: bob.call("hold", {}, 30))))
+            held.start()
+            step.wait(10)  # the trio side took BOB away
+            step.clear()
+            held.join(10)
+            out["sub_b"] = outcome(lambda: sub_b.get(timeout=5))
+            out["call_b"] = outcome(lambda: bob.call("echo", {}))
+            out["call_a"] = outcome(lambda: alice.call("echo", {}))
+            alice.call("publish", {"count": 1})
+            out["event_a"] = sub_a.get(timeout=5).kind
+            step.wait(10)  # the trio side took everything away
+            out["sub_a"] = outcome(lambda: sub_a.get(timeout=5))
+            out["after"] = outcome(lambda: alice.call("echo", {}))
+
+    with trio.fail_after(20), capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_thread, app)
+            await wait_until(lambda: backend.in_flight == 1)
+            backend.policy = Policy({ALICE: {"uids": [uid]}}, owners={4242})
+            b.server.set_policy(backend.policy)
+            step.set()
+            await wait_until(lambda: "event_a" in out)
+            backend.policy = Policy(owners={4242})
+            b.server.set_policy(backend.policy)
+            step.set()
+    assert out == {"held": "PermissionDenied", "sub_b": "PermissionDenied", "call_b": "PermissionDenied",
+                   "call_a": "ok", "event_a": "message.received", "sub_a": "PermissionDenied",
+                   "after": "PermissionDenied"}, out
+    assert backend.calls_cancelled == 1 and (backend.opened[1][1], backend.released[0][1]) == (BOB, BOB)
+    revoked = events_named(logs, "broker.access_revoked")
+    assert [(e["scope"], e.get("aids")) for e in revoked] == [("aid", [BOB]), ("aid", [ALICE]), ("connection", None)]
+    assert not b.server.apps
+
+
 def test_policy_rules():
     p = Policy({"alice.aid.test": {"uids": [1000]}, "*.bots.aid.test": {"gids": [50], "uids": ["root"]}},
                owners={7})
@@ -432,6 +490,10 @@ def test_policy_rules():
     assert p.allows(5, 50, "x.bots.aid.test") and p.allows(0, 1, "y.bots.aid.test")
     assert not p.allows(5, 51, "x.bots.aid.test") and not p.allows(0, 0, "alice.aid.test")
     assert p.admits(1000, 1) and p.admits(9, 50) and not p.admits(9, 9)
+    assert p.allows(5, 51, "x.bots.aid.test", groups=(9, 50)) and p.admits(9, 9, groups=[50])  # supplementary
+    assert Policy({"Alice.AID.test": {"uids": [1]}}).allows(1, 1, "alice.aid.test")  # keys compare lower-case
+    assert p == Policy({"*.bots.aid.test": {"gids": [50], "uids": ["root"]}, "alice.aid.test": {"uids": [1000]}},
+                       owners={7}) != Policy(owners={7})
     assert Policy().allows(os.geteuid(), 0, "x.aid.test") and Policy().allows(0, 0, "x.aid.test")
     assert not Policy().allows(os.geteuid() + 12345, 5, "x.aid.test")
     for bad in ({"a": {"uids": 5}}, {"a": {"users": [1]}}, {"a": {"uids": ["no-such-user-xyz"]}}, {"": {}}):

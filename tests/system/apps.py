@@ -16,6 +16,8 @@ Commands (the config keys each reads are in their docstrings):
 - ``uid-probe``: what an app under another uid may do (run by test_uid_policy with ``user=``).
 - ``quota-probe``: how many connections another uid gets, and whether its calls still run.
 - ``consumer-probe``: where another uid's durable consumer of the same name resumes.
+- ``policy-probe``: an app under another uid (and supplementary groups) running a script of
+  steps, some in background threads, synchronised with the test by files (test_broker_policy).
 
 The programs talk to the test through files in a work directory (ready/go flags, JSON results)
 and print nothing but their final JSON line on stdout. Stdlib and client_stub only: no aund.
@@ -505,8 +507,138 @@ def consumer_probe(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"first_cursor": first}
 
 
+# --- policy-probe ----------------------------------------------------------------------------------
+class _Watch(threading.Thread):
+    """Reads one subscription's events in the background: the kinds seen, and how it ended."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.kinds, self.ended = stream, [], None
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        while True:
+            try:
+                event = self.stream.get(timeout=0.5)
+            except Exception as exc:  # noqa: BLE001 - reported by class
+                with self.cond:
+                    self.ended = _outcome(exc)
+                    self.cond.notify_all()
+                return
+            if event is not None:
+                with self.cond:
+                    self.kinds.append(event.kind)
+                    self.cond.notify_all()
+
+    def wait_for(self, predicate, seconds: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, seconds)
+
+
+def policy_probe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Config: socket, work, uid, gid, groups (supplementary), steps. Drops to uid/gid/groups as
+    uid-probe does, then runs the steps in order; each is a map with "op", "as" (the label its
+    outcome is stored under: "ok" or the typed error's class name) and the op's arguments:
+
+    - connect; fresh_connect (a second connection, closed again); status (result in LABEL.value)
+    - ensure {aid} (result aid in LABEL.aid); open {aid} (a session, wait_ready); call {aid, method}
+    - call_bg {aid, method, timeout}: the call runs in a thread; join {name: that step's label}
+      stores its outcome and LABEL.seconds
+    - subscribe {aid}: a thread reads the AID's message events from "now"
+    - await_event {aid, seconds}: a message event arrived on that subscription; ended {aid, seconds}:
+      the subscription ended (LABEL.how: "ok" for a clean end, or the error's class name, or
+      "running" when it did not end in time)
+    - touch {file}; wait {file} (in the work directory); report {file}: the outcomes so far, as JSON
+    """
+    os.setgroups(cfg.get("groups", []))
+    os.setgid(cfg["gid"])
+    os.setuid(cfg["uid"])
+    work = Path(cfg["work"])
+    out: dict[str, Any] = {"uid": os.getresuid(), "gid": os.getresgid(), "groups": sorted(os.getgroups())}
+    client = Client(cfg["socket"], app="policy-probe", timeout=20, reconnect_attempts=0)
+    sessions: dict[str, Any] = {}
+    watches: dict[str, _Watch] = {}
+    background: dict[str, tuple[threading.Thread, dict[str, Any]]] = {}
+
+    def session(aid: str) -> Any:
+        return sessions.setdefault(aid, client.session(aid))
+
+    def call_bg(step: dict[str, Any]) -> None:
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                session(step["aid"]).call(step["method"], {}, timeout=step["timeout"])
+                box["outcome"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported by class
+                box["outcome"] = _outcome(exc)
+            box["seconds"] = round(time.monotonic() - t0, 2)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        background[step["as"]] = (thread, box)
+
+    def join(step: dict[str, Any]) -> None:
+        thread, box = background[step["name"]]
+        thread.join(90)
+        out[step["as"] + ".seconds"] = box.get("seconds")
+        if box.get("outcome") != "ok":
+            raise _Reported(box.get("outcome", "still running"))
+
+    def subscribe(step: dict[str, Any]) -> None:
+        stream = session(step["aid"]).events("policy-probe", (MESSAGE_KIND,), start="now").open()
+        watches[step["aid"]] = watch = _Watch(stream)
+        watch.start()
+
+    def await_event(step: dict[str, Any]) -> None:
+        watch = watches[step["aid"]]
+        if not watch.wait_for(lambda: watch.kinds or watch.ended, step["seconds"]) or not watch.kinds:
+            raise _Reported(f"no event (subscription {watch.ended or 'running'})")
+
+    def ended(step: dict[str, Any]) -> None:
+        watch = watches[step["aid"]]
+        watch.wait_for(lambda: watch.ended is not None, step["seconds"])
+        out[step["as"] + ".how"] = watch.ended or "running"
+
+    def wait(step: dict[str, Any]) -> None:
+        if not _wait_file(work / step["file"], 60):
+            raise _Reported(f"no {step['file']} within 60 s")
+
+    def fresh_connect(step: dict[str, Any]) -> None:
+        Client(cfg["socket"], app="policy-probe-2", timeout=20, reconnect_attempts=0).connect().close()
+
+    ops = {
+        "connect": lambda st: client.connect(),
+        "fresh_connect": fresh_connect,
+        "status": lambda st: out.__setitem__(st["as"] + ".value", client.status()),
+        "ensure": lambda st: out.__setitem__(st["as"] + ".aid", client.ensure_identity(st["aid"])["aid"]),
+        "open": lambda st: session(st["aid"]).wait_ready(30),
+        "call": lambda st: session(st["aid"]).call(st["method"], {}, timeout=20),
+        "call_bg": call_bg, "join": join, "subscribe": subscribe, "await_event": await_event, "ended": ended,
+        "touch": lambda st: (work / st["file"]).touch(),
+        "wait": wait,
+        "report": lambda st: _write_json(work / st["file"], out),
+    }
+    for step in cfg["steps"]:
+        label = step.get("as", step["op"])
+        try:
+            ops[step["op"]]({**step, "as": label})
+        except _Reported as why:
+            out[label] = str(why)
+        except Exception as exc:  # noqa: BLE001 - reported by class
+            out[label] = _outcome(exc)
+        else:
+            out[label] = "ok"
+    return out
+
+
+class _Reported(Exception):
+    """A probe step's outcome that is not an exception of the stub (e.g. "no event")."""
+
+
 COMMANDS = {"mesh": mesh, "staller": staller, "consume": consume, "holder": holder, "uid-probe": uid_probe,
-            "quota-probe": quota_probe, "consumer-probe": consumer_probe}
+            "policy-probe": policy_probe, "quota-probe": quota_probe, "consumer-probe": consumer_probe}
 
 if __name__ == "__main__":
     result = COMMANDS[sys.argv[1]](json.loads(sys.argv[2]))

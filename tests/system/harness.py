@@ -5,18 +5,48 @@ Everything is a real process talking over real sockets; see tests/conftest.py fo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import ROOT, AundProcess, DevnetProcess
 
 FLOOD_DRIVER = ROOT / "tests" / "system" / "fastaun_flood.py"
+NOGROUP = 65534
+
+
+@contextlib.contextmanager
+def group_socket_dir(gid: int = NOGROUP) -> Iterator[Path]:
+    """The socket path inside a directory made as an admin makes one for a system service (root
+    only): root:`gid`, mode 2750 under /tmp, so that members of `gid` (by primary group) can reach
+    the daemon's 0660 socket, whose group the setgid bit makes `gid` too, and nobody else can.
+    Removed afterwards."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="aund-uid-", dir="/tmp"))
+    try:
+        os.chown(sock_dir, 0, gid)
+        os.chmod(sock_dir, 0o2750)
+        yield sock_dir / "aund.sock"
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_work_dir() -> Iterator[Path]:
+    """A directory under /tmp that apps under any uid can write to (for ready/go files)."""
+    work = Path(tempfile.mkdtemp(prefix="aund-work-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o777)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def aid(name: str) -> str:
@@ -25,9 +55,12 @@ def aid(name: str) -> str:
 
 
 def write_config(path: Path, devnet: DevnetProcess, aids: Iterable[str],
-                 policy: Mapping[str, Mapping[str, list[Any]]] | None = None) -> Path:
+                 policy: Mapping[str, Mapping[str, list[Any]]] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """The config file; `extra`: more top-level keys (numbers or strings)."""
     lines = [f'gateway_url = ["{devnet.gateway_url}"]', f'root_ca = ["{devnet.root_ca}"]',
              "identities = [" + ", ".join(f'"{a}"' for a in aids) + "]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (extra or {}).items()]
     for key, rule in (policy or {}).items():
         lines.append(f'[policy."{key}"]')
         lines += [f"{name} = {json.dumps(list(values))}" for name, values in rule.items()]
@@ -36,12 +69,34 @@ def write_config(path: Path, devnet: DevnetProcess, aids: Iterable[str],
 
 
 def start_aund(tmp: Path, devnet: DevnetProcess, aids: Iterable[str], *, socket: Path | None = None,
-               policy: Mapping[str, Any] | None = None, name: str = "aund") -> AundProcess:
+               policy: Mapping[str, Any] | None = None, name: str = "aund",
+               extra: Mapping[str, Any] | None = None) -> AundProcess:
     """`aund run` with its state in tmp/<name>-state and its socket at `socket` (tmp/<name>.sock)."""
-    cfg = write_config(tmp / f"{name}.toml", devnet, aids, policy)
+    cfg = write_config(tmp / f"{name}.toml", devnet, aids, policy, extra)
     daemon = AundProcess(tmp / f"{name}-state", socket or tmp / f"{name}.sock", cfg)
     daemon.start()
     return daemon
+
+
+# Run the `aund` CLI under another uid: import everything it needs as root (the interpreter and the
+# venv may live where that uid cannot read), drop to uid/gid/groups for good, then run main(argv).
+_CLI_AS = """
+import importlib, json, os, sys
+cfg = json.loads(sys.argv[1])
+import client_stub, aund.cli
+for name in aund.cli.SUBCOMMANDS:
+    importlib.import_module("aund.cli." + name)
+os.setgroups(cfg["groups"]); os.setgid(cfg["gid"]); os.setuid(cfg["uid"])
+sys.exit(aund.cli.main(cfg["argv"]))
+"""
+
+
+def run_cli_as(uid: int, gid: int, argv: list[str], *, groups: Iterable[int] = (),
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """`aund ARGV` as uid/gid (and supplementary `groups`), started as root; output captured."""
+    cfg = {"uid": uid, "gid": gid, "groups": list(groups), "argv": argv}
+    return subprocess.run([sys.executable, "-c", _CLI_AS, json.dumps(cfg)], capture_output=True, text=True,
+                          check=False, cwd=ROOT, timeout=timeout)
 
 
 def spawn_app(command: str, cfg: dict[str, Any], log: Path, **popen: Any) -> subprocess.Popen:

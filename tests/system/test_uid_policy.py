@@ -21,15 +21,20 @@ credentials at connect(), so the daemon sees the other uid exactly as if it had 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from client_stub import Client
-from tests.system.harness import aid, finish, kill_all, spawn_app, start_aund
+from tests.system.harness import (
+    aid,
+    finish,
+    group_socket_dir,
+    kill_all,
+    spawn_app,
+    start_aund,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -57,17 +62,13 @@ def _probe(sock: Path, allowed: str, denied: str, uid: int, gid: int, log: Path)
 def test_other_uid_gets_only_the_aids_the_policy_grants(devnet, tmp_path):
     _require_root()
     allowed, denied = aid("uidok"), aid("uidno")
-    sock_dir = Path(tempfile.mkdtemp(prefix="aund-uid-", dir="/tmp"))
-    try:
-        os.chown(sock_dir, 0, NOGROUP)
-        os.chmod(sock_dir, 0o2750)
-        sock = sock_dir / "aund.sock"
+    with group_socket_dir(NOGROUP) as sock:
         daemon = start_aund(tmp_path, devnet, [allowed, denied], socket=sock,
                             policy={allowed: {"uids": [NOBODY]}})
         try:
             st = os.stat(sock)
             assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOGROUP, (oct(st.st_mode), st.st_gid)
-            assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o2750  # the daemon kept the admin's mode
+            assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o2750  # the daemon kept the admin's mode
             with Client(sock, app="owner") as owner:  # root (an owner) may use both
                 for a in (allowed, denied):
                     owner.ensure_identity(a)
@@ -97,5 +98,3 @@ def test_other_uid_gets_only_the_aids_the_policy_grants(devnet, tmp_path):
                        for e in daemon.log_events())
         finally:
             assert daemon.stop() == 0
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
