@@ -7,7 +7,6 @@ reaches identities and links only through it.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -150,7 +149,6 @@ class Daemon:
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
         self._event_listeners: set[trio.MemorySendChannel] = set()
         self._agent_md_locks: dict[str, trio.Lock] = {}
-        self._holds = itertools.count(1)  # daemon-side holders of a link (negative, unlike app conn ids)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -413,9 +411,8 @@ class Daemon:
         except agent_md.AgentMdError as exc:
             raise _bad_agent_md(str(exc), exc.field, exc.code) from None
         entry = await self._open_link(aid, self.config.slot_id, pinned=False)
-        hold = -next(self._holds)  # keeps the link from being reaped while it uploads (not an app)
-        entry.holders.add(hold)
-        entry.idle_since = None
+        hold = object()  # keeps the link from being reaped while it uploads (the daemon's own hold, no app)
+        self._hold(entry, hold, 0)
         try:
             with trio.move_on_after(self.config.call_timeout):
                 await entry.link.wait_ready()
@@ -426,9 +423,7 @@ class Daemon:
                 etag = await self._replace_agent_md(entry.link, aid, text)
                 await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, agent_md=text, agent_md_etag=etag))
         finally:
-            entry.holders.discard(hold)
-            if not entry.holders:
-                entry.idle_since = trio.current_time()
+            self._let_go(entry, hold)
         log.info("identity.agent_md_replaced", aid=aid, etag=etag)
         return {"aid": aid, "etag": etag, "content": text}
 
@@ -513,7 +508,7 @@ class Daemon:
         def visible(aid: str) -> bool:
             return everything or self.allowed(app, aid)  # type: ignore[arg-type]
 
-        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()))}
+        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0})}
                  for (aid, _), e in self.links.items() if visible(aid)]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"aund.cli.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    parser.add_argument("--version", action="version", version=f"aund {_version()}")
+    parser.add_argument("--version", action="store_true", help="print aund's version and exit")
     args = parser.parse_args(argv)
+    if args.version:  # looked up only when asked (importlib.metadata is not a cheap import)
+        print(f"aund {_version()}")
+        return 0
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

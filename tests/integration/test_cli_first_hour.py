@@ -80,6 +80,7 @@ def test_metrics_in_openmetrics_and_node_exporter_textfile(devnet, tmp_path):
     daemon.start()
     try:
         with Client(daemon.socket) as app:
+            app.ensure_identity(aid)
             s = app.session(aid)
             s.wait_ready(timeout=30)
             s.call("message.send", {"to": aid, "payload": {"type": "text", "text": "to myself"}, "encrypt": False})
