@@ -217,6 +217,22 @@ class Daemon:
         log.info("daemon.reloaded", added=added, removed=removed, policy_changed=changed)
         return {"added": added, "removed": removed, "policy_changed": changed}
 
+    async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
+        """Start a link that stopped for good (kicked by another instance: 4015, refused, ...) again,
+        without a daemon restart; a link that is still running is left as it is."""
+        aid = self._permitted(app, aid)
+        entry = self.links.get((aid, slot_id))
+        if entry is None:
+            raise ResourceNotExistError(f"no link for {aid}/{slot_id} (open a session on it first)",
+                                        data={"aid": aid, "slot_id": slot_id})
+        before = entry.link.state
+        if before == LinkState.CONNECTION_FAILED:
+            log.info("link.restart", aid=aid, slot_id=slot_id, last_error=entry.link.last_error)
+            entry.trust_epoch = -1  # stale: _open_link starts it anew
+            entry = await self._open_link(aid, slot_id, pinned=entry.pinned)
+        return {"aid": aid, "slot_id": slot_id, "restarted": before == LinkState.CONNECTION_FAILED,
+                "state": entry.link.state.value}
+
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         ready = sum(e.link.state == LinkState.READY for e in self.links.values())
@@ -319,10 +335,14 @@ class Daemon:
                     rng=self.rng)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
-        entry = LinkEntry(link, sync, session, pinned,
-                          groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds),
-                          trust_epoch=self.trust_epoch)
-        self.links[key] = entry
+        groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)
+        if entry is not None and entry.link.state == LinkState.CONNECTION_FAILED:
+            # started anew in place: the apps' handles and holds stay valid and follow the new link
+            entry.link, entry.sync, entry.groups, entry.trust_epoch = link, sync, groups, self.trust_epoch
+            entry.pinned = entry.pinned or pinned
+        else:
+            entry = LinkEntry(link, sync, session, pinned, groups=groups, trust_epoch=self.trust_epoch)
+            self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
         return entry

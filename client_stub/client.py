@@ -583,6 +583,11 @@ class Client:
         """The AID's published agent.md: ``{aid, content, etag}`` (``ResourceNotExistError`` if none)."""
         return self.request("agent_md.get", {"aid": aid})
 
+    def restart_link(self, aid: str, slot_id: str = "main") -> dict[str, Any]:
+        """Start the (AID, slot) link again if it stopped for good (kicked by another instance,
+        refused): ``{aid, slot_id, restarted, state}``; a running link is left as it is."""
+        return self.request("link.restart", {"aid": aid, "slot_id": slot_id})
+
     def set_agent_md(self, aid: str, text: str) -> dict[str, Any]:
         """Replace the AID's agent.md with ``text`` (markdown with YAML front matter; the daemon signs
         it with the AID key): ``{aid, etag, content}``. ``InvalidParams`` (``data.field``) for a
@@ -958,6 +963,9 @@ class AsyncClient:
 
     async def agent_md(self, aid: str) -> dict[str, Any]:
         return await self.request("agent_md.get", {"aid": aid})
+
+    async def restart_link(self, aid: str, slot_id: str = "main") -> dict[str, Any]:
+        return await self.request("link.restart", {"aid": aid, "slot_id": slot_id})
 
     async def set_agent_md(self, aid: str, text: str) -> dict[str, Any]:
         return await self.request("agent_md.set", {"aid": aid, "content": text}, timeout=max(self.timeout, ENSURE_WAIT))

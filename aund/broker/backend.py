@@ -88,6 +88,9 @@ class Backend(Protocol):
     async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
         """The app let go of the link (idle links opened on demand close later)."""
 
+    async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
+        """Start the (AID, slot) link again if it stopped for good: `{aid, slot_id, restarted, state}`."""
+
     def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                   start: str | int) -> AsyncIterator[InboxEvent]:
         """Events for `aid` from the durable inbox (and link events), from `start`:

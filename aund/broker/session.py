@@ -604,6 +604,12 @@ class AppSession:
         with self._guard(aid):
             return await self.backend.ensure_identity(aid)
 
+    async def op_link_restart(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot_id = _str(args, "slot_id", "main", max_len=128)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.restart_link(self.app, aid, slot_id)
+
     async def op_agent_md_get(self, args: dict[str, Any]) -> dict[str, Any]:
         aid = self._authorized(args)
         with self._guard(aid):
@@ -818,6 +824,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "identity.list": AppSession.op_identity_list,
     "agent_md.get": AppSession.op_agent_md_get,
     "agent_md.set": AppSession.op_agent_md_set,
+    "link.restart": AppSession.op_link_restart,
     "session.open": AppSession.op_session_open,
     "session.close": AppSession.op_session_close,
     "session.wait_ready": AppSession.op_session_wait_ready,

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "aid": "list, ensure or import identities; print or replace their agent.md",
     "call": "call a gateway method as an identity",
     "listen": "print an identity's events as they arrive",
+    "link": "restart a link that stopped for good (e.g. kicked by another instance)",
     "metrics": "the daemon's state as OpenMetrics text (or a node-exporter textfile)",
     "config": "show the effective configuration",
     "devnet": "run a local AUN network (gateway + PKI) on loopback",

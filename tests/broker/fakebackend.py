@@ -128,6 +128,13 @@ class FakeBackend:
             raise ResourceNotExistError(f"no agent.md is published for {aid}", data={"aid": aid})
         return {"aid": aid, "content": self.cards[aid], "etag": '"' + hashlib.sha256(self.cards[aid].encode()).hexdigest() + '"'}
 
+    async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"aid": aid, "slot_id": slot_id, "restarted": False, "state": self.sessions_state()}
+
+    def sessions_state(self) -> str:
+        return "ready" if self.ready.is_set() else "connecting"
+
     async def set_agent_md(self, app: AppIdentity, aid: str, content: str) -> dict[str, Any]:
         if not content.startswith("---\n"):
             raise InvalidParams("agent.md: it must start with YAML front matter", data={"arg": "content"})

@@ -1,6 +1,7 @@
 """Issue 3: one daemon keeps many AIDs connected through gateway restarts, kicks and failover."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -110,3 +111,33 @@ def test_second_daemon_on_the_same_state_dir_refuses(devnet, tmp_path):
         assert f"in use by aund pid {first.proc.pid}" in text
     finally:
         assert first.stop() == 0
+
+
+def test_a_kicked_link_restarts_without_a_daemon_restart(devnet, tmp_path):
+    """Kicked with 4015 the link stops for good (another instance took the slot); `aund link
+    restart` starts it again, in place: the app's session works again without reopening."""
+    from client_stub import Client
+    from tests.integration.test_cli import aund
+
+    aid = f"rekick-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    _write_config(cfg, [devnet], [aid])
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    try:
+        with Client(daemon.socket) as app:
+            app.ensure_identity(aid)
+            s = app.session(aid)
+            s.wait_ready(timeout=30)
+            r = aund("link", "restart", aid, "--socket", str(daemon.socket))
+            assert r.returncode == 0 and "left as it is" in r.stdout  # running: untouched
+            take_slot(devnet, daemon.state_dir, aid)
+            wait_until(lambda: app.status()["links"][0]["state"] == "connection_failed", 30, 0.1, "kicked")
+            r = aund("link", "restart", aid, "--socket", str(daemon.socket), "--json")
+            assert r.returncode == 0 and json.loads(r.stdout)["restarted"] is True, r.stderr
+            s.wait_ready(timeout=30)  # the same session
+            assert s.call("meta.ping", {}, timeout=10) is not None
+            r = aund("link", "restart", "nobody-here.aid.test", "--socket", str(daemon.socket))
+            assert r.returncode == 1 and "ResourceNotExistError" in r.stderr and len(r.stderr.splitlines()) == 1
+    finally:
+        assert daemon.stop() == 0
