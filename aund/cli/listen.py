@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from aund.cli._common import EXIT_FAILED, EXIT_OK, add_socket_argument, open_client, say, unreachable
+from aund.cli._common import (
+    EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, add_socket_argument, open_client, say, unreachable,
+)
 
 DEFAULT_KINDS = ("message.received", "message.undecryptable", "group.message.received", "group.changed",
                  "state_change", "gateway.disconnect", "sync.proof_rejected", "token.refreshed")
@@ -25,10 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from client_stub import AundError, DaemonUnavailable
 
+    if args.start not in ("now", "last_ack") and not args.start.isdigit():
+        say(f"aund listen: --from takes now, last_ack or a cursor (a number), not {args.start!r}", err=True)
+        return EXIT_UNREACHABLE  # bad usage
     start = int(args.start) if args.start.isdigit() else args.start
     seen = 0
     try:
         with open_client(args) as client:
+            held = {i.get("aid") for i in client.list_identities()}
+            if args.aid.strip().lower() not in held:  # it would wait forever for events that never come
+                say(f"aund listen: aund holds no identity {args.aid} that you may use; see `aund aid list`, "
+                    f"or create it with `aund aid ensure {args.aid}`", err=True)
+                return EXIT_FAILED
             session = client.session(args.aid, slot_id=args.slot)
             with session.events(args.consumer, tuple(args.kind or DEFAULT_KINDS), start=start) as events:
                 for event in events:

@@ -100,3 +100,21 @@ def test_metrics_in_openmetrics_and_node_exporter_textfile(devnet, tmp_path):
             _one_line(r, "aund metrics", str(tmp_path / "nowhere"))
     finally:
         daemon.stop()
+
+
+def test_listen_says_what_is_wrong_instead_of_waiting_forever(devnet, tmp_path):
+    from tests.helpers import AundProcess
+
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    try:
+        r = aund("listen", "nobody-here.aid.test", "--socket", str(daemon.socket))
+        assert r.returncode == 1
+        _one_line(r, "aund listen", "nobody-here.aid.test", "aund aid ensure")
+        r = aund("listen", "nobody-here.aid.test", "--from", "yesterday", "--socket", str(daemon.socket))
+        assert r.returncode == 2
+        _one_line(r, "--from takes now, last_ack or a cursor", "'yesterday'")
+    finally:
+        daemon.stop()
