@@ -21,6 +21,9 @@ DEFAULT_CONFIG_FILE = Path("/etc/aund/aund.toml")
 MIN_GATEWAY_FRAME = 64 * 1024
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # aund.logs.LEVELS (this module imports no logging)
+
+
 class ConfigError(InvalidParams):
     """The configuration is invalid; the message names the source and the key."""
 
@@ -68,6 +71,7 @@ class Config:
     gateway_max_frame: int = 0               # largest WebSocket message from a gateway; 0 = built-in 8 MiB
     policy: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Any] = field(default_factory=dict)  # [limits]: aund.broker.Limits fields
+    log_level: str = "info"                  # debug, info, warning or error (AUND_DEBUG=true: debug)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def merged(self, values: Mapping[str, Any], source: str) -> "Config":
@@ -128,7 +132,9 @@ def _coerce(key: str, raw: Any, current: Any, source: str) -> Any:
     if isinstance(current, str):
         if not isinstance(raw, str) or not raw:
             raise ConfigError(f"{where} must be a non-empty string")
-        return raw
+        if key == "log_level" and raw.strip().lower() not in LOG_LEVELS:
+            raise ConfigError(f"{where} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+        return raw.strip().lower() if key == "log_level" else raw
     if isinstance(current, tuple):
         items = [raw] if isinstance(raw, (str, Path)) else raw
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, Path)) and str(i) for i in items):
@@ -149,7 +155,7 @@ def _coerce(key: str, raw: Any, current: Any, source: str) -> Any:
 ENV_KEYS = {"AUND_STATE_DIR": "state_dir", "AUND_SOCKET": "socket", "AUND_GATEWAY_URL": "gateway_url",
             "AUND_ROOT_CA": "root_ca", "AUND_IDENTITIES": "identities", "AUND_SLOT_ID": "slot_id",
             "AUND_CALL_TIMEOUT": "call_timeout", "AUND_DISCOVERY_PORT": "discovery_port",
-            "AUND_SYNC_POLL_SECONDS": "sync_poll_seconds", "AUND_GATEWAY_MAX_FRAME": "gateway_max_frame"}
+            "AUND_SYNC_POLL_SECONDS": "sync_poll_seconds", "AUND_LOG_LEVEL": "log_level", "AUND_GATEWAY_MAX_FRAME": "gateway_max_frame"}
 
 
 def _env_value(key: str, text: str) -> Any:

@@ -27,10 +27,15 @@ def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure(*, debug: bool | None = None, json_lines: bool | None = None) -> None:
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(*, debug: bool | None = None, json_lines: bool | None = None, level_name: str = "info") -> None:
+    """Structured logs on stderr at `level_name` (the config's `log_level`); AUND_DEBUG=true (or
+    `debug`) means debug whatever the level says."""
     debug = debug_enabled() if debug is None else debug
     json_lines = (not sys.stderr.isatty()) if json_lines is None else json_lines
-    level = logging.DEBUG if debug else logging.INFO
+    level = logging.DEBUG if debug else LEVELS[level_name]
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,

@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         say(f"aund run: cannot disable core dumps: {exc}", err=True)
         return 1
-    logs.configure()
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
              "root_ca": args.root_ca, "identities": args.identities}
     _RELOAD_ARGS.update(config=args.config, flags=flags)
@@ -42,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         say(f"aund run: {exc}", err=True)
         return 2
+    logs.configure(level_name=config.log_level)
     import trio
 
     from aund.errors import AundError

@@ -118,3 +118,32 @@ def test_listen_says_what_is_wrong_instead_of_waiting_forever(devnet, tmp_path):
         _one_line(r, "--from takes now, last_ack or a cursor", "'yesterday'")
     finally:
         daemon.stop()
+
+
+def test_log_level_setting(devnet, tmp_path):
+    import signal
+    import time
+
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nlog_level = "warning"\n')
+    sock = tmp_path / "aund.sock"
+    log = tmp_path / "aund.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "aund", "run", "--config", str(cfg), "--state-dir",
+                                 str(tmp_path / "state"), "--socket", str(sock)], cwd=ROOT, stderr=err,
+                                env=dict(os.environ, AUND_ENCRYPTION_SEED="x"))
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert sock.exists(), log.read_text()
+        r = aund("status", "--socket", str(sock))
+        assert r.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "daemon.started" not in log.read_text()  # an info event, below the level
+    r = aund("run", "--state-dir", str(tmp_path / "s2"), "--socket", str(tmp_path / "s2.sock"),
+             env={"AUND_LOG_LEVEL": "loud", "AUND_ENCRYPTION_SEED": "x"})
+    assert r.returncode == 2
+    _one_line(r, "AUND_LOG_LEVEL", "must be one of debug, info, warning, error")
