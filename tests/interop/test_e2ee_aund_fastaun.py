@@ -157,3 +157,50 @@ async def test_p2p_thoughts_both_ways_end_to_end_encrypted(devnet, tmp_path):
                 await trio.sleep(0.05)
             await daemon.aclose()
     _checks(result["proc"])
+
+
+async def test_p2p_history_both_ways_decrypted(devnet, tmp_path):
+    """message.history between an aund-held AID and fastaun: aund hands its app the peer's
+    messages decrypted (never ciphertext), page by page; fastaun reads aund's the same way."""
+    n = 5
+    alice = f"hist-{os.getpid() % 100000}.aid.test"
+    work = tmp_path / "sdk"
+    work.mkdir()
+    result = {}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await ready_handle(daemon, alice)
+
+            async def call(method, params):
+                return await handle.call(method, params, timeout=None, background=False, app=APP)
+
+            async def run_peer():
+                result["proc"] = await _fastaun("history", devnet, work, PEER_AID=alice, N=str(n))
+
+            nursery.start_soon(run_peer)
+            while not (work / "sent").exists():
+                await trio.sleep(0.05)
+            bob = json.loads((work / "historian.json").read_text())["aid"]
+            for i in range(n):
+                await call("message.send", {"to": bob, "payload": {"type": "text", "text": f"a-hist {i}"}})
+            (work / "aund_sent").touch()
+            first = await call("message.history", {"sender_aid": bob, "before_seq": 10**9, "limit": 3})
+            assert first["has_older"] is True and len(first["messages"]) == 3, first
+            older = await call("message.history", {"sender_aid": bob, "before_seq": first["next_before_seq"],
+                                                   "limit": 3})
+            assert older["has_older"] is False and len(older["messages"]) == n - 3, older
+            rows = older["messages"] + first["messages"]
+            assert [r["payload"]["text"] for r in rows] == [f"f-hist {i}" for i in range(n)]
+            assert all(r["encrypted"] is True and r["from"] == bob and r["to"] == alice for r in rows)
+            assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+            assert "envelope_json" not in json.dumps(first) + json.dumps(older)  # no ciphertext handed on
+            for bad, arg in (({"before_seq": 10}, "sender_aid"), ({"sender_aid": bob}, "before_seq"),
+                             ({"sender_aid": bob, "before_seq": 5, "limit": 201}, "limit")):
+                with pytest.raises(InvalidParams) as refused:
+                    await call("message.history", bad)
+                assert refused.value.data["arg"] == arg
+            while "proc" not in result:
+                await trio.sleep(0.05)
+            await daemon.aclose()
+    _checks(result["proc"])
