@@ -105,6 +105,11 @@ class _Handle:
         if rule.managed:
             raise InvalidParams(f"{method}: aund pulls and acks messages itself; subscribe to "
                                 "message.received events instead")
+        refused = [name for name in rule.refused_params if name in params]
+        if refused:
+            raise InvalidParams(f"{method} does not accept {refused[0]!r}: delivery is a property of the "
+                                "connection, not of one message (the official SDK refuses it too)",
+                                data={"arg": f"params.{refused[0]}"})
         headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
         session, link = self.entry.session, self.entry.link
         if method == "message.send":

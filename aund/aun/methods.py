@@ -50,6 +50,8 @@ class MethodRule:
     route: str = "gateway"
     #: a group membership change after which the owner/admin proposes a new signed state
     membership: bool = False
+    #: params the SDK refuses in this call (delivery is chosen at connect time, not per message)
+    refused_params: tuple[str, ...] = ()
 
 
 def _family(prefix: str, verbs: str) -> set[str]:
@@ -94,6 +96,8 @@ _PULL = frozenset({"message.pull", "message.v2.pull", "message.history", "group.
 _MANAGED = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers",
                       "group.pull", "group.v2.pull", "group.ack_messages", "group.v2.ack", "group.pull_events",
                       "group.ack_events"})
+_PER_CALL_DELIVERY = ("affinity_ttl_ms", "delivery_mode", "persist", "queue_routing")
+_REFUSED_PARAMS = {"message.send": _PER_CALL_DELIVERY, "group.send": _PER_CALL_DELIVERY}
 _MEMBERSHIP = frozenset(_family("group", "create add_member kick remove_member review_join_request"))
 _ROUTES = {"p2p": frozenset({"message.send", "message.thought.put", "message.thought.get", "message.history"}),
            "group": frozenset({"group.send", "group.thought.put", "group.thought.get", "group.history"}) | _MEMBERSHIP}
@@ -112,7 +116,8 @@ def _build() -> dict[str, MethodRule]:
                              encrypts=name in _E2EE_SENDS, decrypts_result=name in _DECRYPTS_RESULT,
                              internal_only=name in _INTERNAL_ONLY, managed=name in _MANAGED,
                              non_idempotent=name in _NON_IDEMPOTENT, pull=name in _PULL,
-                             route=route_of.get(name, "gateway"), membership=name in _MEMBERSHIP)
+                             route=route_of.get(name, "gateway"), membership=name in _MEMBERSHIP,
+                             refused_params=_REFUSED_PARAMS.get(name, ()))
             for name in sorted(names)}
 
 

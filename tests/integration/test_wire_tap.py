@@ -16,7 +16,7 @@ import trio
 
 from aund.aun import jsonrpc as rpc
 from aund.aun import signing
-from aund.errors import AundError
+from aund.errors import AundError, InvalidParams
 from aund.identity import pki
 from tests.inproc import APP, ready_handle, start_daemon
 
@@ -144,6 +144,11 @@ async def test_no_e2ee_plaintext_and_every_signed_method_signed_on_the_wire(devn
             for method, params in unserved:
                 with pytest.raises(AundError, match="not found"):
                     await call(alice, method, params)
+            for method, target in (("message.send", {"to": bob}), ("group.send", {"group_id": gid})):
+                with pytest.raises(InvalidParams, match="delivery_mode") as refused:  # as the SDK refuses it
+                    await call(alice, method, {**target, "payload": {"type": "text", "text": "x"},
+                                               "delivery_mode": "queue"})
+                assert refused.value.data["arg"] == "params.delivery_mode"
             await call(alice, "message.send", {"to": bob, "encrypt": False,
                                                "payload": {"type": "text", "text": marks["plain-control"]}})
             certs = {aid: pki.load_cert_pem(daemon.store.load(aid).cert_pem) for aid in (alice, bob)}
@@ -180,3 +185,5 @@ async def test_no_e2ee_plaintext_and_every_signed_method_signed_on_the_wire(devn
     unsigned = {r["method"] for r in sent if "client_signature" not in (r.get("params") or {})}
     assert not unsigned & signing.SIGNED_METHODS
     assert {"message.history", "group.history"} <= unsigned  # read-only: the SDK does not sign them either
+    assert not [r for r in sent if r["method"] in ("message.send", "group.send", "group.v2.send")
+                and "delivery_mode" in (r.get("params") or {})]  # refused before the wire

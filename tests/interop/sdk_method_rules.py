@@ -9,6 +9,8 @@ and the branches are found by parsing the SDK's source with `ast`:
 - decrypts_result: a branch there that calls a `*history*` routine, or a branch in the E2EE
   coordinator's `postprocess_result` that calls a `_decrypt_*` routine;
 - pull: the method set `RpcPipeline.raw_call` gives the pull-gate timeout;
+- refused_params: the `"x" in params` tests inside a branch on `method` of
+  `RpcPipeline.validate_outbound_call` (params the SDK refuses for that method);
 - family rules: a branch on `method.startswith(prefix)` whose body signs the call (signed) or
   sets `aad` (org_aad).
 """
@@ -94,6 +96,15 @@ def main() -> None:
     for branch in _branches(v2_e2ee.V2E2EECoordinator.postprocess_result):
         if _calls_attr(branch, lambda attr, _: attr.startswith("_decrypt_")):
             decrypts |= _methods_in_test(branch.test)
+    refused_params: dict[str, set[str]] = {}
+    for branch in _branches(pipeline.validate_outbound_call):
+        names = _methods_in_test(branch.test)
+        keys = {n.left.value for n in _body_nodes(branch)
+                if isinstance(n, ast.Compare) and isinstance(n.left, ast.Constant) and isinstance(n.left.value, str)
+                and len(n.ops) == 1 and isinstance(n.ops[0], ast.In) and isinstance(n.comparators[0], ast.Name)
+                and n.comparators[0].id == "params"}
+        for name in names if keys else ():
+            refused_params.setdefault(name, set()).update(keys)
     pull: set[str] = set()
     for branch in _branches(pipeline.raw_call):
         if any(isinstance(n, ast.Name) and n.id == "timeout" for n in ast.walk(branch.test)):
@@ -109,6 +120,7 @@ def main() -> None:
         "pull": sorted(pull),
         "family_signed": sorted(family_signed),
         "family_org_aad": sorted(family_aad),
+        "refused_params": {m: sorted(keys) for m, keys in sorted(refused_params.items())},
     }, sys.stdout)
 
 

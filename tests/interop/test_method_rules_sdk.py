@@ -37,6 +37,10 @@ def divergences(sdk: dict, ours: dict[str, frozenset[str]], families) -> list[st
             out.append(f"{column}: the SDK has, aund lacks: {sorted(theirs - mine)}")
         if mine - theirs:
             out.append(f"{column}: aund has, the SDK lacks: {sorted(mine - theirs)}")
+    mine = {name: list(rule.refused_params) for name, rule in methods.TABLE.items() if rule.refused_params}
+    for name in sorted(set(mine) | set(sdk["refused_params"])):
+        if mine.get(name) != sdk["refused_params"].get(name):
+            out.append(f"refused_params of {name}: SDK {sdk['refused_params'].get(name)}, aund {mine.get(name)}")
     for column, attribute in (("family_signed", "signed"), ("family_org_aad", "org_aad")):
         mine = {prefix for prefix, rule in families.items() if getattr(rule, attribute)}
         if set(sdk[column]) != mine:
