@@ -21,9 +21,9 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, ids, transport
+from aund.aun import auth, ids, methods, transport
 from aund.aun.link import Link, LinkConfig, LinkState
-from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
+from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.aun.http import http_base, http_request
 from aund.aun.peers import PeerDirectory
@@ -44,9 +44,6 @@ log = structlog.get_logger("aund.daemon")
 LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refreshed", "gateway.disconnect",
                               "sync.proof_rejected"})
 MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GROUP_MESSAGE_KIND, GROUP_CHANGED_KIND})
-SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers",
-                          "group.pull", "group.v2.pull", "group.ack_messages", "group.v2.ack", "group.pull_events",
-                          "group.ack_events"})
 RESYNC_BUDGET_SECONDS = 10.0
 
 
@@ -89,6 +86,8 @@ class LinkEntry:
 class _Handle:
     """What the broker holds for an app's (AID, slot): a view of the shared link."""
 
+    header_methods = methods.PROTECTED_HEADERS
+
     def __init__(self, daemon: "Daemon", entry: LinkEntry) -> None:
         self.daemon, self.entry = daemon, entry
         self.aid, self.slot_id = entry.link.aid, entry.link.config.slot_id
@@ -101,20 +100,31 @@ class _Handle:
 
     async def call(self, method: str, params: dict[str, Any], *, timeout: float | None, background: bool,
                    app: AppIdentity) -> dict[str, Any]:
-        if method in SYNC_METHODS:
+        rule = methods.rule(method)  # what the SDK (and aund) does around this method
+        if rule.managed:
             raise InvalidParams(f"{method}: aund pulls and acks messages itself; subscribe to "
                                 "message.received events instead")
-        if method in ("message.send", "message.thought.put"):
-            headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
-            put = self.entry.session.send if method == "message.send" else self.entry.session.thought_put
-            return await put(self.entry.link, params, headers, timeout=timeout)
+        refused = [name for name in rule.refused_params if name in params]
+        if refused:
+            raise InvalidParams(f"{method} does not accept {refused[0]!r}: delivery is a property of the "
+                                "connection, not of one message (the official SDK refuses it too)",
+                                data={"arg": f"params.{refused[0]}"})
+        headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
+        session, link = self.entry.session, self.entry.link
+        if method == "message.send":
+            return await session.send(link, params, headers, timeout=timeout)
+        if method == "message.thought.put":
+            return await session.thought_put(link, params, headers, timeout=timeout)
+        if method == "message.history":
+            return await session.history(link, params, timeout=timeout)
         if method == "message.thought.get":
-            result = await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
-            return await self.entry.session.decrypt_thoughts(self.entry.link.gateway, result)
-        if method in GROUP_METHODS and self.entry.groups is not None:
-            headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
+            result = await link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
+            return await session.decrypt_thoughts(link.gateway, result)
+        if rule.route == "group" and self.entry.groups is not None:
             return await self.entry.groups.call(method, params, headers, timeout=timeout)
-        return await self.entry.link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
+        if rule.encrypts or rule.decrypts_result:  # never forwarded as plaintext, never handed on as ciphertext
+            raise NotReady(f"{method}: aund holds no E2EE session for {self.aid} here", data={"method": method})
+        return await link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
 
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
         self.daemon.protected_headers[(app.conn_id, self.aid)] = dict(headers)

@@ -33,9 +33,11 @@ import trio
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
 from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_group, snapshot_json, state_commitment,
                                  state_sign_input)
+from aund.aun import methods
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
-                                LinkSync, append_prekey, merged_headers, new_prekey_record, prekey_wire, row_content)
+                                LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
+                                new_prekey_record, prekey_wire, row_content)
 from aund.aun.paging import skipped_row
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
@@ -43,10 +45,6 @@ from aund.inbox import Inbox, NewEvent
 
 log = structlog.get_logger("aund.groups")
 
-#: App calls the daemon routes through groups (everything else goes to the gateway as is).
-MEMBERSHIP_METHODS = frozenset({"group.create", "group.add_member", "group.kick", "group.remove_member",
-                                "group.review_join_request"})
-GROUP_METHODS = MEMBERSHIP_METHODS | {"group.send", "group.thought.put", "group.thought.get"}
 #: Gateway events GroupSync consumes (names without the `event/` prefix).
 GROUP_EVENTS = frozenset({"group.v2.message_created", "group.message_created", "group.changed",
                           "group.v2.state_confirmed", "group.v2.state_proposed", "group.v2.state_retry_needed"})
@@ -63,6 +61,7 @@ STATE_CONFLICT = -33012
 ADMIN_ROLES = ("owner", "admin")
 PAGE_LIMIT = 100
 EVENTS_LIMIT = 50
+HISTORY_LIMIT = 50  # group.history page size cap (the SDK's)
 MEMBERS_PAGE = 200
 _THOUGHT_RETRY_WORDS = ("member", "device", "recipient", "stale", "epoch")
 
@@ -378,6 +377,24 @@ class GroupSession:
             thought.update(payload=opened.payload, encrypted=True, protected_headers=opened.protected_headers)
         return result
 
+    async def history(self, link: Link, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """`group.history` as the SDK reads it: one read-only page of the group's messages before
+        `before_seq`, each row decrypted as a received group message is (`decode_row`); rows that
+        do not open come back with `payload: None` and a `history_error`. Moves no cursor."""
+        gid = _require_gid(params)
+        before, limit = history_window(params, HISTORY_LIMIT)
+        request = {"group_id": gid, "before_seq": before, "limit": limit, "device_id": self.device_id,
+                   "slot_id": link.config.slot_id}
+        result = await link.call("group.history", request, timeout=timeout)
+        if group_id_of(result) not in ("", gid):
+            raise GatewayError("group.history: the gateway answered for another group", retryable=False)
+        rows = history_rows(result, before)
+        out = []
+        for row in rows:
+            event, _ = await self.decode_row(link.gateway, gid, row)
+            out.append(history_entry(event))
+        return dict(result, messages=out)
+
     # --- membership and the signed state chain (5.4) --------------------------------------------------------
     async def membership_call(self, link: Link, method: str, params: dict[str, Any], *,
                               timeout: float | None = None) -> dict[str, Any]:
@@ -578,7 +595,7 @@ class GroupSync(LinkSync):
     # --- app calls -------------------------------------------------------------------------------------------
     async def call(self, method: str, params: dict[str, Any], headers: dict[str, str] | None, *,
                    timeout: float | None = None) -> dict[str, Any]:
-        """The group app calls the daemon routes here (GROUP_METHODS)."""
+        """The group calls the daemon routes here (`route == "group"` in aund.aun.methods)."""
         if method == "group.send":
             result = await self.session.send(self.link, params, headers, timeout=timeout)
             seq = _int(result.get("seq"))
@@ -590,7 +607,9 @@ class GroupSync(LinkSync):
         if method == "group.thought.get":
             result = await self.link.call(method, params, timeout=timeout)
             return await self.session.decrypt_thoughts(self.link.gateway, _require_gid(params), result)
-        if method in MEMBERSHIP_METHODS:
+        if method == "group.history":
+            return await self.session.history(self.link, params, timeout=timeout)
+        if method in methods.MEMBERSHIP:
             return await self.session.membership_call(self.link, method, params, timeout=timeout)
         raise InvalidParams(f"{method} is not a group method aund routes")
 

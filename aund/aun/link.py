@@ -27,7 +27,7 @@ import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, jsonrpc as rpc, signing, transport
+from aund.aun import auth, jsonrpc as rpc, methods, signing, transport
 from aund.aun.budget import PullGate, RpcBudget
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
     PermissionDenied, RpcTimeout, map_remote_error
@@ -39,10 +39,7 @@ SDK_CAPABILITIES = {"e2ee": True, "group_e2ee": True, "supported_p2p_e2ee": ["e2
                     "p2p_peer_pull_v1": True, "agent_md_validation_v1": True}
 #: Close codes after which the official SDK never reconnects (4012 is the retryable one).
 NO_RECONNECT_CODES = frozenset({4001, 4003, 4008, 4009, 4010, 4011, 4013, 4014, 4015})
-INTERNAL_ONLY = frozenset({"auth.aid_login1", "auth.aid_login2", "auth.login1", "auth.login2", "auth.connect",
-                           "auth.refresh_token", "initialize"})
-PULL_METHODS = frozenset({"message.pull", "message.v2.pull", "message.history", "group.pull", "group.v2.pull",
-                          "group.history", "group.pull_events"})
+INTERNAL_ONLY = methods.INTERNAL_ONLY
 
 
 class LinkState(str, enum.Enum):
@@ -604,14 +601,8 @@ class Link:
                         session = self._session
                         if session is None or not self._session_open:
                             raise GatewayUnavailable(f"{method}: not connected")
-                        if method in signing.SIGNED_METHODS:
-                            try:
-                                params = signing.sign_params(method, params, aid=self.aid,
-                                                             key=self.creds.private_key,
-                                                             cert_fingerprint=self.creds.cert_fingerprint)
-                            except (TypeError, ValueError) as exc:
-                                raise InvalidParams(f"{method}: params are not JSON: {exc}",
-                                                    data={"arg": "params"}) from None
+                        if signing.needs_signature(method):
+                            params = self._signed(method, params)
                         sent = True
                         return await self._send_and_wait(session, method, params,
                                                          max(0.0, deadline - trio.current_time()))
@@ -621,6 +612,18 @@ class Link:
         except trio.TooSlowError:
             what = "rpc timeout" if sent else "rpc queue timeout before send"
             raise RpcTimeout(f"{what}: {method}", data={"method": method}) from None
+
+    def _signed(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """params with what the SDK adds to a signed method: `aad` for `org.*`, then `client_signature`."""
+        try:
+            params = signing.org_request(method, params)
+        except signing.BindingError as exc:
+            raise InvalidParams(str(exc), data={"arg": "params"}) from None
+        try:
+            return signing.sign_params(method, params, aid=self.aid, key=self.creds.private_key,
+                                       cert_fingerprint=self.creds.cert_fingerprint)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParams(f"{method}: params are not JSON: {exc}", data={"arg": "params"}) from None
 
     async def pull(self, namespace: str, key: str, method: str, params: dict[str, Any], *,
                    background: bool = False, timeout: float | None = None) -> dict[str, Any]:

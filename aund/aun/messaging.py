@@ -42,8 +42,8 @@ BOOTSTRAP_TTL = 3600.0
 PREKEY_RETRY_CODES = frozenset({-33011, -33012, -33050, -33052, -33054})
 WRAP_CAPABILITIES = {"version": "v2.1", "protocols": ["1DH", "3DH"], "scopes": ["aid", "device"],
                      "per_aid_wrap": True, "per_device_wrap": True}
-PROTECTED_HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
 PAGE_LIMIT = 200
+P2P_HISTORY_LIMIT = 200  # message.history page size cap (the SDK's)
 # every payload type that means "this is ciphertext": never handed to apps as plaintext
 ENCRYPTED_TYPES = frozenset({"e2ee.encrypted", "e2ee.p2p_encrypted", "e2ee.group_encrypted"})
 PUSH_QUEUE = 1024
@@ -78,6 +78,54 @@ def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
     if not isinstance(envelope, dict):
         return "malformed", "envelope is not an object"
     return "envelope", envelope
+
+
+def history_window(params: dict[str, Any], max_limit: int) -> tuple[int, int]:
+    """(before_seq, limit) of an app's history call: before_seq a positive integer, limit 1..max_limit."""
+    before, limit = params.get("before_seq"), params.get("limit", max_limit)
+    if isinstance(before, bool) or not isinstance(before, int) or before < 1:
+        raise InvalidParams("before_seq must be a positive integer (the page holds seq < before_seq)",
+                            data={"arg": "before_seq"})
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit:
+        raise InvalidParams(f"limit must be an integer from 1 to {max_limit}", data={"arg": "limit"})
+    return before, limit
+
+
+def history_rows(result: dict[str, Any], before: int, *, sender_of=None, expected_sender: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """The rows of a history page, checked as the SDK checks them (every seq below `before`, no
+    two different rows for one seq, the page boundary at the first row, `has_older` a boolean),
+    oldest first; GatewayError for a page that breaks these rules."""
+    def bad(why: str) -> GatewayError:
+        return GatewayError(f"history page rejected: {why}", retryable=False)
+
+    rows = result.get("messages")
+    if not isinstance(rows, list) or not isinstance(result.get("has_older", False), bool):
+        raise bad("messages is not a list or has_older is not a boolean")
+    by_seq: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        seq = row.get("seq") if isinstance(row, dict) else None
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < before:
+            raise bad(f"a row's seq is not an integer below before_seq={before}")
+        if expected_sender is not None and sender_of(row) != expected_sender:
+            raise bad("a row comes from another sender")
+        if by_seq.setdefault(seq, row) is not row and by_seq[seq] != row:
+            raise bad(f"two different rows for seq {seq}")
+    ordered = [by_seq[seq] for seq in sorted(by_seq)]
+    start = result.get("window_start_seq")
+    if ordered and start is not None and start != ordered[0]["seq"]:
+        raise bad("window_start_seq is not the first row's seq")
+    return ordered
+
+
+def history_entry(event: NewEvent) -> dict[str, Any]:
+    """What an app sees for one history row: the fields of the received-message event, or for a
+    row that does not open `payload: None` and `history_error` {code, reason, message}."""
+    data = dict(event.data)
+    if event.kind == "message.undecryptable":
+        data.update(payload=None, history_error={"code": "decrypt_failed", "reason": data.pop("reason", ""),
+                                                 "message": data.pop("detail", "")})
+    return data
 
 
 def new_prekey_record(identity: Identity, device_id: str,
@@ -299,6 +347,30 @@ class E2EESession:
                 continue
             thought.update(payload=opened.payload, encrypted=True, protected_headers=opened.protected_headers)
         return result
+
+    async def history(self, link: Link, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """`message.history` as the SDK reads it: one read-only page of what `sender_aid` sent us
+        before `before_seq`, each row decrypted as a received message is (`decode_row`); a row
+        that does not open comes back with `payload: None` and a `history_error`, never as
+        ciphertext. Moves no cursor and writes nothing to the inbox."""
+        sender = params.get("sender_aid")
+        if not isinstance(sender, str) or not sender.strip():
+            raise InvalidParams("message.history needs sender_aid (the peer whose messages to read)",
+                                data={"arg": "sender_aid"})
+        sender = sender.strip().lower()
+        before, limit = history_window(params, P2P_HISTORY_LIMIT)
+        request = {"cursor_scope": "peer", "sender_aid": sender, "before_seq": before, "limit": limit,
+                   "device_id": self.device_id, "slot_id": link.config.slot_id}
+        result = await link.call("message.history", request, timeout=timeout)
+        if result.get("cursor_scope", "peer") != "peer" or str(result.get("sender_aid") or sender).lower() != sender:
+            raise GatewayError("message.history: the gateway answered for another peer", retryable=False)
+        rows = history_rows(result, before, sender_of=lambda row: str(
+            row.get("from_aid") or row.get("sender_aid") or row.get("from") or "").lower(), expected_sender=sender)
+        out = []
+        for row in rows:
+            event, _ = await self.decode_row(link.gateway, row, sender)
+            out.append(history_entry(event))
+        return dict(result, messages=out)
 
     # --- receive ---------------------------------------------------------------------------------
     async def decode_row(self, gateway_url: str, row: dict[str, Any], sender: str) -> tuple[NewEvent, str]:

@@ -2,39 +2,31 @@
 
 The signature binds the method, the AID, a timestamp and a hash of the params:
 `DER-ECDSA-SHA256(AID key, "{method}|{aid}|{ts}|{params_hash}")`, where params_hash is the
-SHA-256 of the params (without `client_signature` and `_`-prefixed keys) as sorted, compact JSON.
-Pure functions; no I/O.
+SHA-256 of the params (without `client_signature` and `_`-prefixed keys) as sorted, compact JSON;
+for `org.*` methods as canonical JSON (aund.aun.e2ee.canonical), after `org_request()` bound the
+organization into the params' `aad`, as the SDK does. Which methods are signed: `needs_signature()`
+(the table in aund.aun.methods). Pure functions; no I/O.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from aund.aun import methods
+from aund.aun.e2ee.canonical import canonical_json
 from aund.identity import pki
 
-#: Methods whose params carry a client_signature (the official SDK signs these; aund does too).
-SIGNED_METHODS = frozenset({
-    "message.send", "message.v2.put_peer_pk", "message.v2.bootstrap", "message.v2.group_bootstrap",
-    "message.v2.pull", "message.v2.ack", "message.thought.put",
-    "group.send", "group.recall", "group.thought.put", "group.add_member", "group.kick",
-    "group.invite_member", "group.list_my_invites", "group.accept_invite", "group.reject_invite",
-    "group.revoke_invite", "group.leave", "group.remove_member", "group.update", "group.set_role",
-    "group.transfer_owner", "group.request_join", "group.review_join_request", "group.dissolve",
-    "group.v2.put_group_pk", "group.v2.bootstrap", "group.v2.send", "group.v2.pull", "group.v2.ack",
-    "group.v2.propose_state", "group.v2.confirm_state", "group.v2.get_proposal",
-    "group.batch_review_join_request", "group.use_invite_code", "group.bind_group_aid", "group.renew_group_aid",
-    "group.complete_transfer", "group.set_settings", "group.update_announcement", "group.update_rules",
-    "group.commit_state", "group.ban", "group.unban", "group.block", "group.unblock", "group.report_status",
-    "group.suspend", "group.resume",
-    "group.fs.mkdir", "group.fs.rm", "group.fs.cp", "group.fs.mv", "group.fs.set_acl", "group.fs.remove_acl",
-    "group.fs.mount", "group.fs.umount", "group.fs.check_upload", "group.fs.create_upload_session",
-    "group.fs.complete_upload", "group.fs.create_download_ticket",
-})
+#: Methods whose params carry a client_signature (the official SDK signs these; aund does too),
+#: besides every `org.*` method (see `aund.aun.methods`).
+SIGNED_METHODS = methods.SIGNED
+
+_ORG_ID = re.compile(r"^[^\s/]+\.[^\s/]+$")
 
 #: How far a signature's timestamp may be from the verifier's clock.
 MAX_SKEW_SECONDS = 300
@@ -44,9 +36,42 @@ class SignatureError(Exception):
     """A client_signature is missing, malformed, stale or does not verify."""
 
 
-def params_hash(params: dict[str, Any]) -> str:
+class BindingError(ValueError):
+    """An `org.*` request whose organization binding (`org_id`, `aad`) is missing or contradictory."""
+
+
+def needs_signature(method: str) -> bool:
+    return methods.rule(method).signed
+
+
+def org_request(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an `org.*` request's params with `aad.org_id` set to its `org_id` (other methods:
+    params unchanged). `org_id` is required (a full `name.issuer` id) except for the few methods
+    in `methods.ORG_ID_OPTIONAL`; an `aad` naming another organization is refused."""
+    if not methods.rule(method).org_aad:
+        return params
+    org_id = params.get("org_id")
+    if org_id is None:
+        if method not in methods.ORG_ID_OPTIONAL:
+            raise BindingError(f"{method} needs org_id (the organization's id, name.issuer)")
+    elif not isinstance(org_id, str) or not _ORG_ID.fullmatch(org_id):
+        raise BindingError(f"{method}: org_id must be a full organization id (name.issuer), got {org_id!r:.80}")
+    aad = params.get("aad", {})
+    if not isinstance(aad, dict):
+        raise BindingError(f"{method}: aad must be an object")
+    if "org_id" in aad and aad["org_id"] != org_id:
+        raise BindingError(f"{method}: aad.org_id does not match org_id")
+    return {**params, "aad": {**aad, "org_id": org_id}}
+
+
+def params_hash(params: dict[str, Any], *, canonical: bool = False) -> str:
+    """SHA-256 (hex) of the params without `client_signature` and `_`-prefixed keys: sorted
+    compact JSON, or canonical JSON (`org.*`). TypeError/ValueError for what JSON cannot hold."""
     body = {k: v for k, v in params.items() if k != "client_signature" and not k.startswith("_")}
-    data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if canonical:
+        data = canonical_json(body)
+    else:
+        data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(data).hexdigest()
 
 
@@ -54,7 +79,7 @@ def sign_params(method: str, params: dict[str, Any], *, aid: str, key: ec.Ellipt
                 cert_fingerprint: str, now: float | None = None) -> dict[str, Any]:
     """Return a copy of params with `client_signature` attached."""
     ts = str(int(time.time() if now is None else now))
-    digest = params_hash(params)
+    digest = params_hash(params, canonical=methods.rule(method).org_aad)
     signature = pki.sign_der(key, f"{method}|{aid}|{ts}|{digest}".encode("utf-8"))
     signed = dict(params)
     signed["client_signature"] = {"aid": aid, "cert_fingerprint": cert_fingerprint, "timestamp": ts,
@@ -80,7 +105,7 @@ def verify_params(method: str, params: dict[str, Any], *, aid: str, cert: x509.C
     now = time.time() if now is None else now
     if abs(int(sig["timestamp"]) - now) > MAX_SKEW_SECONDS:
         raise SignatureError("client_signature timestamp outside the allowed window")
-    if sig["params_hash"] != params_hash(params):
+    if sig["params_hash"] != params_hash(params, canonical=methods.rule(method).org_aad):
         raise SignatureError("client_signature params_hash does not match the params")
     try:
         raw = pki.b64d(sig["signature"])

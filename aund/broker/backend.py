@@ -39,6 +39,8 @@ class SessionHandle(Protocol):
 
     aid: str
     slot_id: str
+    #: the methods that carry signed protected headers (the daemon's method table says which)
+    header_methods: frozenset[str]
 
     def state(self) -> str: ...
 

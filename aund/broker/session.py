@@ -66,8 +66,6 @@ BROKER_FEATURES = ("subscriptions", "subscription.end", "ack.by_sub", "ack.by_co
 SUBSCRIPTION_END_KIND = "subscription.end"
 UNDELIVERABLE_KIND = "event.undeliverable"
 START_WORDS = ("last_ack", "now")
-# calls that carry signed protected headers (the SDK's instance-level headers go into these)
-HEADER_METHODS = frozenset({"message.send", "group.send", "message.thought.put", "group.thought.put"})
 MAX_HEADERS = 64
 # names the sender's SDK or the receiver's view set: an app giving them would forge what they mean
 RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
@@ -675,7 +673,7 @@ class AppSession:
         params = _map(args, "params", {})
         timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
         background = _bool(args, "background", False)
-        if method in HEADER_METHODS:  # the same bounds as set_protected_headers, whichever way they come
+        if method in handle.header_methods:  # the same bounds as set_protected_headers, whichever way they come
             for key in ("protected_headers", "headers"):
                 if params.get(key) is not None:
                     _headers(params[key], f"params.{key}")

@@ -27,11 +27,13 @@ import trio
 from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
 from aund.aun.e2ee import merkle, p2p
+from aund.aun.messaging import history_window as checked_history_window
 from aund.devnet import federation
 from aund.devnet.federation import PUSH_QUEUE as FEDERATED_PUSH_QUEUE
 from aund.devnet.pki import DevCA, der_sha256_hex, serial_hex
 from aund.devnet.store import StoredMessage, Store, dumps
 from aund.identity import agent_md as agent_md_doc
+from aund.errors import InvalidParams
 from aund.identity import pki
 
 log = structlog.get_logger("aund.devnet")
@@ -42,6 +44,7 @@ MAX_PAYLOAD_BYTES = 1_000_000
 MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frames
 PULL_PAGE_BYTES = 512 * 1024  # a pull page stops adding rows past this size (always at least one row)
 OUTBOX_FRAMES = 512
+HISTORY_MAX_LIMIT = 200  # message.history (group.history: 50, as production)
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
                        "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True,
@@ -429,6 +432,21 @@ async def _respond(send: Callable, status: int, payload: Any, extra: dict[str, s
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+def history_window(params: dict[str, Any], max_limit: int) -> tuple[int, int]:
+    """(before_seq, limit) of a history call (the client side's checks, answered as -32602)."""
+    try:
+        return checked_history_window(params, max_limit)
+    except InvalidParams as exc:
+        raise RpcError(rpc.INVALID_PARAMS, str(exc)) from None
+
+
+def history_page(messages: list[dict[str, Any]], has_older: bool) -> dict[str, Any]:
+    """The page fields of a history result: the boundary is the first row's seq (none when empty)."""
+    start = messages[0]["seq"] if messages else None
+    return {"messages": messages, "count": len(messages), "window_start_seq": start, "next_before_seq": start,
+            "has_older": bool(messages) and has_older}
+
+
 def render_row(msg: StoredMessage, device_id: str, slot_id: str, *, inline: bool = False) -> dict[str, Any] | None:
     """The row a device sees for a stored message (pull page or inline push)."""
     base = {"seq": msg.seq, "message_id": msg.message_id, "from_aid": msg.sender, "from": msg.sender,
@@ -637,7 +655,7 @@ class Conn:
                 and method not in AGENT_MD_EXEMPT and self.net.store.agent_md(self.aid) is None):
             # production's identity admission for clients that declare agent.md validation (SDK 0.5.8)
             raise RpcError(rpc.AGENT_MD_REQUIRED, f"valid agent.md is required for {self.aid}")
-        if method in signing.SIGNED_METHODS and not self.connection_identity_suffices(method, params):
+        if signing.needs_signature(method) and not self.connection_identity_suffices(method, params):
             cert = pki.load_cert_pem(self.net.store.current_cert(self.aid) or "")
             try:
                 signing.verify_params(method, params, aid=self.aid, cert=cert)
@@ -991,6 +1009,19 @@ class Conn:
             result["covered_through_seq"] = result["next_after_seq"] = head + 5  # claims rows it does not have
         return result
 
+    def rpc_history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """`message.history`: one read-only page of the messages from `sender_aid` with seq <
+        `before_seq`, newest first selected, returned oldest first; moves no cursor, pushes nothing."""
+        if params.get("cursor_scope", "peer") != "peer" or "sender_aid" not in params:
+            raise RpcError(rpc.INVALID_PARAMS, "this devnet serves peer-mode history (cursor_scope=peer, sender_aid)")
+        sender = validate_aid(params.get("sender_aid"))
+        before, limit = history_window(params, HISTORY_MAX_LIMIT)
+        rows = self.net.store.peer_rows_before(self.aid, sender, before, limit + 1)
+        has_older = len(rows) > limit
+        messages = [render_row(m, self.device_id, self.slot_id) for m in rows[-limit:]]
+        return dict(history_page(messages, has_older), cursor_scope="peer", sender_aid=sender,
+                    device_id=self.device_id, retention_floor_seq=0, earliest_available_seq=None)
+
     def rpc_ack(self, params: dict[str, Any]) -> dict[str, Any]:
         sender = validate_aid(params.get("sender_aid"))
         if self.net.faults.fail_acks > 0:
@@ -1016,6 +1047,7 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "message.peers": Conn.rpc_peers,
     "message.v2.pull": Conn.rpc_pull,
     "message.v2.ack": Conn.rpc_ack,
+    "message.history": Conn.rpc_history,
 }
 
 # The group service (group.*, group.v2.*) lives in its own module and registers its handlers here;

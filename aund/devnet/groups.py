@@ -56,6 +56,7 @@ JOIN_MODES = ("open", "approval", "invite_only", "closed")
 WRAP_ROLES = ("member", "self_sync", "audit")
 DEVICE_KEYS = ("device_id", "key_source", "spk_id", "spk_pk", "spk_signature")  # + int spk_timestamp
 PULL_MAX_LIMIT = 200
+HISTORY_MAX_LIMIT = 50  # group.history, as production
 EVENTS_MAX_LIMIT = 50
 
 SCHEMA = """
@@ -537,12 +538,13 @@ class GroupService:
         return msg, True
 
     def visible_rows(self, group_id: str, member: dict[str, Any], device_id: str, lo: int, hi: int | None,
-                     limit: int) -> list[dict[str, Any]]:
-        """Messages with lo < seq [<= hi] that this member device may read, oldest first."""
+                     limit: int, *, newest: bool = False) -> list[dict[str, Any]]:
+        """Messages with lo < seq [<= hi] that this member device may read, oldest first (the
+        first `limit` of them, or with `newest` the last `limit`)."""
         floor = max(lo, member["join_seq"])
         sql = ("SELECT m.* FROM grp_messages m WHERE m.group_id=? AND m.seq>? {hi} AND (m.kind='plain' OR EXISTS "
                "(SELECT 1 FROM grp_wraps w WHERE w.group_id=m.group_id AND w.seq=m.seq AND w.aid=? "
-               "AND w.device_id IN (?, ''))) ORDER BY m.seq LIMIT ?")
+               "AND w.device_id IN (?, ''))) ORDER BY m.seq " + ("DESC " if newest else "") + "LIMIT ?")
         args: list[Any] = [group_id, floor]
         if hi is not None:
             sql = sql.format(hi="AND m.seq<=?")
@@ -550,7 +552,8 @@ class GroupService:
         else:
             sql = sql.format(hi="")
         args += [member["aid"], device_id, limit]
-        return [dict(r) for r in self.db.execute(sql, args)]
+        rows = [dict(r) for r in self.db.execute(sql, args)]
+        return rows[::-1] if newest else rows
 
 
 _SERVICES: "weakref.WeakKeyDictionary[Devnet, GroupService]" = weakref.WeakKeyDictionary()
@@ -1299,6 +1302,20 @@ def rpc_v2_pull(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
             "earliest_available_message_seq": member["join_seq"] + 1,
             "cursor": {"current_seq": ack, "join_seq": member["join_seq"], "latest_seq": head,
                        "unread_count": unread}}
+
+
+@handler("group.history")
+def rpc_history(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
+    """One read-only page of the group's messages this device may read with seq < `before_seq`
+    (newest selected, oldest first); moves no cursor."""
+    svc, gid = _ctx(conn, params)
+    _, member = svc.require_member(gid, conn.aid)
+    device, _ = _cursor_device(conn, params)
+    before, limit = gw.history_window(params, HISTORY_MAX_LIMIT)
+    rows = svc.visible_rows(gid, member, device, 0, before - 1, limit + 1, newest=True)
+    messages = [r for r in (svc.message_row(m, conn.aid, device, conn.slot_id) for m in rows[-limit:]) if r]
+    return dict(gw.history_page(messages, len(rows) > limit), group_id=gid, group_aid=gid,
+                retention_floor_seq=0, earliest_available_seq=member["join_seq"] + 1)
 
 
 def _ack(svc: GroupService, gid: str, aid: str, device: str, slot_key: str, kind: str, up_to: int, head: int) -> int:

@@ -210,6 +210,12 @@ class Store:
                                (receiver, sender, after_seq, limit)).fetchall()
         return [_message(r) for r in rows]
 
+    def peer_rows_before(self, receiver: str, sender: str, before_seq: int, limit: int) -> list[StoredMessage]:
+        """The newest `limit` rows from `sender` with seq < before_seq, oldest first (a history page)."""
+        rows = self.db.execute("SELECT * FROM messages WHERE receiver=? AND sender=? AND seq<? ORDER BY seq DESC "
+                               "LIMIT ?", (receiver, sender, before_seq, limit)).fetchall()
+        return [_message(r) for r in reversed(rows)]
+
     def peer_head(self, receiver: str, sender: str) -> int:
         return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE receiver=? AND sender=?",
                                (receiver, sender)).fetchone()[0]

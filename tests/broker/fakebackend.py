@@ -19,12 +19,15 @@ from typing import Any
 
 import trio
 
+from aund.aun import methods
 from aund.broker.backend import AppIdentity, InboxEvent
 from aund.broker.policy import Policy
 from client_stub.errors import ERROR_CLASSES, AundError, GatewayUnavailable, InvalidParams, ResourceNotExistError
 
 
 class FakeSession:
+    header_methods = methods.PROTECTED_HEADERS
+
     def __init__(self, backend: "FakeBackend", app: AppIdentity, aid: str, slot_id: str) -> None:
         self.backend, self.app, self.aid, self.slot_id = backend, app, aid, slot_id
 

@@ -216,7 +216,38 @@ async def thoughts():
         await client.close()
 
 
-SCENARIOS = {"thoughts": thoughts, "peer": peer, "peer_phase": peer_phase, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
+async def history():
+    """P2P history with an aund-held AID (env PEER_AID, N): we send N E2EE messages "f-hist i" to
+    it, write WORK/sent, wait for WORK/aund_sent (aund sent us N "a-hist i"), then read
+    `message.history` of the peer page by page (limit 2): every row opened, in seq order."""
+    n = int(os.environ.get("N", "3"))
+    peer_aid = os.environ["PEER_AID"]
+    aid, client, inbox = await open_client("historian")
+    (WORK / "historian.json").write_text(json.dumps({"aid": aid}))
+    try:
+        for i in range(n):
+            r = await client.call("message.send", {"to": peer_aid, "payload": {"type": "text", "text": f"f-hist {i}"}})
+            check(f"send f-hist {i}", r.get("status") == "delivered", r)
+        (WORK / "sent").touch()
+        await wait_for((WORK / "aund_sent").exists, 60)
+        await wait_for(lambda: all(f"a-hist {i}" in inbox for i in range(n)), 20)
+        rows, before, pages = [], 10**9, 0
+        while pages < 10:
+            page = await client.call("message.history", {"sender_aid": peer_aid, "before_seq": before, "limit": 2})
+            pages += 1
+            rows = list(page.get("messages") or []) + rows
+            if not page.get("has_older"):
+                break
+            before = page["next_before_seq"]
+        texts = [(m.get("payload") or {}).get("text") for m in rows]
+        check("history of aund's messages, decrypted, oldest first", texts == [f"a-hist {i}" for i in range(n)], texts)
+        check("history rows were E2EE", all(m.get("encrypted") is True for m in rows), [m.get("encrypted") for m in rows])
+        check("history came in pages", pages == (n + 1) // 2, pages)
+    finally:
+        await client.close()
+
+
+SCENARIOS = {"history": history, "thoughts": thoughts, "peer": peer, "peer_phase": peer_phase, "register_only": register_only, "both_ways": both_ways, "offline_phase1": offline_phase1, "offline_phase2": offline_phase2,
              "slot_kick": slot_kick}
 
 if __name__ == "__main__":

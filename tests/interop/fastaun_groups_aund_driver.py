@@ -8,7 +8,8 @@ AUN_WORKDIR:
   we write fast.json {aid}            -> the test creates the group, adds us and another aund member
   test writes group.json {gid, aund}  -> we wait to see our own admission, write ready
   test writes go                      -> we send N E2EE messages "fast i", then wait for the aund
-                                         members' N each; write phase1.json {sent, received}
+                                         members' N each, re-read them by group.pull and by
+                                         group.history; write phase1.json {sent, received}
   test writes phase2.json {removed}   -> (a member was removed) we send 3 "fast-after i", expect
                                          "{name}-after i" from the remaining aund member(s);
                                          write phase2_done.json
@@ -72,6 +73,17 @@ async def aund_member():
         pulled = [me.text_of(x) for x in r.get("messages", [])]
         by_seq = [me.text_of(x) for x in sorted(msgs, key=lambda x: x["seq"])]
         check("a pull re-reads the aund messages in seq order", pulled == by_seq, pulled[:5])
+        history, before = [], 10**9
+        for _ in range(10):  # group.history pages (at most 50 each), newest first
+            page = await me.call("group.history", {"group_id": gid, "before_seq": before, "limit": 50})
+            history = list(page.get("messages") or []) + history
+            if not page.get("has_older"):
+                break
+            before = page["next_before_seq"]
+        from_aund = [x for x in history if me.text_of(x) in others]
+        check("group.history reads the aund messages decrypted, in seq order",
+              [me.text_of(x) for x in from_aund] == by_seq and all(x.get("encrypted") is True for x in from_aund),
+              [me.text_of(x) for x in history][:5])
         (WORK / "phase1.json").write_text(json.dumps({
             "sent": sent, "received": {me.text_of(x): x["seq"] for x in msgs}}))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 
 import pytest
 import trio
@@ -118,28 +118,41 @@ async def test_e2ee_while_the_receiver_is_offline_and_after_prekey_rotation(devn
     assert all(e.kind == "message.received" and e.data["encrypted"] for e in events + late)
 
 
+@asynccontextmanager
+async def _aund_and_peer(devnet, tmp_path, alice, scenario, ready_file, **env):
+    """An in-process daemon holding `alice` and the fastaun `scenario` (PEER_AID=alice, `env`)
+    beside it; yields (call, work dir) once the peer wrote `ready_file`; on exit waits for the
+    peer and asserts its checks."""
+    work = tmp_path / "sdk"
+    work.mkdir()
+    result = {}
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+        handle = await ready_handle(daemon, alice)
+
+        async def call(method, params):
+            return await handle.call(method, params, timeout=None, background=False, app=APP)
+
+        async def run_peer():
+            result["proc"] = await _fastaun(scenario, devnet, work, PEER_AID=alice, **env)
+
+        nursery.start_soon(run_peer)
+        while not (work / ready_file).exists():
+            await trio.sleep(0.05)
+        yield call, work
+        while "proc" not in result:
+            await trio.sleep(0.05)
+        await daemon.aclose()
+    _checks(result["proc"])
+
+
 async def test_p2p_thoughts_both_ways_end_to_end_encrypted(devnet, tmp_path):
     """message.thought.put / get between an aund-held AID and fastaun: each reads the other's
     thought decrypted, and fastaun finds a V2 envelope in what aund put (never plaintext)."""
     alice = f"think-{os.getpid() % 100000}.aid.test"
-    work = tmp_path / "sdk"
-    work.mkdir()
     ctx = {"type": "run", "id": "run-aund"}
-    result = {}
     with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
-            handle = await ready_handle(daemon, alice)
-
-            async def call(method, params):
-                return await handle.call(method, params, timeout=None, background=False, app=APP)
-
-            async def run_peer():
-                result["proc"] = await _fastaun("thoughts", devnet, work, PEER_AID=alice)
-
-            nursery.start_soon(run_peer)
-            while not (work / "put").exists():
-                await trio.sleep(0.05)
+        async with _aund_and_peer(devnet, tmp_path, alice, "thoughts", "put") as (call, work):
             bob = json.loads((work / "thinker.json").read_text())["aid"]
             got = await call("message.thought.get", {"sender_aid": bob, "context": ctx})
             assert got["found"] is True and len(got["thoughts"]) == 1, got
@@ -153,7 +166,31 @@ async def test_p2p_thoughts_both_ways_end_to_end_encrypted(devnet, tmp_path):
                                                      "payload": {"type": "thought", "text": "a-thought"}})
             assert put["thought_id"].startswith("mt-") and put["stored_count"] == 1
             (work / "aund_put").touch()
-            while "proc" not in result:
-                await trio.sleep(0.05)
-            await daemon.aclose()
-    _checks(result["proc"])
+
+
+async def test_p2p_history_both_ways_decrypted(devnet, tmp_path):
+    """message.history between an aund-held AID and fastaun: aund hands its app the peer's
+    messages decrypted (never ciphertext), page by page; fastaun reads aund's the same way."""
+    n = 5
+    alice = f"hist-{os.getpid() % 100000}.aid.test"
+    with trio.fail_after(120):
+        async with _aund_and_peer(devnet, tmp_path, alice, "history", "sent", N=str(n)) as (call, work):
+            bob = json.loads((work / "historian.json").read_text())["aid"]
+            for i in range(n):
+                await call("message.send", {"to": bob, "payload": {"type": "text", "text": f"a-hist {i}"}})
+            (work / "aund_sent").touch()
+            first = await call("message.history", {"sender_aid": bob, "before_seq": 10**9, "limit": 3})
+            assert first["has_older"] is True and len(first["messages"]) == 3, first
+            older = await call("message.history", {"sender_aid": bob, "before_seq": first["next_before_seq"],
+                                                   "limit": 3})
+            assert older["has_older"] is False and len(older["messages"]) == n - 3, older
+            rows = older["messages"] + first["messages"]
+            assert [r["payload"]["text"] for r in rows] == [f"f-hist {i}" for i in range(n)]
+            assert all(r["encrypted"] is True and r["from"] == bob and r["to"] == alice for r in rows)
+            assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+            assert "envelope_json" not in json.dumps(first) + json.dumps(older)  # no ciphertext handed on
+            for bad, arg in (({"before_seq": 10}, "sender_aid"), ({"sender_aid": bob}, "before_seq"),
+                             ({"sender_aid": bob, "before_seq": 5, "limit": 201}, "limit")):
+                with pytest.raises(InvalidParams) as refused:
+                    await call("message.history", bad)
+                assert refused.value.data["arg"] == arg

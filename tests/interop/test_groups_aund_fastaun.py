@@ -150,6 +150,23 @@ async def test_group_with_two_aund_aids_and_a_fastaun_member(devnet, tmp_path):
                        if e.kind == "group.changed"}
             assert ("member_added", bob) in changed and ("member_added", fast) in changed
 
+            # --- group.history: bob's aund reads back every message, page by page, decrypted ----------------
+            history, before, pages = [], 10**9, 0
+            while True:
+                page = await call(bob, "group.history", {"group_id": gid, "before_seq": before, "limit": 25})
+                pages += 1
+                assert len(page["messages"]) <= 25 and "envelope_json" not in json.dumps(page)
+                history = page["messages"] + history
+                if not page["has_older"]:
+                    break
+                before = page["next_before_seq"]
+            readable = [t for t in by_seq if not t.startswith("bob ")]  # his own sends were not wrapped for him
+            assert [m["payload"]["text"] for m in history] == readable and pages >= 2
+            assert all(m["encrypted"] and m["group_id"] == gid and "history_error" not in m for m in history)
+            assert [m["seq"] for m in history] == [sent[t] for t in readable]
+            with pytest.raises(AundError):  # the SDK's cap on group.history pages
+                await call(bob, "group.history", {"group_id": gid, "before_seq": before, "limit": 51})
+
             # --- a thought: sealed for the members, opened by bob's aund ------------------------------------
             ctx = {"type": "run", "id": "run-1"}
             put = await call(alice, "group.thought.put", {"group_id": gid, "context": ctx,
