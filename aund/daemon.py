@@ -300,6 +300,42 @@ class Daemon:
         return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
                 "device_id": identity.device_id}
 
+    async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """One identity as `aund aid show` prints it: certificate, device, gateways, links, inbox
+        depth and the durable consumers of the app's uid (of every uid for the owners)."""
+        aid = self._permitted(app, aid)
+        try:
+            identity = await trio.to_thread.run_sync(self.store.load, aid)
+        except IdentityNotFound:
+            raise IdentityNotFound(f"aund holds no identity {aid}: run identity.ensure first", data={"aid": aid}) \
+                from None
+        meta = await trio.to_thread.run_sync(self.store.load_meta, aid)
+        cert = identity.cert
+        everything = self.sees_all(app)
+        assert self.inbox is not None
+        prefix = "" if everything else consumer_key(app, "")
+        consumers = [{"consumer": name if everything else name[len(prefix):], "cursor": cursor, "updated_at": at}
+                     for name, cursor, at in await self.inbox.consumers(aid, prefix)]
+        links = [vars(e.link.statistics()) for (a, _), e in sorted(self.links.items()) if a == aid]
+        return {"aid": aid, "cert_fingerprint": identity.cert_fingerprint, "device_id": identity.device_id,
+                "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+                "not_before": cert.not_valid_before_utc.timestamp(), "not_after": cert.not_valid_after_utc.timestamp(),
+                "gateways": list(meta.get("gateway_urls") or self.config.gateway_url),
+                "agent_md_etag": meta.get("agent_md_etag", ""), "links": links,
+                "inbox_events": (await self.inbox.depth()).get(aid, 0), "consumers": consumers}
+
+    async def reset_consumer(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> dict[str, Any]:
+        """Move the app uid's durable consumer back (or forward) to `cursor`: it reads again after it."""
+        aid = self._permitted(app, aid)
+        assert self.inbox is not None
+        try:
+            await self.inbox.reset_consumer(aid, consumer_key(app, consumer), cursor)
+        except AckPastHead as exc:
+            raise InvalidParams(f"cursor {cursor} is past the newest event of {aid} ({exc.head})",
+                                data={"cursor": cursor, "head": exc.head}) from None
+        log.info("inbox.consumer_reset", aid=aid, consumer=consumer, uid=app.uid, cursor=cursor)
+        return {"aid": aid, "consumer": consumer, "cursor": cursor}
+
     def list_identities(self) -> list[dict[str, Any]]:
         out = []
         for aid in self.store.list():

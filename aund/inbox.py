@@ -259,6 +259,27 @@ class Inbox:
                          (aid, name, cursor, time.time()))
         return self._consumer_sync(aid, name)
 
+    def _consumers_sync(self, aid: str, prefix: str) -> list[tuple[str, int, float]]:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT name, cursor, updated_at FROM consumers WHERE aid=? AND substr(name, 1, ?)=? ORDER BY name",
+            (aid, len(prefix), prefix))]
+
+    async def consumers(self, aid: str, prefix: str = "") -> list[tuple[str, int, float]]:
+        """(name, cursor, updated_at) of the AID's consumers whose name starts with `prefix`."""
+        return await self._read(self._consumers_sync, aid, prefix)
+
+    def _reset_sync(self, aid: str, name: str, cursor: int) -> int:
+        head = self._head_sync(aid)
+        if cursor > head:
+            raise AckPastHead(head)
+        self._db.execute("INSERT INTO consumers VALUES (?,?,?,?) ON CONFLICT(aid, name) DO UPDATE SET "
+                         "cursor=excluded.cursor, updated_at=excluded.updated_at", (aid, name, cursor, time.time()))
+        return cursor
+
+    async def reset_consumer(self, aid: str, name: str, cursor: int) -> int:
+        """Set a consumer's cursor, back as well as forward (it reads again after `cursor`)."""
+        return await self._run(self._reset_sync, aid, name, cursor)
+
     async def ack(self, aid: str, name: str, cursor: int) -> int:
         """Move a consumer's cursor forward (never back); returns the stored cursor.
 

@@ -583,6 +583,15 @@ class Client:
         """The AID's published agent.md: ``{aid, content, etag}`` (``ResourceNotExistError`` if none)."""
         return self.request("agent_md.get", {"aid": aid})
 
+    def show_identity(self, aid: str) -> dict[str, Any]:
+        """Certificate (fingerprint, subject, issuer, validity), device id, gateways, links, inbox
+        depth and this user's durable consumers (name, cursor) of an identity aund holds."""
+        return self.request("identity.show", {"aid": aid})
+
+    def reset_consumer(self, aid: str, consumer: str, cursor: int = 0) -> dict[str, Any]:
+        """Set this user's consumer of ``aid`` to ``cursor`` (0: read everything again)."""
+        return self.request("consumer.reset", {"aid": aid, "consumer": consumer, "cursor": cursor})
+
     def restart_link(self, aid: str, slot_id: str = "main") -> dict[str, Any]:
         """Start the (AID, slot) link again if it stopped for good (kicked by another instance,
         refused): ``{aid, slot_id, restarted, state}``; a running link is left as it is."""
@@ -963,6 +972,12 @@ class AsyncClient:
 
     async def agent_md(self, aid: str) -> dict[str, Any]:
         return await self.request("agent_md.get", {"aid": aid})
+
+    async def show_identity(self, aid: str) -> dict[str, Any]:
+        return await self.request("identity.show", {"aid": aid})
+
+    async def reset_consumer(self, aid: str, consumer: str, cursor: int = 0) -> dict[str, Any]:
+        return await self.request("consumer.reset", {"aid": aid, "consumer": consumer, "cursor": cursor})
 
     async def restart_link(self, aid: str, slot_id: str = "main") -> dict[str, Any]:
         return await self.request("link.restart", {"aid": aid, "slot_id": slot_id})

@@ -90,6 +90,12 @@ class Backend(Protocol):
     async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
         """The app let go of the link (idle links opened on demand close later)."""
 
+    async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """Certificate, device, gateways, links, inbox depth and this uid's consumers of one AID."""
+
+    async def reset_consumer(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> dict[str, Any]:
+        """Set this uid's durable consumer to `cursor` (back or forward): `{aid, consumer, cursor}`."""
+
     async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
         """Start the (AID, slot) link again if it stopped for good: `{aid, slot_id, restarted, state}`."""
 

@@ -602,6 +602,18 @@ class AppSession:
         with self._guard(aid):
             return await self.backend.ensure_identity(aid)
 
+    async def op_identity_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.show_identity(self.app, aid)
+
+    async def op_consumer_reset(self, args: dict[str, Any]) -> dict[str, Any]:
+        consumer = _str(args, "consumer", max_len=128)
+        cursor = _int(args, "cursor", 0)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.reset_consumer(self.app, aid, consumer, cursor)
+
     async def op_link_restart(self, args: dict[str, Any]) -> dict[str, Any]:
         slot_id = _str(args, "slot_id", "main", max_len=128)
         aid = self._authorized(args)
@@ -823,6 +835,8 @@ _OPS: dict[str, Callable[..., Any]] = {
     "agent_md.get": AppSession.op_agent_md_get,
     "agent_md.set": AppSession.op_agent_md_set,
     "link.restart": AppSession.op_link_restart,
+    "identity.show": AppSession.op_identity_show,
+    "consumer.reset": AppSession.op_consumer_reset,
     "session.open": AppSession.op_session_open,
     "session.close": AppSession.op_session_close,
     "session.wait_ready": AppSession.op_session_wait_ready,

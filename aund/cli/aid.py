@@ -16,10 +16,22 @@ DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="aid_command", metavar="list|ensure|agent-md|import", required=True)
+    sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|import",
+                           required=True)
     lst = sub.add_parser("list", help="identities in the daemon's store")
     add_socket_argument(lst)
     lst.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="certificate, device, gateways, links, inbox and your consumers of one AID")
+    add_socket_argument(show)
+    show.add_argument("aid")
+    show.add_argument("--json", action="store_true")
+    reset = sub.add_parser("reset-consumer", help="set one of your durable consumers back (or forward)")
+    add_socket_argument(reset)
+    reset.add_argument("aid")
+    reset.add_argument("consumer")
+    reset.add_argument("--to", dest="cursor", type=int, default=0, metavar="CURSOR",
+                       help="it reads again after CURSOR (default 0: everything)")
+    reset.add_argument("--json", action="store_true")
     ens = sub.add_parser("ensure", help="load, register if absent, load again")
     add_socket_argument(ens)
     ens.add_argument("aid")
@@ -59,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
                 result = client.list_identities()
             elif args.aid_command == "ensure":
                 result = client.ensure_identity(args.aid)
+            elif args.aid_command == "show":
+                result = client.show_identity(args.aid)
+            elif args.aid_command == "reset-consumer":
+                result = client.reset_consumer(args.aid, args.consumer, args.cursor)
             elif text is not None:
                 result = client.set_agent_md(args.aid, text)
             else:
@@ -77,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             for line in result["content"].removesuffix("\n").split("\n"):  # a card from the network: escaped
                 say(line)
+    elif args.aid_command == "show":
+        _print_identity(result)
+    elif args.aid_command == "reset-consumer":
+        say(f"{result['aid']} consumer {result['consumer']}: reads again after cursor {result['cursor']}")
     elif args.aid_command == "list":
         rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]
@@ -84,6 +104,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         say(f"{result['aid']}  {result['cert_fingerprint']}")
     return EXIT_OK
+
+
+def _print_identity(r: dict) -> None:
+    import time
+
+    now = time.time()
+    expiry = r["not_after"]
+    left = f"expires in {int((expiry - now) // 86400)} days" if expiry > now else "EXPIRED"
+    say(f"{r['aid']}")
+    for label, value in (("certificate", r["cert_fingerprint"]), ("subject", r["subject"]), ("issuer", r["issuer"]),
+                         ("valid", f"{time.strftime('%Y-%m-%d', time.gmtime(r['not_before']))} .. "
+                                   f"{time.strftime('%Y-%m-%d', time.gmtime(expiry))} ({left})"),
+                         ("device", r["device_id"]), ("gateways", ", ".join(r["gateways"]) or "by discovery"),
+                         ("agent.md", r["agent_md_etag"] or "not published yet"),
+                         ("inbox", f"{r['inbox_events']} events")):
+        say(f"  {label:<12}{value}")
+    if r["links"]:
+        print()
+        print(table([[x["slot_id"], x["state"], x["gateway"], x["reconnects"]] for x in r["links"]],
+                    ["SLOT", "STATE", "GATEWAY", "RECONNECTS"]))
+    print()
+    print(table([[c["consumer"], c["cursor"]] for c in r["consumers"]], ["CONSUMER", "CURSOR"])
+          if r["consumers"] else "no durable consumers")
 
 
 def _read_card(path: Path) -> str | None:

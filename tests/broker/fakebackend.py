@@ -131,6 +131,14 @@ class FakeBackend:
             raise ResourceNotExistError(f"no agent.md is published for {aid}", data={"aid": aid})
         return {"aid": aid, "content": self.cards[aid], "etag": '"' + hashlib.sha256(self.cards[aid].encode()).hexdigest() + '"'}
 
+    async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"aid": aid, "links": [], "consumers": []}
+
+    async def reset_consumer(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"aid": aid, "consumer": consumer, "cursor": cursor}
+
     async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
         return {"aid": aid, "slot_id": slot_id, "restarted": False, "state": self.sessions_state()}

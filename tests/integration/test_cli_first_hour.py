@@ -147,3 +147,47 @@ def test_log_level_setting(devnet, tmp_path):
              env={"AUND_LOG_LEVEL": "loud", "AUND_ENCRYPTION_SEED": "x"})
     assert r.returncode == 2
     _one_line(r, "AUND_LOG_LEVEL", "must be one of debug, info, warning, error")
+
+
+def test_aid_show_and_reset_consumer(devnet, tmp_path):
+    import json
+
+    from client_stub import Client
+    from tests.helpers import AundProcess
+
+    aid = f"shown-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    sock = str(daemon.socket)
+    try:
+        with Client(sock) as app:
+            app.ensure_identity(aid)
+            s = app.session(aid)
+            s.wait_ready(timeout=30)
+            for text in ("one", "two"):
+                s.call("message.send", {"to": aid, "payload": {"type": "text", "text": text}, "encrypt": False})
+            with s.events("reader") as events:
+                for _ in range(2):
+                    last = events.get(timeout=30)
+                last.ack()
+            shown = json.loads(aund("aid", "show", aid, "--json", "--socket", sock).stdout)
+            assert shown["consumers"] == [{"consumer": "uid0/reader", "cursor": last.cursor,
+                                           "updated_at": shown["consumers"][0]["updated_at"]}]  # root sees uid names
+            assert shown["cert_fingerprint"].startswith("sha256:") and shown["not_after"] > shown["not_before"]
+            assert shown["links"][0]["state"] == "ready" and shown["inbox_events"] == 2
+            text = aund("aid", "show", aid, "--socket", sock)
+            assert text.returncode == 0 and "uid0/reader" in text.stdout and "expires in" in text.stdout
+            r = aund("aid", "reset-consumer", aid, "reader", "--socket", sock)
+            assert r.returncode == 0 and "reads again after cursor 0" in r.stdout
+            with s.events("reader") as events:  # everything again
+                assert events.get(timeout=30).data["payload"]["text"] == "one"
+            r = aund("aid", "reset-consumer", aid, "reader", "--to", str(last.cursor + 99), "--socket", sock)
+            assert r.returncode == 1
+            _one_line(r, "past the newest event")
+            r = aund("aid", "show", "nobody-here.aid.test", "--socket", sock)
+            assert r.returncode == 1
+            _one_line(r, "aund holds no identity nobody-here.aid.test")
+    finally:
+        daemon.stop()
