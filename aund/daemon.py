@@ -32,7 +32,7 @@ from aund.broker.backend import AppIdentity, InboxEvent
 from aund.config import Config
 from aund.errors import (
     AundError, AuthError, ClientError, GatewayError, GatewayUnavailable, InvalidParams, NotReady, PermissionDenied,
-    ResourceNotExistError, StorageError,
+    ResourceAlreadyExistError, ResourceNotExistError, StorageError,
 )
 from aund.identity import agent_md
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
@@ -292,6 +292,12 @@ class Daemon:
 
             try:
                 identity = await self.store.ensure(aid, register, meta={"gateway_urls": list(gateways)})
+            except ResourceAlreadyExistError as exc:  # the name is someone else's: our pending key is of no use
+                kept = await trio.to_thread.run_sync(self.store.abandon_pending, aid)
+                log.warning("identity.name_taken", aid=aid, kept=str(kept) if kept else None)
+                raise ResourceAlreadyExistError(
+                    f"{aid} is registered on its gateway with another key: choose another name (the unused key "
+                    f"was kept in {kept})" if kept else str(exc), data={"aid": aid}) from None
             except StorageError as exc:
                 if not isinstance(exc, CorruptIdentity):  # a failed write (full disk, ...): for health
                     self.store_write_error = exc.message

@@ -6,6 +6,7 @@ Layout under the daemon's state dir (every directory 0700, every file 0600)::
     {state_dir}/.device_id                     uuid4, written once
     {state_dir}/.kdf.json                      the store's seed KDF: scrypt params, salt, seed check
     {state_dir}/AIDs/_pending/{aid}/           a registration in flight (key written before the RPC)
+    {state_dir}/AIDs/_abandoned/{aid}.{ms}/    a registration the gateway refused for good, kept
     {state_dir}/AIDs/{aid}/key.enc.json        private key (PKCS#8 DER), encrypted (format below)
     {state_dir}/AIDs/{aid}/cert.pem            the active certificate
     {state_dir}/AIDs/{aid}/certs/sha256_<64 hex of cert DER>.pem   every cert ever active (kept)
@@ -111,6 +112,7 @@ PREKEYS_FILE = "prekeys.enc.json"
 GROUP_PREKEYS_FILE = "group_prekeys.enc.json"
 META_FILE = "meta.json"
 PENDING_DIR = "_pending"
+ABANDONED_DIR = "_abandoned"  # refused registrations, kept (keys are never deleted)
 
 # AUN AIDs are "{name}.{issuer}" in lower case (aun_core agent_md_schema._AID_RE, lower-cased as
 # validators.validate_aid_format does). Requiring the dot keeps AIDs apart from "_pending".
@@ -791,6 +793,23 @@ class IdentityStore:
             if not _create_once(path, record):
                 return self._read_key(path, aid)
             return key
+
+    def abandon_pending(self, aid: str) -> Path | None:
+        """Move a pending registration the gateway refused for good (the name belongs to another
+        key) to ``AIDs/_abandoned/{aid}.{unix time}/``, so that a later registration starts with a
+        fresh key. Nothing is deleted: the key stays there, encrypted. Returns where it went (None
+        if nothing was pending)."""
+        with self._lock:
+            pdir = self._pending_dir(aid)
+            if not pdir.exists():
+                return None
+            parent = self.aids_dir / ABANDONED_DIR
+            self._mkdirs(parent)
+            target = parent / f"{aid}.{int(time.time() * 1000)}"
+            os.rename(pdir, target)
+            _fsync_dir(parent)
+            _fsync_dir(pdir.parent)
+            return target
 
     def promote(self, aid: str, key: ec.EllipticCurvePrivateKey, cert_pem: str | bytes,
                 *, meta: Mapping[str, Any] | None = None) -> None:

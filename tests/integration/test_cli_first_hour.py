@@ -191,3 +191,31 @@ def test_aid_show_and_reset_consumer(devnet, tmp_path):
             _one_line(r, "aund holds no identity nobody-here.aid.test")
     finally:
         daemon.stop()
+
+
+def test_a_name_taken_by_another_key_is_said_so_and_the_pending_key_set_aside(devnet, tmp_path):
+    import trio
+
+    from aund.aun import auth
+    from aund.identity import pki
+    from client_stub import Client, ResourceAlreadyExistError
+    from tests.helpers import AundProcess
+
+    aid = f"taken-{os.getpid() % 10000}.aid.test"
+    trio.run(auth.create_aid, devnet.gateway_url, aid, pki.generate_key().public_key())  # someone else's key
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    try:
+        with Client(daemon.socket) as app:
+            for attempt in range(2):
+                with pytest.raises(ResourceAlreadyExistError) as info:
+                    app.ensure_identity(aid)
+                assert "choose another name" in str(info.value)
+                assert not (daemon.state_dir / "AIDs" / "_pending" / aid).exists()
+                kept = sorted((daemon.state_dir / "AIDs" / "_abandoned").glob(f"{aid}.*"))
+                assert len(kept) == attempt + 1 and (kept[-1] / "key.enc.json").is_file()  # set aside, not deleted
+            assert aid not in {i["aid"] for i in app.list_identities()}
+    finally:
+        daemon.stop()
