@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "link": "restart a link that stopped for good (e.g. kicked by another instance)",
     "metrics": "the daemon's state as OpenMetrics text (or a node-exporter textfile)",
     "config": "show the effective configuration",
+    "completion": "print a shell completion script (bash, zsh or tcsh)",
     "devnet": "run a local AUN network (gateway + PKI) on loopback",
     "demo": "devnet + daemon + two apps exchanging E2EE messages, then clean up",
 }
@@ -30,7 +31,8 @@ SUBCOMMANDS = {
 LONG_RUNNING = frozenset({"run", "devnet", "demo"})
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (every subcommand's arguments), for main and for shell completion."""
     parser = argparse.ArgumentParser(
         prog="aund", description="AUN daemon: many identities, one connection each.",
         epilog="exit codes: 0 ok, 1 failed or unhealthy, 2 daemon unreachable or bad usage")
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"aund.cli.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     parser.add_argument("--version", action="store_true", help="print aund's version and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:  # looked up only when asked (importlib.metadata is not a cheap import)
         print(f"aund {_version()}")

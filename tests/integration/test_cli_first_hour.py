@@ -219,3 +219,17 @@ def test_a_name_taken_by_another_key_is_said_so_and_the_pending_key_set_aside(de
             assert aid not in {i["aid"] for i in app.list_identities()}
     finally:
         daemon.stop()
+
+
+def test_shell_completion_completes_subcommands_and_their_words(tmp_path):
+    script = tmp_path / "aund.bash"
+    r = aund("completion", "bash")
+    assert r.returncode == 0
+    script.write_text(r.stdout)
+    probe = (f'source {script}; for line in "aund sta" "aund aid sh" "aund link re"; do '
+             'read -ra COMP_WORDS <<< "$line"; COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=(); '
+             '_shtab_aund; echo "${COMPREPLY[*]}"; done')
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=20)
+    assert out.stdout.split("\n")[:3] == ["status", "show", "restart"], out
+    for shell in ("zsh", "tcsh"):
+        assert aund("completion", shell).returncode == 0
