@@ -154,6 +154,7 @@ class Daemon:
         self.inbox_depth: dict[str, int] = {}
         self.identity_errors: dict[str, tuple[str, str]] = {}
         self.store_write_error = ""  # the identity store's last failed write, "" once one succeeds
+        self.store_list_error = ""  # the identity store could not be listed (status says so)
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -587,7 +588,7 @@ class Daemon:
         if not everything and apps:
             apps["apps"] = [a for a in apps["apps"] if a["uid"] == app.uid]  # type: ignore[union-attr]
         out = {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-               "identities": sum(map(visible, self.store.list())), "links": links, "broker": apps,
+               "identities": sum(map(visible, self._listed())), "links": links, "broker": apps,
                "inbox": {aid: n for aid, n in self.inbox_depth.items() if visible(aid)},
                "inbox_written": {aid: n for aid, n in (self.inbox.events_written if self.inbox is not None
                                                        else {}).items() if visible(aid)},
@@ -598,6 +599,16 @@ class Daemon:
         if app is not None:
             out["view"] = {"uid": app.uid, "all": everything}
         return out
+
+    def _listed(self) -> list[str]:
+        """The store's AIDs for status; a store that cannot be read is a warning there, not an error."""
+        try:
+            aids = self.store.list()
+        except StorageError as exc:
+            self.store_list_error = exc.message
+            return []
+        self.store_list_error = ""
+        return aids
 
     def sees_all(self, app: AppIdentity) -> bool:
         """Root and the daemon's uid (the policy's owners) see every AID and app in `status`."""
@@ -610,7 +621,8 @@ class Daemon:
                for aid, (code, text) in self.identity_errors.items()]
         out += [{"code": "identity.unreadable", "severity": "error", "aid": aid, "text": f"{aid}: {text}"}
                 for aid, text in sorted(self.store.unreadable.items())]
-        for text in (self.inbox.write_error if self.inbox is not None else "", self.store_write_error):
+        for text in (self.inbox.write_error if self.inbox is not None else "", self.store_write_error,
+                     self.store_list_error):
             if text:
                 out.append({"code": "storage.error", "severity": "error", "text": text})
         for aid, count in sorted((self.inbox.quarantined if self.inbox is not None else {}).items()):

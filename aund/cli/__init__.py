@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as exc:  # the last resort for what a person caused: one line, no traceback
         from aund.cli._common import only_os_error, os_error_line, say
+        from client_stub.errors import AundError
 
+        if isinstance(exc, AundError):  # a typed answer of the daemon (a full disk there, ...)
+            say(f"aund {args.command}: {type(exc).__name__}: {exc.message or exc}", err=True)
+            return 1
         found = only_os_error(exc)
         if found is None:
             raise  # a bug: the traceback is what its report needs

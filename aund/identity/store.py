@@ -355,6 +355,9 @@ class IdentityStore:
         self._ensure_locks: dict[str, Any] = {}
         self.unreadable: dict[str, str] = {}  # AID -> why, as found by the last ``list``
         self._mkdirs(self.aids_dir)
+        if not self.aids_dir.is_dir():
+            raise StorageError(f"{self.aids_dir} is not a directory: move that file aside (aund keeps its "
+                               "identities there)", retryable=False, data={"path": str(self.aids_dir)})
         self.device_id = self._device_id()
 
     def __repr__(self) -> str:  # never show the seed

@@ -233,3 +233,35 @@ def test_shell_completion_completes_subcommands_and_their_words(tmp_path):
     assert out.stdout.split("\n")[:3] == ["status", "show", "restart"], out
     for shell in ("zsh", "tcsh"):
         assert aund("completion", shell).returncode == 0
+
+
+def test_a_file_where_the_identities_directory_belongs_stops_the_start(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "AIDs").write_text("a file, not the directory")
+    r = aund("run", "--state-dir", str(state), "--socket", str(tmp_path / "s.sock"), env={"AUND_ENCRYPTION_SEED": "x"})
+    assert r.returncode == 1
+    _one_line(r, "aund run", str(state / "AIDs"), "is not a directory", "move that file aside")
+    assert (state / "AIDs").read_text() == "a file, not the directory"  # left as it was
+
+
+def test_status_and_health_of_a_store_that_became_unreadable(devnet, tmp_path):
+    from tests.helpers import AundProcess
+
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    aids = daemon.state_dir / "AIDs"
+    try:
+        aids.rename(daemon.state_dir / "AIDs.moved")
+        aids.write_text("in the way")
+        r = aund("status", "--socket", str(daemon.socket))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "storage.error" in r.stdout and str(aids) in r.stdout
+        r = aund("health", "--socket", str(daemon.socket))
+        assert r.returncode == 1 and "Traceback" not in r.stderr and str(aids) in r.stdout + r.stderr
+    finally:
+        aids.unlink()
+        (daemon.state_dir / "AIDs.moved").rename(aids)
+        daemon.stop()
