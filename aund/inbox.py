@@ -107,7 +107,9 @@ class Inbox:
             self._db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise StorageError(f"inbox database {path} is unreadable: {exc}", retryable=False,
+            raise StorageError(f"inbox database {path} is unreadable: {exc}; restore it from a backup, or move it "
+                               "aside to start with an empty one (events aund had already acknowledged to the gateway "
+                               "are then lost)", retryable=False,
                                data={"path": str(path)}) from None
         self.on_commit = None  # called with the aid after new rows are committed
         self.commits = 0

@@ -99,8 +99,13 @@ def os_error_line(exc: OSError) -> str:
     return f"{where + ': ' if where else ''}{what}{' (' + hint + ')' if hint else ''}"
 
 
-def only_os_error(exc: BaseException) -> OSError | None:
-    """The OSError that `exc` is or (through exception groups, e.g. trio's nurseries) wraps alone."""
+def only_error(exc: BaseException, kind: type[BaseException]) -> Any:
+    """The `kind` error that `exc` is or (through exception groups, e.g. trio's nurseries) wraps
+    alone; None otherwise."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None
+    return exc if isinstance(exc, kind) else None
+
+
+def only_os_error(exc: BaseException) -> OSError | None:
+    return only_error(exc, OSError)

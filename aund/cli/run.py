@@ -7,7 +7,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from aund.cli._common import say
+from aund.cli._common import only_error, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return trio.run(_main, config)
-    except AundError as exc:
-        say(f"aund run: {exc}", err=True)
+    except BaseException as exc:
+        found = only_error(exc, AundError)  # also from inside the daemon's nursery (a damaged inbox, ...)
+        if found is None:
+            raise
+        say(f"aund run: {found}", err=True)
         return 1
 
 
