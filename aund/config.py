@@ -64,6 +64,7 @@ class Config:
     idle_link_seconds: float = 300.0         # on-demand links close this long after the last app lets go
     shutdown_grace: float = 10.0
     sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost
+    cert_renew_fraction: float = 0.33        # renew an AID certificate once less than this share of its validity is left
     policy: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Any] = field(default_factory=dict)  # [limits]: aund.broker.Limits fields
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -621,6 +621,34 @@ class Link:
             what = "rpc timeout" if sent else "rpc queue timeout before send"
             raise RpcTimeout(f"{what}: {method}", data={"method": method}) from None
 
+    async def notify(self, method: str, params: dict[str, Any], *, timeout: float | None = None,
+                     on_behalf_of: object | None = None) -> None:
+        """Send one JSON-RPC notification (no id, no answer) within the budget: returns once the
+        frame is written, which says nothing about delivery (the SDK's `notify`)."""
+        text = rpc.dumps(rpc.notification(method, params))  # the caller checked params are JSON
+        timeout = self.config.call_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(timeout):
+                if not self._session_open:
+                    await self.wait_ready()
+                async with self.budget.slot(False):
+                    owner = (on_behalf_of, object())
+                    if self.global_budget is not None:
+                        await self.global_budget.acquire_on_behalf_of(owner)
+                    try:
+                        session = self._session
+                        if session is None or not self._session_open:
+                            raise GatewayUnavailable(f"{method}: not connected")
+                        try:
+                            await session.ws.send_message(text)
+                        except trio_websocket.ConnectionClosed:
+                            raise GatewayUnavailable(f"{method}: connection closed") from None
+                    finally:
+                        if self.global_budget is not None:
+                            self.global_budget.release_on_behalf_of(owner)
+        except trio.TooSlowError:
+            raise RpcTimeout(f"notification not sent in time: {method}", data={"method": method}) from None
+
     async def pull(self, namespace: str, key: str, method: str, params: dict[str, Any], *,
                    background: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """A pull through the gate: one per namespace, identical keys coalesced."""

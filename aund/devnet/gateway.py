@@ -51,7 +51,10 @@ SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_
 UNSIGNED_OK_METHODS = frozenset({"message.send", "group.send"})
 # calls production admits without an agent.md (the recovery paths of group identities)
 AGENT_MD_EXEMPT = frozenset({"group.create", "group.bind_group_aid", "group.renew_group_aid"})
-PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
+PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect",
+                    "auth.renew_cert", "auth.rekey"}
+NOTIFY_MAX_BYTES = 64 * 1024  # a notification's params, as the SDK bounds them
+NOTIFY_MAX_TTL_MS = 60_000
 
 # Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
 CLOSE_AUTH_FAILED = 4001
@@ -147,6 +150,7 @@ class Devnet:
         self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
         self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
+        self.cert_ttl = 0.0  # seconds an AID certificate is valid (0: the PKI mode's days; --cert-ttl)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
         self.extra_gateways = extra_gateways or []
@@ -577,8 +581,11 @@ class Conn:
             except rpc.FrameError as exc:
                 self.push(rpc.error(None, exc.code, str(exc)))
                 continue
-            if "method" not in frame or "id" not in frame:
-                continue  # responses and notifications from the client: nothing to answer
+            if "method" in frame and "id" not in frame:
+                self.on_notification(frame["method"], frame.get("params"))
+                continue  # a notification is never answered
+            if "method" not in frame:
+                continue  # responses from the client: nothing to answer
             if self.inflight >= MAX_INFLIGHT_PER_CONN:
                 self.push(rpc.error(frame["id"], rpc.RATE_LIMITED, "too many requests in flight",
                                     {"retryable": True}))
@@ -670,11 +677,111 @@ class Conn:
                 raise RpcError(rpc.CONFLICT, f"aid already registered with another key: {aid}")
             self._refuse_revoked(aid)
         else:
-            cert = self.net.ca.issue(aid, public_key)
-            store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
-                           pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
+            cert = self._issue(aid, public_key)
         return {"aid": aid, "cert": pki.cert_pem(cert), "ca_cert": pki.cert_pem(self.net.ca.issuer_cert),
                 "curve": "P-256"}
+
+    def _issue(self, aid: str, public_key: Any) -> Any:
+        """A new certificate of `aid` for `public_key`, stored as its current one (older ones stay
+        served by fingerprint)."""
+        cert = self.net.ca.issue(aid, public_key, ttl=self.net.cert_ttl)
+        self.net.store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
+                                pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
+        return cert
+
+    def _aid_operation(self, params: dict[str, Any], signed: bytes) -> tuple[str, Any]:
+        """(aid, current cert) of a renew/rekey: the login1 nonce (single use) and the signature of
+        the current key over `nonce` + `signed` (protocol doc 01, `auth.renew_cert` / `auth.rekey`)."""
+        aid = validate_aid(params.get("aid"), self.net.issuer)
+        pending = self.net.login_requests.pop(_str(params, "request_id"), None)
+        nonce = _str(params, "nonce")
+        if pending is None or pending[0] != aid or pending[1] != nonce or pending[2] < time.time():
+            raise RpcError(rpc.BAD_NONCE, "unknown, expired or replayed nonce (call auth.aid_login1 first)")
+        cert = self._aid_cert(aid)
+        self._refuse_revoked(aid)
+        try:
+            signature = pki.b64d(_str(params, "signature"))
+        except pki.PKIError:
+            raise RpcError(rpc.AUTH_FAILED, "signature is not base64") from None
+        if not pki.verify_signature(cert.public_key(), signature, nonce.encode("utf-8") + signed):
+            raise RpcError(rpc.AUTH_FAILED, "signature of the current key does not verify")
+        return aid, cert
+
+    def rpc_renew_cert(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A new certificate for the same key (the old one stays valid and served by fingerprint)."""
+        aid, old = self._aid_operation(params, b"")
+        cert = self._issue(aid, old.public_key())
+        log.info("devnet.cert_renewed", aid=aid, serial=serial_hex(cert))
+        return {"status": "renewed", "aid": aid, "cert": pki.cert_pem(cert),
+                "ca_cert": pki.cert_pem(self.net.ca.issuer_cert)}
+
+    def rpc_rekey(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A certificate for a new key, signed over by the current key. Unlike production (which
+        revokes the old certificate at once) the devnet keeps it valid: it stays served by
+        fingerprint, so what was signed with it still verifies."""
+        new_b64 = _str(params, "new_public_key")
+        aid, _ = self._aid_operation(params, new_b64.encode("utf-8"))
+        try:
+            public_key = pki.load_public_key_b64(new_b64)
+        except pki.PKIError as exc:
+            raise RpcError(rpc.INVALID_PARAMS, f"new_public_key: {exc}") from None
+        cert = self._issue(aid, public_key)
+        log.info("devnet.rekeyed", aid=aid, serial=serial_hex(cert))
+        return {"status": "rekeyed", "aid": aid, "cert": pki.cert_pem(cert),
+                "ca_cert": pki.cert_pem(self.net.ca.issuer_cert)}
+
+    # --- notifications (JSON-RPC without id: never answered, dropped when they cannot go) -------
+    def on_notification(self, method: Any, params: Any) -> None:
+        """`notification/route` to an AID's online long connections (optionally one device or
+        slot), `notification/group.route` to a group's online members, as `deliver.method`
+        (`event/app.*` only) with the gateway's own `_notify` block; anything else is dropped."""
+        stats = self.net.stats
+        stats.rpc[f"notify {str(method)[:64]}"] += 1
+        if not self.aid or not isinstance(params, dict) or method not in ("notification/route",
+                                                                          "notification/group.route"):
+            return
+        deliver = params.get("deliver")
+        event = deliver.get("method") if isinstance(deliver, dict) else None
+        body = deliver.get("params", {}) if isinstance(deliver, dict) else None
+        ttl = params.get("ttl_ms")
+        if (not isinstance(event, str) or not event.startswith("event/app.") or len(event) <= len("event/app.")
+                or not isinstance(body, dict) or len(dumps(body).encode("utf-8")) > NOTIFY_MAX_BYTES
+                or ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)
+                                        or not 0 <= ttl <= NOTIFY_MAX_TTL_MS)):
+            stats.rpc_errors[f"{method} dropped"] += 1
+            return
+        targets: list[Conn] = []
+        if method == "notification/route":
+            target = params.get("target")
+            if not isinstance(target, dict) or target.get("type", "aid") != "aid":
+                return
+            try:
+                aid = validate_aid(target.get("aid"))
+            except RpcError:
+                return
+            device, slot = target.get("device_id"), target.get("slot_id")
+            targets = [c for c in self.net.live(aid) if (not device or c.device_id == device)
+                       and (not slot or c.slot_id == slot)]
+        else:
+            try:
+                svc = _groups.service(self.net)
+                gid = str(params.get("group_id") or "")
+                if svc.member(gid, self.aid) is None:
+                    return
+                aids = [m["aid"] for m in svc.members(gid)]
+            except RpcError:
+                return
+            targets = [c for a in aids for c in self.net.live(a)]
+        stamp = {"from_aid": self.aid, "device_id": self.device_id, "slot_id": self.slot_id,
+                 "connection_id": self.conn_id, "sent_at": int(time.time() * 1000),
+                 **({"ttl_ms": ttl} if ttl is not None else {})}
+        frame = rpc.notification(event, {**body, "_notify": stamp})
+        for conn in targets:
+            if conn.kind == "long" and not conn.closed and conn is not self:
+                if conn.push(frame):
+                    stats.pushes += 1
+                else:
+                    stats.pushes_dropped += 1
 
     def _refuse_revoked(self, aid: str) -> None:
         """Production's auth service checks revocation at login (protocol doc 01, -32002)."""
@@ -1002,6 +1109,8 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "auth.aid_login2": Conn.rpc_login2,
     "auth.refresh_token": Conn.rpc_refresh,
     "auth.connect": Conn.rpc_connect,
+    "auth.renew_cert": Conn.rpc_renew_cert,
+    "auth.rekey": Conn.rpc_rekey,
     "meta.ping": Conn.rpc_ping,
     "meta.status": Conn.rpc_status,
     "message.v2.put_peer_pk": Conn.rpc_put_peer_pk,
