@@ -111,6 +111,7 @@ class E2EESession:
         self._ik_fp = p2p.ik_fingerprint(identity.public_key)
         self.past_iks: list[ec.EllipticCurvePrivateKey] = []  # keys before a rekey (late messages)
         self.needs_rotation = False  # after a rekey: the next publish makes a prekey signed by the new key
+        self.opened_with_past_key = 0  # envelopes opened with a key from before a rekey
         self._bootstrap: dict[str, tuple[float, list[Target]]] = {}
         self._prekey_lock = trio.Lock()
         self.rotations = 0
@@ -134,9 +135,12 @@ class E2EESession:
                 raise
             for ik in reversed(self.past_iks):
                 try:
-                    return decrypt_p2p(envelope, my_ik_private=ik, **kw)
+                    opened = decrypt_p2p(envelope, my_ik_private=ik, **kw)
                 except E2EEDecryptError:
                     continue
+                self.opened_with_past_key += 1
+                log.info("e2ee.opened_with_past_key", aid=self.aid, ik=p2p.ik_fingerprint(ik.public_key()))
+                return opened
             raise
 
     async def load(self) -> None:
