@@ -1,0 +1,159 @@
+"""Identity operations through real processes: an `aund run` daemon and a devnet whose AID
+certificates live seconds (`--cert-ttl`), apps on client_stub, and the CLI.
+
+- the renewal timer renews before expiry, again and again, while the link keeps working, and every
+  certificate it replaced is still served by fingerprint and kept in the store;
+- `aund aid renew` and `--rekey` (a new key: the old one is kept in keys/);
+- identity.sign / verify / peer.resolve and session.notify over the socket, with clear errors for
+  bad input and for an AID the app may not use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from client_stub import Client, InvalidParams, ResourceNotExistError
+from tests.helpers import ROOT, AundProcess, DevnetProcess, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+CERT_TTL = 8  # seconds; renewal at half of it (cert_renew_fraction = 0.5)
+
+
+def aund(*args: str, timeout: float = 60):
+    return subprocess.run([sys.executable, "-m", "aund", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def short_devnet(tmp_path):
+    proc = DevnetProcess(tmp_path / "devnet", extra_args=["--cert-ttl", str(CERT_TTL)])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.fixture
+def daemon(short_devnet, tmp_path):
+    aid = f"renew-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{short_devnet.gateway_url}"]\nroot_ca = ["{short_devnet.root_ca}"]\n'
+                   f'identities = ["{aid}"]\ncert_renew_fraction = 0.5\n')
+    proc = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    proc.start()
+    proc.aid = aid
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
+def _cert_status(devnet, aid: str, fingerprint: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{devnet.http_url}/pki/cert/{aid}?cert_fingerprint={fingerprint}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_renewal_timer_cli_renew_and_rekey(short_devnet, daemon, tmp_path):
+    aid = daemon.aid
+    with Client(daemon.socket, app="renew-test", timeout=30) as client:
+        session = client.session(aid)
+        wait_until(lambda: _ready(session), 30, 0.2, "the configured link")
+        first = client.sign(aid, b"x")["cert_fingerprint"]
+        seen = {first}
+
+        def renewed_twice():
+            seen.add(client.sign(aid, b"x")["cert_fingerprint"])
+            return len(seen) >= 3
+
+        # the timer: renewed before expiry, and again for the renewed certificate
+        wait_until(renewed_twice, 3 * CERT_TTL, 0.25, "two automatic renewals")
+        assert session.call("meta.ping", timeout=10)["pong"] is True  # the link lives on
+        assert all(_cert_status(short_devnet, aid, fp) == 200 for fp in seen)  # every one still served
+        events = [e for e in daemon.log_events() if e.get("event") == "identity.cert_renewed"]
+        assert len(events) >= 2 and all(e["aid"] == aid for e in events)
+
+        # the CLI, as an operator runs it
+        r = aund("aid", "renew", aid, "--socket", str(daemon.socket), "--json")
+        assert r.returncode == 0, r.stderr
+        renewed = json.loads(r.stdout)
+        assert renewed["rekeyed"] is False and renewed["cert_fingerprint"] != renewed["old_cert_fingerprint"]
+        r = aund("aid", "renew", aid, "--rekey", "--socket", str(daemon.socket))
+        assert r.returncode == 0 and r.stdout.startswith(f"rekeyed {aid}  sha256:"), r.stderr
+        after = client.sign(aid, b"after the rekey")
+        assert client.verify(b"after the rekey", after["signature"], aid=aid)["valid"] is True
+        assert session.call("meta.ping", timeout=10)["pong"] is True
+        r = aund("aid", "renew", "not an aid", "--socket", str(daemon.socket))
+        assert r.returncode == 1 and "InvalidParams" in r.stderr and "Traceback" not in r.stderr
+
+    aid_dir = tmp_path / "state" / "AIDs" / aid
+    assert len(list((aid_dir / "keys").glob("sha256_*.enc.json"))) == 2  # the old key and the new one
+    assert len(list((aid_dir / "certs").glob("sha256_*.pem"))) >= len(seen) + 2
+    assert not (aid_dir / "keys" / "rekey-pending.enc.json").exists()  # renamed into keys/, not left pending
+
+
+def _ready(session) -> bool:
+    try:
+        return session.wait_ready(timeout=1)["state"] == "ready"
+    except Exception:  # noqa: BLE001 (NotReady while it connects)
+        return False
+
+
+def test_identity_ops_over_the_socket(devnet, tmp_path):
+    aid = f"ops-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n'
+                   f'identities = ["{aid}"]\n')
+    proc = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    proc.start()
+    try:
+        with Client(proc.socket, app="ops-test", timeout=30) as client:
+            ops = client.hello["ops"]
+            assert {"identity.sign", "identity.verify", "peer.resolve", "identity.renew", "session.notify"} <= set(ops)
+            session = client.session(aid)
+            wait_until(lambda: _ready(session), 30, 0.2, "the configured link")
+            signed = client.sign(aid, "text is signed as UTF-8")
+            assert isinstance(signed["signature"], bytes)
+            ok = client.verify("text is signed as UTF-8", signed["signature_b64"], aid=aid)
+            assert ok == {"valid": True, "aid": aid, "cert_fingerprint": signed["cert_fingerprint"]}
+            assert client.verify(b"other text", signed["signature"], aid=aid)["valid"] is False
+            peer = client.resolve_peer(aid)
+            assert peer["cert_fingerprint"] == signed["cert_fingerprint"] and peer["verified"] is True
+            assert client.verify(b"text is signed as UTF-8", signed["signature"], cert=peer["cert"])["valid"]
+            with pytest.raises(ResourceNotExistError):  # (PermissionDenied: tests/interop/test_identity_ops_fastaun.py)
+                client.sign("someone-else.aid.test", b"x")
+            with pytest.raises(InvalidParams) as bad:
+                client.verify(b"x", "not base64!!", aid=aid)
+            assert bad.value.data["arg"] == "signature"
+            with pytest.raises(InvalidParams) as bad:
+                client.request("identity.verify", {"data": b"x", "signature": b"y"})
+            assert bad.value.data["arg"] == "aid"
+            # notify: what the SDK refuses is refused here, with the argument named
+            assert session.notify("event/app.hello", {"n": 1}, to=aid) == {"sent": True,
+                                                                          "method": "notification/route"}
+            assert session.notify("notification/client.activity", {"state": "idle"})["method"] == \
+                "notification/client.activity"
+            for kwargs, arg in (({"method": "event/message.received", "to": aid}, "method"),
+                                ({"method": "event/app.x"}, "method"),
+                                ({"method": "event/app.x", "to": aid, "group_id": "g-1.aid.test"}, "group_id"),
+                                ({"method": "event/app.x", "to": aid, "slot_id": "s"}, "slot_id"),
+                                ({"method": "event/app.x", "to": aid, "ttl_ms": 60001}, "ttl_ms"),
+                                ({"method": "event/app.x", "to": aid, "params": {"b": "x" * 70000}}, "params")):
+                method = kwargs.pop("method")
+                with pytest.raises(InvalidParams) as bad:
+                    session.notify(method, **kwargs)
+                assert bad.value.data["arg"] == arg, kwargs
+            stats = devnet.stats()
+            assert stats["rpc"].get("notify notification/route", 0) >= 1
+            assert stats["rpc"].get("notify notification/client.activity", 0) == 1
+    finally:
+        assert proc.stop() == 0
