@@ -23,7 +23,7 @@ import trio
 import aund
 from aund import systemd
 from aund.aun import auth, ids, notify as notify_frames
-from aund.aun.link import Link, LinkConfig, LinkState
+from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.aun.http import http_base, http_request
@@ -87,6 +87,7 @@ class LinkEntry:
     groups: GroupSync | None = None
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONNECT_OPTIONS))  # connect options
 
 
 class _Handle:
@@ -285,16 +286,45 @@ class Daemon:
             out.append({"aid": aid, "links": [{"slot_id": s.slot_id, "state": s.state} for s in links]})
         return out
 
-    async def _open_link(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
-        """The running link for (aid, slot), started once even when asked for concurrently."""
+    async def _open_link(self, aid: str, slot_id: str, *, pinned: bool,
+                         options: dict[str, Any] | None = None) -> LinkEntry:
+        """The running link for (aid, slot), started once even when asked for concurrently.
+        `options` (normalised connect options) must agree with a link that runs; an idle link
+        (no holder, not configured) with other options is closed and started again with them."""
         key = (aid, slot_id)
         lock = self._link_locks.setdefault(key, trio.Lock())
         async with lock:
-            return await self._open_link_locked(aid, slot_id, pinned=pinned)
+            return await self._open_link_locked(aid, slot_id, pinned=pinned, options=options)
 
-    async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
+    def _check_options(self, aid: str, slot_id: str, options: dict[str, Any]) -> None:
+        """The gateway wants one delivery mode per AID: refuse up front, naming the link that differs."""
+        for (other_aid, other_slot), entry in self.links.items():
+            if other_aid != aid or entry.link.state == LinkState.CLOSED or entry.options == options:
+                continue
+            if other_slot == slot_id and not entry.holders and not entry.pinned:
+                continue  # idle: restarted with the new options
+            what = "is open" if other_slot == slot_id else "runs on slot " + repr(other_slot)
+            raise InvalidParams(
+                f"{aid}/{slot_id}: the link {what} with delivery_mode {entry.options['delivery_mode']!r}"
+                f"{' (' + entry.options['delivery_routing'] + ')' if entry.options['delivery_routing'] else ''}; "
+                f"asked for {options['delivery_mode']!r}. All links of one AID share one delivery mode "
+                "(the gateway refuses a mix); open it with the same options, or release the other sessions first",
+                data={"arg": "options.delivery_mode", "slot_id": other_slot, "current": dict(entry.options)})
+
+    async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool,
+                                options: dict[str, Any] | None = None) -> LinkEntry:
         key = (aid, slot_id)
         entry = self.links.get(key)
+        if options is not None:
+            self._check_options(aid, slot_id, options)
+        else:  # as the link runs; a new one as the AID's other links run (one delivery mode per AID)
+            others = (e.options for (a, _), e in self.links.items() if a == aid and e.link.state != LinkState.CLOSED)
+            options = entry.options if entry is not None else next(others, dict(DEFAULT_CONNECT_OPTIONS))
+        if entry is not None and entry.options != options and entry.link.state != LinkState.CLOSED:
+            log.info("link.restart_for_options", aid=aid, slot=slot_id, options=options)  # idle (checked above)
+            del self.links[key]
+            await entry.link.aclose()
+            entry = None
         stale = entry is not None and entry.link.state == LinkState.CONNECTION_FAILED \
             and entry.trust_epoch != self.trust_epoch  # it failed under other trust roots: start anew
         if entry is not None and entry.link.state not in (LinkState.CLOSED,) and not stale:
@@ -315,7 +345,7 @@ class Daemon:
             await group_session.load()
             self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
-                            call_timeout=self.config.call_timeout)
+                            call_timeout=self.config.call_timeout, **options)
         link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     on_admission_refused=lambda link: self._publish_agent_md(link, session.identity, force=True),
@@ -324,7 +354,7 @@ class Daemon:
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         entry = LinkEntry(link, sync, session, pinned,
                           groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds),
-                          trust_epoch=self.trust_epoch)
+                          trust_epoch=self.trust_epoch, options=dict(options))
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
@@ -677,7 +707,8 @@ class Daemon:
         return {"daemon_version": aund.__version__, "features": ["links", "link_events"]}
 
     def status(self) -> dict[str, Any]:
-        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(e.holders)}
+        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(e.holders),
+                                              "delivery_mode": e.options["delivery_mode"]}
                  for e in self.links.values()]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
@@ -715,11 +746,13 @@ class Daemon:
             return app.uid in (0, os.getuid())
         return bool(self.policy.allows(app.uid, app.gid, aid))
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
+                           options: dict[str, Any] | None = None) -> _Handle:
         aid = _normalize_aid(aid)
         if not self.allowed(app, aid):
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
-        entry = await self._open_link(aid, slot_id, pinned=False)
+        entry = await self._open_link(aid, slot_id, pinned=False,
+                                      options=None if options is None else connect_options(options))
         entry.holders.add(app.conn_id)
         entry.idle_since = None
         return _Handle(self, entry)

@@ -344,6 +344,13 @@ def _call_args(sid: int, method: str, params: Mapping[str, Any] | None, timeout:
     return args, (DEFAULT_CALL_WAIT if timeout is None else timeout + CALL_MARGIN)
 
 
+def _open_args(aid: str, slot_id: str, options: dict[str, Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {"aid": aid, "slot_id": slot_id}
+    if options:
+        args["options"] = options
+    return args
+
+
 def _notify_args(sid: int, method: str, params: Mapping[str, Any] | None, route: dict[str, Any],
                  timeout: float | None) -> tuple[dict[str, Any], float]:
     args: dict[str, Any] = {"session": sid, "method": method, "params": dict(params or {}),
@@ -633,16 +640,21 @@ class Client:
         a new key too. Old keys and certificates are kept: ``{aid, cert_fingerprint, old_cert_fingerprint, ...}``."""
         return self.request("identity.renew", {"aid": aid, "rekey": rekey}, timeout=max(self.timeout, ENSURE_WAIT))
 
-    def session(self, aid: str, slot_id: str = "main") -> "Session":
-        """A handle on the daemon's link for (aid, slot_id); opened on first use."""
-        return Session(self, aid, slot_id)
+    def session(self, aid: str, slot_id: str = "main", options: Mapping[str, Any] | None = None) -> "Session":
+        """A handle on the daemon's link for (aid, slot_id); opened on first use. ``options`` are
+        the SDK's ``connect()`` options a link takes (``delivery_mode``: "fanout" | "queue",
+        ``queue_routing``, ``affinity_ttl_ms``); options that conflict with the running link raise
+        ``InvalidParams``."""
+        return Session(self, aid, slot_id, options)
 
 
 class Session:
     """An app's hold on (aid, slot_id); re-opened by itself after a reconnect."""
 
-    def __init__(self, client: Client, aid: str, slot_id: str = "main") -> None:
+    def __init__(self, client: Client, aid: str, slot_id: str = "main",
+                 options: Mapping[str, Any] | None = None) -> None:
         self.client, self.aid, self.slot_id = client, aid, slot_id
+        self.options = dict(options or {})
         self.info: dict[str, Any] = {}
         self._conn: _ThreadConn | None = None
         self._lock = threading.Lock()
@@ -660,7 +672,7 @@ class Session:
         conn = self.client._connection()
         with self._lock:
             if self._conn is not conn:
-                self.info = conn.request("session.open", {"aid": self.aid, "slot_id": self.slot_id},
+                self.info = conn.request("session.open", _open_args(self.aid, self.slot_id, self.options),
                                          self.client.timeout)
                 self._conn = conn
             return conn, self.info["session"]
@@ -1035,15 +1047,17 @@ class AsyncClient:
         return await self.request("identity.renew", {"aid": aid, "rekey": rekey},
                                   timeout=max(self.timeout, ENSURE_WAIT))
 
-    def session(self, aid: str, slot_id: str = "main") -> "AsyncSession":
-        return AsyncSession(self, aid, slot_id)
+    def session(self, aid: str, slot_id: str = "main", options: Mapping[str, Any] | None = None) -> "AsyncSession":
+        return AsyncSession(self, aid, slot_id, options)
 
 
 class AsyncSession:
     """The asyncio twin of ``Session``."""
 
-    def __init__(self, client: AsyncClient, aid: str, slot_id: str = "main") -> None:
+    def __init__(self, client: AsyncClient, aid: str, slot_id: str = "main",
+                 options: Mapping[str, Any] | None = None) -> None:
         self.client, self.aid, self.slot_id = client, aid, slot_id
+        self.options = dict(options or {})
         self.info: dict[str, Any] = {}
         self._conn: _AsyncConn | None = None
         self._lock = asyncio.Lock()
@@ -1061,7 +1075,7 @@ class AsyncSession:
         conn = await self.client._connection()
         async with self._lock:
             if self._conn is not conn:
-                self.info = await conn.request("session.open", {"aid": self.aid, "slot_id": self.slot_id},
+                self.info = await conn.request("session.open", _open_args(self.aid, self.slot_id, self.options),
                                                self.client.timeout)
                 self._conn = conn
             return conn, self.info["session"]

@@ -90,6 +90,54 @@ class LinkConfig:
     rpc_background: int = 8
     pull_namespaces: int = 4
     delivery_mode: str = "fanout"
+    delivery_routing: str = ""          # queue only: round_robin | sender_affinity
+    affinity_ttl_ms: int = 0            # queue + sender_affinity only
+
+
+#: The SDK's `connect()` options a daemon-held link takes per (AID, slot), and the defaults.
+DEFAULT_CONNECT_OPTIONS = {"delivery_mode": "fanout", "delivery_routing": "", "affinity_ttl_ms": 0}
+_FIXED_OPTIONS = {  # taken only with the value aund always uses, with the reason
+    "connection_kind": ("long", "aund keeps every link connected (a short connection would be closed by the "
+                                "gateway and receive no pushes)"),
+    "background_sync": (True, "aund always syncs every message into its durable inbox"),
+    "auto_reconnect": (True, "aund always reconnects its links"),
+}
+
+
+def connect_options(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """LinkConfig fields for the SDK-style connect `raw` options, checked as the SDK checks them:
+    `delivery_mode` ("fanout" | "queue", or {mode, routing, affinity_ttl_ms}), `queue_routing`
+    ("round_robin" | "sender_affinity"), `affinity_ttl_ms`; `connection_kind`, `background_sync`
+    and `auto_reconnect` only with aund's own values. InvalidParams names `options.<key>`."""
+    raw = dict(raw or {})
+    for key, (fixed, why) in _FIXED_OPTIONS.items():
+        if key in raw and raw.pop(key) != fixed:
+            raise InvalidParams(f"options.{key}: only {fixed!r} ({why})", data={"arg": f"options.{key}"})
+    mode_raw = raw.pop("delivery_mode", "fanout")
+    mode_raw = dict(mode_raw) if isinstance(mode_raw, dict) else {"mode": mode_raw}
+    if "queue_routing" in raw:
+        mode_raw["routing"] = raw.pop("queue_routing")
+    if "affinity_ttl_ms" in raw:
+        mode_raw["affinity_ttl_ms"] = raw.pop("affinity_ttl_ms")
+    if raw:
+        known = ", ".join(sorted({"delivery_mode", "queue_routing", "affinity_ttl_ms", *_FIXED_OPTIONS}))
+        name = sorted(raw)[0]
+        raise InvalidParams(f"options.{name} is not a connect option aund takes per link (known: {known})",
+                            data={"arg": f"options.{name}"})
+    mode = str(mode_raw.get("mode") or "fanout").strip().lower()
+    if mode not in ("fanout", "queue"):
+        raise InvalidParams("options.delivery_mode must be 'fanout' or 'queue'", data={"arg": "options.delivery_mode"})
+    routing = str(mode_raw.get("routing") or ("round_robin" if mode == "queue" else "")).strip().lower()
+    if mode == "fanout":
+        routing = ""
+    elif routing not in ("round_robin", "sender_affinity"):
+        raise InvalidParams("options.queue_routing must be 'round_robin' or 'sender_affinity'",
+                            data={"arg": "options.queue_routing"})
+    ttl = mode_raw.get("affinity_ttl_ms", 0) if mode == "queue" else 0
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 86_400_000:
+        raise InvalidParams("options.affinity_ttl_ms must be an integer of milliseconds (0 .. 1 day)",
+                            data={"arg": "options.affinity_ttl_ms"})
+    return {"delivery_mode": mode, "delivery_routing": routing, "affinity_ttl_ms": ttl}
 
 
 class Backoff:
@@ -411,7 +459,8 @@ class Link:
             "nonce": nonce, "auth": {"method": "kite_token", "token": self._tokens.access_token},
             "protocol": {"min": "1.0", "max": "1.0"}, "device": {"id": self.config.device_id, "type": "sdk"},
             "client": {"slot_id": self.config.slot_id, "sdk_lang": "python", "sdk_version": "aund"},
-            "delivery_mode": {"mode": self.config.delivery_mode, "routing": "", "affinity_ttl_ms": 0},
+            "delivery_mode": {"mode": self.config.delivery_mode, "routing": self.config.delivery_routing,
+                              "affinity_ttl_ms": self.config.affinity_ttl_ms},
             "capabilities": SDK_CAPABILITIES}
         if self.config.kind == "short":
             params["options"] = {"kind": "short", "short_ttl_ms": 30000}

@@ -92,8 +92,10 @@ class Backend(Protocol):
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         """The policy: may this app's uid/gid use this AID?"""
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> SessionHandle:
-        """Hold the (AID, slot) link for this app, starting it on demand."""
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
+                           options: dict[str, Any] | None = None) -> SessionHandle:
+        """Hold the (AID, slot) link for this app, starting it on demand with the SDK-style connect
+        `options` (`delivery_mode`, ...); InvalidParams when they conflict with the running link."""
 
     async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
         """The app let go of the link (idle links opened on demand close later)."""

@@ -582,6 +582,7 @@ class AppSession:
     async def op_session_open(self, args: dict[str, Any]) -> dict[str, Any]:
         aid = _str(args, "aid")
         slot_id = _str(args, "slot_id", "main", max_len=128)
+        options = _map(args, "options", {})
         self._authorize(aid)
         if len(self.sessions) + self._opening >= self.limits.sessions_per_app:
             raise self._quota("sessions", self.limits.sessions_per_app)
@@ -594,7 +595,7 @@ class AppSession:
             raise self._quota("links", self.limits.links_per_uid, per="user")
         self._opening += 1
         try:
-            handle = await self.backend.open_session(self.app, aid, slot_id)
+            handle = await self.backend.open_session(self.app, aid, slot_id, options or None)
         finally:
             self._opening -= 1
         sid = next(self._ids)

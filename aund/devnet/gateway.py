@@ -42,6 +42,7 @@ MAX_PAYLOAD_BYTES = 1_000_000
 MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frames
 PULL_PAGE_BYTES = 512 * 1024  # a pull page stops adding rows past this size (always at least one row)
 OUTBOX_FRAMES = 512
+QUEUE_SCAN_ROWS = 1000  # a queue-mode pull looks at this many rows of the sender at most
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
                        "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True,
@@ -155,6 +156,10 @@ class Devnet:
         self.slot_policy = slot_policy
         self.extra_gateways = extra_gateways or []
         self.conns: dict[str, set[Conn]] = {}
+        # queue delivery: (receiver, seq) -> the instance (device_id, slot isolation key) that owns it
+        self.queue_owner: dict[tuple[str, int], tuple[str, str]] = {}
+        self.queue_turn: Counter = Counter()  # receiver -> round-robin position
+        self.queue_affinity: dict[tuple[str, str], tuple[str, str]] = {}  # (receiver, sender) -> instance
         self.login_requests: dict[str, tuple[str, str, float]] = {}  # request_id -> (aid, nonce, expires)
         self.stats = Stats()
         self.faults = Faults()
@@ -221,11 +226,37 @@ class Devnet:
                  "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
                  "spk_timestamp": r["spk_timestamp"]} for r in self.store.prekeys(aid)]
 
+    def queue_instance(self, msg: StoredMessage, online: list["Conn"]) -> tuple[str, str]:
+        """The one instance (device, slot key) of a queue-mode receiver that gets `msg`: the one it
+        was given to before, else by `sender_affinity` the sender's last one (while online), else
+        the next online long connection in turn (round robin)."""
+        key = (msg.receiver, msg.seq)
+        owner = self.queue_owner.get(key)
+        if owner is None:
+            instances = sorted({(c.device_id, c.slot_key) for c in online})
+            sticky = self.queue_affinity.get((msg.receiver, msg.sender))
+            if online[0].delivery_routing == "sender_affinity" and sticky in instances:
+                owner = sticky
+            else:
+                owner = instances[self.queue_turn[msg.receiver] % len(instances)]
+                self.queue_turn[msg.receiver] += 1
+            self.queue_owner[key] = owner
+            self.queue_affinity[(msg.receiver, msg.sender)] = owner
+        return owner
+
+    def claim_for_pull(self, conn: "Conn", msg: StoredMessage) -> bool:
+        """Whether a queue-mode puller may have `msg`: its own, or nobody's yet (then it is its own)."""
+        mine = (conn.device_id, conn.slot_key)
+        return self.queue_owner.setdefault((msg.receiver, msg.seq), mine) == mine
+
     def push_message(self, msg: StoredMessage) -> None:
-        """Send `msg` inline to the receiver's online long connections (each device gets its own form)."""
-        for conn in list(self.live(msg.receiver)):
-            if conn.kind != "long" or conn.closed:
-                continue
+        """Send `msg` inline to the receiver's online long connections (each device gets its own
+        form); in queue mode to one instance only."""
+        online = [c for c in self.live(msg.receiver) if c.kind == "long" and not c.closed]
+        if online and online[0].delivery_mode == "queue":  # one mode per AID (register_conn)
+            owner = self.queue_instance(msg, online)
+            online = [c for c in online if (c.device_id, c.slot_key) == owner]
+        for conn in online:
             if self.faults.should_drop_push():
                 self.stats.pushes_dropped += 1
                 continue
@@ -495,6 +526,7 @@ class Conn:
         self.slot_key = ""
         self.kind = "long"
         self.delivery_mode = "fanout"
+        self.delivery_routing = ""
         self.declares_agent_md = False  # auth.connect declared agent_md_validation_v1
         self.conn_id = "conn_" + secrets.token_hex(6)
         self.connected_at = 0.0
@@ -893,6 +925,12 @@ class Conn:
             raise RpcError(rpc.INVALID_PARAMS, "options.kind must be long or short")
         mode = params.get("delivery_mode") or {}
         self.delivery_mode = str(mode.get("mode") or "fanout") if isinstance(mode, dict) else "fanout"
+        if self.delivery_mode not in ("fanout", "queue"):
+            raise RpcError(rpc.INVALID_PARAMS, "delivery_mode.mode must be fanout or queue")
+        routing = str(mode.get("routing") or "") if isinstance(mode, dict) else ""
+        self.delivery_routing = (routing or "round_robin") if self.delivery_mode == "queue" else ""
+        if self.delivery_routing not in ("", "round_robin", "sender_affinity"):
+            raise RpcError(rpc.INVALID_PARAMS, "delivery_mode.routing must be round_robin or sender_affinity")
         self.aid, self.device_id, self.slot_id, self.kind = aid, device_id, slot_id or "default", kind
         caps = params.get("capabilities")
         self.declares_agent_md = isinstance(caps, dict) and caps.get("agent_md_validation_v1") is True
@@ -1065,8 +1103,15 @@ class Conn:
         ack = store.get_ack(self.aid, self.device_id, self.slot_key, sender)
         after = _int(params, "after_seq", ack)
         scan_after = after  # retention floor is 0: nothing is ever expired here
-        rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
-        has_more = len(rows) > limit
+        examined = None  # queue mode: the last seq looked at when the scan stopped short of the head
+        if self.delivery_mode == "queue":  # only this instance's rows (the others' are theirs)
+            scanned = store.peer_rows(self.aid, sender, scan_after, QUEUE_SCAN_ROWS)
+            rows = [m for m in scanned if self.net.claim_for_pull(self, m)]
+            if len(scanned) == QUEUE_SCAN_ROWS and len(rows) <= limit:
+                examined = scanned[-1].seq
+        else:
+            rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
+        has_more = len(rows) > limit or examined is not None
         rows = rows[:limit]
         messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
         if not self.net.faults.unbounded_pages:  # as a production gateway: the page is bounded by bytes
@@ -1078,8 +1123,9 @@ class Conn:
                 kept += 1
             if kept < len(messages):
                 has_more, rows, messages = True, rows[:kept], messages[:kept]
+                examined = None  # the page stops at its last row
         head = max(store.peer_head(self.aid, sender), scan_after)
-        covered = rows[-1].seq if has_more else head
+        covered = (rows[-1].seq if examined is None else examined) if has_more else head
         result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,
                   "messages": messages, "count": len(messages), "scan_after_seq": scan_after,
                   "covered_through_seq": covered, "next_after_seq": covered, "head_seq": head,
