@@ -56,12 +56,27 @@ RENEW_CHECK_SECONDS = 6 * 3600.0      # the renewal timer looks again at least t
 class StoreCredentials:
     """Adapts one stored identity to what a Link needs; file I/O runs in worker threads."""
 
-    def __init__(self, store: IdentityStore, identity: Identity) -> None:
+    def __init__(self, store: IdentityStore, identity: Identity, on_cert_changed=None) -> None:
         self.store = store
         self.aid = identity.aid
         self.private_key = identity.private_key
         self.cert_pem = identity.cert_pem
         self.cert_fingerprint = identity.cert_fingerprint
+        self.on_cert_changed = on_cert_changed  # (Identity) -> None: the daemon moves everything over
+
+    async def sync_cert(self, gateway_url: str, trust: auth.GatewayTrust) -> bool:
+        """Take the certificate the gateway now serves for our key, if it is another one (verified,
+        and kept: the old one stays in the store's history). True when it changed."""
+        cert = await auth.current_cert(gateway_url, trust, self.aid, self.private_key)
+        if cert is None or pki.cert_fingerprint(cert) == self.cert_fingerprint:
+            return False
+        await trio.to_thread.run_sync(self.store.save_cert, self.aid, pki.cert_pem(cert))
+        identity = await trio.to_thread.run_sync(self.store.load, self.aid)
+        self.cert_pem, self.cert_fingerprint = identity.cert_pem, identity.cert_fingerprint
+        log.info("identity.cert_synced", aid=self.aid, cert_fingerprint=identity.cert_fingerprint)
+        if self.on_cert_changed is not None:
+            await self.on_cert_changed(identity)
+        return True
 
     async def load_tokens(self) -> auth.Tokens | None:
         """The stored tokens, or None. Tokens are disposable: a damaged file means a fresh login with
@@ -346,7 +361,8 @@ class Daemon:
             self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
                             call_timeout=self.config.call_timeout, **options)
-        link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
+        creds = StoreCredentials(self.store, identity, on_cert_changed=self._cert_synced)
+        link = Link(creds, config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     on_admission_refused=lambda link: self._publish_agent_md(link, session.identity, force=True),
                     rng=self.rng)
@@ -597,6 +613,12 @@ class Daemon:
                 "old_cert_fingerprint": old.cert_fingerprint,
                 "not_after": identity.cert.not_valid_after_utc.timestamp()}
 
+    async def _cert_synced(self, identity: Identity) -> None:
+        """A link found a newer certificate of our key at the gateway (another instance renewed)."""
+        past = await trio.to_thread.run_sync(self.store.past_keys, identity.aid)
+        self._apply_identity(identity, past)
+        await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md_etag=""))
+
     def _apply_identity(self, identity: Identity, past: list[Any]) -> None:
         """Every in-memory user of the AID's key and certificate takes the new ones."""
         self.peers.forget_peer(identity.aid)
@@ -716,7 +738,7 @@ class Daemon:
                 "identities": len(self.store.list()), "links": links, "broker": apps, "inbox": self.inbox_depth,
                 "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                            "waiting": budget.tasks_waiting},
-                "process": systemd.core_dump_state(),
+                "process": systemd.core_dump_state(), "renewals": dict(self.renewals),
                 "warnings": self.warnings()}
 
     def warnings(self) -> list[dict[str, str]]:

@@ -194,6 +194,23 @@ async def rekey(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.Ellipti
     return cert
 
 
+async def current_cert(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey):
+    """The AID's current certificate as its gateway serves it (`/pki/cert/{aid}`), verified (chain,
+    CN, revocation) and for `key`; None when the gateway serves none for our key. Another instance
+    holding the same AID may have renewed it."""
+    status, body = await http_get(f"{http_base(gateway_url)}/pki/cert/{aid}")
+    if status != 200:
+        return None
+    try:
+        cert = pki.load_cert_pem(body)
+    except pki.PKIError:
+        return None
+    if pki.spki_der(cert.public_key()) != pki.spki_der(key.public_key()):
+        return None  # a rekey elsewhere: only that key's holder can use it
+    await trust.verify(gateway_url, cert, expected_cn=aid)
+    return cert
+
+
 async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert_pem: str) -> tuple[str, str]:
     """`auth.aid_login1`: the gateway proves itself (auth_cert chain + a signature over our
     nonce) and hands out (request_id, nonce) for login2, renew_cert or rekey."""

@@ -408,9 +408,21 @@ class Link:
                 return fresh
             except auth.ReloginRequired:
                 self.log.info("link.relogin", reason="refresh token refused")
-        fresh = await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+        fresh = await self._login(url)
         await self.creds.save_tokens(fresh)
         return fresh
+
+    async def _login(self, url: str) -> auth.Tokens:
+        """A full login; refused for our certificate, once more with the current one the gateway
+        serves for our key (another instance of this AID renewed it), if the credentials take it."""
+        try:
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+        except AuthError:
+            sync = getattr(self.creds, "sync_cert", None)
+            if sync is None or not await sync(url, self.trust):
+                raise
+            self.log.info("link.cert_synced", reason="login refused our certificate; the gateway serves a newer one")
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
 
     async def _connect_and_serve(self) -> None:
         url = self.gateway
@@ -564,8 +576,7 @@ class Link:
                     fresh = await auth.refresh(session.url, self.aid, self._tokens, device_id=self.config.device_id,
                                                slot_id=self.config.slot_id)
                 except auth.ReloginRequired:
-                    fresh = await auth.login(session.url, self.trust, self.aid, self.creds.private_key,
-                                             self.creds.cert_pem)
+                    fresh = await self._login(session.url)
                 await self.creds.save_tokens(fresh)  # persisted before anything uses it
                 self._tokens = fresh
                 failures = 0

@@ -9,6 +9,7 @@ certificates live seconds (`--cert-ttl`), apps on client_stub, and the CLI.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,9 +18,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+import trio
 
-from client_stub import Client, InvalidParams, ResourceNotExistError
+from aund.aun import auth
+from aund.identity.store import FastaunIdentity, IdentityStore
+from client_stub import AsyncClient, Client, InvalidParams, ResourceNotExistError
 from tests.helpers import ROOT, AundProcess, DevnetProcess, wait_until
+from tests.inproc import APP, ready_handle, start_daemon
 
 pytestmark = pytest.mark.timeout(180)
 CERT_TTL = 8  # seconds; renewal at half of it (cert_renew_fraction = 0.5)
@@ -108,6 +113,19 @@ def _ready(session) -> bool:
         return False
 
 
+async def _async_ops(socket, aid: str):
+    """The asyncio twins of the identity ops and notify."""
+    async with AsyncClient(socket, app="ops-async", timeout=30) as client:
+        signed = await client.sign(aid, b"async")
+        good = (await client.verify(b"async", signed["signature"], aid=aid))["valid"]
+        bad = (await client.verify(b"other", signed["signature"], aid=aid))["valid"]
+        assert (await client.resolve_peer(aid))["cert_fingerprint"] == signed["cert_fingerprint"]
+        session = client.session(aid, options={"delivery_mode": "fanout"})
+        await session.wait_ready(timeout=20)
+        sent = await session.notify("event/app.async", {"n": 2}, to=aid, ttl_ms=1000)
+        return good, bad, sent["method"]
+
+
 def test_identity_ops_over_the_socket(devnet, tmp_path):
     aid = f"ops-{os.getpid() % 10000}.aid.test"
     cfg = tmp_path / "aund.toml"
@@ -152,8 +170,42 @@ def test_identity_ops_over_the_socket(devnet, tmp_path):
                 with pytest.raises(InvalidParams) as bad:
                     session.notify(method, **kwargs)
                 assert bad.value.data["arg"] == arg, kwargs
+            assert asyncio.run(_async_ops(proc.socket, aid)) == (True, False, "notification/route")
             stats = devnet.stats()
             assert stats["rpc"].get("notify notification/route", 0) >= 1
             assert stats["rpc"].get("notify notification/client.activity", 0) == 1
     finally:
         assert proc.stop() == 0
+
+
+async def test_a_second_instance_takes_the_certificate_the_first_renewed(devnet, tmp_path):
+    """Two daemons hold one AID; one renews. When the other has to log in again, the gateway
+    refuses its (old) certificate: it takes the current one for its key from the gateway,
+    verified, keeps the old one in its history, and logs in."""
+    aid = f"twice-{os.getpid() % 10000}.aid.test"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            one = await start_daemon(nursery, devnet, tmp_path / "one", [aid])
+            await ready_handle(one, aid)
+            src = await trio.to_thread.run_sync(one.store.load, aid)
+            (tmp_path / "two" / "aund").mkdir(parents=True)
+            other = IdentityStore(tmp_path / "two" / "aund", "seed")
+            other.import_read(FastaunIdentity(aid, "-", src.private_key, src.cert, (), devnet.gateway_url))
+            two = await start_daemon(nursery, devnet, tmp_path / "two", [aid])
+            handle = await ready_handle(two, aid)
+            renewed = await one.renew_identity(APP, aid)
+            entry = two.links[(aid, "main")]
+            assert entry.link.creds.cert_fingerprint == src.cert_fingerprint  # it does not know yet
+            entry.link._tokens = auth.Tokens("", "", 0.0)  # fault: its tokens are gone, a full login follows
+            entry.link._session.end(1006)  # and the connection drops
+            while not (entry.link.state.value == "ready" and
+                       entry.link.creds.cert_fingerprint == renewed["cert_fingerprint"]):
+                await trio.sleep(0.05)
+                assert entry.link.state.value != "connection_failed", entry.link.last_error
+            assert (await handle.call("meta.ping", {}, timeout=10, background=False, app=APP))["pong"]
+            assert two.store.load(aid).cert_fingerprint == renewed["cert_fingerprint"]
+            history = {p.name for p in (tmp_path / "two" / "aund" / "AIDs" / aid / "certs").iterdir()}
+            assert "sha256_" + src.cert_fingerprint.removeprefix("sha256:") + ".pem" in history
+            assert two.sessions[aid].identity.cert_fingerprint == renewed["cert_fingerprint"]
+            await one.aclose()
+            await two.aclose()
