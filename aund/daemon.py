@@ -70,13 +70,20 @@ class StoreCredentials:
         cert = await auth.current_cert(gateway_url, trust, self.aid, self.private_key)
         if cert is None or pki.cert_fingerprint(cert) == self.cert_fingerprint:
             return False
+        await self.adopt_cert(cert, event="identity.cert_synced")
+        return True
+
+    async def adopt_cert(self, cert: Any, *, event: str = "identity.cert_adopted") -> None:
+        """Make a verified certificate of our key the identity's (login2's `new_cert`, or the one
+        the gateway serves): stored (the old one kept in the history), then used everywhere."""
+        if pki.cert_fingerprint(cert) == self.cert_fingerprint:
+            return
         await trio.to_thread.run_sync(self.store.save_cert, self.aid, pki.cert_pem(cert))
         identity = await trio.to_thread.run_sync(self.store.load, self.aid)
         self.cert_pem, self.cert_fingerprint = identity.cert_pem, identity.cert_fingerprint
-        log.info("identity.cert_synced", aid=self.aid, cert_fingerprint=identity.cert_fingerprint)
+        log.info(event, aid=self.aid, cert_fingerprint=identity.cert_fingerprint)
         if self.on_cert_changed is not None:
             await self.on_cert_changed(identity)
-        return True
 
     async def load_tokens(self) -> auth.Tokens | None:
         """The stored tokens, or None. Tokens are disposable: a damaged file means a fresh login with

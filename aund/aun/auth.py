@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +23,8 @@ from aund.aun.http import http_base, http_get  # noqa: F401  (re-exported)
 from aund.aun.trust import GatewayTrust
 from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
 from aund.identity import pki
+
+log = structlog.get_logger("aund.auth")
 
 CONNECT_TIMEOUT = 10.0
 SHORT_RPC_TIMEOUT = 15.0
@@ -231,15 +235,28 @@ async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert
 
 
 async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
-                cert_pem: str) -> Tokens:
-    """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do."""
+                cert_pem: str, *, on_new_cert: Callable[[Any], Awaitable[None]] | None = None) -> Tokens:
+    """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do.
+
+    A `new_cert` in login2's answer (the gateway renewed a certificate past half its validity) is
+    checked like an issued one (our key, CN, validity, chain, revocation) and handed to
+    `on_new_cert`; one that fails a check is logged and ignored, as the SDK does."""
     request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem)
     client_time = repr(time.time())
     signature = pki.sign_der(key, f"{nonce}:{client_time}".encode("utf-8"))
     r2 = await short_rpc(gateway_url, "auth.aid_login2", {"aid": aid, "request_id": request_id, "nonce": nonce,
                                                           "client_time": client_time,
                                                           "signature": pki.b64e(signature)})
-    return Tokens.from_result(r2)
+    tokens = Tokens.from_result(r2)
+    if isinstance(r2.get("new_cert"), str) and on_new_cert is not None:
+        try:
+            cert = issued_cert({"cert": r2["new_cert"]}, "aid_login2 new_cert", aid, key.public_key())
+            await trust.verify(gateway_url, cert, expected_cn=aid)
+        except AuthError as exc:
+            log.warning("auth.new_cert_rejected", aid=aid, error=str(exc))
+        else:
+            await on_new_cert(cert)
+    return tokens
 
 
 class ReloginRequired(AuthError):

@@ -415,14 +415,17 @@ class Link:
     async def _login(self, url: str) -> auth.Tokens:
         """A full login; refused for our certificate, once more with the current one the gateway
         serves for our key (another instance of this AID renewed it), if the credentials take it."""
+        adopt = getattr(self.creds, "adopt_cert", None)  # a `new_cert` of login2
         try:
-            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
+                                    on_new_cert=adopt)
         except AuthError:
             sync = getattr(self.creds, "sync_cert", None)
             if sync is None or not await sync(url, self.trust):
                 raise
             self.log.info("link.cert_synced", reason="login refused our certificate; the gateway serves a newer one")
-            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
+                                    on_new_cert=adopt)
 
     async def _connect_and_serve(self) -> None:
         url = self.gateway

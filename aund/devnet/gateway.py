@@ -870,8 +870,13 @@ class Conn:
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature does not verify")
         self._refuse_revoked(aid)
         access, refresh, _ = self.net.store.issue_tokens(aid, self.net.access_ttl, self.net.refresh_ttl)
-        return {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
-                "expires_in": int(self.net.access_ttl)}
+        answer = {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
+                  "expires_in": int(self.net.access_ttl)}
+        cert = self._aid_cert(aid)
+        start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        if time.time() > start + (end - start) / 2:  # protocol doc 01: renewed at login past half its validity
+            answer["new_cert"] = pki.cert_pem(self._issue(aid, cert.public_key()))
+        return answer
 
     def rpc_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
         """The refresh token alone names its session (protocol doc 01 sends only it); an `aid`

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -209,3 +210,32 @@ async def test_a_second_instance_takes_the_certificate_the_first_renewed(devnet,
             assert two.sessions[aid].identity.cert_fingerprint == renewed["cert_fingerprint"]
             await one.aclose()
             await two.aclose()
+
+
+async def test_new_cert_of_login2_is_checked_and_adopted(tmp_path):
+    """Past half its validity the gateway renews the certificate at login (`new_cert` in
+    aid_login2, protocol doc 01); aund checks it and takes it, keeping the old one."""
+    devnet = DevnetProcess(tmp_path / "devnet", extra_args=["--cert-ttl", "4"])
+    devnet.start()
+    aid = f"login-{os.getpid() % 10000}.aid.test"
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                daemon = await start_daemon(nursery, devnet, tmp_path, [aid], cert_renew_fraction=0.01)
+                await ready_handle(daemon, aid)
+                entry = daemon.links[(aid, "main")]
+                first = entry.link.creds.cert_fingerprint
+                cert = daemon.store.load(aid).cert
+                half = (cert.not_valid_before_utc.timestamp() + cert.not_valid_after_utc.timestamp()) / 2
+                await trio.sleep(max(0.0, half - time.time()) + 0.2)  # the devnet's certificate clock is real
+                entry.link._tokens = auth.Tokens("", "", 0.0)  # fault: a full login follows the drop
+                entry.link._session.end(1006)
+                while entry.link.creds.cert_fingerprint == first or entry.link.state.value != "ready":
+                    await trio.sleep(0.05)
+                assert daemon.store.load(aid).cert_fingerprint == entry.link.creds.cert_fingerprint
+                assert daemon.sessions[aid].identity.cert_fingerprint == entry.link.creds.cert_fingerprint
+                history = list((tmp_path / "aund" / "AIDs" / aid / "certs").glob("sha256_*.pem"))
+                assert len(history) == 2
+                await daemon.aclose()
+    finally:
+        assert devnet.stop() == 0
