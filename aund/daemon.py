@@ -603,7 +603,12 @@ class Daemon:
             gateway = entry.link.gateway if entry is not None else (await self._gateways(aid))[0]
             if rekey:
                 new_key = await trio.to_thread.run_sync(self.store.rekey_pending, aid)
-                cert = await auth.rekey(gateway, self.trust, aid, old.private_key, old.cert_pem, new_key)
+                # a rekey the gateway took before we could store its answer (crash, lost reply): finish it
+                cert = await auth.current_cert(gateway, self.trust, aid, new_key)
+                if cert is None:
+                    cert = await auth.rekey(gateway, self.trust, aid, old.private_key, old.cert_pem, new_key)
+                else:
+                    log.info("identity.rekey_recovered", aid=aid, cert_fingerprint=pki.cert_fingerprint(cert))
                 await trio.to_thread.run_sync(self.store.commit_rekey, aid, new_key, pki.cert_pem(cert))
             else:
                 cert = await auth.renew_cert(gateway, self.trust, aid, old.private_key, old.cert_pem)

@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from aund.aun import auth
+from aund.identity import pki
 from aund.identity.store import FastaunIdentity, IdentityStore
 from client_stub import AsyncClient, Client, InvalidParams, ResourceNotExistError
 from tests.helpers import ROOT, AundProcess, DevnetProcess, wait_until
@@ -239,3 +240,23 @@ async def test_new_cert_of_login2_is_checked_and_adopted(tmp_path):
                 await daemon.aclose()
     finally:
         assert devnet.stop() == 0
+
+
+async def test_a_rekey_the_gateway_took_before_aund_stored_it_is_finished(devnet, tmp_path):
+    """The reply of auth.rekey is lost after the gateway took the new key (here: the call is made
+    and its answer dropped): the next `identity.renew --rekey` finds the gateway serving a
+    certificate for the kept pending key and finishes with it instead of making another key."""
+    aid = f"lost-{os.getpid() % 10000}.aid.test"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [aid])
+            handle = await ready_handle(daemon, aid)
+            old = daemon.store.load(aid)
+            pending = daemon.store.rekey_pending(aid)
+            await auth.rekey(devnet.gateway_url, daemon.trust, aid, old.private_key, old.cert_pem, pending)  # answer lost
+            done = await daemon.renew_identity(APP, aid, rekey=True)
+            now = daemon.store.load(aid)
+            assert done["rekeyed"] and now.public_key_b64 == pki.public_key_b64(pending.public_key())
+            assert len(daemon.store.past_keys(aid)) == 1
+            assert (await handle.call("meta.ping", {}, timeout=10, background=False, app=APP))["pong"]
+            await daemon.aclose()
