@@ -330,7 +330,9 @@ class Daemon:
                 f"{aid}/{slot_id}: the link {what} with delivery_mode {entry.options['delivery_mode']!r}"
                 f"{' (' + entry.options['delivery_routing'] + ')' if entry.options['delivery_routing'] else ''}; "
                 f"asked for {options['delivery_mode']!r}. All links of one AID share one delivery mode "
-                "(the gateway refuses a mix); open it with the same options, or release the other sessions first",
+                "(the gateway refuses a mix); open it with the same options, or "
+                + ("note that it is configured (`identities`) and kept with the default options" if entry.pinned
+                   else "release the other sessions first"),
                 data={"arg": "options.delivery_mode", "slot_id": other_slot, "current": dict(entry.options)})
 
     async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool,
