@@ -37,8 +37,10 @@ from the file itself (bounded), so parameters can change without rewriting old f
 Durability: every write goes through ``atomic_write`` (temp file in the same directory, fsync,
 ``os.replace``, fsync of the directory). Key and certificate files are never deleted or
 overwritten in place: a key is created once and moved (rename) from ``_pending``; a superseded
-certificate stays in ``certs/``, a superseded key (rekey) in ``keys/``. Tokens are replaced atomically (old, rotated tokens are
-worthless and keeping copies of secrets would only widen exposure); meta.json likewise.
+certificate stays in ``certs/``, a superseded key (rekey) in ``keys/`` (a rekey copies the
+active key there before ``key.enc.json`` names the new one). Tokens are replaced atomically
+(old, rotated tokens are worthless and keeping copies of secrets would only widen exposure);
+meta.json likewise.
 
 Blocking I/O: everything except ``ensure`` is synchronous; the daemon calls it through
 ``trio.to_thread.run_sync``. Methods are thread-safe (one lock serialises writes).

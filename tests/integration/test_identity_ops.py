@@ -253,7 +253,8 @@ async def test_a_rekey_the_gateway_took_before_aund_stored_it_is_finished(devnet
             handle = await ready_handle(daemon, aid)
             old = daemon.store.load(aid)
             pending = daemon.store.rekey_pending(aid)
-            await auth.rekey(devnet.gateway_url, daemon.trust, aid, old.private_key, old.cert_pem, pending)  # answer lost
+            # the gateway takes the new key; its answer is lost
+            await auth.rekey(devnet.gateway_url, daemon.trust, aid, old.private_key, old.cert_pem, pending)
             done = await daemon.renew_identity(APP, aid, rekey=True)
             now = daemon.store.load(aid)
             assert done["rekeyed"] and now.public_key_b64 == pki.public_key_b64(pending.public_key())

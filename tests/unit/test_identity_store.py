@@ -429,7 +429,8 @@ async def test_rekey_keeps_every_key_and_cert_and_survives_a_crash(state, ca, mo
     now = set(snapshot(state))
     assert seen <= now, seen - now  # nothing deleted
     d = state / "AIDs" / ALICE
-    assert len(list((d / "keys").glob("sha256_*.enc.json"))) == 2 and not (d / "keys" / "rekey-pending.enc.json").exists()
+    assert len(list((d / "keys").glob("sha256_*.enc.json"))) == 2
+    assert not (d / "keys" / "rekey-pending.enc.json").exists()
     second = st.rekey_pending(ALICE)  # the next rekey makes a new key, not the committed one again
     assert pki.spki_der(second.public_key()) != pki.spki_der(pending.public_key())
 
