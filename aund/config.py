@@ -69,6 +69,7 @@ class Config:
     shutdown_grace: float = 10.0
     sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost
     gateway_max_frame: int = 0               # largest WebSocket message from a gateway; 0 = built-in 8 MiB
+    cert_renew_fraction: float = 0.33        # renew an AID certificate once less than this share of its validity is left
     policy: Mapping[str, Any] = field(default_factory=dict)
     limits: Mapping[str, Any] = field(default_factory=dict)  # [limits]: aund.broker.Limits fields
     log_level: str = "info"                  # debug, info, warning or error (AUND_DEBUG=true: debug)

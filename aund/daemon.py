@@ -21,8 +21,8 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, ids, methods, transport
-from aund.aun.link import Link, LinkConfig, LinkState
+from aund.aun import auth, ids, methods, notify as notify_frames, transport
+from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
 from aund.aun.http import http_base, http_request
@@ -34,7 +34,7 @@ from aund.errors import (
     AundError, AuthError, ClientError, GatewayError, GatewayUnavailable, InvalidParams, NotReady, PermissionDenied,
     ResourceAlreadyExistError, ResourceNotExistError, StorageError,
 )
-from aund.identity import agent_md
+from aund.identity import agent_md, pki
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import AckPastHead, Inbox
@@ -45,17 +45,41 @@ LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refresh
                               "sync.proof_rejected"})
 MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GROUP_MESSAGE_KIND, GROUP_CHANGED_KIND})
 RESYNC_BUDGET_SECONDS = 10.0
+RENEW_RETRY_SECONDS = (30.0, 3600.0)  # a failed automatic renewal is retried after 30 s, doubling to 1 h
+RENEW_CHECK_SECONDS = 6 * 3600.0      # the renewal timer looks again at least this often (clock changes)
 
 
 class StoreCredentials:
     """Adapts one stored identity to what a Link needs; file I/O runs in worker threads."""
 
-    def __init__(self, store: IdentityStore, identity: Identity) -> None:
+    def __init__(self, store: IdentityStore, identity: Identity, on_cert_changed=None) -> None:
         self.store = store
         self.aid = identity.aid
         self.private_key = identity.private_key
         self.cert_pem = identity.cert_pem
         self.cert_fingerprint = identity.cert_fingerprint
+        self.on_cert_changed = on_cert_changed  # (Identity) -> None: the daemon moves everything over
+
+    async def sync_cert(self, gateway_url: str, trust: auth.GatewayTrust) -> bool:
+        """Take the certificate the gateway now serves for our key, if it is another one (verified,
+        and kept: the old one stays in the store's history). True when it changed."""
+        cert = await auth.current_cert(gateway_url, trust, self.aid, self.private_key)
+        if cert is None or pki.cert_fingerprint(cert) == self.cert_fingerprint:
+            return False
+        await self.adopt_cert(cert, event="identity.cert_synced")
+        return True
+
+    async def adopt_cert(self, cert: Any, *, event: str = "identity.cert_adopted") -> None:
+        """Make a verified certificate of our key the identity's (login2's `new_cert`, or the one
+        the gateway serves): stored (the old one kept in the history), then used everywhere."""
+        if pki.cert_fingerprint(cert) == self.cert_fingerprint:
+            return
+        await trio.to_thread.run_sync(self.store.save_cert, self.aid, pki.cert_pem(cert))
+        identity = await trio.to_thread.run_sync(self.store.load, self.aid)
+        self.cert_pem, self.cert_fingerprint = identity.cert_pem, identity.cert_fingerprint
+        log.info(event, aid=self.aid, cert_fingerprint=identity.cert_fingerprint)
+        if self.on_cert_changed is not None:
+            await self.on_cert_changed(identity)
 
     async def load_tokens(self) -> auth.Tokens | None:
         """The stored tokens, or None. Tokens are disposable: a damaged file means a fresh login with
@@ -81,6 +105,7 @@ class LinkEntry:
     groups: GroupSync | None = None
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONNECT_OPTIONS))  # connect options
 
 
 class _Handle:
@@ -126,6 +151,13 @@ class _Handle:
             raise NotReady(f"{method}: aund holds no E2EE session for {self.aid} here", data={"method": method})
         return await link.call(method, params, timeout=timeout, background=background, on_behalf_of=app)
 
+    async def notify(self, method: str, params: dict[str, Any], *, app: AppIdentity, timeout: float | None = None,
+                     **route: Any) -> dict[str, Any]:
+        """One notification (no id, no answer) as the SDK's `notify()` frames it (aund.aun.notify)."""
+        wire_method, wire_params = notify_frames.frame(method, params, **route)
+        await self.entry.link.notify(wire_method, wire_params, timeout=timeout, on_behalf_of=app)
+        return {"sent": True, "method": wire_method}
+
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
         self.daemon.protected_headers[(app.conn_id, self.aid)] = dict(headers)
 
@@ -160,6 +192,8 @@ class Daemon:
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
         self._event_listeners: set[trio.MemorySendChannel] = set()
         self._agent_md_locks: dict[str, trio.Lock] = {}
+        self._renewers: set[str] = set()  # AIDs whose certificate renewal timer runs
+        self.renewals: dict[str, dict[str, Any]] = {}  # AID -> the last renewal (for status)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -350,16 +384,47 @@ class Daemon:
             out.append({"aid": aid, "links": [{"slot_id": s.slot_id, "state": s.state} for s in links]})
         return out
 
-    async def _open_link(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
-        """The running link for (aid, slot), started once even when asked for concurrently."""
+    async def _open_link(self, aid: str, slot_id: str, *, pinned: bool,
+                         options: dict[str, Any] | None = None) -> LinkEntry:
+        """The running link for (aid, slot), started once even when asked for concurrently.
+        `options` (normalised connect options) must agree with a link that runs; an idle link
+        (no holder, not configured) with other options is closed and started again with them."""
         key = (aid, slot_id)
         lock = self._link_locks.setdefault(key, trio.Lock())
         async with lock:
-            return await self._open_link_locked(aid, slot_id, pinned=pinned)
+            return await self._open_link_locked(aid, slot_id, pinned=pinned, options=options)
 
-    async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool) -> LinkEntry:
+    def _check_options(self, aid: str, slot_id: str, options: dict[str, Any]) -> None:
+        """The gateway wants one delivery mode per AID: refuse up front, naming the link that differs."""
+        for (other_aid, other_slot), entry in self.links.items():
+            if other_aid != aid or entry.link.state == LinkState.CLOSED or entry.options == options:
+                continue
+            if other_slot == slot_id and not entry.holders and not entry.pinned:
+                continue  # idle: restarted with the new options
+            what = "is open" if other_slot == slot_id else "runs on slot " + repr(other_slot)
+            raise InvalidParams(
+                f"{aid}/{slot_id}: the link {what} with delivery_mode {entry.options['delivery_mode']!r}"
+                f"{' (' + entry.options['delivery_routing'] + ')' if entry.options['delivery_routing'] else ''}; "
+                f"asked for {options['delivery_mode']!r}. All links of one AID share one delivery mode "
+                "(the gateway refuses a mix); open it with the same options, or "
+                + ("note that it is configured (`identities`) and kept with the default options" if entry.pinned
+                   else "release the other sessions first"),
+                data={"arg": "options.delivery_mode", "slot_id": other_slot, "current": dict(entry.options)})
+
+    async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool,
+                                options: dict[str, Any] | None = None) -> LinkEntry:
         key = (aid, slot_id)
         entry = self.links.get(key)
+        if options is not None:
+            self._check_options(aid, slot_id, options)
+        else:  # as the link runs; a new one as the AID's other links run (one delivery mode per AID)
+            others = (e.options for (a, _), e in self.links.items() if a == aid and e.link.state != LinkState.CLOSED)
+            options = entry.options if entry is not None else next(others, dict(DEFAULT_CONNECT_OPTIONS))
+        if entry is not None and entry.options != options and entry.link.state != LinkState.CLOSED:
+            log.info("link.restart_for_options", aid=aid, slot=slot_id, options=options)  # idle (checked above)
+            del self.links[key]
+            await entry.link.aclose()
+            entry = None
         stale = entry is not None and entry.link.state == LinkState.CONNECTION_FAILED \
             and entry.trust_epoch != self.trust_epoch  # it failed under other trust roots: start anew
         if entry is not None and entry.link.state not in (LinkState.CLOSED,) and not stale:
@@ -381,10 +446,11 @@ class Daemon:
             self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
                             call_timeout=self.config.call_timeout,
-                            max_frame=self.config.gateway_max_frame or transport.MAX_FRAME)
-        link = Link(StoreCredentials(self.store, identity), config, self.trust, global_budget=self.global_budget,
+                            max_frame=self.config.gateway_max_frame or transport.MAX_FRAME, **options)
+        creds = StoreCredentials(self.store, identity, on_cert_changed=self._cert_synced)
+        link = Link(creds, config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
-                    on_admission_refused=lambda link: self._publish_agent_md(link, identity, force=True),
+                    on_admission_refused=lambda link: self._publish_agent_md(link, session.identity, force=True),
                     rng=self.rng)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
@@ -392,12 +458,16 @@ class Daemon:
         if entry is not None and entry.link.state == LinkState.CONNECTION_FAILED:
             # started anew in place: the apps' handles and holds stay valid and follow the new link
             entry.link, entry.sync, entry.groups, entry.trust_epoch = link, sync, groups, self.trust_epoch
-            entry.pinned = entry.pinned or pinned
+            entry.pinned, entry.options = entry.pinned or pinned, dict(options)
         else:
-            entry = LinkEntry(link, sync, session, pinned, groups=groups, trust_epoch=self.trust_epoch)
+            entry = LinkEntry(link, sync, session, pinned, groups=groups, trust_epoch=self.trust_epoch,
+                              options=dict(options))
             self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
+        if aid not in self._renewers:
+            self._renewers.add(aid)
+            self._nursery.start_soon(self._renew_loop, aid)
         return entry
 
     async def _run_link(self, entry: LinkEntry, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -526,6 +596,185 @@ class Daemon:
                 raise GatewayError(f"PUT agent.md of {aid}: HTTP {status}", retryable=status >= 500 or status == 429)
         raise GatewayError(f"PUT agent.md of {aid}: it kept changing under us (412)", retryable=True)
 
+    # --- identity operations: sign, verify, resolve, renew, rekey ----------------------------------
+    def _check_allowed(self, app: AppIdentity, aid: str) -> str:
+        aid = _normalize_aid(aid)
+        if not self.allowed(app, aid):
+            raise PermissionDenied(f"uid {app.uid} may not use {aid}", data={"aid": aid})
+        return aid
+
+    async def _load(self, aid: str) -> Identity:
+        try:
+            return await trio.to_thread.run_sync(self.store.load, aid)
+        except IdentityNotFound:
+            raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first", data={"aid": aid}) from None
+
+    async def sign(self, app: AppIdentity, aid: str, data: bytes) -> dict[str, Any]:
+        """A signature over `data` with the AID key, the hash its curve calls for (the key never
+        leaves the daemon): `{aid, signature (DER bytes), signature_b64, cert_fingerprint, algorithm}`."""
+        aid = self._check_allowed(app, aid)
+        identity = await self._load(aid)
+        signature = pki.sign_for_key(identity.private_key, data)
+        hash_ = pki.hash_for_key(identity.private_key)
+        return {"aid": aid, "signature": signature, "signature_b64": pki.b64e(signature),
+                "cert_fingerprint": identity.cert_fingerprint,
+                "algorithm": f"ECDSA-{hash_.name.upper()}" if hash_ is not None else "Ed25519"}
+
+    async def _home(self, app: AppIdentity, via: str | None, subject: str) -> tuple[str, str]:
+        """(gateway, AID) the peer directory looks from: `via` (an AID of this app), else the
+        subject itself or the first identity this app may use; discovery alone when there is none."""
+        candidates = [via] if via else [subject, *self.store.list()]
+        for aid in candidates:
+            aid = _normalize_aid(aid)
+            if via and not self.allowed(app, aid):
+                raise PermissionDenied(f"uid {app.uid} may not use {aid}", data={"aid": aid})
+            if self.allowed(app, aid) and self.store.exists(aid):
+                entry = self.links.get((aid, self.config.slot_id))
+                return (entry.link.gateway if entry is not None else (await self._gateways(aid))[0]), aid
+            if via:
+                raise IdentityNotFound(f"unknown identity {aid}", data={"aid": aid})
+        if self.config.gateway_url:
+            return self.config.gateway_url[0], subject
+        return "", ""
+
+    async def _verified_cert(self, app: AppIdentity, aid: str, fingerprint: str, via: str | None):
+        gateway, home = await self._home(app, via, aid)
+        cert = await self.peers.certificate(aid, home_gateway=gateway, home_aid=home, fingerprint=fingerprint)
+        return cert, await self.peers.gateway_for(aid, gateway, home)
+
+    async def resolve_peer(self, app: AppIdentity, aid: str, fingerprint: str = "", via: str | None = None
+                           ) -> dict[str, Any]:
+        """The peer's certificate, verified (chain to a trusted root, CN, CRL and OCSP), and its gateway."""
+        aid = _normalize_aid(aid)
+        cert, gateway = await self._verified_cert(app, aid, fingerprint, via)
+        return _cert_view(aid, cert, gateway)
+
+    async def verify(self, app: AppIdentity, data: bytes, signature: bytes, *, aid: str | None = None,
+                     cert_pem: str | None = None, fingerprint: str = "", via: str | None = None) -> dict[str, Any]:
+        """Does `signature` over `data` verify with the key of `aid` (its verified certificate, the
+        one `fingerprint` names, else the current one) or of `cert_pem` (verified the same way)?"""
+        if cert_pem is not None:
+            try:
+                cert = pki.load_cert_pem(cert_pem)
+            except pki.PKIError as exc:
+                raise InvalidParams(f"cert: {exc}", data={"arg": "cert"}) from None
+            subject = _normalize_aid(pki.cert_aid(cert))
+            if aid is not None and _normalize_aid(aid) != subject:
+                raise InvalidParams(f"cert is for {subject}, not {aid}", data={"arg": "cert"})
+            gateway, home = await self._home(app, via, subject)
+            gateway = await self.peers.gateway_for(subject, gateway, home)
+            await self.trust.verify(gateway, cert, expected_cn=subject)
+        elif aid is not None:
+            subject = _normalize_aid(aid)
+            cert, gateway = await self._verified_cert(app, subject, fingerprint, via)
+        else:
+            raise InvalidParams("identity.verify needs `aid` or `cert`", data={"arg": "aid"})
+        return {"valid": pki.verify_signature(cert.public_key(), signature, data), "aid": subject,
+                "cert_fingerprint": pki.cert_fingerprint(cert)}
+
+    async def renew_identity(self, app: AppIdentity | None, aid: str, *, rekey: bool = False) -> dict[str, Any]:
+        """A new certificate for the AID from its gateway (`auth.renew_cert`: same key), or with
+        `rekey` a new key and its certificate (`auth.rekey`). Nothing is deleted: old certificates
+        stay in the store's history (peers fetch them by fingerprint), old keys in `keys/` (late
+        messages wrapped to them still open). Links, E2EE and the agent.md move to the new one."""
+        aid = self._check_allowed(app, aid) if app is not None else _normalize_aid(aid)
+        async with self._identity_locks.setdefault(aid, trio.Lock()):
+            old = await self._load(aid)
+            entry = self.links.get((aid, self.config.slot_id))
+            gateway = entry.link.gateway if entry is not None else (await self._gateways(aid))[0]
+            if rekey:
+                new_key = await trio.to_thread.run_sync(self.store.rekey_pending, aid)
+                # a rekey the gateway took before we could store its answer (crash, lost reply): finish it
+                cert = await auth.current_cert(gateway, self.trust, aid, new_key)
+                if cert is None:
+                    cert = await auth.rekey(gateway, self.trust, aid, old.private_key, old.cert_pem, new_key)
+                else:
+                    log.info("identity.rekey_recovered", aid=aid, cert_fingerprint=pki.cert_fingerprint(cert))
+                await trio.to_thread.run_sync(self.store.commit_rekey, aid, new_key, pki.cert_pem(cert))
+            else:
+                cert = await auth.renew_cert(gateway, self.trust, aid, old.private_key, old.cert_pem)
+                await trio.to_thread.run_sync(self.store.save_cert, aid, pki.cert_pem(cert))
+            identity = await self._load(aid)
+            past = await trio.to_thread.run_sync(self.store.past_keys, aid)
+        self._apply_identity(identity, past)
+        log.info("identity.rekeyed" if rekey else "identity.cert_renewed", aid=aid,
+                 old_fingerprint=old.cert_fingerprint, cert_fingerprint=identity.cert_fingerprint,
+                 not_after=identity.cert.not_valid_after_utc.isoformat())
+        self.renewals[aid] = {"at": time.time(), "rekey": rekey, "cert_fingerprint": identity.cert_fingerprint}
+        await self._after_renewal(identity, rekey)
+        return {"aid": aid, "rekeyed": rekey, "cert_fingerprint": identity.cert_fingerprint,
+                "old_cert_fingerprint": old.cert_fingerprint,
+                "not_after": identity.cert.not_valid_after_utc.timestamp()}
+
+    async def _cert_synced(self, identity: Identity) -> None:
+        """A link found a newer certificate of our key at the gateway (another instance renewed)."""
+        past = await trio.to_thread.run_sync(self.store.past_keys, identity.aid)
+        self._apply_identity(identity, past)
+        await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md_etag=""))
+
+    def _apply_identity(self, identity: Identity, past: list[Any]) -> None:
+        """Every in-memory user of the AID's key and certificate takes the new ones."""
+        self.peers.forget_peer(identity.aid)
+        for (aid, _), entry in self.links.items():
+            if aid == identity.aid:
+                creds = entry.link.creds
+                creds.private_key, creds.cert_pem = identity.private_key, identity.cert_pem
+                creds.cert_fingerprint = identity.cert_fingerprint
+        session = self.sessions.get(identity.aid)
+        if session is not None:
+            session.set_identity(identity, past)
+        group_session = self.group_sessions.get(identity.aid)
+        if group_session is not None:
+            group_session.identity = identity
+
+    async def _after_renewal(self, identity: Identity, rekey: bool) -> None:
+        """On a ready link: the agent.md signed again (its signature names the certificate), and
+        after a rekey a prekey signed by the new key. Failures are logged; the next connect retries."""
+        entry = self.links.get((identity.aid, self.config.slot_id))
+        if entry is None or entry.link.state != LinkState.READY:
+            await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md_etag=""))
+            return  # the next connect publishes (and, after a rekey, the E2EE session rotates)
+        try:
+            meta = await trio.to_thread.run_sync(self.store.load_meta, identity.aid)
+            text = agent_md.sign(meta.get("agent_md") or agent_md.default_document(identity.aid),
+                                 identity.private_key, identity.cert)
+            async with self._agent_md_locks.setdefault(identity.aid, trio.Lock()):
+                etag = await self._replace_agent_md(entry.link, identity.aid, text)
+                await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md=text,
+                                                                             agent_md_etag=etag))
+            log.info("identity.agent_md_replaced", aid=identity.aid, etag=etag)
+        except (AundError, agent_md.AgentMdError) as exc:
+            log.warning("identity.agent_md_failed", aid=identity.aid, error=str(exc))
+        if rekey:
+            try:
+                await entry.session.publish_prekey(entry.link, rotate=True)
+            except AundError as exc:
+                log.warning("identity.prekey_publish_failed", aid=identity.aid, error=str(exc))
+
+    async def _renew_loop(self, aid: str) -> None:
+        """The AID's renewal timer: renew once less than `cert_renew_fraction` of the certificate's
+        validity is left; a failure is retried with backoff (the old certificate serves meanwhile)."""
+        retry = RENEW_RETRY_SECONDS[0]
+        while True:
+            try:
+                identity = await trio.to_thread.run_sync(self.store.load, aid)
+            except (AundError, OSError) as exc:
+                log.warning("identity.renew_check_failed", aid=aid, error=str(exc))
+                await trio.sleep(RENEW_CHECK_SECONDS)
+                continue
+            due = renewal_due(identity.cert, self.config.cert_renew_fraction)
+            wait = due - time.time()
+            if wait > 0:
+                await trio.sleep(min(wait, RENEW_CHECK_SECONDS))
+                continue
+            try:
+                await self.renew_identity(None, aid)
+                retry = RENEW_RETRY_SECONDS[0]
+            except AundError as exc:
+                log.warning("identity.renew_failed", aid=aid, error=str(exc), retry_in=retry)
+                await trio.sleep(retry)
+                retry = min(retry * 2, RENEW_RETRY_SECONDS[1])
+
     async def _watch_inbox(self) -> None:
         """Keep the inbox depth per AID fresh for `status` (which must answer without I/O)."""
         assert self.inbox is not None
@@ -581,7 +830,8 @@ class Daemon:
         def visible(aid: str) -> bool:
             return everything or self.allowed(app, aid)  # type: ignore[arg-type]
 
-        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0})}
+        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
+                                              "delivery_mode": e.options["delivery_mode"]}
                  for (aid, _), e in self.links.items() if visible(aid)]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
@@ -595,6 +845,7 @@ class Daemon:
                "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
                           "waiting": budget.tasks_waiting},
                "process": systemd.core_dump_state(),
+               "renewals": {aid: r for aid, r in self.renewals.items() if visible(aid)},
                "warnings": [w for w in self.warnings() if "aid" not in w or visible(w["aid"])]}
         if app is not None:
             out["view"] = {"uid": app.uid, "all": everything}
@@ -670,9 +921,11 @@ class Daemon:
         if not entry.holders:
             entry.idle_since = trio.current_time()
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> _Handle:
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
+                           options: dict[str, Any] | None = None) -> _Handle:
         aid = self._permitted(app, aid)
-        entry = await self._open_link(aid, slot_id, pinned=False)
+        entry = await self._open_link(aid, slot_id, pinned=False,
+                                      options=None if options is None else connect_options(options))
         handle = _Handle(self, entry)
         self._hold(entry, handle, app.conn_id)
         return handle
@@ -747,6 +1000,19 @@ class Daemon:
         except AckPastHead as exc:
             raise InvalidParams(f"cursor {cursor} is past the newest event of {aid} ({exc.head}): ack only "
                                 "cursors of events you received", data={"cursor": cursor, "head": exc.head}) from None
+
+
+def renewal_due(cert: Any, fraction: float) -> float:
+    """The time (unix seconds) to renew `cert`: when `fraction` (capped at 0.9) of its validity is left."""
+    start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    return end - min(max(fraction, 0.0), 0.9) * max(end - start, 0.0)
+
+
+def _cert_view(aid: str, cert: Any, gateway: str) -> dict[str, Any]:
+    return {"aid": aid, "cert": pki.cert_pem(cert), "cert_fingerprint": pki.cert_fingerprint(cert),
+            "public_key": pki.public_key_b64(cert.public_key()), "serial": format(cert.serial_number, "x"),
+            "issuer": cert.issuer.rfc4514_string(), "not_before": cert.not_valid_before_utc.timestamp(),
+            "not_after": cert.not_valid_after_utc.timestamp(), "gateway": gateway, "verified": True}
 
 
 def consumer_key(app: AppIdentity, consumer: str) -> str:

@@ -344,6 +344,33 @@ def _call_args(sid: int, method: str, params: Mapping[str, Any] | None, timeout:
     return args, (DEFAULT_CALL_WAIT if timeout is None else timeout + CALL_MARGIN)
 
 
+def _open_args(aid: str, slot_id: str, options: dict[str, Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {"aid": aid, "slot_id": slot_id}
+    if options:
+        args["options"] = options
+    return args
+
+
+def _notify_args(sid: int, method: str, params: Mapping[str, Any] | None, route: dict[str, Any],
+                 timeout: float | None) -> tuple[dict[str, Any], float]:
+    args: dict[str, Any] = {"session": sid, "method": method, "params": dict(params or {}),
+                            **{k: v for k, v in route.items() if v is not None}}
+    if timeout is not None:
+        args["timeout"] = timeout
+    return args, (DEFAULT_CALL_WAIT if timeout is None else timeout + CALL_MARGIN)
+
+
+def _verify_args(data: bytes | str, signature: bytes | str, aid: str | None, cert: str | None,
+                 cert_fingerprint: str | None, via: str | None) -> dict[str, Any]:
+    args = {"data": data, "signature": signature, "aid": aid, "cert": cert, "cert_fingerprint": cert_fingerprint,
+            "via": via}
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _resolve_args(aid: str, cert_fingerprint: str | None, via: str | None) -> dict[str, Any]:
+    return {k: v for k, v in (("aid", aid), ("cert_fingerprint", cert_fingerprint), ("via", via)) if v is not None}
+
+
 def _ready_wait(timeout: float | None) -> float | None:
     return None if timeout is None else timeout + CALL_MARGIN
 
@@ -603,16 +630,45 @@ class Client:
         document that does not validate; the published one then stays."""
         return self.request("agent_md.set", {"aid": aid, "content": text}, timeout=max(self.timeout, ENSURE_WAIT))
 
-    def session(self, aid: str, slot_id: str = "main") -> "Session":
-        """A handle on the daemon's link for (aid, slot_id); opened on first use."""
-        return Session(self, aid, slot_id)
+    def sign(self, aid: str, data: bytes | str) -> dict[str, Any]:
+        """Sign ``data`` with the AID key (the hash its curve calls for; the key stays in aund):
+        ``{aid, signature (DER bytes), signature_b64, cert_fingerprint, algorithm}``."""
+        return self.request("identity.sign", {"aid": aid, "data": data})
+
+    def verify(self, data: bytes | str, signature: bytes | str, *, aid: str | None = None, cert: str | None = None,
+               cert_fingerprint: str | None = None, via: str | None = None) -> dict[str, Any]:
+        """Check ``signature`` (bytes or base64) over ``data`` with the verified certificate of
+        ``aid`` (the one ``cert_fingerprint`` names, else its current one) or ``cert`` (PEM):
+        ``{valid, aid, cert_fingerprint}``. An untrusted or revoked certificate raises."""
+        return self.request("identity.verify", _verify_args(data, signature, aid, cert, cert_fingerprint, via),
+                            timeout=max(self.timeout, ENSURE_WAIT))
+
+    def resolve_peer(self, aid: str, cert_fingerprint: str | None = None, via: str | None = None) -> dict[str, Any]:
+        """A peer's certificate, verified (chain to a trusted root, CN, CRL/OCSP), and its gateway:
+        ``{aid, cert, cert_fingerprint, public_key, serial, issuer, not_before, not_after, gateway}``."""
+        return self.request("peer.resolve", _resolve_args(aid, cert_fingerprint, via),
+                            timeout=max(self.timeout, ENSURE_WAIT))
+
+    def renew_identity(self, aid: str, *, rekey: bool = False) -> dict[str, Any]:
+        """A new certificate for the AID now (aund also renews by itself before expiry); ``rekey``:
+        a new key too. Old keys and certificates are kept: ``{aid, cert_fingerprint, old_cert_fingerprint, ...}``."""
+        return self.request("identity.renew", {"aid": aid, "rekey": rekey}, timeout=max(self.timeout, ENSURE_WAIT))
+
+    def session(self, aid: str, slot_id: str = "main", options: Mapping[str, Any] | None = None) -> "Session":
+        """A handle on the daemon's link for (aid, slot_id); opened on first use. ``options`` are
+        the SDK's ``connect()`` options a link takes (``delivery_mode``: "fanout" | "queue",
+        ``queue_routing``, ``affinity_ttl_ms``); options that conflict with the running link raise
+        ``InvalidParams``."""
+        return Session(self, aid, slot_id, options)
 
 
 class Session:
     """An app's hold on (aid, slot_id); re-opened by itself after a reconnect."""
 
-    def __init__(self, client: Client, aid: str, slot_id: str = "main") -> None:
+    def __init__(self, client: Client, aid: str, slot_id: str = "main",
+                 options: Mapping[str, Any] | None = None) -> None:
         self.client, self.aid, self.slot_id = client, aid, slot_id
+        self.options = dict(options or {})
         self.info: dict[str, Any] = {}
         self._conn: _ThreadConn | None = None
         self._lock = threading.Lock()
@@ -630,7 +686,7 @@ class Session:
         conn = self.client._connection()
         with self._lock:
             if self._conn is not conn:
-                self.info = conn.request("session.open", {"aid": self.aid, "slot_id": self.slot_id},
+                self.info = conn.request("session.open", _open_args(self.aid, self.slot_id, self.options),
                                          self.client.timeout)
                 self._conn = conn
             return conn, self.info["session"]
@@ -655,6 +711,17 @@ class Session:
         conn, sid = self._open()
         args, wait = _call_args(sid, method, params, timeout, background)
         return conn.request("call", args, wait)
+
+    def notify(self, method: str, params: Mapping[str, Any] | None = None, *, to: str | None = None,
+               group_id: str | None = None, device_id: str | None = None, slot_id: str | None = None,
+               ttl_ms: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """A notification (no answer, no delivery guarantee, online peers only), as the SDK's
+        ``notify``: ``event/app.*`` to ``to`` (optionally one ``device_id``/``slot_id``) or to a
+        ``group_id``'s members, or ``notification/...`` to the gateway. Returns once it is sent."""
+        conn, sid = self._open()
+        route = {"to": to, "group_id": group_id, "device_id": device_id, "slot_id": slot_id, "ttl_ms": ttl_ms}
+        args, wait = _notify_args(sid, method, params, route, timeout)
+        return conn.request("session.notify", args, wait)
 
     def set_protected_headers(self, headers: Mapping[str, str]) -> None:
         conn, sid = self._open()
@@ -985,15 +1052,35 @@ class AsyncClient:
     async def set_agent_md(self, aid: str, text: str) -> dict[str, Any]:
         return await self.request("agent_md.set", {"aid": aid, "content": text}, timeout=max(self.timeout, ENSURE_WAIT))
 
-    def session(self, aid: str, slot_id: str = "main") -> "AsyncSession":
-        return AsyncSession(self, aid, slot_id)
+    async def sign(self, aid: str, data: bytes | str) -> dict[str, Any]:
+        return await self.request("identity.sign", {"aid": aid, "data": data})
+
+    async def verify(self, data: bytes | str, signature: bytes | str, *, aid: str | None = None,
+                     cert: str | None = None, cert_fingerprint: str | None = None,
+                     via: str | None = None) -> dict[str, Any]:
+        return await self.request("identity.verify", _verify_args(data, signature, aid, cert, cert_fingerprint, via),
+                                  timeout=max(self.timeout, ENSURE_WAIT))
+
+    async def resolve_peer(self, aid: str, cert_fingerprint: str | None = None,
+                           via: str | None = None) -> dict[str, Any]:
+        return await self.request("peer.resolve", _resolve_args(aid, cert_fingerprint, via),
+                                  timeout=max(self.timeout, ENSURE_WAIT))
+
+    async def renew_identity(self, aid: str, *, rekey: bool = False) -> dict[str, Any]:
+        return await self.request("identity.renew", {"aid": aid, "rekey": rekey},
+                                  timeout=max(self.timeout, ENSURE_WAIT))
+
+    def session(self, aid: str, slot_id: str = "main", options: Mapping[str, Any] | None = None) -> "AsyncSession":
+        return AsyncSession(self, aid, slot_id, options)
 
 
 class AsyncSession:
     """The asyncio twin of ``Session``."""
 
-    def __init__(self, client: AsyncClient, aid: str, slot_id: str = "main") -> None:
+    def __init__(self, client: AsyncClient, aid: str, slot_id: str = "main",
+                 options: Mapping[str, Any] | None = None) -> None:
         self.client, self.aid, self.slot_id = client, aid, slot_id
+        self.options = dict(options or {})
         self.info: dict[str, Any] = {}
         self._conn: _AsyncConn | None = None
         self._lock = asyncio.Lock()
@@ -1011,7 +1098,7 @@ class AsyncSession:
         conn = await self.client._connection()
         async with self._lock:
             if self._conn is not conn:
-                self.info = await conn.request("session.open", {"aid": self.aid, "slot_id": self.slot_id},
+                self.info = await conn.request("session.open", _open_args(self.aid, self.slot_id, self.options),
                                                self.client.timeout)
                 self._conn = conn
             return conn, self.info["session"]
@@ -1030,6 +1117,14 @@ class AsyncSession:
         conn, sid = await self._open()
         args, wait = _call_args(sid, method, params, timeout, background)
         return await conn.request("call", args, wait)
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None = None, *, to: str | None = None,
+                     group_id: str | None = None, device_id: str | None = None, slot_id: str | None = None,
+                     ttl_ms: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        conn, sid = await self._open()
+        route = {"to": to, "group_id": group_id, "device_id": device_id, "slot_id": slot_id, "ttl_ms": ttl_ms}
+        args, wait = _notify_args(sid, method, params, route, timeout)
+        return await conn.request("session.notify", args, wait)
 
     async def set_protected_headers(self, headers: Mapping[str, str]) -> None:
         conn, sid = await self._open()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +23,8 @@ from aund.aun.http import http_base, http_get  # noqa: F401  (re-exported)
 from aund.aun.trust import GatewayTrust
 from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
 from aund.identity import pki
+
+log = structlog.get_logger("aund.auth")
 
 CONNECT_TIMEOUT = 10.0
 SHORT_RPC_TIMEOUT = 15.0
@@ -143,20 +147,77 @@ async def create_aid(gateway_url: str, aid: str, public_key: ec.EllipticCurvePub
     """Register `aid` with our public key; returns the certificate PEM (its key must be ours)."""
     result = await short_rpc(gateway_url, "auth.create_aid",
                              {"aid": aid, "public_key": pki.public_key_b64(public_key), "curve": "P-256"})
+    issued_cert(result, "auth.create_aid", aid, public_key)
+    return result["cert"]
+
+
+def issued_cert(result: dict[str, Any], method: str, aid: str, public_key: ec.EllipticCurvePublicKey):
+    """The certificate a gateway issued in `result["cert"]`, checked: PEM, for our key, CN = aid,
+    valid now. Raises AuthError naming `method`."""
     cert_pem = result.get("cert")
     if not isinstance(cert_pem, str):
-        raise AuthError("auth.create_aid returned no certificate")
-    cert = pki.load_cert_pem(cert_pem)
+        raise AuthError(f"{method} returned no certificate")
+    try:
+        cert = pki.load_cert_pem(cert_pem)
+    except pki.PKIError as exc:
+        raise AuthError(f"{method} returned an unreadable certificate: {exc}") from None
     if pki.spki_der(cert.public_key()) != pki.spki_der(public_key):
-        raise AuthError("auth.create_aid returned a certificate for another key")
+        raise AuthError(f"{method} returned a certificate for another key")
     if pki.cert_aid(cert) != aid:
-        raise AuthError(f"auth.create_aid returned a certificate for {pki.cert_aid(cert)!r}")
-    return cert_pem
+        raise AuthError(f"{method} returned a certificate for {pki.cert_aid(cert)!r}")
+    now = time.time()
+    if not cert.not_valid_before_utc.timestamp() - 300 <= now <= cert.not_valid_after_utc.timestamp():
+        raise AuthError(f"{method} returned a certificate that is not valid now")
+    return cert
 
 
-async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
-                cert_pem: str) -> Tokens:
-    """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do."""
+async def renew_cert(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
+                     cert_pem: str):
+    """`auth.renew_cert` as the SDK does it (login1's nonce, signed by the key): a new certificate
+    for the same key, checked (key, CN, validity, chain to a trusted root). Returns it."""
+    request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem)
+    result = await short_rpc(gateway_url, "auth.renew_cert", {
+        "aid": aid, "request_id": request_id, "nonce": nonce,
+        "signature": pki.b64e(pki.sign_for_key(key, nonce.encode("utf-8")))})
+    cert = issued_cert(result, "auth.renew_cert", aid, key.public_key())
+    await trust.verify(gateway_url, cert, expected_cn=aid)
+    return cert
+
+
+async def rekey(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey, cert_pem: str,
+                new_key: ec.EllipticCurvePrivateKey):
+    """`auth.rekey` as the SDK does it: the current key signs login1's nonce + the new public key
+    (b64 SPKI); returns the new key's certificate, checked like `renew_cert`'s."""
+    request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem)
+    new_public = pki.public_key_b64(new_key.public_key())
+    result = await short_rpc(gateway_url, "auth.rekey", {
+        "aid": aid, "request_id": request_id, "nonce": nonce, "new_public_key": new_public,
+        "signature": pki.b64e(pki.sign_for_key(key, f"{nonce}{new_public}".encode("utf-8")))})
+    cert = issued_cert(result, "auth.rekey", aid, new_key.public_key())
+    await trust.verify(gateway_url, cert, expected_cn=aid)
+    return cert
+
+
+async def current_cert(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey):
+    """The AID's current certificate as its gateway serves it (`/pki/cert/{aid}`), verified (chain,
+    CN, revocation) and for `key`; None when the gateway serves none for our key. Another instance
+    holding the same AID may have renewed it."""
+    status, body = await http_get(f"{http_base(gateway_url)}/pki/cert/{aid}")
+    if status != 200:
+        return None
+    try:
+        cert = pki.load_cert_pem(body)
+    except pki.PKIError:
+        return None
+    if pki.spki_der(cert.public_key()) != pki.spki_der(key.public_key()):
+        return None  # a rekey elsewhere: only that key's holder can use it
+    await trust.verify(gateway_url, cert, expected_cn=aid)
+    return cert
+
+
+async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert_pem: str) -> tuple[str, str]:
+    """`auth.aid_login1`: the gateway proves itself (auth_cert chain + a signature over our
+    nonce) and hands out (request_id, nonce) for login2, renew_cert or rekey."""
     client_nonce = pki.b64e(os.urandom(12))
     r1 = await short_rpc(gateway_url, "auth.aid_login1", {"aid": aid, "cert": cert_pem, "client_nonce": client_nonce})
     try:
@@ -170,12 +231,32 @@ async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.Ellipti
     nonce, request_id = r1.get("nonce"), r1.get("request_id")
     if not isinstance(nonce, str) or not isinstance(request_id, str):
         raise AuthError("aid_login1: missing nonce or request_id")
+    return request_id, nonce
+
+
+async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
+                cert_pem: str, *, on_new_cert: Callable[[Any], Awaitable[None]] | None = None) -> Tokens:
+    """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do.
+
+    A `new_cert` in login2's answer (the gateway renewed a certificate past half its validity) is
+    checked like an issued one (our key, CN, validity, chain, revocation) and handed to
+    `on_new_cert`; one that fails a check is logged and ignored, as the SDK does."""
+    request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem)
     client_time = repr(time.time())
     signature = pki.sign_der(key, f"{nonce}:{client_time}".encode("utf-8"))
     r2 = await short_rpc(gateway_url, "auth.aid_login2", {"aid": aid, "request_id": request_id, "nonce": nonce,
                                                           "client_time": client_time,
                                                           "signature": pki.b64e(signature)})
-    return Tokens.from_result(r2)
+    tokens = Tokens.from_result(r2)
+    if isinstance(r2.get("new_cert"), str) and on_new_cert is not None:
+        try:
+            cert = issued_cert({"cert": r2["new_cert"]}, "aid_login2 new_cert", aid, key.public_key())
+            await trust.verify(gateway_url, cert, expected_cn=aid)
+        except AuthError as exc:
+            log.warning("auth.new_cert_rejected", aid=aid, error=str(exc))
+        else:
+            await on_new_cert(cert)
+    return tokens
 
 
 class ReloginRequired(AuthError):

@@ -87,6 +87,54 @@ class LinkConfig:
     rpc_background: int = 8
     pull_namespaces: int = 4
     delivery_mode: str = "fanout"
+    delivery_routing: str = ""          # queue only: round_robin | sender_affinity
+    affinity_ttl_ms: int = 0            # queue + sender_affinity only
+
+
+#: The SDK's `connect()` options a daemon-held link takes per (AID, slot), and the defaults.
+DEFAULT_CONNECT_OPTIONS = {"delivery_mode": "fanout", "delivery_routing": "", "affinity_ttl_ms": 0}
+_FIXED_OPTIONS = {  # taken only with the value aund always uses, with the reason
+    "connection_kind": ("long", "aund keeps every link connected (a short connection would be closed by the "
+                                "gateway and receive no pushes)"),
+    "background_sync": (True, "aund always syncs every message into its durable inbox"),
+    "auto_reconnect": (True, "aund always reconnects its links"),
+}
+
+
+def connect_options(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """LinkConfig fields for the SDK-style connect `raw` options, checked as the SDK checks them:
+    `delivery_mode` ("fanout" | "queue", or {mode, routing, affinity_ttl_ms}), `queue_routing`
+    ("round_robin" | "sender_affinity"), `affinity_ttl_ms`; `connection_kind`, `background_sync`
+    and `auto_reconnect` only with aund's own values. InvalidParams names `options.<key>`."""
+    raw = dict(raw or {})
+    for key, (fixed, why) in _FIXED_OPTIONS.items():
+        if key in raw and raw.pop(key) != fixed:
+            raise InvalidParams(f"options.{key}: only {fixed!r} ({why})", data={"arg": f"options.{key}"})
+    mode_raw = raw.pop("delivery_mode", "fanout")
+    mode_raw = dict(mode_raw) if isinstance(mode_raw, dict) else {"mode": mode_raw}
+    if "queue_routing" in raw:
+        mode_raw["routing"] = raw.pop("queue_routing")
+    if "affinity_ttl_ms" in raw:
+        mode_raw["affinity_ttl_ms"] = raw.pop("affinity_ttl_ms")
+    if raw:
+        known = ", ".join(sorted({"delivery_mode", "queue_routing", "affinity_ttl_ms", *_FIXED_OPTIONS}))
+        name = sorted(raw)[0]
+        raise InvalidParams(f"options.{name} is not a connect option aund takes per link (known: {known})",
+                            data={"arg": f"options.{name}"})
+    mode = str(mode_raw.get("mode") or "fanout").strip().lower()
+    if mode not in ("fanout", "queue"):
+        raise InvalidParams("options.delivery_mode must be 'fanout' or 'queue'", data={"arg": "options.delivery_mode"})
+    routing = str(mode_raw.get("routing") or ("round_robin" if mode == "queue" else "")).strip().lower()
+    if mode == "fanout":
+        routing = ""
+    elif routing not in ("round_robin", "sender_affinity"):
+        raise InvalidParams("options.queue_routing must be 'round_robin' or 'sender_affinity'",
+                            data={"arg": "options.queue_routing"})
+    ttl = mode_raw.get("affinity_ttl_ms", 0) if mode == "queue" else 0
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 86_400_000:
+        raise InvalidParams("options.affinity_ttl_ms must be an integer of milliseconds (0 .. 1 day)",
+                            data={"arg": "options.affinity_ttl_ms"})
+    return {"delivery_mode": mode, "delivery_routing": routing, "affinity_ttl_ms": ttl}
 
 
 class Backoff:
@@ -358,9 +406,24 @@ class Link:
                 return fresh
             except auth.ReloginRequired:
                 self.log.info("link.relogin", reason="refresh token refused")
-        fresh = await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem)
+        fresh = await self._login(url)
         await self.creds.save_tokens(fresh)
         return fresh
+
+    async def _login(self, url: str) -> auth.Tokens:
+        """A full login; refused for our certificate, once more with the current one the gateway
+        serves for our key (another instance of this AID renewed it), if the credentials take it."""
+        adopt = getattr(self.creds, "adopt_cert", None)  # a `new_cert` of login2
+        try:
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
+                                    on_new_cert=adopt)
+        except AuthError:
+            sync = getattr(self.creds, "sync_cert", None)
+            if sync is None or not await sync(url, self.trust):
+                raise
+            self.log.info("link.cert_synced", reason="login refused our certificate; the gateway serves a newer one")
+            return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
+                                    on_new_cert=adopt)
 
     async def _connect_and_serve(self) -> None:
         url = self.gateway
@@ -409,7 +472,8 @@ class Link:
             "nonce": nonce, "auth": {"method": "kite_token", "token": self._tokens.access_token},
             "protocol": {"min": "1.0", "max": "1.0"}, "device": {"id": self.config.device_id, "type": "sdk"},
             "client": {"slot_id": self.config.slot_id, "sdk_lang": "python", "sdk_version": "aund"},
-            "delivery_mode": {"mode": self.config.delivery_mode, "routing": "", "affinity_ttl_ms": 0},
+            "delivery_mode": {"mode": self.config.delivery_mode, "routing": self.config.delivery_routing,
+                              "affinity_ttl_ms": self.config.affinity_ttl_ms},
             "capabilities": SDK_CAPABILITIES}
         if self.config.kind == "short":
             params["options"] = {"kind": "short", "short_ttl_ms": 30000}
@@ -513,8 +577,7 @@ class Link:
                     fresh = await auth.refresh(session.url, self.aid, self._tokens, device_id=self.config.device_id,
                                                slot_id=self.config.slot_id)
                 except auth.ReloginRequired:
-                    fresh = await auth.login(session.url, self.trust, self.aid, self.creds.private_key,
-                                             self.creds.cert_pem)
+                    fresh = await self._login(session.url)
                 await self.creds.save_tokens(fresh)  # persisted before anything uses it
                 self._tokens = fresh
                 failures = 0
@@ -624,6 +687,34 @@ class Link:
                                        cert_fingerprint=self.creds.cert_fingerprint)
         except (TypeError, ValueError) as exc:
             raise InvalidParams(f"{method}: params are not JSON: {exc}", data={"arg": "params"}) from None
+
+    async def notify(self, method: str, params: dict[str, Any], *, timeout: float | None = None,
+                     on_behalf_of: object | None = None) -> None:
+        """Send one JSON-RPC notification (no id, no answer) within the budget: returns once the
+        frame is written, which says nothing about delivery (the SDK's `notify`)."""
+        text = rpc.dumps(rpc.notification(method, params))  # the caller checked params are JSON
+        timeout = self.config.call_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(timeout):
+                if not self._session_open:
+                    await self.wait_ready()
+                async with self.budget.slot(False):
+                    owner = (on_behalf_of, object())
+                    if self.global_budget is not None:
+                        await self.global_budget.acquire_on_behalf_of(owner)
+                    try:
+                        session = self._session
+                        if session is None or not self._session_open:
+                            raise GatewayUnavailable(f"{method}: not connected")
+                        try:
+                            await session.ws.send_message(text)
+                        except trio_websocket.ConnectionClosed:
+                            raise GatewayUnavailable(f"{method}: connection closed") from None
+                    finally:
+                        if self.global_budget is not None:
+                            self.global_budget.release_on_behalf_of(owner)
+        except trio.TooSlowError:
+            raise RpcTimeout(f"notification not sent in time: {method}", data={"method": method}) from None
 
     async def pull(self, namespace: str, key: str, method: str, params: dict[str, Any], *,
                    background: bool = False, timeout: float | None = None) -> dict[str, Any]:

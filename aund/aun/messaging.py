@@ -160,16 +160,50 @@ class E2EESession:
         self._prekeys: list[dict[str, Any]] = []
         self._spk_private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self._ik_fp = p2p.ik_fingerprint(identity.public_key)
+        self.past_iks: list[ec.EllipticCurvePrivateKey] = []  # keys before a rekey (late messages)
+        self.needs_rotation = False  # after a rekey: the next publish makes a prekey signed by the new key
+        self.opened_with_past_key = 0  # envelopes opened with a key from before a rekey
         self._bootstrap: dict[str, tuple[float, list[Target]]] = {}
         self._prekey_lock = trio.Lock()
         self.rotations = 0
 
     # --- prekeys ----------------------------------------------------------------------------------
+    def set_identity(self, identity: Identity, past_iks: list[ec.EllipticCurvePrivateKey]) -> None:
+        """A renewed certificate or, after a rekey, a new key: new messages and prekeys use it,
+        the past keys still open what was wrapped to them."""
+        rekeyed = pki.spki_der(identity.public_key) != pki.spki_der(self.identity.public_key)
+        self.identity = identity
+        self._ik_fp = p2p.ik_fingerprint(identity.public_key)
+        self.past_iks = list(past_iks)
+        self.needs_rotation = self.needs_rotation or rekeyed  # the current prekey is signed by the old key
+
+    def _decrypt(self, envelope: dict[str, Any], **kw: Any):
+        """`decrypt_p2p` with the current identity key, then (a row wrapped before a rekey) each past one."""
+        try:
+            return decrypt_p2p(envelope, my_ik_private=self.identity.private_key, **kw)
+        except E2EEDecryptError as exc:
+            if exc.reason_code not in ("unwrap_failed", "spk_missing") or not self.past_iks:
+                raise
+            for ik in reversed(self.past_iks):
+                try:
+                    opened = decrypt_p2p(envelope, my_ik_private=ik, **kw)
+                except E2EEDecryptError:
+                    continue
+                self.opened_with_past_key += 1
+                log.info("e2ee.opened_with_past_key", aid=self.aid, ik=p2p.ik_fingerprint(ik.public_key()))
+                return opened
+            raise
+
     async def load(self) -> None:
+        self.past_iks = await trio.to_thread.run_sync(self.store.past_keys, self.aid)
         records = await trio.to_thread.run_sync(self.store.load_prekeys, self.aid)
         self._prekeys = [r for r in records if r.get("device_id") == self.device_id]
         for r in self._prekeys:
             self._spk_private[r["spk_id"]] = pki.load_private_key_pem(r["private_pem"].encode())
+        if self._prekeys:  # a rekey since the current prekey was made: it needs one the new key signs
+            last = self._prekeys[-1]
+            self.needs_rotation = not p2p.verify_spk(self.identity.public_key, last["spk_pk"], last["spk_id"],
+                                                     last["signature"], last["timestamp"])
 
     async def _new_prekey(self) -> dict[str, Any]:
         record, key = new_prekey_record(self.identity, self.device_id)
@@ -185,8 +219,10 @@ class E2EESession:
     async def publish_prekey(self, link: Link, *, rotate: bool = False) -> str:
         """Make a prekey if there is none (or `rotate`), and publish the current one."""
         async with self._prekey_lock:  # the local part only: never held across a gateway call
+            rotate = rotate or self.needs_rotation
             if rotate or not self._prekeys:
                 await self._new_prekey()
+                self.needs_rotation = False
             record = self._prekeys[-1]
         if rotate:
             self.rotations += 1
@@ -336,11 +372,10 @@ class E2EESession:
                 if envelope.get("type") != p2p.ENVELOPE_TYPE:
                     raise E2EEDecryptError("unsupported_envelope", f"{envelope.get('type')} in a P2P thought")
                 ik = await self.peer_ik(gateway_url, author, str(envelope.get("sender_cert_fingerprint") or ""))
-                opened = decrypt_p2p(envelope, my_aid=self.aid, my_device_id=self.device_id,
-                                     my_ik_private=self.identity.private_key, spk_lookup=self._spk_lookup,
-                                     sender_ik_public=ik, expected_from=author,
-                                     expected_to=peer if author != self.aid else None,
-                                     expected_message_id=str(thought.get("thought_id") or "") or None)
+                opened = self._decrypt(envelope, my_aid=self.aid, my_device_id=self.device_id,
+                                       spk_lookup=self._spk_lookup, sender_ik_public=ik, expected_from=author,
+                                       expected_to=peer if author != self.aid else None,
+                                       expected_message_id=str(thought.get("thought_id") or "") or None)
             except (E2EEDecryptError, AundError) as exc:
                 reason = getattr(exc, "reason_code", None) or getattr(exc, "data", {}).get("reason", "decrypt_failed")
                 thought.update(payload=None, encrypted=True, decrypt_error=reason)
@@ -387,10 +422,9 @@ class E2EESession:
             return NewEvent("message.received", sender, message_id, seq, data), ""
         try:
             ik = await self.peer_ik(gateway_url, sender, str(envelope.get("sender_cert_fingerprint") or ""))
-            result = decrypt_p2p(envelope, my_aid=self.aid, my_device_id=self.device_id,
-                                 my_ik_private=self.identity.private_key, spk_lookup=self._spk_lookup,
-                                 sender_ik_public=ik, expected_from=sender, expected_to=self.aid,
-                                 expected_message_id=message_id or None)
+            result = self._decrypt(envelope, my_aid=self.aid, my_device_id=self.device_id,
+                                   spk_lookup=self._spk_lookup, sender_ik_public=ik, expected_from=sender,
+                                   expected_to=self.aid, expected_message_id=message_id or None)
         except E2EEDecryptError as exc:
             return self._undecryptable(base, sender, seq, exc.reason_code, exc.message), ""
         except AundError as exc:

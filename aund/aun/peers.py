@@ -55,6 +55,12 @@ class PeerDirectory:
         self._failures.clear()
         self._certs.clear()
 
+    def forget_peer(self, aid: str) -> None:
+        """Drop the cached certificates of one AID (its certificate changed: renewal or rekey)."""
+        aid = aid.strip().lower()
+        for key in [k for k in self._certs if k[0] == aid]:
+            del self._certs[key]
+
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "foreign_gateways": {k: v[0] for k, v in self._gateways.items()},
                 "cached_certs": len(self._certs)}

@@ -51,6 +51,11 @@ class SessionHandle(Protocol):
                    app: AppIdentity) -> dict[str, Any]:
         """One gateway RPC within the link's budget, on behalf of `app` (for fair accounting)."""
 
+    async def notify(self, method: str, params: dict[str, Any], *, app: AppIdentity, timeout: float | None,
+                     to: str | None, group_id: str | None, device_id: str | None, slot_id: str | None,
+                     ttl_ms: int | None) -> dict[str, Any]:
+        """One JSON-RPC notification on the link (no id, no answer): `{sent, method}` once written."""
+
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None: ...
 
     def invalidate_prekey_cache(self, peer_aid: str) -> None: ...
@@ -80,12 +85,27 @@ class Backend(Protocol):
         """Sign `content` with the AID key, check and upload it: `{aid, etag, content}`;
         InvalidParams (`data.field`, `data.reason`) for a document that does not validate."""
 
+    async def sign(self, app: AppIdentity, aid: str, data: bytes) -> dict[str, Any]:
+        """A signature with the AID key: `{aid, signature, signature_b64, cert_fingerprint, algorithm}`."""
+
+    async def verify(self, app: AppIdentity, data: bytes, signature: bytes, *, aid: str | None,
+                     cert_pem: str | None, fingerprint: str, via: str | None) -> dict[str, Any]:
+        """`{valid, aid, cert_fingerprint}` against a verified certificate (of `aid`, or `cert_pem`)."""
+
+    async def resolve_peer(self, app: AppIdentity, aid: str, fingerprint: str, via: str | None) -> dict[str, Any]:
+        """The peer's verified certificate and gateway."""
+
+    async def renew_identity(self, app: AppIdentity | None, aid: str, *, rekey: bool) -> dict[str, Any]:
+        """A renewed certificate (or with `rekey` a new key and certificate); nothing is deleted."""
+
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         """The policy: may this app's uid/gid/groups use this (normalised) AID? The answer may
         change at a policy reload, after which the broker checks what its apps hold again."""
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> SessionHandle:
-        """Hold the (AID, slot) link for this app, starting it on demand."""
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
+                           options: dict[str, Any] | None = None) -> SessionHandle:
+        """Hold the (AID, slot) link for this app, starting it on demand with the SDK-style connect
+        `options` (`delivery_mode`, ...); InvalidParams when they conflict with the running link."""
 
     async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
         """The app let go of the link (idle links opened on demand close later)."""

@@ -28,6 +28,8 @@ connection. Anything else is a bug: it propagates and the server closes this con
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import contextlib
 import inspect
@@ -70,6 +72,7 @@ MAX_HEADERS = 64
 # names the sender's SDK or the receiver's view set: an app giving them would forge what they mean
 RESERVED_HEADERS = frozenset({"_auth", "from", "to", "sender", "sender_aid", "sender_device_id", "message_id",
                               "group_id", "timestamp", "sdk_lang", "sdk_version", "verified", "encrypted"})
+SIGN_MAX_BYTES = 256 * 1024  # identity.sign / verify: data signed in one go (hash larger data first)
 AGENT_MD_MAX_CHARS = 64 * 1024  # far above the 4 KiB card: the daemon's check says what is too large
 MAX_REVOKED_SESSIONS = 1024  # per connection: session ids remembered as taken away by the policy
 
@@ -208,6 +211,27 @@ def _map(args: dict[str, Any], name: str, default: Any = _MISSING) -> dict[str, 
     if not isinstance(value, dict):
         raise InvalidParams(f"argument {name!r} must be a map", data={"arg": name})
     return value
+
+
+def _bytes(args: dict[str, Any], name: str, *, max_len: int, b64: bool = False) -> bytes:
+    """Bytes as given (msgpack bin), or a string: UTF-8 text, or base64 when `b64`."""
+    value = _get(args, name, _MISSING)
+    if isinstance(value, str):
+        if b64:
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidParams(f"argument {name!r} must be bytes or base64", data={"arg": name}) from None
+        else:
+            value = value.encode("utf-8")
+    if not isinstance(value, bytes) or len(value) > max_len:
+        raise InvalidParams(f"argument {name!r} must be bytes (or a string) of at most {max_len} bytes",
+                            data={"arg": name})
+    return value
+
+
+def _opt_str(args: dict[str, Any], name: str, *, max_len: int = 256) -> str | None:
+    return None if args.get(name) is None else _str(args, name, max_len=max_len)
 
 
 def _headers(value: Any, arg: str) -> dict[str, str]:
@@ -631,6 +655,34 @@ class AppSession:
         with self._guard(aid):
             return await self.backend.set_agent_md(self.app, aid, content)
 
+    async def op_identity_sign(self, args: dict[str, Any]) -> dict[str, Any]:
+        data = _bytes(args, "data", max_len=SIGN_MAX_BYTES)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.sign(self.app, aid, data)
+
+    async def op_identity_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid, cert = _opt_str(args, "aid"), _opt_str(args, "cert", max_len=16 * 1024)
+        if aid is None and cert is None:
+            raise InvalidParams("identity.verify needs `aid` or `cert`", data={"arg": "aid"})
+        data = _bytes(args, "data", max_len=SIGN_MAX_BYTES)
+        signature = _bytes(args, "signature", max_len=1024, b64=True)
+        via = self._authorized(args, "via") if _opt_str(args, "via") is not None else None
+        return await self.backend.verify(self.app, data, signature, aid=aid, cert_pem=cert,
+                                         fingerprint=_opt_str(args, "cert_fingerprint", max_len=80) or "", via=via)
+
+    async def op_peer_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = _str(args, "aid")
+        via = self._authorized(args, "via") if _opt_str(args, "via") is not None else None
+        return await self.backend.resolve_peer(self.app, aid, _opt_str(args, "cert_fingerprint", max_len=80) or "",
+                                               via)
+
+    async def op_identity_renew(self, args: dict[str, Any]) -> dict[str, Any]:
+        rekey = _bool(args, "rekey", False)
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.renew_identity(self.app, aid, rekey=rekey)
+
     def op_identity_list(self, args: dict[str, Any]) -> dict[str, Any]:
         mine = [i for i in self.backend.list_identities()
                 if isinstance(i.get("aid"), str) and self.backend.allowed(self.app, i["aid"])]
@@ -639,6 +691,7 @@ class AppSession:
     async def op_session_open(self, args: dict[str, Any]) -> dict[str, Any]:
         _str(args, "aid")
         slot_id = _str(args, "slot_id", "main", max_len=128)
+        options = _map(args, "options", {})
         aid = self._authorized(args)
         if len(self.sessions) + self._opening >= self.limits.sessions_per_app:
             raise self._quota("sessions", self.limits.sessions_per_app)
@@ -652,7 +705,7 @@ class AppSession:
         self._opening += 1
         try:
             with self._guard(aid):
-                handle = await self.backend.open_session(self.app, aid, slot_id)
+                handle = await self.backend.open_session(self.app, aid, slot_id, options or None)
         finally:
             self._opening -= 1
         if not self.backend.allowed(self.app, aid):  # a reload took it away as the open returned
@@ -719,6 +772,24 @@ class AppSession:
             raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s", data={"method": method})
         finally:
             self.server.release_call(held, borrower)  # whatever was acquired, on every path
+
+    async def op_session_notify(self, args: dict[str, Any]) -> dict[str, Any]:
+        handle = self._session(args)
+        method = _str(args, "method")
+        params = _map(args, "params", {})
+        ttl_ms = args.get("ttl_ms")
+        if ttl_ms is not None:
+            ttl_ms = _int(args, "ttl_ms")
+        route = {k: _opt_str(args, k) for k in ("to", "group_id", "device_id", "slot_id")}
+        timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
+        if self.calls_in_flight >= self.limits.calls_per_app:
+            raise self._quota("calls", self.limits.calls_per_app)
+        self.calls_in_flight += 1
+        try:
+            with self._guard(handle.aid):
+                return await handle.notify(method, params, app=self.app, timeout=timeout, ttl_ms=ttl_ms, **route)
+        finally:
+            self.calls_in_flight -= 1
 
     def op_set_protected_headers(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)
@@ -832,6 +903,10 @@ _OPS: dict[str, Callable[..., Any]] = {
     "status": AppSession.op_status,
     "identity.ensure": AppSession.op_identity_ensure,
     "identity.list": AppSession.op_identity_list,
+    "identity.sign": AppSession.op_identity_sign,
+    "identity.verify": AppSession.op_identity_verify,
+    "identity.renew": AppSession.op_identity_renew,
+    "peer.resolve": AppSession.op_peer_resolve,
     "agent_md.get": AppSession.op_agent_md_get,
     "agent_md.set": AppSession.op_agent_md_set,
     "link.restart": AppSession.op_link_restart,
@@ -841,6 +916,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "session.close": AppSession.op_session_close,
     "session.wait_ready": AppSession.op_session_wait_ready,
     "call": AppSession.op_call,
+    "session.notify": AppSession.op_session_notify,
     "set_protected_headers": AppSession.op_set_protected_headers,
     "invalidate_prekey_cache": AppSession.op_invalidate_prekey_cache,
     "subscribe": AppSession.op_subscribe,

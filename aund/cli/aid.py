@@ -1,4 +1,4 @@
-"""`aund aid list|ensure|agent-md|import`: identities. list/ensure/agent-md go through the daemon;
+"""`aund aid list|ensure|agent-md|renew|import`: identities. list/ensure/agent-md/renew go through the daemon;
 import moves an identity made by the official SDK into aund's store (with the daemon stopped: it
 owns the store)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|import",
+    sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|renew|import",
                            required=True)
     lst = sub.add_parser("list", help="identities in the daemon's store")
     add_socket_argument(lst)
@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     card.add_argument("--set", dest="set_file", type=Path, metavar="FILE",
                       help="markdown with YAML front matter (aid, name, type, version); aund signs it ('-': stdin)")
     card.add_argument("--json", action="store_true", help="print {aid, etag, content}")
+    ren = sub.add_parser("renew", help="a new certificate for the AID now (--rekey: a new key too); "
+                                       "old keys and certificates are kept")
+    add_socket_argument(ren)
+    ren.add_argument("aid")
+    ren.add_argument("--rekey", action="store_true", help="a new key pair and its certificate (auth.rekey)")
+    ren.add_argument("--json", action="store_true")
     imp = sub.add_parser("import", help="import an identity created by fastaun (aund must be stopped)")
     imp.add_argument("aid")
     imp.add_argument("--from", dest="aun_path", type=Path, required=True, help="the SDK's aun_path")
@@ -75,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                 result = client.show_identity(args.aid)
             elif args.aid_command == "reset-consumer":
                 result = client.reset_consumer(args.aid, args.consumer, args.cursor)
+            elif args.aid_command == "renew":
+                result = client.renew_identity(args.aid, rekey=args.rekey)
             elif text is not None:
                 result = client.set_agent_md(args.aid, text)
             else:
@@ -101,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]
         print(table(rows, ["AID", "LINKS"]) if rows else "no identities")
+    elif args.aid_command == "renew":
+        say(f"{'rekeyed' if result['rekeyed'] else 'renewed'} {result['aid']}  {result['cert_fingerprint']}  "
+            f"(was {result['old_cert_fingerprint']})")
     else:
         say(f"{result['aid']}  {result['cert_fingerprint']}")
     return EXIT_OK

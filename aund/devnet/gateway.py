@@ -45,6 +45,7 @@ MAX_ROW_WRAPPING = 8  # levels a stored payload gains inside push and pull frame
 PULL_PAGE_BYTES = 512 * 1024  # a pull page stops adding rows past this size (always at least one row)
 OUTBOX_FRAMES = 512
 HISTORY_MAX_LIMIT = 200  # message.history (group.history: 50, as production)
+QUEUE_SCAN_ROWS = 1000  # a queue-mode pull looks at this many rows of the sender at most
 PROTOCOL_VERSION = "1.0"
 SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_peer_pull_v1": True,
                        "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True,
@@ -54,7 +55,10 @@ SERVER_CAPABILITIES = {"namespaces": ["auth", "message", "meta", "group"], "p2p_
 UNSIGNED_OK_METHODS = frozenset({"message.send", "group.send"})
 # calls production admits without an agent.md (the recovery paths of group identities)
 AGENT_MD_EXEMPT = frozenset({"group.create", "group.bind_group_aid", "group.renew_group_aid"})
-PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect"}
+PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "auth.refresh_token", "auth.connect",
+                    "auth.renew_cert", "auth.rekey"}
+NOTIFY_MAX_BYTES = 64 * 1024  # a notification's params, as the SDK bounds them
+NOTIFY_MAX_TTL_MS = 60_000
 
 # Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
 CLOSE_AUTH_FAILED = 4001
@@ -150,10 +154,15 @@ class Devnet:
         self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
         self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
+        self.cert_ttl = 0.0  # seconds an AID certificate is valid (0: the PKI mode's days; --cert-ttl)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
         self.extra_gateways = extra_gateways or []
         self.conns: dict[str, set[Conn]] = {}
+        # queue delivery: (receiver, seq) -> the instance (device_id, slot isolation key) that owns it
+        self.queue_owner: dict[tuple[str, int], tuple[str, str]] = {}
+        self.queue_turn: Counter = Counter()  # receiver -> round-robin position
+        self.queue_affinity: dict[tuple[str, str], tuple[str, str]] = {}  # (receiver, sender) -> instance
         self.login_requests: dict[str, tuple[str, str, float]] = {}  # request_id -> (aid, nonce, expires)
         self.stats = Stats()
         self.faults = Faults()
@@ -232,11 +241,37 @@ class Devnet:
                  "spk_id": r["spk_id"], "spk_pk": r["spk_pk"], "spk_signature": r["spk_signature"],
                  "spk_timestamp": r["spk_timestamp"]} for r in self.store.prekeys(aid)]
 
+    def queue_instance(self, msg: StoredMessage, online: list["Conn"]) -> tuple[str, str]:
+        """The one instance (device, slot key) of a queue-mode receiver that gets `msg`: the one it
+        was given to before, else by `sender_affinity` the sender's last one (while online), else
+        the next online long connection in turn (round robin)."""
+        key = (msg.receiver, msg.seq)
+        owner = self.queue_owner.get(key)
+        if owner is None:
+            instances = sorted({(c.device_id, c.slot_key) for c in online})
+            sticky = self.queue_affinity.get((msg.receiver, msg.sender))
+            if online[0].delivery_routing == "sender_affinity" and sticky in instances:
+                owner = sticky
+            else:
+                owner = instances[self.queue_turn[msg.receiver] % len(instances)]
+                self.queue_turn[msg.receiver] += 1
+            self.queue_owner[key] = owner
+            self.queue_affinity[(msg.receiver, msg.sender)] = owner
+        return owner
+
+    def claim_for_pull(self, conn: "Conn", msg: StoredMessage) -> bool:
+        """Whether a queue-mode puller may have `msg`: its own, or nobody's yet (then it is its own)."""
+        mine = (conn.device_id, conn.slot_key)
+        return self.queue_owner.setdefault((msg.receiver, msg.seq), mine) == mine
+
     def push_message(self, msg: StoredMessage) -> None:
-        """Send `msg` inline to the receiver's online long connections (each device gets its own form)."""
-        for conn in list(self.live(msg.receiver)):
-            if conn.kind != "long" or conn.closed:
-                continue
+        """Send `msg` inline to the receiver's online long connections (each device gets its own
+        form); in queue mode to one instance only."""
+        online = [c for c in self.live(msg.receiver) if c.kind == "long" and not c.closed]
+        if online and online[0].delivery_mode == "queue":  # one mode per AID (register_conn)
+            owner = self.queue_instance(msg, online)
+            online = [c for c in online if (c.device_id, c.slot_key) == owner]
+        for conn in online:
             if self.faults.should_drop_push():
                 self.stats.pushes_dropped += 1
                 continue
@@ -521,6 +556,7 @@ class Conn:
         self.slot_key = ""
         self.kind = "long"
         self.delivery_mode = "fanout"
+        self.delivery_routing = ""
         self.declares_agent_md = False  # auth.connect declared agent_md_validation_v1
         self.conn_id = "conn_" + secrets.token_hex(6)
         self.connected_at = 0.0
@@ -607,8 +643,11 @@ class Conn:
             except rpc.FrameError as exc:
                 self.push(rpc.error(None, exc.code, str(exc)))
                 continue
-            if "method" not in frame or "id" not in frame:
-                continue  # responses and notifications from the client: nothing to answer
+            if "method" in frame and "id" not in frame:
+                self.on_notification(frame["method"], frame.get("params"))
+                continue  # a notification is never answered
+            if "method" not in frame:
+                continue  # responses from the client: nothing to answer
             if self.inflight >= MAX_INFLIGHT_PER_CONN:
                 self.push(rpc.error(frame["id"], rpc.RATE_LIMITED, "too many requests in flight",
                                     {"retryable": True}))
@@ -700,11 +739,111 @@ class Conn:
                 raise RpcError(rpc.CONFLICT, f"aid already registered with another key: {aid}")
             self._refuse_revoked(aid)
         else:
-            cert = self.net.ca.issue(aid, public_key)
-            store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
-                           pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
+            cert = self._issue(aid, public_key)
         return {"aid": aid, "cert": pki.cert_pem(cert), "ca_cert": pki.cert_pem(self.net.ca.issuer_cert),
                 "curve": "P-256"}
+
+    def _issue(self, aid: str, public_key: Any) -> Any:
+        """A new certificate of `aid` for `public_key`, stored as its current one (older ones stay
+        served by fingerprint)."""
+        cert = self.net.ca.issue(aid, public_key, ttl=self.net.cert_ttl)
+        self.net.store.add_cert(aid, serial_hex(cert), der_sha256_hex(cert),
+                                pki.spki_fingerprint(public_key)[7:], pki.cert_pem(cert))
+        return cert
+
+    def _aid_operation(self, params: dict[str, Any], signed: bytes) -> tuple[str, Any]:
+        """(aid, current cert) of a renew/rekey: the login1 nonce (single use) and the signature of
+        the current key over `nonce` + `signed` (protocol doc 01, `auth.renew_cert` / `auth.rekey`)."""
+        aid = validate_aid(params.get("aid"), self.net.issuer)
+        pending = self.net.login_requests.pop(_str(params, "request_id"), None)
+        nonce = _str(params, "nonce")
+        if pending is None or pending[0] != aid or pending[1] != nonce or pending[2] < time.time():
+            raise RpcError(rpc.BAD_NONCE, "unknown, expired or replayed nonce (call auth.aid_login1 first)")
+        cert = self._aid_cert(aid)
+        self._refuse_revoked(aid)
+        try:
+            signature = pki.b64d(_str(params, "signature"))
+        except pki.PKIError:
+            raise RpcError(rpc.AUTH_FAILED, "signature is not base64") from None
+        if not pki.verify_signature(cert.public_key(), signature, nonce.encode("utf-8") + signed):
+            raise RpcError(rpc.AUTH_FAILED, "signature of the current key does not verify")
+        return aid, cert
+
+    def rpc_renew_cert(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A new certificate for the same key (the old one stays valid and served by fingerprint)."""
+        aid, old = self._aid_operation(params, b"")
+        cert = self._issue(aid, old.public_key())
+        log.info("devnet.cert_renewed", aid=aid, serial=serial_hex(cert))
+        return {"status": "renewed", "aid": aid, "cert": pki.cert_pem(cert),
+                "ca_cert": pki.cert_pem(self.net.ca.issuer_cert)}
+
+    def rpc_rekey(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A certificate for a new key, signed over by the current key. Unlike production (which
+        revokes the old certificate at once) the devnet keeps it valid: it stays served by
+        fingerprint, so what was signed with it still verifies."""
+        new_b64 = _str(params, "new_public_key")
+        aid, _ = self._aid_operation(params, new_b64.encode("utf-8"))
+        try:
+            public_key = pki.load_public_key_b64(new_b64)
+        except pki.PKIError as exc:
+            raise RpcError(rpc.INVALID_PARAMS, f"new_public_key: {exc}") from None
+        cert = self._issue(aid, public_key)
+        log.info("devnet.rekeyed", aid=aid, serial=serial_hex(cert))
+        return {"status": "rekeyed", "aid": aid, "cert": pki.cert_pem(cert),
+                "ca_cert": pki.cert_pem(self.net.ca.issuer_cert)}
+
+    # --- notifications (JSON-RPC without id: never answered, dropped when they cannot go) -------
+    def on_notification(self, method: Any, params: Any) -> None:
+        """`notification/route` to an AID's online long connections (optionally one device or
+        slot), `notification/group.route` to a group's online members, as `deliver.method`
+        (`event/app.*` only) with the gateway's own `_notify` block; anything else is dropped."""
+        stats = self.net.stats
+        stats.rpc[f"notify {str(method)[:64]}"] += 1
+        if not self.aid or not isinstance(params, dict) or method not in ("notification/route",
+                                                                          "notification/group.route"):
+            return
+        deliver = params.get("deliver")
+        event = deliver.get("method") if isinstance(deliver, dict) else None
+        body = deliver.get("params", {}) if isinstance(deliver, dict) else None
+        ttl = params.get("ttl_ms")
+        if (not isinstance(event, str) or not event.startswith("event/app.") or len(event) <= len("event/app.")
+                or not isinstance(body, dict) or len(dumps(body).encode("utf-8")) > NOTIFY_MAX_BYTES
+                or ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)
+                                        or not 0 <= ttl <= NOTIFY_MAX_TTL_MS)):
+            stats.rpc_errors[f"{method} dropped"] += 1
+            return
+        targets: list[Conn] = []
+        if method == "notification/route":
+            target = params.get("target")
+            if not isinstance(target, dict) or target.get("type", "aid") != "aid":
+                return
+            try:
+                aid = validate_aid(target.get("aid"))
+            except RpcError:
+                return
+            device, slot = target.get("device_id"), target.get("slot_id")
+            targets = [c for c in self.net.live(aid) if (not device or c.device_id == device)
+                       and (not slot or c.slot_id == slot)]
+        else:
+            try:
+                svc = _groups.service(self.net)
+                gid = str(params.get("group_id") or "")
+                if svc.member(gid, self.aid) is None:
+                    return
+                aids = [m["aid"] for m in svc.members(gid)]
+            except RpcError:
+                return
+            targets = [c for a in aids for c in self.net.live(a)]
+        stamp = {"from_aid": self.aid, "device_id": self.device_id, "slot_id": self.slot_id,
+                 "connection_id": self.conn_id, "sent_at": int(time.time() * 1000),
+                 **({"ttl_ms": ttl} if ttl is not None else {})}
+        frame = rpc.notification(event, {**body, "_notify": stamp})
+        for conn in targets:
+            if conn.kind == "long" and not conn.closed and conn is not self:
+                if conn.push(frame):
+                    stats.pushes += 1
+                else:
+                    stats.pushes_dropped += 1
 
     def _refuse_revoked(self, aid: str) -> None:
         """Production's auth service checks revocation at login (protocol doc 01, -32002)."""
@@ -761,8 +900,13 @@ class Conn:
             raise RpcError(rpc.AUTH_FAILED, "aid_login2_failed: signature does not verify")
         self._refuse_revoked(aid)
         access, refresh, _ = self.net.store.issue_tokens(aid, self.net.access_ttl, self.net.refresh_ttl)
-        return {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
-                "expires_in": int(self.net.access_ttl)}
+        answer = {"status": "ok", "aid": aid, "access_token": access, "refresh_token": refresh,
+                  "expires_in": int(self.net.access_ttl)}
+        cert = self._aid_cert(aid)
+        start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        if time.time() > start + (end - start) / 2:  # protocol doc 01: renewed at login past half its validity
+            answer["new_cert"] = pki.cert_pem(self._issue(aid, cert.public_key()))
+        return answer
 
     def rpc_refresh(self, params: dict[str, Any]) -> dict[str, Any]:
         """The refresh token alone names its session (protocol doc 01 sends only it); an `aid`
@@ -816,6 +960,12 @@ class Conn:
             raise RpcError(rpc.INVALID_PARAMS, "options.kind must be long or short")
         mode = params.get("delivery_mode") or {}
         self.delivery_mode = str(mode.get("mode") or "fanout") if isinstance(mode, dict) else "fanout"
+        if self.delivery_mode not in ("fanout", "queue"):
+            raise RpcError(rpc.INVALID_PARAMS, "delivery_mode.mode must be fanout or queue")
+        routing = str(mode.get("routing") or "") if isinstance(mode, dict) else ""
+        self.delivery_routing = (routing or "round_robin") if self.delivery_mode == "queue" else ""
+        if self.delivery_routing not in ("", "round_robin", "sender_affinity"):
+            raise RpcError(rpc.INVALID_PARAMS, "delivery_mode.routing must be round_robin or sender_affinity")
         self.aid, self.device_id, self.slot_id, self.kind = aid, device_id, slot_id or "default", kind
         caps = params.get("capabilities")
         self.declares_agent_md = isinstance(caps, dict) and caps.get("agent_md_validation_v1") is True
@@ -988,15 +1138,23 @@ class Conn:
         ack = store.get_ack(self.aid, self.device_id, self.slot_key, sender)
         after = _int(params, "after_seq", ack)
         scan_after = after  # retention floor is 0: nothing is ever expired here
-        rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
-        has_more = len(rows) > limit
+        examined = None  # queue mode: the last seq looked at when the scan stopped short of the head
+        if self.delivery_mode == "queue":  # only this instance's rows (the others' are theirs)
+            scanned = store.peer_rows(self.aid, sender, scan_after, QUEUE_SCAN_ROWS)
+            rows = [m for m in scanned if self.net.claim_for_pull(self, m)]
+            if len(scanned) == QUEUE_SCAN_ROWS and len(rows) <= limit:
+                examined = scanned[-1].seq
+        else:
+            rows = store.peer_rows(self.aid, sender, scan_after, limit + 1)
+        has_more = len(rows) > limit or examined is not None
         rows = rows[:limit]
         messages = [render_row(m, self.device_id, self.slot_id) for m in rows]
         kept = self.net.page_rows_that_fit(messages)
         if kept < len(messages):
             has_more, rows, messages = True, rows[:kept], messages[:kept]
+            examined = None  # the page stops at its last row
         head = max(store.peer_head(self.aid, sender), scan_after)
-        covered = rows[-1].seq if has_more else head
+        covered = (rows[-1].seq if examined is None else examined) if has_more else head
         result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,
                   "messages": messages, "count": len(messages), "scan_after_seq": scan_after,
                   "covered_through_seq": covered, "next_after_seq": covered, "head_seq": head,
@@ -1039,6 +1197,8 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "auth.aid_login2": Conn.rpc_login2,
     "auth.refresh_token": Conn.rpc_refresh,
     "auth.connect": Conn.rpc_connect,
+    "auth.renew_cert": Conn.rpc_renew_cert,
+    "auth.rekey": Conn.rpc_rekey,
     "meta.ping": Conn.rpc_ping,
     "meta.status": Conn.rpc_status,
     "message.v2.put_peer_pk": Conn.rpc_put_peer_pk,

@@ -171,9 +171,10 @@ class DevCA:
         """Issuer CA first, self-signed root last (the /pki/chain body)."""
         return "".join(pki.cert_pem(c) for c in self.ca_chain)
 
-    def issue(self, aid: str, public_key: ec.EllipticCurvePublicKey) -> x509.Certificate:
-        """An AID certificate: CN = AID, key = the AID's own public key."""
-        return _leaf(aid, public_key, self.issuer_cert, self.issuer_key, days=self.leaf_days)
+    def issue(self, aid: str, public_key: ec.EllipticCurvePublicKey, *, ttl: float = 0.0) -> x509.Certificate:
+        """An AID certificate: CN = AID, key = the AID's own public key; valid `leaf_days`, or
+        `ttl` seconds from now when given (the devnet's `--cert-ttl`, to test renewal)."""
+        return _leaf(aid, public_key, self.issuer_cert, self.issuer_key, days=self.leaf_days, ttl=ttl)
 
     def crl_pem(self, revoked: list[tuple[int, float]]) -> str:
         """The CRL signed by the issuer CA over (serial, revoked_at unix seconds) entries."""
@@ -206,13 +207,18 @@ class DevCA:
         return ("revoked" if revoked else "good"), resp.public_bytes(serialization.Encoding.DER)
 
 
-def _leaf(cn: str, public_key, issuer_cert: x509.Certificate, issuer_key, *, days: int) -> x509.Certificate:
+def _leaf(cn: str, public_key, issuer_cert: x509.Certificate, issuer_key, *, days: int,
+          ttl: float = 0.0) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
+    if ttl > 0:  # a short-lived certificate: valid from a second ago for `ttl` seconds
+        not_before, not_after = now - dt.timedelta(seconds=1), now + dt.timedelta(seconds=ttl)
+    else:
+        not_before, not_after = now - _DAY, now + days * _DAY
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(issuer_cert.subject).public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY).not_valid_after(now + days * _DAY)
+            .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False,

@@ -10,6 +10,8 @@ Layout under the daemon's state dir (every directory 0700, every file 0600)::
     {state_dir}/AIDs/{aid}/key.enc.json        private key (PKCS#8 DER), encrypted (format below)
     {state_dir}/AIDs/{aid}/cert.pem            the active certificate
     {state_dir}/AIDs/{aid}/certs/sha256_<64 hex of cert DER>.pem   every cert ever active (kept)
+    {state_dir}/AIDs/{aid}/keys/sha256_<64 hex of SPKI DER>.enc.json   every key ever active (kept, rekey)
+    {state_dir}/AIDs/{aid}/keys/rekey-pending.enc.json   a rekey in flight (written before the RPC)
     {state_dir}/AIDs/{aid}/tokens.enc.json     {access_token, refresh_token, access_token_expires_at, ...}, encrypted
     {state_dir}/AIDs/{aid}/meta.json           {version, aid, created_at, gateway_url, imported_from, ...} (plain)
 
@@ -36,8 +38,10 @@ from the file itself (bounded), so parameters can change without rewriting old f
 Durability: every write goes through ``atomic_write`` (temp file in the same directory, fsync,
 ``os.replace``, fsync of the directory). Key and certificate files are never deleted or
 overwritten in place: a key is created once and moved (rename) from ``_pending``; a superseded
-certificate stays in ``certs/``. Tokens are replaced atomically (old, rotated tokens are
-worthless and keeping copies of secrets would only widen exposure); meta.json likewise.
+certificate stays in ``certs/``, a superseded key (rekey) in ``keys/`` (a rekey copies the
+active key there before ``key.enc.json`` names the new one). Tokens are replaced atomically
+(old, rotated tokens are worthless and keeping copies of secrets would only widen exposure);
+meta.json likewise.
 
 Blocking I/O: everything except ``ensure`` is synchronous; the daemon calls it through
 ``trio.to_thread.run_sync``. Methods are thread-safe (one lock serialises writes).
@@ -107,6 +111,8 @@ _INFO_PREFIX = b"aund.enc/v1"
 KEY_FILE = "key.enc.json"
 CERT_FILE = "cert.pem"
 CERTS_DIR = "certs"
+KEYS_DIR = "keys"
+REKEY_PENDING = "rekey-pending.enc.json"
 TOKENS_FILE = "tokens.enc.json"
 PREKEYS_FILE = "prekeys.enc.json"
 GROUP_PREKEYS_FILE = "group_prekeys.enc.json"
@@ -331,6 +337,10 @@ def _check_p256(key: Any, what: str) -> ec.EllipticCurvePrivateKey:
 
 def _history_name(cert: x509.Certificate) -> str:
     return f"sha256_{cert.fingerprint(hashes.SHA256()).hex()}.pem"
+
+
+def _key_history_name(spki: bytes) -> str:
+    return f"sha256_{hashlib.sha256(spki).hexdigest()}.enc.json"
 
 
 class IdentityStore:
@@ -662,9 +672,31 @@ class IdentityStore:
         try:
             cert = self._check_cert(aid, _spki(key), pem)
         except CertKeyMismatch as exc:
-            raise CertKeyMismatch(f"{self._rel(cert_path)}: {exc.message}", data=exc.data) from None
+            cert = self._newest_cert_for(d, aid, _spki(key))  # a rekey stopped between key and cert
+            if cert is None:
+                raise CertKeyMismatch(f"{self._rel(cert_path)}: {exc.message}", data=exc.data) from None
         return Identity(aid=aid, private_key=key, cert=cert, cert_pem=pki.cert_pem(cert),
                         device_id=self.device_id, cert_fingerprint=pki.cert_fingerprint(cert))
+
+    def _newest_cert_for(self, aid_dir: Path, aid: str, spki: bytes) -> x509.Certificate | None:
+        """The newest certificate in the history that certifies `spki` for `aid`, or None."""
+        found = []
+        for path in sorted((aid_dir / CERTS_DIR).glob("sha256_*.pem")) if (aid_dir / CERTS_DIR).is_dir() else []:
+            with contextlib.suppress(CertKeyMismatch, OSError):
+                found.append(self._check_cert(aid, spki, path.read_bytes()))
+        return max(found, key=lambda c: c.not_valid_before_utc, default=None)
+
+    def past_keys(self, aid: str) -> list[ec.EllipticCurvePrivateKey]:
+        """Every key ``aid`` had before the current one (a rekey keeps them: late messages wrapped
+        to an old identity key must still open), oldest file name first. Errors as ``load``."""
+        d = self._require(aid)
+        current = self._stored_public_key(d / KEY_FILE, aid)
+        keys = []
+        for path in sorted((d / KEYS_DIR).glob("sha256_*.enc.json")) if (d / KEYS_DIR).is_dir() else []:
+            key = self._read_key(path, aid)
+            if _spki(key) != current:
+                keys.append(key)
+        return keys
 
     def load_tokens(self, aid: str) -> dict[str, Any] | None:
         """The stored tokens of ``aid`` or None. Errors as ``load``."""
@@ -773,6 +805,59 @@ class IdentityStore:
         with self._lock:
             d = self._require(aid)
             cert = self._check_cert(aid, self._stored_public_key(d / KEY_FILE, aid), cert_pem)
+            self._write_cert(d, cert)
+            return pki.cert_fingerprint(cert)
+
+    def _archive_key(self, d: Path, aid: str) -> None:
+        """Copy the active key file into ``keys/`` (create-once) before anything replaces it."""
+        history = d / KEYS_DIR
+        self._mkdirs(history)
+        name = _key_history_name(self._stored_public_key(d / KEY_FILE, aid))
+        if not (history / name).exists():
+            _create_once(history / name, (d / KEY_FILE).read_bytes())
+
+    def rekey_pending(self, aid: str) -> ec.EllipticCurvePrivateKey:
+        """The new key of a rekey of ``aid``, written encrypted to ``keys/rekey-pending.enc.json``
+        before the gateway hears of it (the current key is archived in ``keys/`` first). Idempotent:
+        a pending key (a rekey that failed or crashed, perhaps after the gateway accepted it) is
+        returned again. Errors: IdentityNotFound, SeedMismatch, StorageError."""
+        with self._lock:
+            d = self._require(aid)
+            self._archive_key(d, aid)
+            path = d / KEYS_DIR / REKEY_PENDING
+            if path.exists():
+                return self._read_key(path, aid)
+            key = pki.generate_key()
+            if not _create_once(path, self._key_record(aid, key)):
+                return self._read_key(path, aid)
+            return key
+
+    def commit_rekey(self, aid: str, key: ec.EllipticCurvePrivateKey, cert_pem: str | bytes) -> str:
+        """Make the pending ``key`` and its new ``cert_pem`` the active identity; returns the cert
+        fingerprint. Nothing is deleted: the old key stays in ``keys/``, the old cert in ``certs/``,
+        the pending file is renamed into ``keys/``. A crash between the key and cert.pem is
+        repaired by ``load`` (it takes the newest cert of the key from the history).
+        Errors: CertKeyMismatch (the cert is not for ``key``), IdentityConflict (another key is pending)."""
+        with self._lock:
+            d = self._require(aid)
+            cert = self._check_cert(aid, _spki(key), cert_pem)
+            pending = d / KEYS_DIR / REKEY_PENDING
+            if not pending.exists() or self._stored_public_key(pending, aid) != _spki(key):
+                if self._stored_public_key(d / KEY_FILE, aid) == _spki(key):  # done before
+                    self._write_cert(d, cert)
+                    return pki.cert_fingerprint(cert)
+                raise IdentityConflict(f"the pending rekey of {aid} is not for this key", data={"aid": aid})
+            self._archive_key(d, aid)
+            history = d / CERTS_DIR
+            self._mkdirs(history)
+            if not (history / _history_name(cert)).exists():  # the new cert first: load can find it
+                _create_once(history / _history_name(cert), pki.cert_pem(cert).encode("ascii"))
+            record = pending.read_bytes()
+            target = d / KEYS_DIR / _key_history_name(_spki(key))
+            if not target.exists():
+                os.rename(pending, target)  # renamed, never deleted
+                _fsync_dir(target.parent)
+            atomic_write(d / KEY_FILE, record)
             self._write_cert(d, cert)
             return pki.cert_fingerprint(cert)
 

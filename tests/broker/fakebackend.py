@@ -159,7 +159,8 @@ class FakeBackend:
     def allowed(self, app: AppIdentity, aid: str) -> bool:
         return self.policy.allows(app.uid, app.gid, aid, app.groups)
 
-    async def open_session(self, app: AppIdentity, aid: str, slot_id: str) -> FakeSession:
+    async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
+                           options: dict[str, Any] | None = None) -> FakeSession:
         await trio.lowlevel.checkpoint()
         self.opened.append((app.conn_id, aid, slot_id))
         return FakeSession(self, app, aid, slot_id)

@@ -402,6 +402,39 @@ async def test_nothing_is_ever_deleted(state, ca):
     assert st.load_tokens(ALICE) == {"refresh_token": "r14"}
 
 
+async def test_rekey_keeps_every_key_and_cert_and_survives_a_crash(state, ca, monkeypatch):
+    st, ident = await make_alice(state, ca)
+    seen = set(snapshot(state))
+    pending = st.rekey_pending(ALICE)
+    assert pki.spki_der(st.rekey_pending(ALICE).public_key()) == pki.spki_der(pending.public_key())  # idempotent
+    assert st.load(ALICE).cert_fingerprint == ident.cert_fingerprint  # nothing active changed yet
+    with pytest.raises(CertKeyMismatch):
+        st.commit_rekey(ALICE, pending, ca.issue(ALICE, ident.public_key))  # a cert for the old key
+    cert_pem = ca.issue(ALICE, pending.public_key())
+
+    def crash(*args, **kwargs):  # the process dies after the key file, before cert.pem
+        raise OSError(5, "simulated crash")
+
+    monkeypatch.setattr(st, "_write_cert", crash)
+    with pytest.raises(OSError):
+        st.commit_rekey(ALICE, pending, cert_pem)
+    monkeypatch.undo()
+    repaired = st.load(ALICE)  # key.enc.json is the new key, cert.pem still the old cert: repaired from certs/
+    assert pki.spki_der(repaired.public_key) == pki.spki_der(pending.public_key())
+    assert repaired.cert_fingerprint == pki.cert_fingerprint(pki.load_cert_pem(cert_pem))
+    assert st.commit_rekey(ALICE, pending, cert_pem) == repaired.cert_fingerprint  # finishing again is a no-op
+    assert st.load(ALICE).cert_pem == pki.cert_pem(pki.load_cert_pem(cert_pem))
+    past = st.past_keys(ALICE)
+    assert [pki.spki_der(k.public_key()) for k in past] == [pki.spki_der(ident.public_key)]
+    now = set(snapshot(state))
+    assert seen <= now, seen - now  # nothing deleted
+    d = state / "AIDs" / ALICE
+    assert len(list((d / "keys").glob("sha256_*.enc.json"))) == 2
+    assert not (d / "keys" / "rekey-pending.enc.json").exists()
+    second = st.rekey_pending(ALICE)  # the next rekey makes a new key, not the committed one again
+    assert pki.spki_der(second.public_key()) != pki.spki_der(pending.public_key())
+
+
 # ── one daemon per state dir ─────────────────────────────────────────────────
 
 TRY_LOCK = """
