@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -16,11 +17,23 @@ from tests.helpers import ROOT, AundProcess
 pytestmark = pytest.mark.timeout(120)
 
 
-def _blocks() -> list[str]:
+def _guide() -> str:
     text = (ROOT / "README.md").read_text()
     guide = text[text.index("## App developers' guide"):]
-    guide = guide[:guide.index("\n## ", 5)]
-    return re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    return guide[:guide.index("\n## ", 5)]
+
+
+def _blocks() -> list[str]:
+    """The whole programs: ```python blocks fenced at the start of a line (indented ones, inside a
+    list item, are fragments that use a session `s`; they are only compiled)."""
+    return re.findall(r"^```python\n(.*?)^```", _guide(), flags=re.S | re.M)
+
+
+def test_the_readme_fragments_compile():
+    fragments = re.findall(r"^( +)```python\n(.*?)^\1```", _guide(), flags=re.S | re.M)
+    assert fragments
+    for indent, body in fragments:
+        compile(textwrap.dedent(body), "README.md", "exec")
 
 
 def test_the_readme_app_guide_runs_as_written(devnet, tmp_path):
