@@ -22,7 +22,7 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, ids
+from aund.aun import auth, events as gw_events, ids
 from aund.aun.link import Link, LinkConfig, LinkState
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GROUP_METHODS, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
@@ -45,6 +45,11 @@ log = structlog.get_logger("aund.daemon")
 LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refreshed", "gateway.disconnect",
                               "sync.proof_rejected"})
 MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GROUP_MESSAGE_KIND, GROUP_CHANGED_KIND})
+#: Everything `subscribe` accepts (and `kinds: []` means): durable kinds come from the inbox, the
+#: others live; aund/aun/events.py has the table of gateway events behind them.
+DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
+LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
+ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES
 SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers",
                           "group.pull", "group.v2.pull", "group.ack_messages", "group.v2.ack", "group.pull_events",
                           "group.ack_events"})
@@ -83,6 +88,7 @@ class LinkEntry:
     pinned: bool
     holders: set[int] = field(default_factory=set)
     groups: GroupSync | None = None
+    events: gw_events.GatewayEvents | None = None
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
 
@@ -313,7 +319,8 @@ class Daemon:
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         entry = LinkEntry(link, sync, session, pinned,
                           groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds),
-                          trust_epoch=self.trust_epoch)
+                          trust_epoch=self.trust_epoch,
+                          events=gw_events.GatewayEvents(link, session, self.inbox, self._publish))
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
@@ -324,6 +331,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(entry.sync.run)
             nursery.start_soon(entry.groups.run)
+            nursery.start_soon(entry.events.run)
             await nursery.start(entry.link.run)
             task_status.started()
             await entry.link.wait_stopped()
@@ -470,13 +478,28 @@ class Daemon:
 
     # --- events ----------------------------------------------------------------------------------
     def _on_link_event(self, link: Link, name: str, params: dict[str, Any]) -> None:
+        """Every gateway event goes somewhere (aund/aun/events.py): message pushes to the peer sync
+        (volatile ones to the event sink), group pushes to the group sync, durable events to the
+        inbox through the event sink, the rest live to the subscribers."""
         entry = self.links.get((link.aid, link.config.slot_id))
-        if entry is not None and name in ("peer.v2.message_received", "message.received"):
-            entry.sync.on_event(name, params)
+        if entry is not None and name in gw_events.MESSAGE_PUSHES:
+            if gw_events.is_volatile(params) and entry.events is not None:
+                entry.events.on_event(name, params)
+            else:
+                entry.sync.on_event(name, params)
         elif entry is not None and entry.groups is not None and name in GROUP_EVENTS:
             entry.groups.on_event(name, params)
         elif name in LINK_EVENT_KINDS:
             self._publish(link.aid, name, params)
+        else:
+            rule = gw_events.rule_for(name)
+            if rule.durable:
+                if entry is not None and entry.events is not None:
+                    entry.events.on_event(name, params)
+            elif rule.kind == gw_events.OTHER_KIND:
+                self._publish(link.aid, rule.kind, {"event": name, "params": params})
+            else:
+                self._publish(link.aid, rule.kind, params if isinstance(params, dict) else {"value": params})
 
     def _on_link_state(self, link: Link, state: LinkState, info: dict[str, Any]) -> None:
         self._publish(link.aid, "state_change", {"slot_id": link.config.slot_id, "state": state.value, **info})
@@ -549,6 +572,14 @@ class Daemon:
         if not entry.holders:
             entry.idle_since = trio.current_time()
 
+    def check_kinds(self, kinds: tuple[str, ...]) -> None:
+        unknown = sorted({k for k in kinds if k not in ALL_KINDS and not gw_events.is_known_kind(k)})
+        if unknown:
+            known = sorted(ALL_KINDS)
+            raise InvalidParams(f"unknown event kind(s) {', '.join(map(repr, unknown))}; known kinds: "
+                                f"{', '.join(known)} (and any app.*, org.* or credential.* name)",
+                                data={"arg": "kinds", "unknown": unknown, "known": known})
+
     async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                         start: str | int) -> AsyncIterator[InboxEvent]:
         """Durable message events from the inbox (from `start`), interleaved with live link events."""
@@ -566,9 +597,10 @@ class Daemon:
             cursor = start
         else:
             raise InvalidParams("start must be 'last_ack', 'now' or a cursor (int >= 0)")
-        wanted = set(kinds) if kinds else set(MESSAGE_EVENT_KINDS | LINK_EVENT_KINDS)
-        durable = tuple(sorted(wanted & MESSAGE_EVENT_KINDS))
-        sub = _Subscriber(wanted & LINK_EVENT_KINDS)
+        self.check_kinds(kinds)
+        wanted = set(kinds) if kinds else set(ALL_KINDS)
+        durable = tuple(sorted(wanted & DURABLE_KINDS))
+        sub = _Subscriber(frozenset(wanted - DURABLE_KINDS) | (frozenset(wanted) & {"message.undecryptable"}))
         self._subscribers.setdefault(aid, set()).add(sub)
         try:
             while True:
@@ -608,13 +640,13 @@ def consumer_key(app: AppIdentity, consumer: str) -> str:
 class _Subscriber:
     """Wake-ups and a bounded queue of live link events for one subscription."""
 
-    def __init__(self, link_kinds: set[str]) -> None:
-        self.link_kinds = link_kinds
+    def __init__(self, live_kinds: frozenset[str]) -> None:
+        self.live_kinds = live_kinds  # exact kinds and families ("app.*")
         self.pending: deque[tuple[str, dict[str, Any]]] = deque(maxlen=64)
         self._event = trio.Event()
 
     def offer(self, kind: str, data: dict[str, Any]) -> None:
-        if kind in self.link_kinds:
+        if gw_events.kind_matches(self.live_kinds, kind):
             self.pending.append((kind, data))
             self.wake()
 

@@ -22,7 +22,7 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import ids, jsonrpc as rpc
+from aund.aun import events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
@@ -308,6 +308,13 @@ class E2EESession:
         if kind in ("malformed", "unsupported"):
             return self._undecryptable(base, sender, seq, f"{kind}_envelope", envelope), ""
         if kind == "plain":
+            if isinstance(envelope, dict) and envelope.get("type") == "message.recalled":
+                # a recall tombstone in the stream: the same durable event as its push (one row)
+                recall = events.durable_event(self.aid, "message.recalled", dict(
+                    envelope, message_id=message_id, tombstone_message_id=message_id, seq=seq,
+                    timestamp=base["timestamp"], to=self.aid, **{"from": sender}))
+                if recall is not None:
+                    return recall, ""
             data = dict(base, payload=envelope, encrypted=False, protected_headers={})
             return NewEvent("message.received", sender, message_id, seq, data), ""
         try:

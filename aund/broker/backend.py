@@ -80,6 +80,9 @@ class Backend(Protocol):
     async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
         """The app let go of the link (idle links opened on demand close later)."""
 
+    def check_kinds(self, kinds: tuple[str, ...]) -> None:
+        """Refuse (InvalidParams listing the known kinds) a subscription to kinds that do not exist."""
+
     def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                   start: str | int) -> AsyncIterator[InboxEvent]:
         """Events for `aid` from the durable inbox (and link events), from `start`:

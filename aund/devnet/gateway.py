@@ -912,6 +912,9 @@ class Conn:
             if aad.get("from") != self.aid or aad.get("message_id") != message_id:
                 raise RpcError(rpc.INVALID_PARAMS, "envelope aad.from / aad.message_id do not match the request")
             sender_device = str(aad.get("from_device") or self.device_id)
+        ttl = params.get("ttl", 0)
+        if ttl is not None and ttl != 0 and not (isinstance(ttl, int) and not isinstance(ttl, bool) and ttl < 0):
+            return _msgevents.send_volatile(self, to, message_id, kind, body, need_render, sender_device, ttl)
         if remote is not None and federation.issuer_of(to) != self.net.issuer:
             return self._send_foreign(remote, {"to": to, "from": self.aid, "sender_device_id": sender_device,
                                                "message_id": message_id, "kind": kind, "payload": payload,
@@ -991,9 +994,13 @@ class Conn:
             self.net.faults.fail_acks -= 1
             raise RpcError(5003, "ack service unavailable (devnet fault)", {"retryable": True})
         up_to = _int(params, "up_to_seq", 0)
+        volatile = _msgevents.volatile_ack(params)
         effective = self.net.store.ack(self.aid, self.device_id, self.slot_key, sender, up_to)
-        return {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
-                "effective_ack_seq": effective, "ack_seq": effective}
+        result = {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
+                  "effective_ack_seq": effective, "ack_seq": effective}
+        if volatile is not None:
+            result["volatile_ack"] = volatile
+        return result
 
 
 HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
@@ -1016,3 +1023,4 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
 # (group.list_my and group.list_my_invites included).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
 from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)
+from aund.devnet import msgevents as _msgevents  # noqa: E402  (message.recall / read / read_state, volatile sends)

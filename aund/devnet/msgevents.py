@@ -1,0 +1,227 @@
+"""devnet: recall, read positions and volatile messages, and the events they push
+(`event/message.recalled`, `event/message.read_changed`, volatile `event/peer.v2.message_received`).
+
+- `message.recall {message_ids}`: the sender recalls messages it sent (to an AID of this devnet)
+  within RECALL_WINDOW_SECONDS. Each receiver gets a tombstone in its message stream (a v1 row,
+  `type: "message.recalled"`, so a pull finds it) and an `event/message.recalled` push on its long
+  connections. Answer: `{success, accepted, recalled, errors: [{message_id, error}] | None}`
+  (`not_found` / `not_sender` / `already_recalled` / `expired`).
+- `message.read {states: [{scope, topic_key, last_read_message_id}]}` (or one state at the top):
+  the AID's shared read position per topic, which only moves forward (order = the seq of that
+  message in the AID's inbox; an id it never received is kept `unresolved` and not broadcast).
+  An advance is pushed as `event/message.read_changed` to every long connection of the same AID
+  (as the SDK expects: `owner_aid` is the receiving AID). `message.read_state` answers the states.
+- `message.send` with `ttl` > 0 (clamped to 1..3600 s): not stored, no seq; pushed inline to the
+  receiver's long connections with `storage: "volatile"`, a `volatile_cursor`, `created_at` and
+  `expires_at`; kept in memory until it expires only to answer a retry of the same message id.
+  Volatile messages are not served by pulls here; an offline receiver misses them.
+
+All of this is in memory except the tombstones (messages like any other).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from aund.aun import jsonrpc as rpc
+from aund.devnet import federation
+from aund.devnet import gateway as gw
+from aund.devnet.gateway import RpcError
+from aund.devnet.store import StoredMessage, dumps
+
+if TYPE_CHECKING:
+    from aund.devnet.gateway import Conn, Devnet
+
+RECALL_WINDOW_SECONDS = 120.0
+MAX_RECALL_IDS = 100
+MAX_TTL_SECONDS = 3600
+MAX_READ_STATES = 100
+MAX_FIELD_CHARS = 128
+
+
+def _state(net: "Devnet") -> dict[str, Any]:
+    state = getattr(net, "msg_events", None)
+    if state is None:
+        state = net.msg_events = {"recalled": set(), "read": {}, "volatile": {}, "cursor": 0,
+                                  "boot": secrets.token_hex(3)}
+    return state
+
+
+def push(net: "Devnet", aid: str, event: str, params: dict[str, Any]) -> int:
+    """`event/{event}` to every long connection of `aid`; returns how many got it."""
+    sent = 0
+    for conn in list(net.live(aid)):
+        if conn.kind != "long" or conn.closed:
+            continue
+        body = dict(params, device_id=conn.device_id, slot_id=conn.slot_id)
+        if conn.push(rpc.notification("event/" + event, body)):
+            net.stats.pushes += 1
+            sent += 1
+        else:
+            net.stats.pushes_dropped += 1
+    return sent
+
+
+# --- recall ---------------------------------------------------------------------------------------
+def rpc_recall(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+    ids = params.get("message_ids")
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_RECALL_IDS \
+            or not all(isinstance(i, str) and i.strip() and len(i) <= MAX_FIELD_CHARS for i in ids):
+        raise RpcError(rpc.INVALID_PARAMS, f"message_ids must be a list of 1..{MAX_RECALL_IDS} message ids")
+    net, state = conn.net, _state(conn.net)
+    now = time.time()
+    errors: list[dict[str, str]] = []
+    by_receiver: dict[str, list[str]] = {}
+    for message_id in dict.fromkeys(i.strip() for i in ids):
+        rows = net.store.db.execute("SELECT receiver, t_server FROM messages WHERE sender=? AND message_id=?",
+                                    (conn.aid, message_id)).fetchall()
+        if not rows:
+            other = net.store.db.execute("SELECT 1 FROM messages WHERE message_id=? LIMIT 1", (message_id,)).fetchone()
+            errors.append({"message_id": message_id, "error": "not_sender" if other else "not_found"})
+            continue
+        for receiver, t_server in rows:
+            if (conn.aid, receiver, message_id) in state["recalled"]:
+                errors.append({"message_id": message_id, "error": "already_recalled"})
+            elif now - t_server / 1000 > RECALL_WINDOW_SECONDS:
+                errors.append({"message_id": message_id, "error": "expired"})
+            else:
+                state["recalled"].add((conn.aid, receiver, message_id))
+                by_receiver.setdefault(receiver, []).append(message_id)
+    recalled = 0
+    for receiver, recalled_ids in by_receiver.items():
+        recalled += len(recalled_ids)
+        tombstone = "recall-" + secrets.token_hex(12)
+        body = {"type": "message.recalled", "kind": "message.recalled", "message_ids": recalled_ids,
+                "recalled_by": conn.aid, "recalled_at": int(now * 1000)}
+        msg, _ = net.store.append_message(receiver, conn.aid, conn.device_id, tombstone, "plain", dumps(body), False)
+        push(net, receiver, "message.recalled", dict(
+            body, message_id=tombstone, tombstone_message_id=tombstone, seq=msg.seq, timestamp=msg.t_server,
+            **{"from": conn.aid, "from_aid": conn.aid, "sender_aid": conn.aid, "to": receiver}))
+    return {"success": True, "accepted": len(ids), "recalled": recalled, "errors": errors or None}
+
+
+# --- read positions -------------------------------------------------------------------------------
+def _read_items(params: dict[str, Any]) -> list[dict[str, Any]]:
+    if "states" in params:
+        states = params["states"]
+        if not isinstance(states, list) or not states or len(states) > MAX_READ_STATES:
+            raise RpcError(rpc.INVALID_PARAMS, f"states must be a list of 1..{MAX_READ_STATES} read states")
+    else:
+        states = [params]
+    out = []
+    for item in states:
+        if not isinstance(item, dict):
+            raise RpcError(rpc.INVALID_PARAMS, "each read state is an object")
+        scope = item.get("scope") or "p2p"
+        topic, last = item.get("topic_key"), item.get("last_read_message_id")
+        if scope != "p2p":
+            raise RpcError(rpc.INVALID_PARAMS, "scope must be p2p")
+        for name, value in (("topic_key", topic), ("last_read_message_id", last)):
+            if not isinstance(value, str) or not value.strip() or len(value) > MAX_FIELD_CHARS:
+                raise RpcError(rpc.INVALID_PARAMS, f"{name} must be a non-empty string of at most "
+                                                   f"{MAX_FIELD_CHARS} characters")
+        out.append({"scope": "p2p", "topic_key": topic, "last_read_message_id": last.strip()})
+    return out
+
+
+def rpc_read(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+    items = _read_items(params)  # all checked before any is applied
+    net, reads = conn.net, _state(conn.net)["read"]
+    answers, updated, ignored = [], 0, 0
+    for item in items:
+        key = (conn.aid, item["topic_key"])
+        row = net.store.db.execute("SELECT seq FROM messages WHERE receiver=? AND message_id=? ORDER BY seq LIMIT 1",
+                                   (conn.aid, item["last_read_message_id"])).fetchone()
+        order = row[0] if row else 0
+        old = reads.get(key)
+        changed = order > 0 and (old is None or order > old["last_read_order"])
+        if changed:
+            reads[key] = state = dict(item, owner_aid=conn.aid, last_read_order=order, updated_at=int(time.time() * 1000))
+            push(net, conn.aid, "message.read_changed", state)
+            updated += 1
+        elif order == 0 and old is None:
+            reads[key] = dict(item, owner_aid=conn.aid, last_read_order=0, updated_at=int(time.time() * 1000))
+            updated += 1
+        else:
+            ignored += 1
+        answers.append(dict(item, changed=changed))
+    return {"updated": updated, "ignored": ignored, "states": answers}
+
+
+def rpc_read_state(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+    scope = params.get("scope") or "p2p"
+    topic = params.get("topic_key")
+    if scope != "p2p" or (topic is not None and not isinstance(topic, str)):
+        raise RpcError(rpc.INVALID_PARAMS, "scope must be p2p and topic_key a string")
+    if params.get("aid") not in (None, "", conn.aid):
+        raise RpcError(rpc.PERMISSION_DENIED, "read state of another AID")
+    states = []
+    for (owner, key), state in sorted(_state(conn.net)["read"].items()):
+        if owner == conn.aid and (topic is None or key == topic):
+            states.append({k: v for k, v in state.items() if k != "owner_aid"}
+                          | {"mapping_status": "resolved" if state["last_read_order"] else "unresolved"})
+    result: dict[str, Any] = {"states": states}
+    if len(states) == 1:
+        result.update(states[0])
+    return result
+
+
+# --- volatile messages ----------------------------------------------------------------------------
+def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, need_render: bool,
+                  sender_device: str, ttl: Any) -> dict[str, Any]:
+    """`message.send` with ttl > 0: pushed, never stored."""
+    if not isinstance(ttl, int) or isinstance(ttl, bool):
+        raise RpcError(rpc.INVALID_PARAMS, "ttl must be an integer (seconds)")
+    if federation.issuer_of(to) != conn.net.issuer:
+        raise RpcError(rpc.INVALID_PARAMS, "this devnet does not route volatile messages to another issuer")
+    net, state = conn.net, _state(conn.net)
+    now_ms = int(time.time() * 1000)
+    volatile = state["volatile"]
+    for key in [k for k, v in volatile.items() if v["expires_at"] <= now_ms]:
+        del volatile[key]
+    key = (to, conn.aid, message_id)
+    known = volatile.get(key)
+    if known is not None:
+        return dict(known, status="duplicate")
+    state["cursor"] += 1
+    cursor = f"v1:{state['boot']}:{state['cursor']}"
+    ttl = max(1, min(ttl, MAX_TTL_SECONDS))
+    answer = {"message_id": message_id, "status": "accepted", "storage": "volatile", "volatile_cursor": cursor,
+              "created_at": now_ms, "expires_at": now_ms + ttl * 1000, "delivery_mode": "fanout"}
+    volatile[key] = answer
+    msg = StoredMessage(to, 0, conn.aid, sender_device, message_id, kind, body, need_render, now_ms, 0)
+    extra = {"storage": "volatile", "volatile_cursor": cursor, "created_at": now_ms,
+             "expires_at": answer["expires_at"]}
+    for target in list(net.live(to)):
+        if target.kind != "long" or target.closed:
+            continue
+        row = gw.render_row(msg, target.device_id, target.slot_id, inline=True)
+        if row is None:
+            continue
+        row.pop("seq", None)
+        row.update(extra)
+        event = "peer.v2.message_received" if kind == "e2ee" else "message.received"
+        params = dict(extra, message_id=message_id, to=to, cursor_scope="peer", device_id=target.device_id,
+                      target_device_id=target.device_id, slot_id=target.slot_id, sender_device_id=sender_device,
+                      inline_message=row, **{"from": conn.aid, "from_aid": conn.aid, "sender_aid": conn.aid})
+        if target.push(rpc.notification("event/" + event, params)):
+            net.stats.pushes += 1
+        else:
+            net.stats.pushes_dropped += 1
+    return answer
+
+
+def volatile_ack(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The `volatile_ack` part of a `message.v2.ack` answer (None when the ack names no cursor)."""
+    cursors = params.get("volatile_cursors")
+    if cursors is None and isinstance(params.get("volatile_cursor"), str):
+        cursors = [params["volatile_cursor"]]
+    if cursors is None:
+        return None
+    if not isinstance(cursors, list) or not all(isinstance(c, str) and c for c in cursors) or len(cursors) > 1000:
+        raise RpcError(rpc.INVALID_PARAMS, "volatile_cursors must be a list of cursors")
+    return {"accepted": len(cursors), "expired": 0}
+
+
+gw.HANDLERS.update({"message.recall": rpc_recall, "message.read": rpc_read, "message.read_state": rpc_read_state})
