@@ -248,7 +248,7 @@ class GatewayEvents:
             self._send.send_nowait((what, name, params))
         except trio.WouldBlock:
             self.stats["dropped"] += 1
-            log.warning("events.queue_full", aid=self.aid, event=name)
+            log.warning("events.queue_full", aid=self.aid, gateway_event=name)
 
     async def run(self) -> None:
         while True:
@@ -259,18 +259,20 @@ class GatewayEvents:
                 else:
                     await self._volatile(params)
             except AundError as exc:  # storage full, gateway gone: said, and the next event goes on
-                log.warning("events.failed", aid=self.aid, event=name, error=str(exc))
+                log.warning("events.failed", aid=self.aid, gateway_event=name, error=str(exc))
+            except Exception as exc:  # a bug on odd input must not take the link (and the daemon) down
+                log.error("events.failed", aid=self.aid, gateway_event=name, error=f"{type(exc).__name__}: {exc}"[:300])
 
     async def _durable(self, name: str, params: Any) -> None:
         event = durable_event(self.aid, name, params)
         if event is None:
             self.stats["malformed"] += 1
-            log.info("events.ignored", aid=self.aid, event=name,
+            log.info("events.ignored", aid=self.aid, gateway_event=name,
                      reason="not for this AID or without the fields it is keyed by")
             return
         new = await self.inbox.commit(self.aid, [event])
         self.stats["durable" if new else "duplicates"] += 1
-        log.info("events.stored" if new else "events.duplicate", aid=self.aid, event=name, kind=event.kind)
+        log.info("events.stored" if new else "events.duplicate", aid=self.aid, gateway_event=name, kind=event.kind)
 
     async def _volatile(self, params: Any) -> None:
         row = params.get("inline_message") if isinstance(params, dict) else None
@@ -283,7 +285,7 @@ class GatewayEvents:
         cursor = _text(row.get("volatile_cursor") or params.get("volatile_cursor"))
         if not sender or not message_id:
             self.stats["malformed"] += 1
-            log.info("events.ignored", aid=self.aid, event="volatile", reason="no sender or message id")
+            log.info("events.ignored", aid=self.aid, gateway_event="volatile", reason="no sender or message id")
             return
         key = (sender, message_id)
         if self.volatile_seen.seen(key):

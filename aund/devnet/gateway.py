@@ -322,6 +322,8 @@ class Devnet:
             aid = (query.get("aid") or [""])[0].strip().lower()
             return (200, {"aid": aid, "deleted": True}, {}) if self.store.delete_agent_md(aid) \
                 else (404, {"error": f"no agent.md for {aid!r}"}, {})
+        if path == "/devnet/push" and method == "POST":  # a test knob: any event, as a gateway would push it
+            return _msgevents.push_http(self, body)
         if path == "/devnet/faults" and method == "PUT":
             try:
                 knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")

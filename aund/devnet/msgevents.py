@@ -54,13 +54,42 @@ def push(net: "Devnet", aid: str, event: str, params: dict[str, Any]) -> int:
     for conn in list(net.live(aid)):
         if conn.kind != "long" or conn.closed:
             continue
-        body = dict(params, device_id=conn.device_id, slot_id=conn.slot_id)
-        if conn.push(rpc.notification("event/" + event, body)):
+        sent += _push_one(net, conn, event, dict(params, device_id=conn.device_id, slot_id=conn.slot_id))
+    return sent
+
+
+def _push_one(net: "Devnet", conn: "Conn", event: str, params: dict[str, Any]) -> int:
+    """One push (twice while the replay fault is armed, as push_message does); 1 if it went out."""
+    copies = 1
+    if net.faults.replay_pushes > 0:
+        net.faults.replay_pushes -= 1
+        copies = 2
+    ok = 0
+    for _ in range(copies):
+        if conn.push(rpc.notification("event/" + event, params)):
             net.stats.pushes += 1
-            sent += 1
+            ok = 1
         else:
             net.stats.pushes_dropped += 1
-    return sent
+    return ok
+
+
+def push_http(net: "Devnet", body: bytes) -> tuple[int, Any, dict[str, str]]:
+    """POST /devnet/push {"aid", "event", "params"}: push `event/{event}` with `params` as they are
+    (any JSON value) to the AID's long connections (a test knob: events this devnet never makes)."""
+    try:
+        request = rpc.loads(body.decode("utf-8", "replace") or "{}")
+    except rpc.FrameError as exc:
+        return 400, {"error": str(exc)}, {}
+    if not isinstance(request, dict) or not isinstance(request.get("aid"), str) \
+            or not isinstance(request.get("event"), str) or not request["event"]:
+        return 400, {"error": "body must be {aid, event, params}"}, {}
+    aid = request["aid"].strip().lower()
+    sent = 0
+    for conn in list(net.live(aid)):
+        if conn.kind == "long" and not conn.closed:
+            sent += _push_one(net, conn, request["event"], request.get("params"))
+    return 200, {"aid": aid, "event": request["event"], "sent": sent}, {}
 
 
 # --- recall ---------------------------------------------------------------------------------------
@@ -205,10 +234,7 @@ def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, 
         params = dict(extra, message_id=message_id, to=to, cursor_scope="peer", device_id=target.device_id,
                       target_device_id=target.device_id, slot_id=target.slot_id, sender_device_id=sender_device,
                       inline_message=row, **{"from": conn.aid, "from_aid": conn.aid, "sender_aid": conn.aid})
-        if target.push(rpc.notification("event/" + event, params)):
-            net.stats.pushes += 1
-        else:
-            net.stats.pushes_dropped += 1
+        _push_one(net, target, event, params)
     return answer
 
 
