@@ -272,7 +272,7 @@ class GatewayEvents:
             return
         new = await self.inbox.commit(self.aid, [event])
         self.stats["durable" if new else "duplicates"] += 1
-        log.info("events.stored" if new else "events.duplicate", aid=self.aid, gateway_event=name, kind=event.kind)
+        log.debug("events.stored" if new else "events.duplicate", aid=self.aid, gateway_event=name, kind=event.kind)
 
     async def _volatile(self, params: Any) -> None:
         row = params.get("inline_message") if isinstance(params, dict) else None
@@ -298,7 +298,7 @@ class GatewayEvents:
             kind = VOLATILE_KIND if event.kind == "message.received" else event.kind
             self.volatile_seen.add(key, row.get("expires_at"))
             self.stats["volatile"] += 1
-            log.info("events.volatile", aid=self.aid, sender=sender, message_id=message_id, kind=kind)
+            log.debug("events.volatile", aid=self.aid, sender=sender, message_id=message_id, kind=kind)
             self.publish(self.aid, kind, data)
             if spk_used and spk_used == self.session.current_spk_id:
                 await self.session.publish_prekey(self.link, rotate=True)
