@@ -347,6 +347,8 @@ class Daemon:
             await entry.sync.full_sync()
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.groups.on_connected()  # group prekeys, then catch-up queued to the group sync
+        if entry.events is not None:
+            entry.events.on_connected()  # invites and read positions missed while away, queued
 
     async def _publish_agent_md(self, link: Link, identity: Identity, *, force: bool = False) -> None:
         """Publish the AID's signed agent.md once (the production gateway refuses clients that

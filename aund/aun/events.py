@@ -181,6 +181,32 @@ def durable_event(aid: str, name: str, params: Any) -> NewEvent | None:
     return NewEvent(RULES[name].kind, sender[:512], key, 0, data)
 
 
+def catch_up_events(aid: str, method: str, result: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(gateway event name, params) for what a catch-up call answered: a pending invite per invite
+    id (the list groups them per group), a read position per state with `owner_aid` set."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(result, dict):
+        return out
+    if method == "group.list_my_invites":
+        items = result.get("items", result.get("invites"))
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) or (_text(item.get("status")).lower() or "pending") != "pending":
+                continue
+            ids = item.get("invite_ids") if isinstance(item.get("invite_ids"), list) else [item.get("invite_id")]
+            inviters = item.get("inviter_aids") if isinstance(item.get("inviter_aids"), list) else []
+            for i, invite_id in enumerate(ids):
+                one = dict(item, invite_id=invite_id, invite_ids=[invite_id], status="pending")
+                if len(inviters) == len(ids):
+                    one.update(inviter_aid=inviters[i], inviter_aids=[inviters[i]])
+                out.append(("group.invite_created", one))
+    elif method == "message.read_state":
+        states = result.get("states")
+        for state in states if isinstance(states, list) else []:
+            if isinstance(state, dict):
+                out.append(("message.read_changed", dict(state, owner_aid=aid, scope=state.get("scope") or "p2p")))
+    return out
+
+
 def is_volatile(params: Any) -> bool:
     """A message push of a volatile message (`storage: "volatile"` on the push or its inline row)."""
     if not isinstance(params, dict):
@@ -250,18 +276,40 @@ class GatewayEvents:
             self.stats["dropped"] += 1
             log.warning("events.queue_full", aid=self.aid, gateway_event=name)
 
+    def on_connected(self) -> None:
+        """After a (re)connect: ask the gateway for what may have changed while we were away."""
+        try:
+            self._send.send_nowait(("catch_up", "", None))
+        except trio.WouldBlock:
+            self.stats["dropped"] += 1
+
     async def run(self) -> None:
         while True:
             what, name, params = await self._recv.receive()
             try:
                 if what == "durable":
                     await self._durable(name, params)
+                elif what == "catch_up":
+                    await self.catch_up()
                 else:
                     await self._volatile(params)
             except AundError as exc:  # storage full, gateway gone: said, and the next event goes on
                 log.warning("events.failed", aid=self.aid, gateway_event=name, error=str(exc))
             except Exception as exc:  # a bug on odd input must not take the link (and the daemon) down
                 log.error("events.failed", aid=self.aid, gateway_event=name, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    async def catch_up(self) -> None:
+        """What the SDK restores after a connect, stored as the events it missed (each deduped
+        against the push it may also have had): pending invites (`group.list_my_invites`, one
+        event per invite, as they are pushed) and the AID's read positions (`message.read_state`)."""
+        for method, params in (("group.list_my_invites", {"page": 1, "size": 200}), ("message.read_state", {})):
+            try:
+                result = await self.link.call(method, params, background=True)
+            except AundError as exc:  # an older gateway without the method, or it is gone: the pushes remain
+                log.info("events.catch_up_failed", aid=self.aid, method=method, error=str(exc)[:300])
+                continue
+            for name, item in catch_up_events(self.aid, method, result):
+                await self._durable(name, item)
 
     async def _durable(self, name: str, params: Any) -> None:
         event = durable_event(self.aid, name, params)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import secrets
+from contextlib import aclosing
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aund.aun import events as gw_events
 from client_stub import Client, errors
+from tests.inproc import APP, ready_handle, start_daemon
 from tests.system.harness import start_aund
 
 pytestmark = pytest.mark.timeout(240)
@@ -134,3 +137,46 @@ def test_random_events_never_break_the_link(aund_alice, devnet):
     logged = daemon.log_events()
     assert not [e for e in logged if e.get("event") == "events.failed" or e.get("level") in ("error", "critical")]
     assert any(e.get("event") == "events.ignored" for e in logged)  # malformed durable events were seen, and skipped
+
+
+async def test_invites_missed_while_offline_arrive_after_connect(devnet, tmp_path):
+    """bob's daemon is down while alice invites him twice (two groups) and revokes one: when it comes
+    back, the pending invite is caught up (`group.list_my_invites`), once, and a later push of the
+    same invite is no second row."""
+    alice, bob = _aid("inva"), _aid("invb")
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:  # bob exists, then goes away
+            daemon = await start_daemon(nursery, devnet, tmp_path / "b", [bob])
+            await ready_handle(daemon, bob)
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path / "a", [alice])
+            handle = await ready_handle(daemon, alice)
+
+            async def call(method, params):
+                return await handle.call(method, params, timeout=None, background=False, app=APP)
+
+            invites = []
+            for name in ("kept", "revoked"):
+                gid = (await call("group.create", {"name": name, "join_mode": "approval"}))["group"]["group_id"]
+                invites.append((gid, (await call("group.invite_member", {"group_id": gid, "invitee_aid": bob}))
+                                ["invite"]["invite_id"]))
+            await call("group.revoke_invite", {"invite_id": invites[1][1]})
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path / "b", [bob])
+            await ready_handle(daemon, bob)
+            got = []
+            async with aclosing(daemon.subscribe(APP, bob, ("group.invite_received",), "t", 0)) as events:
+                async for event in events:
+                    got.append(event)
+                    break
+            entry = daemon.links[(bob, "main")]
+            await entry.events.catch_up()  # again, as after a reconnect: nothing new
+            rows = await daemon.inbox.read(bob, 0, ("group.invite_received",), 100)
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+    assert [(e.data["group_id"], e.data["invite_ids"]) for e in got] == [(invites[0][0], [invites[0][1]])]
+    assert len(rows) == 1 and got[0].data["status"] == "pending" and got[0].data["inviter_aids"] == [alice]

@@ -115,3 +115,19 @@ def test_volatile_seen_until_expiry_and_bounded():
     for i in range(5):
         seen.add(("bob", f"n{i}"), None)
     assert not seen.seen(("bob", "short")) and seen.seen(("bob", "n4")) and not seen.seen(("bob", "n1"))
+
+
+def test_catch_up_splits_invites_and_owns_read_states():
+    listed = {"items": [{"group_id": "g.aid.test", "invite_ids": ["i1", "i2"], "inviter_aids": ["a", "b"],
+                         "status": "pending"}, {"group_id": "h.aid.test", "invite_id": "i3", "status": "accepted"}, 7]}
+    out = ev.catch_up_events("me.aid.test", "group.list_my_invites", listed)
+    assert [(n, p["invite_ids"], p["inviter_aids"]) for n, p in out] == [
+        ("group.invite_created", ["i1"], ["a"]), ("group.invite_created", ["i2"], ["b"])]
+    pushed = ev.durable_event("me.aid.test", "group.invite_created",
+                              {"group_id": "g.aid.test", "invite_id": "i1", "invite_ids": ["i1"], "status": "pending"})
+    assert ev.durable_event("me.aid.test", *out[0]).message_id == pushed.message_id  # one row for push and list
+    states = {"states": [{"scope": "p2p", "topic_key": "t", "last_read_message_id": "m", "last_read_order": 2},
+                         {"topic_key": "u", "last_read_message_id": "x", "last_read_order": 0}]}
+    out = ev.catch_up_events("me.aid.test", "message.read_state", states)
+    assert [ev.durable_event("me.aid.test", *o) is not None for o in out] == [True, False]  # unresolved: no event
+    assert ev.catch_up_events("me.aid.test", "message.read_state", None) == []
