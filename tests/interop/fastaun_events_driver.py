@@ -10,6 +10,7 @@ AUN_WORKDIR:
   we send a volatile E2EE message (ttl), create a group, invite the peer,
       write sent.json {volatile_id, group_id, invite_id}
   test sends us "please read", writes aund_sent.json {message_id}
+  we write plain_seen once it came     -> the test sends a volatile "aund volatile"
   we read it (message.read): our SDK must publish message.read_changed; write read.json
   test writes revoke                       -> we revoke the invite, write revoked
   test writes done                         -> we leave
@@ -72,6 +73,16 @@ async def events():
         info = await wait_file("aund_sent.json")
         got = await wait_for(lambda: "please read" in inbox, 30)
         check("got aund's message", got, sorted(k for k in inbox if k))
+        # the SDK takes a volatile push inline only from a peer it already follows (it would pull
+        # otherwise, and this devnet serves no volatile messages on pull): let the peer settle first
+        await asyncio.sleep(1.0)
+        (WORK / "plain_seen").write_text("1")
+        got = await wait_for(lambda: "aund volatile" in inbox, 30)
+        check("got aund's message and its volatile one", got, sorted(k for k in inbox if k))
+        v = inbox.get("aund volatile") or {}
+        check("aund's volatile message came as the SDK expects one", v.get("storage") == "volatile"
+              and v.get("encrypted") is True and not v.get("seq") and bool(v.get("volatile_cursor")),
+              {k: v.get(k) for k in ("storage", "encrypted", "seq", "volatile_cursor", "expires_at")})
         r = await client.call("message.read", {"states": [{"scope": "p2p", "topic_key": "chat-with-aund",
                                                             "last_read_message_id": info["message_id"]}]})
         check("read answered", r.get("updated") == 1 and (r.get("states") or [{}])[0].get("changed") is True, r)

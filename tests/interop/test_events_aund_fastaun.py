@@ -80,6 +80,9 @@ async def test_recall_read_invites_and_volatile_reach_aund_apps(devnet, tmp_path
                          "recall, volatile and invite")
             r = await call("message.send", {"to": bob, "payload": {"type": "text", "text": "please read"}})
             (work / "aund_sent.json").write_text(json.dumps({"message_id": r["message_id"]}))
+            await _file(work, "plain_seen", proc)
+            v = await call("message.send", {"to": bob, "payload": {"type": "text", "text": "aund volatile"}, "ttl": 30})
+            assert v["storage"] == "volatile" and "seq" not in v and v["volatile_cursor"], v
             await _file(work, "read.json", proc)
             # our own read position: the devnet tells every connection of this AID (owner_aid = alice)
             r = await call("message.read", {"states": [{"topic_key": "chat-with-fast", "last_read_message_id": mid}]})
