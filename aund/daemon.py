@@ -321,6 +321,7 @@ class Daemon:
                           groups=GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds),
                           trust_epoch=self.trust_epoch,
                           events=gw_events.GatewayEvents(link, session, self.inbox, self._publish))
+        sync.on_volatile = lambda row: entry.events.on_event("message.received", {"inline_message": row})
         self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)

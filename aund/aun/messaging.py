@@ -362,6 +362,7 @@ class PeerSync(LinkSync):
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
+        self.on_volatile = None  # (row) for a volatile row found in a pull page (never stored here)
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
                       "duplicates": 0, "undecryptable": 0, "failures": 0, "reacks": 0}
 
@@ -436,6 +437,13 @@ class PeerSync(LinkSync):
 
     async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
         events, rotate = [], False
+        # volatile rows (a pull page may mix them in) are never stored: handed on, delivered live
+        volatile = [r for r in rows if isinstance(r, dict) and r.get("storage") == "volatile"]
+        if volatile:
+            rows = [r for r in rows if not (isinstance(r, dict) and r.get("storage") == "volatile")]
+            for row in volatile:
+                if self.on_volatile is not None:
+                    self.on_volatile(row)
         for row in rows:
             event, spk_used = await self.session.decode_row(self.link.gateway, row, sender)
             events.append(event)
@@ -492,7 +500,7 @@ class PeerSync(LinkSync):
             sender = peer.get("sender_aid") if isinstance(peer, dict) else None
             if isinstance(sender, str) and isinstance(peer.get("head_seq"), int):
                 local = await self._ack_of(sender)
-                if peer["head_seq"] > local:
+                if peer["head_seq"] > local or peer.get("volatile_has_more") is True:  # volatile rows: not stored
                     await self.sync_sender(sender)
                 server_ack = peer.get("server_ack_seq")
                 if isinstance(server_ack, int) and server_ack < await self._ack_of(sender):

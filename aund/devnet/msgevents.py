@@ -13,8 +13,11 @@
   (as the SDK expects: `owner_aid` is the receiving AID). `message.read_state` answers the states.
 - `message.send` with `ttl` > 0 (clamped to 1..3600 s): not stored, no seq; pushed inline to the
   receiver's long connections with `storage: "volatile"`, a `volatile_cursor`, `created_at` and
-  `expires_at`; kept in memory until it expires only to answer a retry of the same message id.
-  Volatile messages are not served by pulls here; an offline receiver misses them.
+  `expires_at`; kept in memory until it expires (a retry of the same id answers `duplicate`). A
+  receiver's device and slot that has not acked one (`message.v2.ack` with `volatile_cursors`,
+  `volatile_cursor` or `volatile_ids`) finds it in `message.v2.pull` pages (after
+  `after_volatile_cursor`, within the page's limit, `volatile_has_more`) and its sender in
+  `message.peers`; a devnet restart loses them, as production allows.
 
 All of this is in memory except the tombstones (messages like any other).
 """
@@ -206,31 +209,26 @@ def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, 
         raise RpcError(rpc.INVALID_PARAMS, "this devnet does not route volatile messages to another issuer")
     net, state = conn.net, _state(conn.net)
     now_ms = int(time.time() * 1000)
-    volatile = state["volatile"]
-    for key in [k for k, v in volatile.items() if v["expires_at"] <= now_ms]:
-        del volatile[key]
+    volatile = _live_volatile(state, now_ms)
     key = (to, conn.aid, message_id)
     known = volatile.get(key)
     if known is not None:
-        return dict(known, status="duplicate")
+        return dict(known["answer"], status="duplicate")
     state["cursor"] += 1
     cursor = f"v1:{state['boot']}:{state['cursor']}"
     ttl = max(1, min(ttl, MAX_TTL_SECONDS))
     answer = {"message_id": message_id, "status": "accepted", "storage": "volatile", "volatile_cursor": cursor,
               "created_at": now_ms, "expires_at": now_ms + ttl * 1000, "delivery_mode": "fanout"}
-    volatile[key] = answer
     msg = StoredMessage(to, 0, conn.aid, sender_device, message_id, kind, body, need_render, now_ms, 0)
-    extra = {"storage": "volatile", "volatile_cursor": cursor, "created_at": now_ms,
-             "expires_at": answer["expires_at"]}
+    volatile[key] = {"answer": answer, "msg": msg, "n": state["cursor"], "acked": set()}
     for target in list(net.live(to)):
         if target.kind != "long" or target.closed:
             continue
-        row = gw.render_row(msg, target.device_id, target.slot_id, inline=True)
+        row = _volatile_row(volatile[key], target.device_id, target.slot_id, inline=True)
         if row is None:
             continue
-        row.pop("seq", None)
-        row.update(extra)
         event = "peer.v2.message_received" if kind == "e2ee" else "message.received"
+        extra = {k: row[k] for k in ("storage", "volatile_cursor", "created_at", "expires_at")}
         params = dict(extra, message_id=message_id, to=to, cursor_scope="peer", device_id=target.device_id,
                       target_device_id=target.device_id, slot_id=target.slot_id, sender_device_id=sender_device,
                       inline_message=row, **{"from": conn.aid, "from_aid": conn.aid, "sender_aid": conn.aid})
@@ -238,16 +236,75 @@ def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, 
     return answer
 
 
-def volatile_ack(params: dict[str, Any]) -> dict[str, Any] | None:
-    """The `volatile_ack` part of a `message.v2.ack` answer (None when the ack names no cursor)."""
+def _live_volatile(state: dict[str, Any], now_ms: int) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The volatile messages not expired yet (the expired ones forgotten)."""
+    volatile = state["volatile"]
+    for key in [k for k, v in volatile.items() if v["answer"]["expires_at"] <= now_ms]:
+        del volatile[key]
+    return volatile
+
+
+def _volatile_row(item: dict[str, Any], device_id: str, slot_id: str, *, inline: bool) -> dict[str, Any] | None:
+    row = gw.render_row(item["msg"], device_id, slot_id, inline=inline)
+    if row is None:
+        return None
+    row.pop("seq", None)
+    answer = item["answer"]
+    row.update(storage="volatile", volatile_cursor=answer["volatile_cursor"], created_at=answer["created_at"],
+               expires_at=answer["expires_at"])
+    return row
+
+
+def _cursor_number(cursor: Any, boot: str) -> int:
+    """The position of a cursor of this boot ("v1:{boot}:{n}"); 0 for none or another boot's."""
+    parts = cursor.split(":") if isinstance(cursor, str) else []
+    return int(parts[2]) if len(parts) == 3 and parts[1] == boot and parts[2].isdigit() else 0
+
+
+def _pending_volatile(conn: "Conn", sender: str | None) -> list[dict[str, Any]]:
+    """The connection's unacked, unexpired volatile messages (from `sender`, or all), oldest first."""
+    state = _state(conn.net)
+    volatile = _live_volatile(state, int(time.time() * 1000))
+    mine = (conn.device_id, conn.slot_key)
+    return sorted((v for (to, frm, _), v in volatile.items()
+                   if to == conn.aid and (sender is None or frm == sender) and mine not in v["acked"]),
+                  key=lambda v: v["n"])
+
+
+def volatile_senders(conn: "Conn") -> set[str]:
+    """Senders with volatile messages this connection has not acked (`message.peers` lists them)."""
+    return {v["msg"].sender for v in _pending_volatile(conn, None)}
+
+
+def volatile_page(conn: "Conn", sender: str, params: dict[str, Any], room: int) -> tuple[list[dict[str, Any]], bool]:
+    """Up to `room` volatile rows from `sender` after `after_volatile_cursor`, and whether more wait."""
+    after = _cursor_number(params.get("after_volatile_cursor"), _state(conn.net)["boot"])
+    items = [v for v in _pending_volatile(conn, sender) if v["n"] > after]
+    rows = [r for r in (_volatile_row(v, conn.device_id, conn.slot_id, inline=False) for v in items[:room]) if r]
+    return rows, len(items) > room
+
+
+def volatile_ack(conn: "Conn", sender: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply the volatile part of a `message.v2.ack` (`volatile_cursors`, `volatile_cursor`,
+    `volatile_ids`) for this connection's device and slot; its answer, None when there is none."""
     cursors = params.get("volatile_cursors")
     if cursors is None and isinstance(params.get("volatile_cursor"), str):
         cursors = [params["volatile_cursor"]]
-    if cursors is None:
+    ids = params.get("volatile_ids")
+    if cursors is None and ids is None:
         return None
-    if not isinstance(cursors, list) or not all(isinstance(c, str) and c for c in cursors) or len(cursors) > 1000:
-        raise RpcError(rpc.INVALID_PARAMS, "volatile_cursors must be a list of cursors")
-    return {"accepted": len(cursors), "expired": 0}
+    for value, name in ((cursors, "volatile_cursors"), (ids, "volatile_ids")):
+        if value is not None and (not isinstance(value, list) or len(value) > 1000
+                                  or not all(isinstance(c, str) and c for c in value)):
+            raise RpcError(rpc.INVALID_PARAMS, f"{name} must be a list of strings")
+    wanted_cursors, wanted_ids = set(cursors or ()), set(ids or ())
+    accepted = 0
+    for item in _pending_volatile(conn, sender):
+        if item["answer"]["volatile_cursor"] in wanted_cursors or item["msg"].message_id in wanted_ids:
+            item["acked"].add((conn.device_id, conn.slot_key))
+            accepted += 1
+    total = len(wanted_cursors) + len(wanted_ids)
+    return {"accepted": accepted, "expired": max(0, total - accepted)}
 
 
 gw.HANDLERS.update({"message.recall": rpc_recall, "message.read": rpc_read, "message.read_state": rpc_read_state})

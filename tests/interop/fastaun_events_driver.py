@@ -105,7 +105,41 @@ async def events():
         await client.close()
 
 
-SCENARIOS = {"events": events}
+async def volatile_offline():
+    """One phase per process (env PHASE, PEER_AID): `register` connects once (publishing our
+    prekey) and leaves; `recv` connects and must get the peer's volatile message, sent while we
+    were away, by pull; `again` connects and must not get it again (acked); `send` sends the peer
+    a volatile message (while the peer is away) and leaves."""
+    peer, phase = os.environ["PEER_AID"], os.environ["PHASE"]
+    ids_file = WORK / "voff.json"
+    known = json.loads(ids_file.read_text())["aid"] if ids_file.exists() else None
+    aid, ident = await ensure("voff", known)
+    ids_file.write_text(json.dumps({"aid": aid}))
+    client = AUNClient(ident)
+    got = []
+    client.on("message.received", lambda m: got.append(m))
+    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
+    check(f"connect {phase}", client.state.value == "ready")
+    try:
+        if phase == "recv":
+            ok = await wait_for(lambda: any((m.get("payload") or {}).get("text") == "while away" for m in got), 20)
+            v = next((m for m in got if (m.get("payload") or {}).get("text") == "while away"), {})
+            check("the volatile message sent while away came by pull", ok and v.get("storage") == "volatile"
+                  and v.get("encrypted") is True and not v.get("seq"), {k: v.get(k) for k in ("storage", "seq")})
+            await asyncio.sleep(0.5)  # let the SDK ack it
+        elif phase == "again":
+            await asyncio.sleep(2.0)
+            check("not delivered again once acked", not any((m.get("payload") or {}).get("text") == "while away"
+                                                             for m in got), [m.get("message_id") for m in got])
+        elif phase == "send":
+            r = await client.call("message.send", {"to": peer, "payload": {"type": "text", "text": "to an absent aund"},
+                                                   "encrypt": True, "ttl": 120})
+            check("volatile sent to the absent peer", r.get("storage") == "volatile", r)
+    finally:
+        await client.close()
+
+
+SCENARIOS = {"events": events, "volatile_offline": volatile_offline}
 
 if __name__ == "__main__":
     asyncio.run(SCENARIOS[sys.argv[1]]())

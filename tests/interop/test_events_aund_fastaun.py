@@ -19,11 +19,17 @@ from tests.inproc import APP, ready_handle, start_daemon
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
 
-async def _fastaun(devnet, work, peer):
+async def _fastaun(devnet, work, peer, scenario="events", **env):
     env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca, AUN_WORKDIR=str(work),
-               PEER_AID=peer)
-    return await trio.run_process([sys.executable, str(ROOT / "tests/interop/fastaun_events_driver.py"), "events"],
+               PEER_AID=peer, **env)
+    return await trio.run_process([sys.executable, str(ROOT / "tests/interop/fastaun_events_driver.py"), scenario],
                                   env=env, capture_stdout=True, capture_stderr=True, check=False)
+
+
+def _checks(proc):
+    checks = [json.loads(x) for x in proc.stdout.decode().splitlines() if x.startswith("{")]
+    failed = [c for c in checks if not c.get("ok", True)]
+    assert proc.returncode == 0 and checks and not failed, (failed, proc.stderr.decode()[-3000:])
 
 
 async def _file(work, name, proc):
@@ -150,3 +156,41 @@ async def test_recall_read_invites_and_volatile_reach_aund_apps(devnet, tmp_path
     assert sum(e.kind == "message.recalled" for e in again) == 1
     assert [e.data["message_ids"] for e in again if e.kind == "message.recalled"] == [[mid]]
     assert not [e for e in again if e.data.get("message_id") == sent["volatile_id"]]
+
+
+async def test_volatile_messages_to_an_absent_receiver_come_by_pull_and_are_never_stored(devnet, tmp_path):
+    """While fastaun is away, aund sends it a volatile message: fastaun gets it by pull when it
+    connects, once. While aund is away, fastaun sends one: aund's catch-up pull finds it, hands it
+    on as a live event and acks it; it is never in aund's inbox."""
+    alice = f"voff-{os.getpid() % 100000}.aid.test"
+    work = tmp_path / "sdk"
+    work.mkdir()
+    with trio.fail_after(200):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            handle = await ready_handle(daemon, alice)
+            _checks(await _fastaun(devnet, work, alice, "volatile_offline", PHASE="register"))
+            bob = json.loads((work / "voff.json").read_text())["aid"]
+            r = await handle.call("message.send", {"to": bob, "ttl": 120, "payload": {"type": "text", "text": "while away"}},
+                                  timeout=None, background=False, app=APP)
+            assert r["storage"] == "volatile", r
+            _checks(await _fastaun(devnet, work, alice, "volatile_offline", PHASE="recv"))
+            _checks(await _fastaun(devnet, work, alice, "volatile_offline", PHASE="again"))
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+        _checks(await _fastaun(devnet, work, alice, "volatile_offline", PHASE="send"))
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice])
+            await ready_handle(daemon, alice)
+            entry = daemon.links[(alice, "main")]
+            while entry.events.stats["volatile"] < 1:
+                await trio.sleep(0.05)
+            await entry.sync.full_sync()  # acked: the gateway no longer lists or serves it
+            peers = await entry.link.call("message.peers", {"filter": "pending"})
+            rows = await daemon.inbox.read(alice, 0, (), 1000)
+            stats = dict(entry.events.stats)
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+    assert stats["volatile"] == 1 and stats["volatile_duplicates"] == 0, stats
+    assert not [p for p in peers["peers"] if p["sender_aid"] == bob], peers
+    assert not [r for r in rows if (r.data.get("payload") or {}).get("text") == "to an absent aund"]
