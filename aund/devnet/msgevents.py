@@ -6,6 +6,9 @@
   `type: "message.recalled"`, so a pull finds it) and an `event/message.recalled` push on its long
   connections. Answer: `{success, accepted, recalled, errors: [{message_id, error}] | None}`
   (`not_found` / `not_sender` / `already_recalled` / `expired`).
+- `group.recall {group_id, message_ids, reason?}`: the same for group messages (the sender's own,
+  120 s); `event/group.message_recalled` to every member, without the production's two
+  tombstones in the group's seq space.
 - `message.read {states: [{scope, topic_key, last_read_message_id}]}` (or one state at the top):
   the AID's shared read position per topic, which only moves forward (order = the seq of that
   message in the AID's inbox; an id it never received is kept `unresolved` and not broadcast).
@@ -131,6 +134,48 @@ def rpc_recall(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
             body, message_id=tombstone, tombstone_message_id=tombstone, seq=msg.seq, timestamp=msg.t_server,
             **{"from": conn.aid, "from_aid": conn.aid, "sender_aid": conn.aid, "to": receiver}))
     return {"success": True, "accepted": len(ids), "recalled": recalled, "errors": errors or None}
+
+
+def rpc_group_recall(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+    """`group.recall {group_id, message_ids, reason?}`: the sender recalls its own group messages
+    within RECALL_WINDOW_SECONDS; every member's long connections get `event/group.message_recalled`
+    (no tombstones in the group's seq space here: the push only)."""
+    from aund.devnet import groups as grp  # the group service (imported late: it imports the gateway)
+
+    svc, gid = grp._ctx(conn, params)
+    svc.require_member(gid, conn.aid)
+    ids = params.get("message_ids")
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_RECALL_IDS \
+            or not all(isinstance(i, str) and i.strip() and len(i) <= MAX_FIELD_CHARS for i in ids):
+        raise RpcError(rpc.INVALID_PARAMS, f"message_ids must be a list of 1..{MAX_RECALL_IDS} message ids")
+    reason = params.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 255:
+        raise RpcError(rpc.INVALID_PARAMS, "reason must be a string of at most 255 characters")
+    state, now = _state(conn.net), time.time()
+    recalled_set = state.setdefault("group_recalled", set())
+    accepted, recalled, seqs, errors = [], [], [], []
+    for message_id in dict.fromkeys(i.strip() for i in ids):
+        row = svc.db.execute("SELECT seq, sender_aid, created_at FROM grp_messages WHERE group_id=? AND message_id=?",
+                             (gid, message_id)).fetchone()
+        error = ("not_found" if row is None else "not_sender" if row["sender_aid"] != conn.aid
+                 else "already_recalled" if (gid, message_id) in recalled_set
+                 else "expired" if now - row["created_at"] / 1000 > RECALL_WINDOW_SECONDS else "")
+        if error:
+            errors.append({"message_id": message_id, "error": error})
+            continue
+        accepted.append(message_id)
+        recalled_set.add((gid, message_id))
+        recalled.append(message_id)
+        seqs.append(row["seq"])
+    if recalled:
+        tombstone = "grm-" + secrets.token_hex(12)
+        body = {"module_id": "group", "type": "group.message_recalled", "kind": "group.message_recalled",
+                "group_id": gid, "message_id": tombstone, "tombstone_message_id": tombstone, "message_ids": recalled,
+                "target_message_seqs": seqs, "sender_aid": conn.aid, "recalled_by": conn.aid,
+                "recalled_at": int(now * 1000), "timestamp": int(now * 1000), "reason": reason}
+        for member in svc.members(gid):
+            push(conn.net, member["aid"], "group.message_recalled", body)
+    return {"success": True, "accepted": accepted, "recalled": recalled, "errors": errors}
 
 
 # --- read positions -------------------------------------------------------------------------------
@@ -307,4 +352,4 @@ def volatile_ack(conn: "Conn", sender: str, params: dict[str, Any]) -> dict[str,
     return {"accepted": accepted, "expired": max(0, total - accepted)}
 
 
-gw.HANDLERS.update({"message.recall": rpc_recall, "message.read": rpc_read, "message.read_state": rpc_read_state})
+gw.HANDLERS.update({"group.recall": rpc_group_recall, "message.recall": rpc_recall, "message.read": rpc_read, "message.read_state": rpc_read_state})

@@ -180,3 +180,45 @@ async def test_invites_missed_while_offline_arrive_after_connect(devnet, tmp_pat
             nursery.cancel_scope.cancel()
     assert [(e.data["group_id"], e.data["invite_ids"]) for e in got] == [(invites[0][0], [invites[0][1]])]
     assert len(rows) == 1 and got[0].data["status"] == "pending" and got[0].data["inviter_aids"] == [alice]
+
+
+async def test_group_recall_reaches_every_member_once(devnet, tmp_path):
+    """alice (aund) recalls her group message: bob's apps (aund too) get `group.message_recalled`
+    durably, once though the push is replayed; a message of someone else cannot be recalled."""
+    alice, bob = _aid("grca"), _aid("grcb")
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            daemon = await start_daemon(nursery, devnet, tmp_path, [alice, bob])
+            ha, hb = await ready_handle(daemon, alice), await ready_handle(daemon, bob)
+
+            async def call(handle, method, params):
+                return await handle.call(method, params, timeout=None, background=False, app=APP)
+
+            gid = (await call(ha, "group.create", {"name": "recalls", "join_mode": "approval"}))["group"]["group_id"]
+            await call(ha, "group.add_member", {"group_id": gid, "aid": bob})
+            sent = await call(ha, "group.send", {"group_id": gid, "payload": {"type": "text", "text": "oops"}})
+            theirs = await call(hb, "group.send", {"group_id": gid, "payload": {"type": "text", "text": "mine"}})
+            got = []
+            async with aclosing(daemon.subscribe(APP, bob, ("group.message.received",), "t", 0)) as events:
+                async for event in events:
+                    got.append(event)
+                    if any(e.data.get("message_id") == sent["message_id"] for e in got):
+                        break
+            await trio.to_thread.run_sync(lambda: devnet.set_faults(replay_pushes=2))  # alice's and bob's push twice
+            r = await call(ha, "group.recall", {"group_id": gid, "message_ids": [sent["message_id"], theirs["message_id"]]})
+            assert (await trio.to_thread.run_sync(devnet.set_faults))["replay_pushes"] == 0  # both were replayed
+            assert r["recalled"] == [sent["message_id"]] and r["errors"] == [
+                {"message_id": theirs["message_id"], "error": "not_sender"}], r
+            recalls = []
+            async with aclosing(daemon.subscribe(APP, bob, ("group.message_recalled",), "r", 0)) as events:
+                async for event in events:
+                    recalls.append(event)
+                    break
+            with trio.move_on_after(1.0):  # a second row would come now
+                async with aclosing(daemon.subscribe(APP, bob, ("group.message_recalled",), "r2", recalls[0].cursor)) as evs:
+                    async for event in evs:
+                        recalls.append(event)
+            await daemon.aclose()
+            nursery.cancel_scope.cancel()
+    assert len(recalls) == 1 and recalls[0].data["group_id"] == gid
+    assert recalls[0].data["message_ids"] == [sent["message_id"]] and recalls[0].data["recalled_by"] == alice

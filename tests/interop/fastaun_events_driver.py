@@ -13,6 +13,8 @@ AUN_WORKDIR:
   we write plain_seen once it came     -> the test sends a volatile "aund volatile"
   we read it (message.read): our SDK must publish message.read_changed; write read.json
   test writes revoke                       -> we revoke the invite, write revoked
+  we create a second group with the peer, send "group oops", write group_sent.json
+  test writes group_seen (aund got it)     -> we recall it (group.recall), write group_recalled
   test writes done                         -> we leave
 """
 import asyncio
@@ -40,6 +42,8 @@ async def events():
     inbox, read_changed = {}, []
     client.on("message.received", lambda m: inbox.setdefault((m.get("payload") or {}).get("text"), m))
     client.on("message.read_changed", lambda e: read_changed.append(e))
+    group_recalls = []
+    client.on("group.message_recalled", lambda e: group_recalls.append(e))
     await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
     check("connect", client.state.value == "ready", client.state.value)
     (WORK / "fast.json").write_text(json.dumps({"aid": aid}))
@@ -99,6 +103,23 @@ async def events():
         r = await client.call("group.revoke_invite", {"invite_id": invite.get("invite_id")})
         check("revoke the invite", r.get("status") == "revoked", r)
         (WORK / "revoked").write_text("1")
+
+        # a group with the peer in it: a group message, then its recall
+        created = await client.call("group.create", {"name": "recalls", "join_mode": "approval"})
+        rgid = created["group"]["group_id"]
+        r = await client.call("group.add_member", {"group_id": rgid, "aid": peer})
+        check("added the aund AID", (r.get("member") or {}).get("aid") == peer, r)
+        r = await client.call("group.send", {"group_id": rgid, "payload": {"type": "text", "text": "group oops"}})
+        gmid = r.get("message_id")
+        check("group message sent", bool(gmid), r)
+        (WORK / "group_sent.json").write_text(json.dumps({"group_id": rgid, "message_id": gmid}))
+        await wait_file("group_seen")
+        r = await client.call("group.recall", {"group_id": rgid, "message_ids": [gmid]})
+        check("group recall answered", r.get("recalled") == [gmid] and not r.get("errors"), r)
+        got = await wait_for(lambda: group_recalls, 15)
+        check("our SDK took the devnet's group.message_recalled", got and group_recalls[0].get("message_ids") == [gmid]
+              and group_recalls[0].get("group_id") == rgid, group_recalls[:1])
+        (WORK / "group_recalled").write_text("1")
         note(aid=aid, group_id=gid)
         await wait_file("done", 60)
     finally:

@@ -97,6 +97,12 @@ async def test_recall_read_invites_and_volatile_reach_aund_apps(devnet, tmp_path
             (work / "revoke").touch()
             await _file(work, "revoked", proc)
             await _until(lambda: "group.invite_finalized" in kinds(), "invite_finalized")
+            group_sent = await _file(work, "group_sent.json", proc)
+            await _until(lambda: any(e.kind == "group.message.received" and e.data.get("message_id")
+                                     == group_sent["message_id"] for e in got), "the group message")
+            (work / "group_seen").touch()
+            await _file(work, "group_recalled", proc)
+            await _until(lambda: "group.message_recalled" in kinds(), "group.message_recalled")
             entry = daemon.links[(alice, "main")]
             # the recall's tombstone (seq 2 of bob's stream) is pulled too: the same row, not a second one
             await _until(lambda: entry.sync._acks.get(bob, 0) >= 2, "the tombstone pulled")
@@ -135,6 +141,11 @@ async def test_recall_read_invites_and_volatile_reach_aund_apps(devnet, tmp_path
     assert invites[0].data["status"] == "pending"
     final = by_kind["group.invite_finalized"]
     assert len(final) == 1 and final[0].data["status"] == "revoked" and final[0].cursor is not None
+
+    group_recalls = by_kind["group.message_recalled"]
+    assert len(group_recalls) == 1 and group_recalls[0].cursor is not None
+    assert group_recalls[0].data["message_ids"] == [group_sent["message_id"]]
+    assert group_recalls[0].data["group_id"] == group_sent["group_id"] and group_recalls[0].data["recalled_by"] == bob
 
     reads = by_kind["message.read_changed"]
     assert len(reads) == 1 and reads[0].cursor is not None
