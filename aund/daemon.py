@@ -38,7 +38,7 @@ from aund.errors import (
 from aund.identity import agent_md
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
-from aund.inbox import AckPastHead, Inbox
+from aund.inbox import QUARANTINED_KIND, AckPastHead, Inbox
 
 log = structlog.get_logger("aund.daemon")
 
@@ -49,7 +49,7 @@ MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GR
 #: others live; aund/aun/events.py has the table of gateway events behind them.
 DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
 LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
-ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES
+ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES | {QUARANTINED_KIND}  # (it stands in for a damaged row)
 SYNC_METHODS = frozenset({"message.pull", "message.v2.pull", "message.ack", "message.v2.ack", "message.peers",
                           "group.pull", "group.v2.pull", "group.ack_messages", "group.v2.ack", "group.pull_events",
                           "group.ack_events"})
@@ -485,13 +485,14 @@ class Daemon:
         (volatile ones to the event sink), group pushes to the group sync, durable events to the
         inbox through the event sink, the rest live to the subscribers."""
         entry = self.links.get((link.aid, link.config.slot_id))
-        if entry is not None and name in gw_events.MESSAGE_PUSHES:
-            if gw_events.is_volatile(params) and entry.events is not None:
+        if name in gw_events.MESSAGE_PUSHES:
+            if entry is not None and gw_events.is_volatile(params) and entry.events is not None:
                 entry.events.on_event(name, params)
-            else:
+            elif entry is not None:
                 entry.sync.on_event(name, params)
-        elif entry is not None and entry.groups is not None and name in GROUP_EVENTS:
-            entry.groups.on_event(name, params)
+        elif name in GROUP_EVENTS:
+            if entry is not None and entry.groups is not None:
+                entry.groups.on_event(name, params)
         elif name in LINK_EVENT_KINDS:
             self._publish(link.aid, name, params)
         else:
@@ -502,7 +503,7 @@ class Daemon:
             elif rule.kind == gw_events.OTHER_KIND:
                 self._publish(link.aid, rule.kind, {"event": name, "params": params})
             else:
-                self._publish(link.aid, rule.kind, params if isinstance(params, dict) else {"value": params})
+                self._publish(link.aid, rule.kind, params)
 
     def _on_link_state(self, link: Link, state: LinkState, info: dict[str, Any]) -> None:
         self._publish(link.aid, "state_change", {"slot_id": link.config.slot_id, "state": state.value, **info})
@@ -585,7 +586,8 @@ class Daemon:
 
     async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                         start: str | int) -> AsyncIterator[InboxEvent]:
-        """Durable message events from the inbox (from `start`), interleaved with live link events."""
+        """Durable events from the inbox (from `start`), interleaved with live ones (link events,
+        live gateway events, volatile messages); InvalidParams for an unknown kind."""
         aid = _normalize_aid(aid)
         if not self.allowed(app, aid):
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
@@ -641,7 +643,7 @@ def consumer_key(app: AppIdentity, consumer: str) -> str:
 
 
 class _Subscriber:
-    """Wake-ups and a bounded queue of live link events for one subscription."""
+    """Wake-ups and a bounded queue of live events (link, gateway, volatile) for one subscription."""
 
     def __init__(self, live_kinds: frozenset[str]) -> None:
         self.live_kinds = live_kinds  # exact kinds and families ("app.*")
