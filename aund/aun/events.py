@@ -264,6 +264,7 @@ class GatewayEvents:
         self.aid = link.aid
         self.volatile_seen = VolatileSeen(now)
         self._send, self._recv = trio.open_memory_channel[tuple[str, str, Any]](EVENT_QUEUE)
+        self._overflowed = False
         self.stats = {"durable": 0, "duplicates": 0, "malformed": 0, "volatile": 0, "volatile_duplicates": 0,
                       "dropped": 0}
 
@@ -274,6 +275,7 @@ class GatewayEvents:
             self._send.send_nowait((what, name, params))
         except trio.WouldBlock:
             self.stats["dropped"] += 1
+            self._overflowed = True  # once the queue drains, a catch-up asks for what can be asked for
             log.warning("events.queue_full", aid=self.aid, gateway_event=name)
 
     def on_connected(self) -> None:
@@ -281,11 +283,15 @@ class GatewayEvents:
         try:
             self._send.send_nowait(("catch_up", "", None))
         except trio.WouldBlock:
-            self.stats["dropped"] += 1
+            self._overflowed = True
 
     async def run(self) -> None:
         while True:
-            what, name, params = await self._recv.receive()
+            if self._overflowed and self._recv.statistics().current_buffer_used == 0:
+                self._overflowed = False
+                what, name, params = "catch_up", "", None
+            else:
+                what, name, params = await self._recv.receive()
             try:
                 if what == "durable":
                     await self._durable(name, params)

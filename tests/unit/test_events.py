@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aund.aun import events as ev
 from aund.aun.groups import GROUP_EVENTS
 from aund.daemon import ALL_KINDS, LINK_EVENT_KINDS
+from aund.inbox import Inbox
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,3 +133,39 @@ def test_catch_up_splits_invites_and_owns_read_states():
     out = ev.catch_up_events("me.aid.test", "message.read_state", states)
     assert [ev.durable_event("me.aid.test", *o) is not None for o in out] == [True, False]  # unresolved: no event
     assert ev.catch_up_events("me.aid.test", "message.read_state", None) == []
+
+
+class _CountingLink:
+    """Stands in for a link (fault injection: a burst larger than the queue); answers the catch-up calls."""
+
+    aid = "me.aid.test"
+    gateway = "ws://127.0.0.1:1/aun"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def call(self, method, params, **_):
+        self.calls.append(method)
+        if method == "group.list_my_invites":
+            return {"items": [{"group_id": "g.aid.test", "invite_ids": ["late"], "status": "pending"}]}
+        return {"states": []}
+
+
+async def test_an_overflowing_queue_asks_again_once_drained(tmp_path):
+    inbox = Inbox(tmp_path / "inbox.sqlite3", b"k" * 32)
+    link = _CountingLink()
+    sink = ev.GatewayEvents(link, None, inbox, lambda *a: None)
+    for i in range(ev.EVENT_QUEUE + 10):  # the reader pushes faster than the sink drains
+        sink.on_event("message.recalled", {"from": "bob.aid.test", "message_ids": [f"m{i}"]})
+    assert sink.stats["dropped"] == 10
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sink.run)
+            while "message.read_state" not in link.calls:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    rows = await inbox.read("me.aid.test", 0, (), 5000)
+    assert sum(r.kind == "message.recalled" for r in rows) == ev.EVENT_QUEUE
+    assert [r.data["invite_ids"] for r in rows if r.kind == "group.invite_received"] == [["late"]]
+    assert link.calls == ["group.list_my_invites", "message.read_state"]
+    inbox.close()
