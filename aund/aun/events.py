@@ -54,7 +54,7 @@ MAX_KEY_CHARS = 2048
 class Rule:
     kind: str      # the kind apps subscribe to
     durable: bool  # True: inbox (acked by consumers); False: live, current subscribers only
-    sdk: str       # what the SDK 0.5.25 does with it (documentation; shown in docs/local-protocol.md)
+    sdk: str       # what the SDK 0.5.25 does with it (documentation)
 
 
 def _text(value: Any) -> str:
