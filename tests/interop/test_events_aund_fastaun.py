@@ -196,12 +196,15 @@ async def test_volatile_messages_to_an_absent_receiver_come_by_pull_and_are_neve
             entry = daemon.links[(alice, "main")]
             while entry.events.stats["volatile"] < 1:
                 await trio.sleep(0.05)
-            await entry.sync.full_sync()  # acked: the gateway no longer lists or serves it
-            peers = await entry.link.call("message.peers", {"filter": "pending"})
+            while True:  # acked: the gateway no longer lists it
+                peers = await entry.link.call("message.peers", {"filter": "pending"})
+                if not [p for p in peers["peers"] if p["sender_aid"] == bob]:
+                    break
+                await trio.sleep(0.05)
+            await entry.sync.full_sync()  # nor serves it: a later pull delivers nothing again
             rows = await daemon.inbox.read(alice, 0, (), 1000)
             stats = dict(entry.events.stats)
             await daemon.aclose()
             nursery.cancel_scope.cancel()
-    assert stats["volatile"] == 1 and stats["volatile_duplicates"] == 0, stats
-    assert not [p for p in peers["peers"] if p["sender_aid"] == bob], peers
+    assert stats["volatile"] == 1, stats  # delivered once, however often pulled before its ack landed
     assert not [r for r in rows if (r.data.get("payload") or {}).get("text") == "to an absent aund"]
