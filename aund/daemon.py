@@ -21,7 +21,7 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, ids, methods, notify as notify_frames, transport
+from aund.aun import auth, events as gw_events, ids, methods, notify as notify_frames, transport
 from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
@@ -37,13 +37,18 @@ from aund.errors import (
 from aund.identity import agent_md, pki
 from aund.identity.errors import CorruptIdentity, IdentityNotFound
 from aund.identity.store import Identity, IdentityStore
-from aund.inbox import AckPastHead, Inbox
+from aund.inbox import QUARANTINED_KIND, AckPastHead, Inbox
 
 log = structlog.get_logger("aund.daemon")
 
 LINK_EVENT_KINDS = frozenset({"state_change", "connection.error", "token.refreshed", "gateway.disconnect",
                               "sync.proof_rejected"})
 MESSAGE_EVENT_KINDS = frozenset({"message.received", "message.undecryptable", GROUP_MESSAGE_KIND, GROUP_CHANGED_KIND})
+#: Everything `subscribe` accepts (and `kinds: []` means): durable kinds come from the inbox, the
+#: others live; aund/aun/events.py has the table of gateway events behind them.
+DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
+LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
+ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES | {QUARANTINED_KIND}  # (it stands in for a damaged row)
 RESYNC_BUDGET_SECONDS = 10.0
 RENEW_RETRY_SECONDS = (30.0, 3600.0)  # a failed automatic renewal is retried after 30 s, doubling to 1 h
 RENEW_CHECK_SECONDS = 6 * 3600.0      # the renewal timer looks again at least this often (clock changes)
@@ -103,6 +108,7 @@ class LinkEntry:
     pinned: bool
     holders: dict[object, int] = field(default_factory=dict)  # each session or subscription -> its app's conn_id
     groups: GroupSync | None = None
+    events: gw_events.GatewayEvents | None = None
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
     options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONNECT_OPTIONS))  # connect options
@@ -455,13 +461,15 @@ class Daemon:
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)
+        events = gw_events.GatewayEvents(link, session, self.inbox, self._publish)
+        sync.on_volatile = lambda row: events.on_event("message.received", {"inline_message": row})
         if entry is not None and entry.link.state == LinkState.CONNECTION_FAILED:
             # started anew in place: the apps' handles and holds stay valid and follow the new link
-            entry.link, entry.sync, entry.groups, entry.trust_epoch = link, sync, groups, self.trust_epoch
-            entry.pinned, entry.options = entry.pinned or pinned, dict(options)
+            entry.link, entry.sync, entry.groups, entry.events = link, sync, groups, events
+            entry.trust_epoch, entry.pinned, entry.options = self.trust_epoch, entry.pinned or pinned, dict(options)
         else:
             entry = LinkEntry(link, sync, session, pinned, groups=groups, trust_epoch=self.trust_epoch,
-                              options=dict(options))
+                              options=dict(options), events=events)
             self.links[key] = entry
         assert self._nursery is not None
         await self._nursery.start(self._run_link, entry)
@@ -475,6 +483,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(entry.sync.run)
             nursery.start_soon(entry.groups.run)
+            nursery.start_soon(entry.events.run)
             await nursery.start(entry.link.run)
             task_status.started()
             await entry.link.wait_stopped()
@@ -490,6 +499,8 @@ class Daemon:
             await entry.sync.full_sync()
         with trio.move_on_after(RESYNC_BUDGET_SECONDS):
             await entry.groups.on_connected()  # group prekeys, then catch-up queued to the group sync
+        if entry.events is not None:
+            entry.events.on_connected()  # invites and read positions missed while away, queued
 
     async def _publish_agent_md(self, link: Link, identity: Identity, *, force: bool = False) -> None:
         """Publish the AID's signed agent.md once (the production gateway refuses clients that
@@ -797,13 +808,29 @@ class Daemon:
 
     # --- events ----------------------------------------------------------------------------------
     def _on_link_event(self, link: Link, name: str, params: dict[str, Any]) -> None:
+        """Every gateway event goes somewhere (aund/aun/events.py): message pushes to the peer sync
+        (volatile ones to the event sink), group pushes to the group sync, durable events to the
+        inbox through the event sink, the rest live to the subscribers."""
         entry = self.links.get((link.aid, link.config.slot_id))
-        if entry is not None and name in ("peer.v2.message_received", "message.received"):
-            entry.sync.on_event(name, params)
-        elif entry is not None and entry.groups is not None and name in GROUP_EVENTS:
-            entry.groups.on_event(name, params)
+        if name in gw_events.MESSAGE_PUSHES:
+            if entry is not None and gw_events.is_volatile(params) and entry.events is not None:
+                entry.events.on_event(name, params)
+            elif entry is not None:
+                entry.sync.on_event(name, params)
+        elif name in GROUP_EVENTS:
+            if entry is not None and entry.groups is not None:
+                entry.groups.on_event(name, params)
         elif name in LINK_EVENT_KINDS:
             self._publish(link.aid, name, params)
+        else:
+            rule = gw_events.rule_for(name)
+            if rule.durable:
+                if entry is not None and entry.events is not None:
+                    entry.events.on_event(name, params)
+            elif rule.kind == gw_events.OTHER_KIND:
+                self._publish(link.aid, rule.kind, {"event": name, "params": params})
+            else:
+                self._publish(link.aid, rule.kind, params)
 
     def _on_link_state(self, link: Link, state: LinkState, info: dict[str, Any]) -> None:
         self._publish(link.aid, "state_change", {"slot_id": link.config.slot_id, "state": state.value, **info})
@@ -950,10 +977,19 @@ class Daemon:
         self._hold(entry, holder, app.conn_id)
         return entry
 
+    def check_kinds(self, kinds: tuple[str, ...]) -> None:
+        unknown = sorted({k for k in kinds if k not in ALL_KINDS and not gw_events.is_known_kind(k)})
+        if unknown:
+            known = sorted(ALL_KINDS)
+            raise InvalidParams(f"unknown event kind(s) {', '.join(map(repr, unknown))}; known kinds: "
+                                f"{', '.join(known)} (and any app.*, org.* or credential.* name)",
+                                data={"arg": "kinds", "unknown": unknown, "known": known})
+
     async def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                         start: str | int) -> AsyncIterator[InboxEvent]:
-        """Durable message events from the inbox (from `start`), interleaved with live link events;
-        holds the AID's link while it runs."""
+        """Durable events from the inbox (from `start`), interleaved with live ones (link events,
+        live gateway events, volatile messages); holds the AID's link while it runs; InvalidParams
+        for an unknown kind."""
         aid = self._permitted(app, aid)
         assert self.inbox is not None
         if start == "last_ack":
@@ -966,9 +1002,10 @@ class Daemon:
             cursor = start
         else:
             raise InvalidParams("start must be 'last_ack', 'now' or a cursor (int >= 0)")
-        wanted = set(kinds) if kinds else set(MESSAGE_EVENT_KINDS | LINK_EVENT_KINDS)
-        durable = tuple(sorted(wanted & MESSAGE_EVENT_KINDS))
-        sub = _Subscriber(wanted & LINK_EVENT_KINDS)
+        self.check_kinds(kinds)
+        wanted = set(kinds) if kinds else set(ALL_KINDS)
+        durable = tuple(sorted(wanted & DURABLE_KINDS))
+        sub = _Subscriber(frozenset(wanted - DURABLE_KINDS) | (frozenset(wanted) & {"message.undecryptable"}))
         self._subscribers.setdefault(aid, set()).add(sub)
         held: LinkEntry | None = None
         try:
@@ -1021,15 +1058,15 @@ def consumer_key(app: AppIdentity, consumer: str) -> str:
 
 
 class _Subscriber:
-    """Wake-ups and a bounded queue of live link events for one subscription."""
+    """Wake-ups and a bounded queue of live events (link, gateway, volatile) for one subscription."""
 
-    def __init__(self, link_kinds: set[str]) -> None:
-        self.link_kinds = link_kinds
+    def __init__(self, live_kinds: frozenset[str]) -> None:
+        self.live_kinds = live_kinds  # exact kinds and families ("app.*")
         self.pending: deque[tuple[str, dict[str, Any]]] = deque(maxlen=64)
         self._event = trio.Event()
 
     def offer(self, kind: str, data: dict[str, Any]) -> None:
-        if kind in self.link_kinds:
+        if gw_events.kind_matches(self.live_kinds, kind):
             self.pending.append((kind, data))
             self.wake()
 

@@ -93,6 +93,13 @@ class DevnetProcess:
         with urllib.request.urlopen(self.http_url + "/devnet/stats", timeout=5) as r:
             return json.loads(r.read())
 
+    def push_event(self, aid: str, event: str, params: Any) -> dict[str, Any]:
+        """Have the devnet push `event/{event}` with `params` (as they are) to the AID's long connections."""
+        body = json.dumps({"aid": aid, "event": event, "params": params}).encode()
+        req = urllib.request.Request(self.http_url + "/devnet/push", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
     def set_faults(self, **knobs: Any) -> dict[str, Any]:
         req = urllib.request.Request(self.http_url + "/devnet/faults", data=json.dumps(knobs).encode(), method="PUT")
         with urllib.request.urlopen(req, timeout=5) as r:

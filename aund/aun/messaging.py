@@ -24,7 +24,7 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import ids, jsonrpc as rpc
+from aund.aun import events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
@@ -418,6 +418,13 @@ class E2EESession:
         if kind in ("malformed", "unsupported"):
             return self._undecryptable(base, sender, seq, f"{kind}_envelope", envelope), ""
         if kind == "plain":
+            if isinstance(envelope, dict) and envelope.get("type") == "message.recalled":
+                # a recall tombstone in the stream: the same durable event as its push (one row)
+                recall = events.durable_event(self.aid, "message.recalled", dict(
+                    envelope, message_id=message_id, tombstone_message_id=message_id, seq=seq,
+                    timestamp=base["timestamp"], to=self.aid, **{"from": sender}))
+                if recall is not None:
+                    return recall, ""
             data = dict(base, payload=envelope, encrypted=False, protected_headers={})
             return NewEvent("message.received", sender, message_id, seq, data), ""
         try:
@@ -469,6 +476,7 @@ class PeerSync(LinkSync):
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
+        self.on_volatile = None  # (row) for a volatile row found in a pull page (never stored here)
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "pages_rejected": 0, "committed": 0,
                       "duplicates": 0, "undecryptable": 0, "failures": 0, "reacks": 0, "skipped": 0}
 
@@ -545,6 +553,13 @@ class PeerSync(LinkSync):
 
     async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
         events, rotate = [], False
+        # volatile rows (a pull page may mix them in) are never stored: handed on, delivered live
+        volatile = [r for r in rows if isinstance(r, dict) and r.get("storage") == "volatile"]
+        if volatile:
+            rows = [r for r in rows if not (isinstance(r, dict) and r.get("storage") == "volatile")]
+            for row in volatile:
+                if self.on_volatile is not None:
+                    self.on_volatile(row)
         for row in rows:
             event, spk_used = await self.session.decode_row(self.link.gateway, row, sender)
             events.append(event)
@@ -626,8 +641,8 @@ class PeerSync(LinkSync):
                 pending = peer.get("next_pending_seq")
                 if peer.get("server_ack_seq") == local and isinstance(pending, int) and pending > local:
                     self._next_row[sender] = (local, pending)
-                if peer["head_seq"] > local:
-                    await self.sync_sender(sender, peer["head_seq"])
+                if peer["head_seq"] > local or peer.get("volatile_has_more") is True:  # volatile rows: not stored
+                    await self.sync_sender(sender, peer["head_seq"] if peer["head_seq"] > local else None)
                 server_ack = peer.get("server_ack_seq")
                 if isinstance(server_ack, int) and server_ack < await self._ack_of(sender):
                     self.stats["reacks"] += 1

@@ -119,6 +119,9 @@ class Backend(Protocol):
     async def restart_link(self, app: AppIdentity, aid: str, slot_id: str) -> dict[str, Any]:
         """Start the (AID, slot) link again if it stopped for good: `{aid, slot_id, restarted, state}`."""
 
+    def check_kinds(self, kinds: tuple[str, ...]) -> None:
+        """Refuse (InvalidParams listing the known kinds) a subscription to kinds that do not exist."""
+
     def subscribe(self, app: AppIdentity, aid: str, kinds: tuple[str, ...], consumer: str,
                   start: str | int) -> AsyncIterator[InboxEvent]:
         """Events for `aid` from the durable inbox (and link events), from `start`:

@@ -809,6 +809,9 @@ class AppSession:
             raise InvalidParams("argument 'kinds' must be a list of event kinds", data={"arg": "kinds"})
         start = _start(args)
         aid = self._authorized(args)
+        check_kinds = getattr(self.backend, "check_kinds", None)  # a backend without it accepts any kind
+        if check_kinds is not None:
+            check_kinds(tuple(kinds))
         if len(self.subscriptions) >= self.limits.subscriptions_per_app:
             raise self._quota("subscriptions", self.limits.subscriptions_per_app)
         iterator = self.backend.subscribe(self.app, aid, tuple(kinds), consumer, start)

@@ -372,6 +372,8 @@ class Devnet:
             aid = (query.get("aid") or [""])[0].strip().lower()
             return (200, {"aid": aid, "deleted": True}, {}) if self.store.delete_agent_md(aid) \
                 else (404, {"error": f"no agent.md for {aid!r}"}, {})
+        if path == "/devnet/push" and method == "POST":  # a test knob: any event, as a gateway would push it
+            return _msgevents.push_http(self, body)
         if path == "/devnet/faults" and method == "PUT":
             try:
                 knobs = rpc.loads(body.decode("utf-8", "replace") or "{}")
@@ -1092,6 +1094,9 @@ class Conn:
             if aad.get("from") != self.aid or aad.get("message_id") != message_id:
                 raise RpcError(rpc.INVALID_PARAMS, "envelope aad.from / aad.message_id do not match the request")
             sender_device = str(aad.get("from_device") or self.device_id)
+        ttl = params.get("ttl", 0)
+        if ttl is not None and ttl != 0 and not (isinstance(ttl, int) and not isinstance(ttl, bool) and ttl < 0):
+            return _msgevents.send_volatile(self, to, message_id, kind, body, need_render, sender_device, ttl)
         if remote is not None and federation.issuer_of(to) != self.net.issuer:
             return self._send_foreign(remote, {"to": to, "from": self.aid, "sender_device_id": sender_device,
                                                "message_id": message_id, "kind": kind, "payload": payload,
@@ -1112,11 +1117,18 @@ class Conn:
         if not isinstance(token, str):
             raise RpcError(rpc.INVALID_PARAMS, "page_token must be a string")
         rows = self.net.store.peers(self.aid, self.device_id, self.slot_key)
+        volatile = _msgevents.volatile_senders(self)
+        known = {r["sender"] for r in rows}
+        rows += [{"sender": s, "head": 0, "ack": 0, "next_pending": 0} for s in sorted(volatile - known)]
+        rows.sort(key=lambda r: r["sender"])
         peers = [{"sender_aid": r["sender"], "head_seq": r["head"], "server_ack_seq": r["ack"],
                   "initial_after_seq": 0, "initialization_source": "bootstrap",
-                  "next_pending_seq": r["next_pending"] or r["head"] + 1, "volatile_has_more": False,
-                  "retention_floor_seq": 0}
-                 for r in rows if filt == "all" or r["head"] > r["ack"]]
+                  "next_pending_seq": r["next_pending"] or r["head"] + 1,
+                  "volatile_has_more": r["sender"] in volatile, "retention_floor_seq": 0}
+                 for r in rows if filt == "all" or r["head"] > r["ack"] or r["sender"] in volatile]
+        for p in peers:
+            if p["head_seq"] == 0 and p["volatile_has_more"]:
+                del p["next_pending_seq"]  # volatile-only: no persistent candidate to name
         result: dict[str, Any] = {"cursor_scope": "peer", "receiver_aid": self.aid, "device_id": self.device_id,
                                   "bootstrap_floor_seq": 0, "catalog_ready": True, "catalog_revision": 1}
         if filt == "all":
@@ -1155,12 +1167,17 @@ class Conn:
             examined = None  # the page stops at its last row
         head = max(store.peer_head(self.aid, sender), scan_after)
         covered = (rows[-1].seq if examined is None else examined) if has_more else head
+        tail = params.get("window_mode") == "tail"
+        volatile, volatile_more = ([], False) if tail else _msgevents.volatile_page(self, sender, params,
+                                                                                     limit - len(messages))
         result = {"cursor_scope": "peer", "sender_aid": sender, "device_id": self.device_id,
-                  "messages": messages, "count": len(messages), "scan_after_seq": scan_after,
+                  "messages": messages + volatile, "count": len(messages) + len(volatile), "scan_after_seq": scan_after,
                   "covered_through_seq": covered, "next_after_seq": covered, "head_seq": head,
-                  "retention_floor_seq": 0, "persistent_has_more": has_more, "volatile_has_more": False,
-                  "has_more": has_more, "server_ack_seq": ack}
-        if params.get("window_mode") == "tail":
+                  "retention_floor_seq": 0, "persistent_has_more": has_more, "volatile_has_more": volatile_more,
+                  "has_more": has_more or volatile_more, "server_ack_seq": ack}
+        if volatile:
+            result["latest_volatile_cursor"] = volatile[-1]["volatile_cursor"]
+        if tail:
             result["window_start_seq"] = scan_after
         if self.net.faults.break_proof > 0 and messages:
             self.net.faults.break_proof -= 1
@@ -1186,9 +1203,13 @@ class Conn:
             self.net.faults.fail_acks -= 1
             raise RpcError(5003, "ack service unavailable (devnet fault)", {"retryable": True})
         up_to = _int(params, "up_to_seq", 0)
+        volatile = _msgevents.volatile_ack(self, sender, params)
         effective = self.net.store.ack(self.aid, self.device_id, self.slot_key, sender, up_to)
-        return {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
-                "effective_ack_seq": effective, "ack_seq": effective}
+        result = {"success": True, "cursor_scope": "peer", "sender_aid": sender, "peer_ack_seq": effective,
+                  "effective_ack_seq": effective, "ack_seq": effective}
+        if volatile is not None:
+            result["volatile_ack"] = volatile
+        return result
 
 
 HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
@@ -1214,3 +1235,4 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
 # (group.list_my and group.list_my_invites included).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
 from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)
+from aund.devnet import msgevents as _msgevents  # noqa: E402  (message.recall / read / read_state, volatile sends)
