@@ -122,6 +122,7 @@ class _Handle:
     def __init__(self, daemon: "Daemon", entry: LinkEntry) -> None:
         self.daemon, self.entry = daemon, entry
         self.aid, self.slot_id = entry.link.aid, entry.link.config.slot_id
+        self.protected_headers: dict[str, str] = {}  # signed into this session's sends
 
     def state(self) -> str:
         return self.entry.link.state.value
@@ -140,7 +141,7 @@ class _Handle:
             raise InvalidParams(f"{method} does not accept {refused[0]!r}: delivery is a property of the "
                                 "connection, not of one message (the official SDK refuses it too)",
                                 data={"arg": f"params.{refused[0]}"})
-        headers = self.daemon.protected_headers.get((app.conn_id, self.aid))
+        headers = self.protected_headers
         session, link = self.entry.session, self.entry.link
         if method == "message.send":
             return await session.send(link, params, headers, timeout=timeout)
@@ -165,7 +166,9 @@ class _Handle:
         return {"sent": True, "method": wire_method}
 
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
-        self.daemon.protected_headers[(app.conn_id, self.aid)] = dict(headers)
+        """This session's headers (the SDK's are per client instance; here per app session, so
+        closing another session of the same AID leaves them alone)."""
+        self.protected_headers = dict(headers)
 
     def invalidate_prekey_cache(self, peer_aid: str) -> None:
         self.entry.session.invalidate(peer_aid)
@@ -181,7 +184,6 @@ class Daemon:
         self.rng = rng
         self.global_budget = trio.CapacityLimiter(config.global_in_flight)
         self.links: dict[tuple[str, str], LinkEntry] = {}
-        self.protected_headers: dict[tuple[int, str], dict[str, str]] = {}
         self.sessions: dict[str, E2EESession] = {}
         self.group_sessions: dict[str, GroupSession] = {}
         self.inbox: Inbox | None = None
@@ -958,7 +960,6 @@ class Daemon:
         return handle
 
     async def release_session(self, app: AppIdentity, handle: _Handle) -> None:
-        self.protected_headers.pop((app.conn_id, handle.aid), None)
         self._let_go(handle.entry, handle)
 
     async def _hold_for_subscription(self, app: AppIdentity, aid: str, holder: object) -> LinkEntry | None:
