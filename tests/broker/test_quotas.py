@@ -1,4 +1,4 @@
-"""Per-uid and per-AID shares of the broker (issue 12, item 7): one user cannot take every
+"""Per-uid and per-AID shares of the broker: one user cannot take every
 connection, one slow AID or one busy user cannot take every global call slot, and the gateway
 links one app or one user may hold are capped. The real socket server over the scripted
 FakeBackend; the other user is a real process that drops to uid 65534 before it connects (the

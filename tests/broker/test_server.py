@@ -425,7 +425,7 @@ async def test_policy_refuses_connections_of_unknown_uids(start_broker):
 
 
 async def test_set_policy_takes_away_what_the_new_policy_no_longer_allows(start_broker):
-    """Issue 12 item 3 at the broker: one AID taken away ends its session, subscription and call
+    """One AID taken away ends its session, subscription and call
     in flight and nothing else; the uid no longer admitted loses its connection."""
     import threading
 
@@ -952,7 +952,7 @@ def test_default_socket_path_rule_matches_client(monkeypatch):
         if not SYSTEM_EXISTS:
             assert client_module.default_socket_path(env) == expected
     assert default_socket({"XDG_RUNTIME_DIR": "/r"}) == Path("/r/aund/aund.sock")
-    # issue 12 item 1: no fixed name under /tmp that another uid can create first
+    # no fixed name under /tmp that another uid can create first
     assert default_socket({"HOME": "/home/u"}) == Path("/home/u/.local/state/aund/run/aund.sock")
     assert default_socket({"HOME": "/home/u", "XDG_STATE_HOME": "/s"}) == Path("/s/aund/run/aund.sock")
     assert default_socket({"HOME": "/home/u", "XDG_RUNTIME_DIR": "relative"}) == \

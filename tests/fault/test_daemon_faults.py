@@ -1,4 +1,4 @@
-"""Issue 7 fault suite, with real devnet and daemon processes: gateway restarts under load, pushes
+"""Fault suite, with real devnet and daemon processes: gateway restarts under load, pushes
 the gateway drops, a full disk, damaged state files."""
 from __future__ import annotations
 

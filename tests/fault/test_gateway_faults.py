@@ -1,4 +1,4 @@
-"""Issue 7 fault suite: a gateway that stalls mid-frame, answers garbage, or closes with each code.
+"""Fault suite: a gateway that stalls mid-frame, answers garbage, or closes with each code.
 The link under test is aund's own; the gateway is a scripted fake (it only injects faults)."""
 from __future__ import annotations
 

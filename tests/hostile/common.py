@@ -1,4 +1,4 @@
-"""Shared verbs of the hostile-state tests (issue 12): a second uid made with useradd, an
+"""Shared verbs of the hostile-state tests: a second uid made with useradd, an
 `aund run` exec'ed as that uid, shell wraps (umask, ulimit) and the `aund` CLI as a subprocess.
 
 Why the namespace: the test interpreter lives under /root (mode 0700), which another uid cannot

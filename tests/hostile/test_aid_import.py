@@ -1,4 +1,4 @@
-"""Issue 12 item 4: `aund aid import` of an identity the official SDK registered.
+"""`aund aid import` of an identity the official SDK registered.
 
 - The README's command works as written (aund's seed from `--seed-file`, none in the environment),
   and the imported identity comes online in the daemon.

@@ -1,4 +1,4 @@
-"""Issue 12 item 12: a core dump would hold the seed, private keys and tokens, so there is none:
+"""A core dump would hold the seed, private keys and tokens, so there is none:
 the daemon makes itself non-dumpable (PR_SET_DUMPABLE 0) with RLIMIT_CORE 0 (soft and hard), even
 when started from a shell with `ulimit -c unlimited`, and the systemd unit says LimitCORE=0."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12 item 10: the state dir's disk fills up (a small tmpfs, filled by the test). Apps get a
+"""The state dir's disk fills up (a small tmpfs, filled by the test). Apps get a
 StorageError naming the problem, not "lost the connection ... is aund running?"; the inbox's
 failure is reported as the disk being full (not SQLite's "cannot rollback"); `aund health` says so;
 and once space is freed the daemon recovers without a restart (the held message arrives)."""

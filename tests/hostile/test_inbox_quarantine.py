@@ -1,4 +1,4 @@
-"""Issue 12 item 6: one flipped bit in one inbox row (the daemon stopped, the database edited as an
+"""One flipped bit in one inbox row (the daemon stopped, the database edited as an
 attacker or a bad disk would) must not block that AID's consumers: the row is quarantined (an
 `inbox.quarantined` event in its place, an `inbox.row_quarantined` log event), the rows behind it
 are delivered to every consumer, new messages flow, and `aund health` warns."""

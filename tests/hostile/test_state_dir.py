@@ -1,4 +1,4 @@
-"""Issue 12, damaged or exposed state dirs, against real `aund run` processes and a devnet:
+"""Damaged or exposed state dirs, against real `aund run` processes and a devnet:
 
 - item 5: `.kdf.json` removed from a state dir that holds encrypted data: aund refuses to start
   with one line naming the file, whatever the seed, and never makes a new one (no re-keying).

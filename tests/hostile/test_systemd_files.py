@@ -1,4 +1,4 @@
-"""Issue 12 item 19: the shipped systemd files and the README's install steps.
+"""The shipped systemd files and the README's install steps.
 
 - aund.service has no `RuntimeDirectory=`: systemd would remove /run/aund, and with it the socket
   aund.socket holds, on every `systemctl stop aund`.

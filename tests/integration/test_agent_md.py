@@ -1,4 +1,4 @@
-"""Issue 11: apps read and replace an AID's agent.md through the stub and `aund aid agent-md`
+"""Apps read and replace an AID's agent.md through the stub and `aund aid agent-md`
 (real `aund run` and `aund devnet` processes); fastaun, as a peer in its own process, accepts the
 replaced card; documents that do not validate are refused, naming the field, and the published
 card stays."""

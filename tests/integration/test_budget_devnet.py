@@ -1,4 +1,4 @@
-"""Issue 3: the RPC budget and the pull gate, as the gateway (a real devnet process) sees them."""
+"""The RPC budget and the pull gate, as the gateway (a real devnet process) sees them."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 6: the CLI as people and scripts use it: real daemon and devnet processes, real exit codes."""
+"""The CLI as people and scripts use it: real daemon and devnet processes, real exit codes."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 4: hostile input on the receive path. A tampered envelope, one for someone else, a replay
+"""Hostile input on the receive path. A tampered envelope, one for someone else, a replay
 and a lying gateway page are each rejected with a logged reason and an event to apps; nothing
 that was not committed is acked upstream."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 13: every gateway event reaches the apps of a real `aund run` (the devnet pushes them with
+"""Every gateway event reaches the apps of a real `aund run` (the devnet pushes them with
 its /devnet/push knob), through the app socket and client_stub: live kinds to the subscribers of
 the moment, a family subscription (`app.*`), anything unnamed as `gateway.event`, durable kinds
 once however often the push is replayed; `subscribe` refuses unknown kinds and lists the known;

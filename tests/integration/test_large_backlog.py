@@ -1,4 +1,4 @@
-"""Issue 12 item 2: a backlog of large messages never takes an identity offline.
+"""A backlog of large messages never takes an identity offline.
 
 The attack: with the victim's daemon stopped, a peer sends it messages of 700 KB each (under the
 gateway's 1 MB limit) until one catch-up page of them is larger than aund's frame limit (8 MiB:

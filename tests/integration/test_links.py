@@ -1,4 +1,4 @@
-"""Issue 3: one daemon keeps many AIDs connected through gateway restarts, kicks and failover."""
+"""One daemon keeps many AIDs connected through gateway restarts, kicks and failover."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 6: with AUND_DEBUG=true and a full E2EE exchange, no secret reaches the logs: not the seed,
+"""With AUND_DEBUG=true and a full E2EE exchange, no secret reaches the logs: not the seed,
 tokens, identity or prekey private keys, nor message plaintext."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6: the systemd contract, seen through a fake NOTIFY_SOCKET the test owns."""
+"""The systemd contract, seen through a fake NOTIFY_SOCKET the test owns."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 13: what aund puts on the wire, read byte by byte. A TCP tap on loopback sits between an
+"""What aund puts on the wire, read byte by byte. A TCP tap on loopback sits between an
 in-process daemon and a real devnet and records both directions of every connection (WebSocket
 and HTTP); the test then unmasks the WebSocket frames and checks that no plaintext of an E2EE
 `message.send`, `group.send`, `message.thought.put` or `group.thought.put` ever crossed it, and

@@ -1,4 +1,4 @@
-"""The fastaun side of the gateway-event exchange with an aund-held AID (issue 13).
+"""The fastaun side of the gateway-event exchange with an aund-held AID.
 
 Run as `python fastaun_events_driver.py events` with env AUN_GW_URL, AUN_ROOT_CA, AUN_WORKDIR and
 PEER_AID (the aund AID). Imports only fastaun, never aund. Coordination through files in

@@ -1,4 +1,4 @@
-"""The fastaun member of a group whose other members are aund-held AIDs (issue 8).
+"""The fastaun member of a group whose other members are aund-held AIDs.
 
 Run as `python fastaun_groups_aund_driver.py aund_member` with env AUN_GW_URL, AUN_ROOT_CA,
 AUN_WORKDIR and N. Reuses the helpers of the shared fastaun_groups_driver.py (imported, never

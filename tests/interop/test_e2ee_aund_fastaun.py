@@ -1,4 +1,4 @@
-"""Issue 4: E2EE v2 between an aund-held AID and the official SDK, both directions, through devnet."""
+"""E2EE v2 between an aund-held AID and the official SDK, both directions, through devnet."""
 from __future__ import annotations
 
 import json

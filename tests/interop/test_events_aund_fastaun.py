@@ -1,4 +1,4 @@
-"""Issue 13: gateway events reach the apps of an aund-held AID (fastaun in its own process, the
+"""Gateway events reach the apps of an aund-held AID (fastaun in its own process, the
 devnet emitting the events): a recall (durable, stored once though it comes by push and as a
 tombstone in the pull, still there after a daemon restart), read positions, group invites (and
 their end), a volatile message (live, once though the gateway replays it, never in the inbox)."""

@@ -1,4 +1,4 @@
-"""Issue 8: E2EE groups between aund-held AIDs and the official SDK, through a real devnet process.
+"""E2EE groups between aund-held AIDs and the official SDK, through a real devnet process.
 
 One in-process Daemon holds two AIDs (alice, the owner, and bob); a fastaun client runs in a
 subprocess (tests/interop/fastaun_groups_aund_driver.py). Each member sends N E2EE group messages

@@ -1,4 +1,4 @@
-"""Issue 3: an identity registered by the official SDK moves into aund and connects from there."""
+"""An identity registered by the official SDK moves into aund and connects from there."""
 from __future__ import annotations
 
 import json

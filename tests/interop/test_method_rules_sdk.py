@@ -1,4 +1,4 @@
-"""Issue 13: aund's method table (aund.aun.methods) says what the official SDK does, method by
+"""Aund's method table (aund.aun.methods) says what the official SDK does, method by
 method. The SDK's own lists and branches are read in a subprocess (sdk_method_rules.py); every
 method where the two disagree is named in the failure."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Actors of test_local_hostile (issue 12 item 1), each a process under another uid:
+"""Actors of test_local_hostile, each a process under another uid:
 
     python -m tests.system.squat COMMAND '<json config>'
 

@@ -1,4 +1,4 @@
-"""What one app may not do to another through aund (issue 12, items 13 and 14), against a real
+"""What one app may not do to another through aund, against a real
 `aund run` and a real devnet:
 
 - protected headers given per call (`message.send` params) are held to the bounds of

@@ -1,4 +1,4 @@
-"""Issue 12, items 3, 8, 9, 15 and 18: the policy against apps of other uids, with real processes.
+"""The policy against apps of other uids, with real processes.
 
 - 3: SIGHUP reloads `[policy]` (validated as at start; an invalid one is refused and the old one
   stays) and takes away what it no longer allows: a uid that lost one AID loses that AID's

@@ -1,4 +1,4 @@
-"""Issue 5: hostile input against a LIVE `aund run` (real links to a devnet process), not the fake
+"""Hostile input against a LIVE `aund run` (real links to a devnet process), not the fake
 backend of tests/broker/test_fuzz.py, whose strategies and socket helpers are reused here.
 
 Random bytes, truncated, oversize and ill-typed frames, unknown ops, requests before hello,

@@ -1,4 +1,4 @@
-"""Issue 8: the crash tests of the P2P issue (tests/system/test_crash.py) pass for group traffic too.
+"""The crash tests of the P2P issue (tests/system/test_crash.py) pass for group traffic too.
 
 1. A group owned by an aund-held AID (created and filled through an aund app's `group.create` /
    `group.add_member` calls) with two fastaun members (the official SDK, in its own process:

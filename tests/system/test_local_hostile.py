@@ -1,4 +1,4 @@
-"""Issue 12 items 1, 16 and 17, against real processes: a hostile local user squatting aund's socket,
+"""Against real processes: a hostile local user squatting aund's socket,
 params nested ~990 deep, and terminal escapes in an app's name.
 
 Item 1 needs two more uids: VICTIM (an ordinary user without XDG_RUNTIME_DIR, as under cron or

@@ -1,4 +1,4 @@
-"""Issue 5: twenty app processes on ten AIDs held by ONE `aund run`, against a devnet process.
+"""Twenty app processes on ten AIDs held by ONE `aund run`, against a devnet process.
 
 Every app (half blocking ``Client`` with threads, half ``AsyncClient`` with asyncio) sends E2EE
 messages to the other AIDs through aund while it consumes its own AID's messages with a durable

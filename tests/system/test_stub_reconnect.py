@@ -1,4 +1,4 @@
-"""Issue 5: an app iterating events with the blocking ``Client`` keeps iterating across a daemon
+"""An app iterating events with the blocking ``Client`` keeps iterating across a daemon
 restart (SIGTERM, then `aund run` again on the same state dir and socket), and sees the link's
 own events across a gateway restart.
 

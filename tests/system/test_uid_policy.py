@@ -1,4 +1,4 @@
-"""Issue 5: the daemon decides per uid which AIDs an app may use (SO_PEERCRED + `[policy]`).
+"""The daemon decides per uid which AIDs an app may use (SO_PEERCRED + `[policy]`).
 
 Runs as root (the CI does) so that it can start apps under other uids; anywhere else it FAILS,
 loudly, rather than skip.

@@ -1,4 +1,4 @@
-"""Unit tests of aund.cli._common.printable / table (issue 12 item 17): text from other processes
+"""Unit tests of aund.cli._common.printable / table: text from other processes
 and peers never reaches the terminal raw; tests/system/test_local_hostile.py runs `aund status`."""
 from hypothesis import given, settings
 from hypothesis import strategies as st

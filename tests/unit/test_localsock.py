@@ -1,5 +1,5 @@
 """Unit tests of client_stub.localsock: the default path and the trust rule for the socket's
-directory and its listener (issue 12 item 1). Directories of other owners are made with chown, so
+directory and its listener. Directories of other owners are made with chown, so
 this runs as root (the CI does) and fails elsewhere; the processes-and-uids version of the same
 attacks is tests/system/test_local_hostile.py."""
 from __future__ import annotations

@@ -352,7 +352,7 @@ def test_fuzz_mutated_valid_frames(frames, flips, cuts):
             pass
 
 
-# --- nesting depth (issue 12 item 16) --------------------------------------------------------------
+# --- nesting depth -------------------------------------------------------------------------------
 def _depth(value) -> int:
     """Reference: containers nested in `value` (recursive; the strategies keep it shallow)."""
     if isinstance(value, dict):
