@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aund.aun import codes
+
 from client_stub.errors import (  # noqa: F401  (re-exported)
     AundError, AuthError, ClientError, DaemonUnavailable, E2EEError, GatewayError, GatewayUnavailable,
     InvalidParams, LimitsExceeded, NotReady, PermissionDenied, ProtocolError, ResourceAlreadyExistError,
@@ -30,19 +32,19 @@ def map_remote_error(method: str, error: Any) -> AundError:
     extra = {"remote_code": code, "method": method}
     retry_override = data.get("retryable") if isinstance(data.get("retryable"), bool) else None
     lowered = message.lower()
-    if code == -32004 and "timeout" in lowered:
+    if code == codes.FORBIDDEN and "timeout" in lowered:
         return RpcTimeout(text, data=extra)
-    if code in (4001, 4010, -32001, -32003):
+    if code in (codes.AUTH_FAILED, codes.BAD_NONCE, codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED):
         return AuthError(text, data=extra)
-    if code in (4030, 403, -32004):
+    if code in (codes.PERMISSION_DENIED, 403, codes.FORBIDDEN):
         return PermissionDenied(text, data=extra)
-    if code in (-32008, 4040, 404):
+    if code in (codes.NOT_FOUND, codes.NOT_FOUND_4040, 404):
         return ResourceNotExistError(text, data=extra)
-    if code in (4090, -32009):
+    if code in (codes.CONFLICT, codes.ALREADY_EXISTS):
         return ResourceAlreadyExistError(text, data=extra)
-    if code in (-32600, -32601, -32602, 4000):
+    if code in (codes.INVALID_REQUEST, codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS, codes.MISSING_PARAMS):
         return InvalidParams(text, data=extra)
-    retryable = code in (4290, 429, -32029, -32429) or 5000 <= code <= 5999 \
+    retryable = code in (codes.RATE_LIMITED, 429, -32029, -32429) or 5000 <= code <= 5999 \
         or any(t in lowered for t in _RETRYABLE_TEXT)
     if retry_override is not None:
         retryable = retry_override

@@ -33,7 +33,7 @@ import trio
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
 from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_group, snapshot_json, state_commitment,
                                  state_sign_input)
-from aund.aun import methods
+from aund.aun import codes, methods
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
@@ -56,8 +56,8 @@ JOIN_ACTIONS = frozenset({"member_added", "joined", "join_approved", "invite_cod
 LEAVE_ACTIONS = frozenset({"member_removed", "member_left"})
 MEMBERSHIP_ACTIONS = JOIN_ACTIONS | LEAVE_ACTIONS | {"role_changed", "owner_transferred"}
 PROPOSE_ACTIONS = MEMBERSHIP_ACTIONS | {"upsert"}
-NO_TARGETS = -33054          # local: the bootstrap named no device to wrap for (the SDK's code)
-STATE_CONFLICT = -33012
+NO_TARGETS = codes.NO_TARGETS  # local: the bootstrap named no device to wrap for (the SDK's code)
+STATE_CONFLICT = codes.STATE_CONFLICT
 ADMIN_ROLES = ("owner", "admin")
 PAGE_LIMIT = 100
 EVENTS_LIMIT = 50
@@ -92,7 +92,8 @@ def _remote_code(exc: AundError) -> int | None:
 def _is_refusal(exc: AundError) -> bool:
     """A refusal that ends background pulls of a group until re-admission or reconnect (9.3)."""
     code = _remote_code(exc)
-    if code in (-32001, -32003, -32004, -32600, -32601, -32602) or (code is not None and -33009 <= code <= -33001):
+    if code in (codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED, codes.FORBIDDEN, codes.INVALID_REQUEST,
+                codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS) or code in codes.GROUP_REFUSALS:
         return True
     text = str(exc).lower()
     return "not a member" in text or "group not found" in text

@@ -27,7 +27,7 @@ import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, jsonrpc as rpc, methods, signing, transport
+from aund.aun import auth, codes, jsonrpc as rpc, methods, signing, transport
 from aund.aun.budget import PullGate, RpcBudget
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
     PermissionDenied, RpcTimeout, map_remote_error
@@ -38,7 +38,7 @@ SDK_CAPABILITIES = {"e2ee": True, "group_e2ee": True, "supported_p2p_e2ee": ["e2
                     "supported_group_e2ee": ["group_e2ee_v2"], "inline_realtime_payload_v1": True,
                     "p2p_peer_pull_v1": True, "agent_md_validation_v1": True}
 #: Close codes after which the official SDK never reconnects (4012 is the retryable one).
-NO_RECONNECT_CODES = frozenset({4001, 4003, 4008, 4009, 4010, 4011, 4013, 4014, 4015})
+NO_RECONNECT_CODES = codes.NO_RECONNECT
 INTERNAL_ONLY = methods.INTERNAL_ONLY
 
 
@@ -547,7 +547,7 @@ class Link:
         if name == "gateway.disconnect":
             code = params.get("code")
             reason = str(params.get("reason") or "")
-            if code != 4012 and "long_connection_already_exists" not in reason:
+            if code != codes.CLOSE_SHUTDOWN and "long_connection_already_exists" not in reason:
                 session.kicked = {"code": code, "reason": reason}
             self.log.warning("link.server_disconnect", code=code, reason=reason)
         if self.on_event is not None:
@@ -727,7 +727,7 @@ ADMISSION_RETRY_DELAYS = (0.0, 0.05, 0.1, 0.2)
 
 
 def _admission_refused(exc: AuthError) -> bool:
-    return exc.data.get("remote_code") == -32003 and "agent.md" in str(exc).lower()
+    return exc.data.get("remote_code") == codes.AGENT_MD_REQUIRED and "agent.md" in str(exc).lower()
 
 
 def _code(exc: trio_websocket.ConnectionClosed) -> int | None:

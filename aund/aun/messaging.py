@@ -24,7 +24,7 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import events, ids, jsonrpc as rpc
+from aund.aun import codes, events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
 from aund.aun.e2ee import p2p
@@ -39,7 +39,7 @@ from aund.inbox import Inbox, NewEvent
 log = structlog.get_logger("aund.messaging")
 
 BOOTSTRAP_TTL = 3600.0
-PREKEY_RETRY_CODES = frozenset({-33011, -33012, -33050, -33052, -33054})
+PREKEY_RETRY_CODES = codes.PREKEY_RETRY
 WRAP_CAPABILITIES = {"version": "v2.1", "protocols": ["1DH", "3DH"], "scopes": ["aid", "device"],
                      "per_aid_wrap": True, "per_device_wrap": True}
 PAGE_LIMIT = 200

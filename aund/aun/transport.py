@@ -31,6 +31,8 @@ import structlog
 import trio
 import trio_websocket
 
+from aund.aun import codes
+
 log = structlog.get_logger("aund.transport")
 
 PROXY_REPLY_LIMIT = 16 * 1024
@@ -39,7 +41,7 @@ PROXY_REPLY_LIMIT = 16 * 1024
 #: its JSON wrapping and escaping, is received.
 MAX_FRAME = 8 * 1024 * 1024
 #: The close code of a message larger than MAX_FRAME (RFC 6455 "message too big").
-MESSAGE_TOO_BIG = 1009
+MESSAGE_TOO_BIG = codes.CLOSE_MESSAGE_TOO_BIG
 
 
 class DnsCache:

@@ -60,12 +60,9 @@ PRE_AUTH_METHODS = {"auth.create_aid", "auth.aid_login1", "auth.aid_login2", "au
 NOTIFY_MAX_BYTES = 64 * 1024  # a notification's params, as the SDK bounds them
 NOTIFY_MAX_TTL_MS = 60_000
 
-# Close codes (the SDK never reconnects after 4001, 4008-4011, 4013-4015; 4012 is retryable).
-CLOSE_AUTH_FAILED = 4001
-CLOSE_AUTH_TIMEOUT = 4008
-CLOSE_SHORT_TTL = 4014
-CLOSE_REPLACED = 4015
-CLOSE_SHUTDOWN = 4012
+from aund.aun.codes import (  # noqa: E402  (close codes: the SDK never reconnects after most 40xx)
+    CLOSE_AUTH_FAILED, CLOSE_AUTH_TIMEOUT, CLOSE_REPLACED, CLOSE_SHORT_TTL,
+)
 KICK_GRACE_SECONDS = 0.25  # between event/gateway.disconnect and the close, so the client reads the event
 
 

@@ -38,17 +38,11 @@ from aund.identity import pki
 if TYPE_CHECKING:
     from aund.devnet.gateway import Conn, Devnet
 
-# --- error codes (docs/groups.md section 9) -----------------------------------------------------
-GROUP_NOT_FOUND = -33001
-GROUP_STATE_INVALID = -33002
-ALREADY_MEMBER = -33005
-NOT_MEMBER = -33006
-ROLE_INSUFFICIENT = -33007
-INVITE_INVALID = -33008
-JOIN_REJECTED = -33009
-EPOCH_STALE = -33052        # the SDK drops its bootstrap cache and re-encrypts once
-STATE_CONFLICT = -33012     # state proposal / confirmation lost a race or is stale
-RECIPIENTS_STALE = -33050   # the wrap set does not match the members: re-bootstrap and retry
+# --- error codes (docs/groups.md section 9; the numbers live in aund.aun.codes) --------------------
+from aund.aun.codes import (  # noqa: E402
+    ALREADY_MEMBER, EPOCH_STALE, GROUP_NOT_FOUND, GROUP_STATE_INVALID, INVITE_INVALID, JOIN_REJECTED, NOT_MEMBER,
+    RECIPIENTS_STALE, ROLE_INSUFFICIENT, STATE_CONFLICT,
+)
 
 GROUP_BASE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{3,63}$")
 ROLES = ("owner", "admin", "member")
