@@ -64,6 +64,23 @@ class BrokerServer:
         self.draining = False
         # call slots of one uid / one AID (created on first use, dropped once unused)
         self._shares: dict[tuple[str, Any], trio.CapacityLimiter] = {}
+        self._calls = 0  # app calls and notifications in flight, all apps
+        self._no_calls = trio.Event()
+
+    def call_began(self) -> None:
+        self._calls += 1
+
+    def call_ended(self) -> None:
+        self._calls -= 1
+        if self._calls == 0:
+            self._no_calls.set()
+            self._no_calls = trio.Event()
+
+    async def calls_done(self) -> None:
+        """Return once no app call is in flight (a graceful stop waits for this)."""
+        while self._calls:
+            idle = self._no_calls
+            await idle.wait()
 
     def uid_apps(self, uid: int) -> list[AppSession]:
         return [a for a in self.apps.values() if a.app.uid == uid]

@@ -742,15 +742,23 @@ class AppSession:
             for key in ("protected_headers", "headers"):
                 if params.get(key) is not None:
                     _headers(params[key], f"params.{key}")
+        borrower = CallBorrower(self.app.conn_id, self.app.app_name, self.app.pid, next(self._ids))
+        with self._counted_call(), self._guard(handle.aid):  # a policy reload may take the AID away meanwhile
+            return await self._call(handle, method, params, timeout, background, borrower)
+
+    @contextlib.contextmanager
+    def _counted_call(self) -> Iterator[None]:
+        """One of this app's `calls` quota (calls and notifications), counted by the server too (a
+        graceful stop waits for them)."""
         if self.calls_in_flight >= self.limits.calls_per_app:
             raise self._quota("calls", self.limits.calls_per_app)
         self.calls_in_flight += 1
-        borrower = CallBorrower(self.app.conn_id, self.app.app_name, self.app.pid, next(self._ids))
+        self.server.call_began()
         try:
-            with self._guard(handle.aid):  # a policy reload may take the AID away while queued or running
-                return await self._call(handle, method, params, timeout, background, borrower)
+            yield
         finally:
             self.calls_in_flight -= 1
+            self.server.call_ended()
 
     async def _call(self, handle: SessionHandle, method: str, params: dict[str, Any], timeout: float | None,
                     background: bool, borrower: CallBorrower) -> Any:
@@ -782,14 +790,8 @@ class AppSession:
             ttl_ms = _int(args, "ttl_ms")
         route = {k: _opt_str(args, k) for k in ("to", "group_id", "device_id", "slot_id")}
         timeout = _timeout(args, "timeout", self.limits.max_call_timeout)
-        if self.calls_in_flight >= self.limits.calls_per_app:
-            raise self._quota("calls", self.limits.calls_per_app)
-        self.calls_in_flight += 1
-        try:
-            with self._guard(handle.aid):
-                return await handle.notify(method, params, app=self.app, timeout=timeout, ttl_ms=ttl_ms, **route)
-        finally:
-            self.calls_in_flight -= 1
+        with self._counted_call(), self._guard(handle.aid):
+            return await handle.notify(method, params, app=self.app, timeout=timeout, ttl_ms=ttl_ms, **route)
 
     def op_set_protected_headers(self, args: dict[str, Any]) -> dict[str, Any]:
         handle = self._session(args)

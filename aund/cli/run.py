@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     flags = {"state_dir": args.state_dir, "socket": args.socket, "gateway_url": args.gateway_url,
              "root_ca": args.root_ca, "identities": args.identities}
-    _RELOAD_ARGS.update(config=args.config, flags=flags)
     try:
         config = load(args.config, flags)
     except ConfigError as exc:
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from aund.errors import AundError
 
     try:
-        return trio.run(_main, config)
+        return trio.run(_main, config, (args.config, flags))
     except BaseException as exc:
         found = only_error(exc, AundError)  # also from inside the daemon's nursery (a damaged inbox, ...)
         if found is None:
@@ -56,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _main(config) -> int:
+async def _main(config, reload_from: tuple) -> int:
+    """The daemon, the app socket and systemd, until SIGTERM/SIGINT; SIGHUP reloads from
+    `reload_from` (the config file and command-line flags the daemon was started with)."""
     import structlog
     import trio
 
@@ -112,7 +113,7 @@ async def _main(config) -> int:
                     systemd.notify("READY=1", f"STATUS={daemon.summary()}")
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            _reload(daemon, log)
+                            _reload(daemon, log, reload_from)
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         systemd.notify("STOPPING=1", "STATUS=stopping")
@@ -135,8 +136,7 @@ async def _drain(daemon, grace: float, log) -> None:
 
     daemon.broker.stop_accepting()
     with trio.move_on_after(grace) as scope:
-        while daemon.broker.statistics().calls_in_flight:
-            await trio.sleep(0.05)
+        await daemon.broker.calls_done()
     if scope.cancelled_caught:
         log.warning("daemon.drain_timeout", calls_in_flight=daemon.broker.statistics().calls_in_flight,
                     grace=grace)
@@ -155,7 +155,7 @@ def build_policy(config):
         raise InvalidParams(f"config: policy: {exc}") from None
 
 
-def _reload(daemon, log) -> None:
+def _reload(daemon, log, reload_from: tuple) -> None:
     """SIGHUP: re-read the configuration and the policy; a bad file or policy keeps the running
     configuration (all of it) and is logged."""
     import time
@@ -166,7 +166,7 @@ def _reload(daemon, log) -> None:
 
     systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1_000_000)}")
     try:
-        config = load(_RELOAD_ARGS["config"], _RELOAD_ARGS["flags"])
+        config = load(*reload_from)
         daemon.reload(config, build_policy(config))
     except (ConfigError, AundError) as exc:
         log.error("daemon.reload_failed", error=str(exc))
@@ -192,5 +192,3 @@ async def _systemd_pings(daemon) -> None:
             last_status = status
         await trio.sleep(period)
 
-
-_RELOAD_ARGS: dict = {"config": None, "flags": {}}
