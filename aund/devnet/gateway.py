@@ -149,6 +149,7 @@ class Devnet:
                  extra_gateways: list[str] | None = None, federation: dict[str, str] | None = None) -> None:
         self.store, self.ca, self.issuer = store, ca, issuer
         self.federation = dict(federation or {})  # other issuer -> its devnet's base URL
+        self.services: dict[str, Any] = {}  # each service module's state for this devnet (groups, thoughts)
         self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
         self.cert_ttl = 0.0  # seconds an AID certificate is valid (0: the PKI mode's days; --cert-ttl)
@@ -565,6 +566,8 @@ class Conn:
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[dict | str](OUTBOX_FRAMES)
         self.cancel = trio.CancelScope()
         self.close_code: int | None = None
+        self._close_plan: tuple[float, int, str] | None = None  # (when, code, reason), see close_later
+        self._replanned = trio.Event()
         self.log = log
 
     # --- output ------------------------------------------------------------------------------
@@ -584,9 +587,27 @@ class Conn:
             self.close_code = code
             self.cancel.cancel()
 
-    async def close_after(self, seconds: float, code: int, reason: str) -> None:
-        await trio.sleep(seconds)
-        self.close_soon(code, reason)
+    def close_later(self, seconds: float, code: int, reason: str) -> None:
+        """Close this connection `seconds` from now (the earliest of such plans wins); its own
+        `_closer` task does it, so no other connection schedules work in this one's nursery."""
+        when = trio.current_time() + seconds
+        if self._close_plan is None or when < self._close_plan[0]:
+            self._close_plan = (when, code, reason)
+            self._replanned.set()
+            self._replanned = trio.Event()
+
+    async def _closer(self) -> None:
+        while True:
+            replanned = self._replanned
+            if self._close_plan is None:
+                await replanned.wait()
+                continue
+            when, code, reason = self._close_plan
+            with trio.move_on_at(when):
+                await replanned.wait()
+            if trio.current_time() >= when:
+                self.close_soon(code, reason)
+                return
 
     async def _writer(self) -> None:
         async for item in self.outbox_recv:
@@ -612,6 +633,7 @@ class Conn:
                     self.nursery = nursery
                     nursery.start_soon(self._writer)
                     nursery.start_soon(self._auth_deadline)
+                    nursery.start_soon(self._closer)
                     await self._reader(nursery)
                     nursery.cancel_scope.cancel()
         finally:
@@ -981,12 +1003,11 @@ class Conn:
                 "detail": {"scope": "aid_device_slot", "aid": aid, "device_id": device_id,
                            "slot_id": other.slot_id, "limit": 1}}))
             other.closed = True  # no more pushes; the close follows once the client had the event
-            other.nursery.start_soon(other.close_after, KICK_GRACE_SECONDS, CLOSE_REPLACED,
-                                     "replaced by a newer long connection")
+            other.close_later(KICK_GRACE_SECONDS, CLOSE_REPLACED, "replaced by a newer long connection")
         if kind == "short":
             ttl = options.get("short_ttl_ms", 30000)
             ttl = ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and 0 < ttl <= 600_000 else 30000
-            self.nursery.start_soon(self.close_after, ttl / 1000, CLOSE_SHORT_TTL, "short connection ttl expired")
+            self.close_later(ttl / 1000, CLOSE_SHORT_TTL, "short connection ttl expired")
         self.net.stats.connections.append({"event": "connect", "aid": aid, "device_id": device_id,
                                            "slot_id": self.slot_id, "kind": kind, "conn_id": self.conn_id,
                                            "t": self.connected_at, "kicked": len(kicked)})
@@ -1228,8 +1249,22 @@ HANDLERS: dict[str, Callable[[Conn, dict[str, Any]], dict[str, Any]]] = {
     "message.history": Conn.rpc_history,
 }
 
-# The group service (group.*, group.v2.*) lives in its own module and registers its handlers here;
-# (group.list_my and group.list_my_invites included).
+#: which module registered each method (the core ones: this module)
+OWNERS: dict[str, str] = dict.fromkeys(HANDLERS, __name__)
+
+
+def register(handlers: dict[str, Callable[..., Any]], owner: str) -> None:
+    """Add a service module's handlers to the table, once, at its import; a method that two
+    modules serve is a bug, refused with both names (never one silently replacing the other)."""
+    taken = sorted(set(handlers) & set(HANDLERS))
+    if taken:
+        raise RuntimeError(f"devnet: {', '.join(taken)} served twice: by {OWNERS[taken[0]]} and by {owner}")
+    HANDLERS.update(handlers)
+    OWNERS.update(dict.fromkeys(handlers, owner))
+
+
+# The services in their own modules, each registering its handlers with `register` when imported:
+# groups (group.*, group.v2.*), thoughts (message.thought.*), msgevents (recall, read state, volatile).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
 from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)
 from aund.devnet import msgevents as _msgevents  # noqa: E402  (message.recall / read / read_state, volatile sends)

@@ -9,7 +9,7 @@ Storage: tables prefixed `grp_` in the devnet's SQLite database (`Store.db`), cr
 Each mutating RPC is one transaction; pushes are sent after COMMIT. Thoughts are kept in
 memory only, as the protocol says they are not persisted.
 
-Handlers register themselves into `aund.devnet.gateway.HANDLERS` when this module is imported
+Handlers register themselves with `aund.devnet.gateway.register` when this module is imported
 (gateway.py imports it at its end). They run on the event loop thread like the P2P handlers;
 `client_signature` has already been checked by the gateway for methods in SIGNED_METHODS.
 """
@@ -20,7 +20,6 @@ import json
 import re
 import secrets
 import time
-import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from aund.aun import ids
@@ -550,13 +549,11 @@ class GroupService:
         return rows[::-1] if newest else rows
 
 
-_SERVICES: "weakref.WeakKeyDictionary[Devnet, GroupService]" = weakref.WeakKeyDictionary()
-
-
 def service(net: Devnet) -> GroupService:
-    svc = _SERVICES.get(net)
+    """This devnet's group service (owned by the Devnet, made on first use)."""
+    svc = net.services.get("groups")
     if svc is None:
-        svc = _SERVICES[net] = GroupService(net)
+        svc = net.services["groups"] = GroupService(net)
     return svc
 
 
@@ -1405,4 +1402,4 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
             "thoughts": [dict(i) for i in head.items], "updated_at": head.updated_at}
 
 
-gw.HANDLERS.update(GROUP_HANDLERS)
+gw.register(GROUP_HANDLERS, __name__)

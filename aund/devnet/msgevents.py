@@ -352,4 +352,5 @@ def volatile_ack(conn: "Conn", sender: str, params: dict[str, Any]) -> dict[str,
     return {"accepted": accepted, "expired": max(0, total - accepted)}
 
 
-gw.HANDLERS.update({"group.recall": rpc_group_recall, "message.recall": rpc_recall, "message.read": rpc_read, "message.read_state": rpc_read_state})
+gw.register({"group.recall": rpc_group_recall, "message.recall": rpc_recall, "message.read": rpc_read,
+             "message.read_state": rpc_read_state}, __name__)

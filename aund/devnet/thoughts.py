@@ -61,10 +61,7 @@ def keep(heads: dict[tuple[str, str], Thought], key: tuple[str, str], item: dict
 
 def _store(net: "Devnet") -> dict[tuple[str, str], dict[tuple[str, str], Thought]]:
     """(sender, peer) -> heads, on the devnet object (made on first use)."""
-    store = getattr(net, "p2p_thoughts", None)
-    if store is None:
-        store = net.p2p_thoughts = {}
-    return store
+    return net.services.setdefault("thoughts", {})
 
 
 def rpc_put(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
@@ -115,4 +112,4 @@ async def rpc_get(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return dict(answer, cross_domain=True, target_issuer=issuer)
 
 
-gw.HANDLERS.update({"message.thought.put": rpc_put, "message.thought.get": rpc_get})
+gw.register({"message.thought.put": rpc_put, "message.thought.get": rpc_get}, __name__)

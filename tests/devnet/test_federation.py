@@ -159,3 +159,13 @@ async def test_p2p_thoughts_plaintext_refused_readers_bounded_and_read_across_is
             own = (await ca.call("message.thought.get", {"sender_aid": alice.aid, "peer_aid": bob.aid,
                                                          "context": ctx}))["result"]
             assert own["found"] and "cross_domain" not in own
+
+
+def test_a_method_two_services_register_is_refused_with_both_names():
+    from aund.devnet import gateway
+
+    before = dict(gateway.HANDLERS)
+    with pytest.raises(RuntimeError) as info:
+        gateway.register({"message.send": lambda conn, params: {}}, "tests.a_second_message_service")
+    assert "message.send served twice" in str(info.value) and "tests.a_second_message_service" in str(info.value)
+    assert gateway.HANDLERS == before  # nothing replaced
