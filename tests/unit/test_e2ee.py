@@ -41,7 +41,7 @@ from aund.aun.e2ee import (
     verify_auth,
     verify_spk,
 )
-from aund.aun.e2ee import p2p as p2p_module
+from aund.aun.e2ee import _envelope as envelope_kernel
 
 CURVE = ec.SECP256R1()
 ALICE, BOB = "alice.aid.test", "bob.aid.test"
@@ -168,7 +168,7 @@ def test_hkdf_matches_rfc5869_implementation() -> None:
     ikm, salt = bytes(range(96)), bytes(range(16))
     for info in (b"AUN-V2-3DH", b"AUN-V2-1DH"):
         reference = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
-        assert p2p_module._hkdf32(ikm, salt, info + b"\x01") == reference
+        assert envelope_kernel._hkdf32(ikm, salt, info + b"\x01") == reference
 
 
 def test_key_encodings_and_fingerprints() -> None:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .canonical import canonical_json
 from .errors import E2EEEncryptError
-from .p2p import (
+from ._envelope import (
     DecryptResult,
     SpkLookup,
     Target,
