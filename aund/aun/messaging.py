@@ -26,7 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund.aun import codes, events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
-from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p
+from aund.aun.e2ee import (
+    E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p, ik_fingerprint, sign_spk, spk_id_for,
+    verify_spk,
+)
 from aund.aun.e2ee import p2p
 from aund.aun.link import Link
 from aund.aun.paging import PageSizer, skipped_row
@@ -133,9 +136,9 @@ def new_prekey_record(identity: Identity, device_id: str,
     """A fresh signed prekey (P2P or, with `group_id=...`, group) as the identity store keeps it."""
     key = pki.generate_key()
     timestamp = int(time.time())
-    record = {"device_id": device_id, "spk_id": p2p.spk_id_for(key.public_key()),
+    record = {"device_id": device_id, "spk_id": spk_id_for(key.public_key()),
               "private_pem": pki.private_key_pem(key).decode(), "spk_pk": pki.public_key_b64(key.public_key()),
-              "timestamp": timestamp, "signature": p2p.sign_spk(identity.private_key, key.public_key(), timestamp),
+              "timestamp": timestamp, "signature": sign_spk(identity.private_key, key.public_key(), timestamp),
               "created_at": time.time(), "uploaded_at": None, **extra}
     return record, key
 
@@ -159,7 +162,7 @@ class E2EESession:
         self.store, self.peers = store, peers
         self._prekeys: list[dict[str, Any]] = []
         self._spk_private: dict[str, ec.EllipticCurvePrivateKey] = {}
-        self._ik_fp = p2p.ik_fingerprint(identity.public_key)
+        self._ik_fp = ik_fingerprint(identity.public_key)
         self.past_iks: list[ec.EllipticCurvePrivateKey] = []  # keys before a rekey (late messages)
         self.needs_rotation = False  # after a rekey: the next publish makes a prekey signed by the new key
         self.opened_with_past_key = 0  # envelopes opened with a key from before a rekey
@@ -173,7 +176,7 @@ class E2EESession:
         the past keys still open what was wrapped to them."""
         rekeyed = pki.spki_der(identity.public_key) != pki.spki_der(self.identity.public_key)
         self.identity = identity
-        self._ik_fp = p2p.ik_fingerprint(identity.public_key)
+        self._ik_fp = ik_fingerprint(identity.public_key)
         self.past_iks = list(past_iks)
         self.needs_rotation = self.needs_rotation or rekeyed  # the current prekey is signed by the old key
 
@@ -190,7 +193,7 @@ class E2EESession:
                 except E2EEDecryptError:
                     continue
                 self.opened_with_past_key += 1
-                log.info("e2ee.opened_with_past_key", aid=self.aid, ik=p2p.ik_fingerprint(ik.public_key()))
+                log.info("e2ee.opened_with_past_key", aid=self.aid, ik=ik_fingerprint(ik.public_key()))
                 return opened
             raise
 
@@ -202,7 +205,7 @@ class E2EESession:
             self._spk_private[r["spk_id"]] = pki.load_private_key_pem(r["private_pem"].encode())
         if self._prekeys:  # a rekey since the current prekey was made: it needs one the new key signs
             last = self._prekeys[-1]
-            self.needs_rotation = not p2p.verify_spk(self.identity.public_key, last["spk_pk"], last["spk_id"],
+            self.needs_rotation = not verify_spk(self.identity.public_key, last["spk_pk"], last["spk_id"],
                                                      last["signature"], last["timestamp"])
 
     async def _new_prekey(self) -> dict[str, Any]:
@@ -291,7 +294,7 @@ class E2EESession:
             return Target(owner, dev["device_id"], role, "aid_master", ik)
         if spk_pk == pki.public_key_b64(ik):  # the identity key doubles as the prekey
             return Target(owner, dev["device_id"], role, "peer_device_prekey", ik, ik, spk_id)
-        if not p2p.verify_spk(ik, spk_pk, spk_id, dev.get("spk_signature"), dev.get("spk_timestamp")):
+        if not verify_spk(ik, spk_pk, spk_id, dev.get("spk_signature"), dev.get("spk_timestamp")):
             raise E2EEError(f"prekey of {owner}/{dev['device_id']} has a bad signature",
                             data={"reason": "bad_spk_signature", "peer": owner})
         return Target(owner, dev["device_id"], role, str(dev.get("key_source") or "peer_device_prekey"), ik,

@@ -26,7 +26,7 @@ import trio
 
 from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
-from aund.aun.e2ee import merkle, p2p
+from aund.aun.e2ee import merkle, spk_id_for, verify_spk
 from aund.aun.messaging import history_window as checked_history_window
 from aund.devnet import federation
 from aund.devnet.federation import PUSH_QUEUE as FEDERATED_PUSH_QUEUE
@@ -536,9 +536,9 @@ def checked_prekey(params: dict[str, Any], cert: Any) -> tuple[str, str, str, in
         pki.load_public_key_b64(spk_pk)
     except pki.PKIError as exc:
         raise RpcError(rpc.INVALID_PARAMS, f"bad prekey: {exc}") from None
-    if spk_id != p2p.spk_id_for(pki.b64d(spk_pk)):
+    if spk_id != spk_id_for(pki.b64d(spk_pk)):
         raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_id does not match spk_pk")
-    if not p2p.verify_spk(cert.public_key(), spk_pk, spk_id, sig, timestamp):
+    if not verify_spk(cert.public_key(), spk_pk, spk_id, sig, timestamp):
         raise RpcError(rpc.E2EE_PREKEY_INVALID, "spk_signature does not verify (RAW r||s by the AID key)")
     return spk_id, spk_pk, sig, timestamp
 

@@ -24,9 +24,8 @@ from .merkle import (
     row_leaf_hash,
     verify_merkle_proof,
 )
-from .p2p import (
+from ._envelope import (
     CONTEXT_DOMAIN,
-    ENVELOPE_TYPE,
     ENVELOPE_VERSION,
     HEADERS_DOMAIN,
     KEY_SOURCE_AID_MASTER,
@@ -38,8 +37,6 @@ from .p2p import (
     SpkLookup,
     Target,
     attach_auth,
-    decrypt_p2p,
-    encrypt_p2p,
     ik_fingerprint,
     load_public_key_b64,
     load_public_key_der,
@@ -53,6 +50,7 @@ from .p2p import (
     verify_auth,
     verify_spk,
 )
+from .p2p import ENVELOPE_TYPE, decrypt_p2p, encrypt_p2p
 
 __all__ = [
     "CONTEXT_DOMAIN",

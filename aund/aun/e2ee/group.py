@@ -5,7 +5,7 @@ no key storage; imports only the stdlib, ``cryptography`` and the P2P core it sh
 Wire compatible with the official SDK ``fastaun==0.5.25`` (``v2/e2ee/encrypt_group.py``,
 ``v2/e2ee/decrypt.py``, ``v2/state/commitment.py``):
 
-* ``encrypt_group`` seals one payload for a list of :class:`~aund.aun.e2ee.p2p.Target` devices
+* ``encrypt_group`` seals one payload for a list of :class:`~aund.aun.e2ee.Target` devices
   (role ``member``, ``self_sync`` or ``audit``); the wraps, Merkle digest, signature and header
   MACs are the P2P ones, only the envelope head and the AAD differ (``group_id``, ``epoch``,
   ``state_commitment``, no ``to``).

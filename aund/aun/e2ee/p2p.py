@@ -23,66 +23,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ._envelope import (  # noqa: F401  (the kernel's public names are this module's API too)
-    CONTEXT_DOMAIN,
-    ENVELOPE_VERSION,
-    HEADERS_DOMAIN,
-    KEY_SOURCE_AID_MASTER,
-    PREKEY_KEY_SOURCES,
-    SDK_LANG,
-    SDK_VERSION,
-    SUITE,
-    DecryptResult,
-    SpkLookup,
-    Target,
-    _check_seal_inputs,
-    _fail,
-    _open_envelope,
-    _seal_envelope,
-    attach_auth,
-    ik_fingerprint,
-    load_public_key_b64,
-    load_public_key_der,
-    normalize_protected_headers,
-    protected_mac,
-    public_key_b64,
-    public_key_der,
-    sign_spk,
-    spk_id_for,
-    spki_sha256,
-    verify_auth,
-    verify_spk,
-)
+from ._envelope import DecryptResult, SpkLookup, Target, _check_seal_inputs, _fail, _open_envelope, _seal_envelope
 
-__all__ = [
-    "CONTEXT_DOMAIN",
-    "ENVELOPE_TYPE",
-    "ENVELOPE_VERSION",
-    "HEADERS_DOMAIN",
-    "KEY_SOURCE_AID_MASTER",
-    "PREKEY_KEY_SOURCES",
-    "SDK_LANG",
-    "SDK_VERSION",
-    "SUITE",
-    "DecryptResult",
-    "SpkLookup",
-    "Target",
-    "attach_auth",
-    "decrypt_p2p",
-    "encrypt_p2p",
-    "ik_fingerprint",
-    "load_public_key_b64",
-    "load_public_key_der",
-    "normalize_protected_headers",
-    "protected_mac",
-    "public_key_b64",
-    "public_key_der",
-    "sign_spk",
-    "spk_id_for",
-    "spki_sha256",
-    "verify_auth",
-    "verify_spk",
-]
+__all__ = ["ENVELOPE_TYPE", "decrypt_p2p", "encrypt_p2p"]
 
 
 ENVELOPE_TYPE = "e2ee.p2p_encrypted"
