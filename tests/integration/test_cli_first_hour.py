@@ -288,3 +288,22 @@ def test_a_damaged_inbox_database_is_one_line_and_left_alone(tmp_path):
     assert r.returncode == 1
     _one_line(r, "aund run", str(state / "inbox.sqlite3"), "restore it from a backup")
     assert (state / "inbox.sqlite3").read_bytes() == damaged
+
+
+def test_listen_with_an_unknown_kind_says_which_kinds_exist(devnet, tmp_path):
+    from client_stub import Client
+    from tests.helpers import AundProcess
+
+    aid = f"kinds-{os.getpid() % 10000}.aid.test"
+    cfg = tmp_path / "aund.toml"
+    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
+    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
+    daemon.start()
+    try:
+        with Client(daemon.socket) as app:
+            app.ensure_identity(aid)
+        r = aund("listen", aid, "--kind", "message.recieved", "--socket", str(daemon.socket))
+        assert r.returncode == 1
+        _one_line(r, "unknown event kind", "'message.recieved'", "message.received")
+    finally:
+        daemon.stop()
