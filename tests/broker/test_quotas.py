@@ -7,9 +7,6 @@ kernel's SO_PEERCRED then names it), so this test runs as root, as the CI does.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,20 +24,6 @@ ALICE, BOB = "alice.aid.test", "bob.aid.test"
 NOBODY, NOGROUP = 65534, 65534
 
 
-@pytest.fixture
-def shared_dir():
-    """A socket directory root:nogroup 2750, so the socket inherits nogroup and uid 65534 can connect."""
-    if os.geteuid() != 0:
-        pytest.fail("test_quotas must run as root (the CI does): it connects as uid 65534", pytrace=False)
-    path = Path(tempfile.mkdtemp(prefix="aund-q-", dir="/tmp"))
-    os.chown(path, 0, NOGROUP)
-    os.chmod(path, 0o2750)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 async def _probe(sock: Path, log: Path, connections: int) -> dict:
     proc = spawn_app("quota-probe", {"socket": str(sock), "uid": NOBODY, "gid": NOGROUP, "connections": connections,
                                      "aid": BOB}, log)
@@ -50,11 +33,11 @@ async def _probe(sock: Path, log: Path, connections: int) -> dict:
         kill_all([proc])
 
 
-async def test_one_uid_cannot_take_every_connection(start_broker, shared_dir, tmp_path):
+async def test_one_uid_cannot_take_every_connection(start_broker, nogroup_socket_dir, tmp_path):
     """With the default limits, root opens connections until refused (64 of the 256): another user
     still connects, and its call runs."""
     backend = FakeBackend(Policy({BOB: {"uids": [NOBODY]}}))
-    b = await start_broker(path=shared_dir / "aund.sock", backend=backend)
+    b = await start_broker(path=nogroup_socket_dir / "aund.sock", backend=backend)
     cap = Limits().connections_per_uid
     with trio.fail_after(50):
         raws = []
@@ -72,12 +55,12 @@ async def test_one_uid_cannot_take_every_connection(start_broker, shared_dir, tm
                 await raw.aclose()
 
 
-async def test_a_busy_uid_leaves_call_slots_to_the_others(start_broker, shared_dir, tmp_path):
+async def test_a_busy_uid_leaves_call_slots_to_the_others(start_broker, nogroup_socket_dir, tmp_path):
     """Root holds all the call slots its uid may have: its next call waits for its own share (and
     times out naming it) while another user's call runs at once; every slot comes back."""
     limits = Limits(global_calls=8, calls_per_uid=4, calls_per_aid=8)
     backend = FakeBackend(Policy({BOB: {"uids": [NOBODY]}}))
-    b = await start_broker(limits=limits, path=shared_dir / "aund.sock", backend=backend)
+    b = await start_broker(limits=limits, path=nogroup_socket_dir / "aund.sock", backend=backend)
     with trio.fail_after(50):
         mine = [await in_thread(lambda: Client(b.path, app=f"root{i}").connect()) for i in range(2)]
         async with trio.open_nursery() as nursery:

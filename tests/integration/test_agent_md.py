@@ -15,26 +15,20 @@ import pytest
 
 from aund.identity import agent_md, pki
 from client_stub import Client, InvalidParams
-from tests.helpers import ROOT, AundProcess, run_fastaun
+from tests.helpers import ROOT, run_fastaun
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def daemon(devnet, tmp_path):
+def daemon(aund_on_devnet):
     aid = f"card-{os.getpid() % 100000}.aid.test"
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nidentities = ["{aid}"]\n')
-    proc = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    proc.start()
+    proc = aund_on_devnet([aid])
     proc.aid = aid
-    try:
-        with Client(str(proc.socket), connect_timeout=30) as app:
-            app.ensure_identity(aid)
-            app.session(aid).wait_ready(timeout=60)  # connected: the default card is published
-        yield proc
-    finally:
-        assert proc.stop() == 0
+    with Client(str(proc.socket), connect_timeout=30) as app:
+        app.ensure_identity(aid)
+        app.session(aid).wait_ready(timeout=60)  # connected: the default card is published
+    return proc
 
 
 def _cert(devnet, aid):

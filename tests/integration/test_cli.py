@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, AundProcess, wait_until
+from tests.helpers import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,17 +20,11 @@ def aund(*args: str, env: dict | None = None, timeout: float = 60, stdin: str | 
 
 
 @pytest.fixture
-def daemon(devnet, tmp_path):
+def daemon(aund_on_devnet):
     aid = f"cli-{os.getpid() % 10000}.aid.test"
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nidentities = ["{aid}"]\n')
-    proc = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    proc.start()
+    proc = aund_on_devnet([aid])
     proc.aid = aid
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0
+    return proc
 
 
 def _ready(daemon):

@@ -64,20 +64,16 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_metrics_in_openmetrics_and_node_exporter_textfile(devnet, tmp_path):
+def test_metrics_in_openmetrics_and_node_exporter_textfile(aund_on_devnet, tmp_path):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     from aund.aun.link import LinkState
     from aund.cli.metrics import LINK_STATES
     from client_stub import Client
-    from tests.helpers import AundProcess
 
     assert set(LINK_STATES) == {s.value for s in LinkState}
     aid = f"metrics-{os.getpid() % 10000}.aid.test"
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\nidentities = ["{aid}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet([aid])
     try:
         with Client(daemon.socket) as app:
             app.ensure_identity(aid)
@@ -102,13 +98,9 @@ def test_metrics_in_openmetrics_and_node_exporter_textfile(devnet, tmp_path):
         daemon.stop()
 
 
-def test_listen_says_what_is_wrong_instead_of_waiting_forever(devnet, tmp_path):
-    from tests.helpers import AundProcess
+def test_listen_says_what_is_wrong_instead_of_waiting_forever(aund_on_devnet, tmp_path):
 
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet()
     try:
         r = aund("listen", "nobody-here.aid.test", "--socket", str(daemon.socket))
         assert r.returncode == 1
@@ -149,17 +141,13 @@ def test_log_level_setting(devnet, tmp_path):
     _one_line(r, "AUND_LOG_LEVEL", "must be one of debug, info, warning, error")
 
 
-def test_aid_show_and_reset_consumer(devnet, tmp_path):
+def test_aid_show_and_reset_consumer(aund_on_devnet, tmp_path):
     import json
 
     from client_stub import Client
-    from tests.helpers import AundProcess
 
     aid = f"shown-{os.getpid() % 10000}.aid.test"
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet()
     sock = str(daemon.socket)
     try:
         with Client(sock) as app:
@@ -193,20 +181,16 @@ def test_aid_show_and_reset_consumer(devnet, tmp_path):
         daemon.stop()
 
 
-def test_a_name_taken_by_another_key_is_said_so_and_the_pending_key_set_aside(devnet, tmp_path):
+def test_a_name_taken_by_another_key_is_said_so_and_the_pending_key_set_aside(devnet, aund_on_devnet, tmp_path):
     import trio
 
     from aund.aun import auth
     from aund.identity import pki
     from client_stub import Client, ResourceAlreadyExistError
-    from tests.helpers import AundProcess
 
     aid = f"taken-{os.getpid() % 10000}.aid.test"
     trio.run(auth.create_aid, devnet.gateway_url, aid, pki.generate_key().public_key())  # someone else's key
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet()
     try:
         with Client(daemon.socket) as app:
             for attempt in range(2):
@@ -245,13 +229,9 @@ def test_a_file_where_the_identities_directory_belongs_stops_the_start(tmp_path)
     assert (state / "AIDs").read_text() == "a file, not the directory"  # left as it was
 
 
-def test_status_and_health_of_a_store_that_became_unreadable(devnet, tmp_path):
-    from tests.helpers import AundProcess
+def test_status_and_health_of_a_store_that_became_unreadable(aund_on_devnet, tmp_path):
 
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet()
     aids = daemon.state_dir / "AIDs"
     try:
         aids.rename(daemon.state_dir / "AIDs.moved")
@@ -290,15 +270,11 @@ def test_a_damaged_inbox_database_is_one_line_and_left_alone(tmp_path):
     assert (state / "inbox.sqlite3").read_bytes() == damaged
 
 
-def test_listen_with_an_unknown_kind_says_which_kinds_exist(devnet, tmp_path):
+def test_listen_with_an_unknown_kind_says_which_kinds_exist(aund_on_devnet, tmp_path):
     from client_stub import Client
-    from tests.helpers import AundProcess
 
     aid = f"kinds-{os.getpid() % 10000}.aid.test"
-    cfg = tmp_path / "aund.toml"
-    cfg.write_text(f'gateway_url = ["{devnet.gateway_url}"]\nroot_ca = ["{devnet.root_ca}"]\n')
-    daemon = AundProcess(tmp_path / "state", tmp_path / "aund.sock", cfg)
-    daemon.start()
+    daemon = aund_on_devnet()
     try:
         with Client(daemon.socket) as app:
             app.ensure_identity(aid)

@@ -9,10 +9,6 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -24,23 +20,10 @@ NOBODY, NOGROUP = 65534, 65534
 
 
 @pytest.fixture
-def shared_dir():
-    if os.geteuid() != 0:
-        pytest.fail("test_app_bounds must run as root (the CI does): it reads as uid 65534", pytrace=False)
-    path = Path(tempfile.mkdtemp(prefix="aund-b-", dir="/tmp"))
-    os.chown(path, 0, NOGROUP)
-    os.chmod(path, 0o2750)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def two_aids(devnet, tmp_path, shared_dir):
+def two_aids(devnet, tmp_path, nogroup_socket_dir):
     """A daemon holding alice and bob (bob also granted to uid 65534), both ready; and an owner app."""
     alice, bob = aid("hdra"), aid("hdrb")
-    daemon = start_aund(tmp_path, devnet, [alice, bob], socket=shared_dir / "aund.sock",
+    daemon = start_aund(tmp_path, devnet, [alice, bob], socket=nogroup_socket_dir / "aund.sock",
                         policy={bob: {"uids": [NOBODY]}})
     try:
         with Client(daemon.socket, app="owner") as app:
