@@ -56,3 +56,19 @@ async def wait_for(pred, timeout=10.0):
             return True
         await asyncio.sleep(0.05)
     return pred()
+
+
+async def open_phase(name, phase):
+    """One phase of a multi-process exchange: the identity `name` (kept in WORK/{name}.json across
+    the phases' processes), connected, with the messages it receives collected. Returns
+    (aid, client, received list)."""
+    ids_file = WORK / f"{name}.json"
+    known = json.loads(ids_file.read_text())["aid"] if ids_file.exists() else None
+    aid, ident = await ensure(name, known)
+    ids_file.write_text(json.dumps({"aid": aid}))
+    client = AUNClient(ident)
+    got = []
+    client.on("message.received", lambda m: got.append(m))
+    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
+    check(f"connect {phase}", client.state.value == "ready")
+    return aid, client, got

@@ -10,7 +10,7 @@ import os
 import secrets
 import sys
 
-from fastaun_common import AUNClient, WORK, check, ensure, failed, note, wait_for
+from fastaun_common import AUNClient, WORK, check, ensure, failed, note, open_phase, wait_for
 
 async def open_client(name, aid=None, **opts):
     aid, ident = await ensure(name, aid)
@@ -163,15 +163,7 @@ async def peer_phase():
     PHASE=recv: connect, expect N messages "a2f-off i" from the peer (sent while we were away),
     in order, once; then send N more "f2a-late i" (bootstrapped afresh: the peer's rotated prekey)."""
     n, peer_aid, phase = int(os.environ.get("N", "5")), os.environ["PEER_AID"], os.environ["PHASE"]
-    ids_file = WORK / "fastpeer.json"
-    known = json.loads(ids_file.read_text())["aid"] if ids_file.exists() else None
-    aid, ident = await ensure("fastpeer", known)
-    ids_file.write_text(json.dumps({"aid": aid}))
-    client = AUNClient(ident)
-    got = []
-    client.on("message.received", lambda m: got.append(m))
-    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
-    check(f"connect {phase}", client.state.value == "ready")
+    aid, client, got = await open_phase("fastpeer", phase)
     try:
         if phase == "send":
             for i in range(n):

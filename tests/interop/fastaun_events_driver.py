@@ -23,7 +23,7 @@ import os
 import secrets
 import sys
 
-from fastaun_common import AUNClient, WORK, check, ensure, failed, note, wait_for
+from fastaun_common import AUNClient, WORK, check, ensure, failed, note, open_phase, wait_for
 
 
 async def wait_file(name: str, timeout: float = 60.0) -> dict:
@@ -132,15 +132,7 @@ async def volatile_offline():
     were away, by pull; `again` connects and must not get it again (acked); `send` sends the peer
     a volatile message (while the peer is away) and leaves."""
     peer, phase = os.environ["PEER_AID"], os.environ["PHASE"]
-    ids_file = WORK / "voff.json"
-    known = json.loads(ids_file.read_text())["aid"] if ids_file.exists() else None
-    aid, ident = await ensure("voff", known)
-    ids_file.write_text(json.dumps({"aid": aid}))
-    client = AUNClient(ident)
-    got = []
-    client.on("message.received", lambda m: got.append(m))
-    await asyncio.wait_for(client.connect({"auto_reconnect": False}), 30)
-    check(f"connect {phase}", client.state.value == "ready")
+    aid, client, got = await open_phase("voff", phase)
     try:
         if phase == "recv":
             ok = await wait_for(lambda: any((m.get("payload") or {}).get("text") == "while away" for m in got), 20)
