@@ -55,7 +55,10 @@ GROUP_CHANGED_KIND = "group.changed"
 JOIN_ACTIONS = frozenset({"member_added", "joined", "join_approved", "invite_code_used"})
 LEAVE_ACTIONS = frozenset({"member_removed", "member_left"})
 MEMBERSHIP_ACTIONS = JOIN_ACTIONS | LEAVE_ACTIONS | {"role_changed", "owner_transferred"}
-PROPOSE_ACTIONS = MEMBERSHIP_ACTIONS | {"upsert"}
+DISSOLVED = "dissolved"
+TRANSFER_PENDING = "owner_transfer_rekey_pending"
+GROUP_STATE_INVALID = -33002  # the gateway's code for a group that is not active
+PROPOSE_ACTIONS = MEMBERSHIP_ACTIONS | {"upsert", "member_banned"}  # a ban demotes a banned admin
 NO_TARGETS = -33054          # local: the bootstrap named no device to wrap for (the SDK's code)
 STATE_CONFLICT = -33012
 ADMIN_ROLES = ("owner", "admin")
@@ -127,6 +130,7 @@ class GroupSession:
         self._state_seen: dict[str, int] = {}            # gid -> highest signed state version verified
         self._key_lock = trio.Lock()
         self._propose_locks: dict[str, trio.Lock] = {}
+        self.dissolved: set[str] = set()                 # groups seen dissolved (memory: the gateway refuses too)
         self.stats = {"bootstraps": 0, "prekeys_put": 0, "rotations": 0, "proposals": 0, "confirmed_pending": 0,
                       "send_retries": 0}
 
@@ -315,10 +319,21 @@ class GroupSession:
             if code == NO_TARGETS and retries > 1:
                 await trio.sleep(0.25)
 
+    def mark_dissolved(self, gid: str) -> None:
+        self.dissolved.add(gid)
+        self.invalidate(gid)
+
+    def refuse_dissolved(self, method: str, gid: str) -> None:
+        """A clear refusal, before any bootstrap, for a group this AID saw dissolved."""
+        if gid in self.dissolved:
+            raise GatewayError(f"{method}: group {gid} is dissolved (its owner ended it); nothing can be sent there",
+                               remote_code=GROUP_STATE_INVALID, retryable=False, data={"method": method})
+
     async def send(self, link: Link, params: dict[str, Any], headers: dict[str, str] | None, *,
                    timeout: float | None = None) -> dict[str, Any]:
         """`group.send` as the SDK does it: `group.v2.send` of an E2EE envelope unless `encrypt` is false."""
         gid = _require_gid(params)
+        self.refuse_dissolved("group.send", gid)
         payload = params.get("payload")
         if not isinstance(payload, dict):
             raise InvalidParams("group.send needs `group_id` and `payload` (an object)")
@@ -341,6 +356,7 @@ class GroupSession:
                           timeout: float | None = None) -> dict[str, Any]:
         """`group.thought.put` with the payload sealed as a group envelope whose message id is the thought id."""
         gid = _require_gid(params)
+        self.refuse_dissolved("group.thought.put", gid)
         payload, context = params.get("payload"), params.get("context")
         if not isinstance(payload, dict) or not isinstance(context, dict):
             raise InvalidParams("group.thought.put needs `group_id`, `context` {type, id} and `payload` (an object)")
@@ -907,7 +923,10 @@ class GroupSync(LinkSync):
     async def _on_changed(self, gid: str, event: dict[str, Any]) -> None:
         action = str(event.get("action") or "")
         subject = str(event.get("joined_aid") or event.get("member_aid") or event.get("aid") or "").strip().lower()
-        if action in LEAVE_ACTIONS and subject == self.aid:
+        if action == DISSOLVED:
+            self.session.mark_dissolved(gid)
+            self._block(gid, action)  # nothing more will come; the event itself is stored below
+        elif action in LEAVE_ACTIONS and subject == self.aid:
             self._block(gid, action)  # our own removal: nothing more to pull (its event still is, below)
         elif action in JOIN_ACTIONS and subject == self.aid:
             self._blocked.discard(gid)
@@ -915,7 +934,12 @@ class GroupSync(LinkSync):
             self._queue(("sync", gid, None))
         elif action in MEMBERSHIP_ACTIONS and gid not in self._blocked:
             self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
-        if action in PROPOSE_ACTIONS and gid not in self._blocked:
+        elif action == TRANSFER_PENDING and str(event.get("new_owner") or "").strip().lower() == self.aid \
+                and event.get("status") == "pending_rekey":
+            # as the SDK does: the named new owner completes at once (anonymous groups: no group key to rekey)
+            self._spawn(self.session.membership_call(self.link, "group.complete_transfer", {"group_id": gid}),
+                        "groups.transfer_complete_failed", gid)
+        if action in PROPOSE_ACTIONS and gid not in self._blocked and gid not in self.session.dissolved:
             self._spawn(self.session.propose(self.link, gid), "groups.propose_failed", gid)
         if (_int(event.get("event_seq")) or 0) > 0:
             await self.sync_events(gid)
