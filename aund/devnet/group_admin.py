@@ -392,7 +392,7 @@ def rpc_get_settings(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 def rpc_transfer_owner(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     """Step one: record the pending transfer; the new owner completes it (group.complete_transfer)."""
     svc, gid = g._ctx(conn, params)
-    group, _ = svc.require_member(gid, conn.aid, ("owner",))
+    svc.require_member(gid, conn.aid, ("owner",))
     new_owner = _target(params, "new_owner", "aid")
     if new_owner == conn.aid:
         raise RpcError(rpc.INVALID_PARAMS, "new_owner is already the owner")

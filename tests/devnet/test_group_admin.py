@@ -4,7 +4,6 @@ calls end to end in tests/interop/test_group_admin_fastaun.py."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 
 import pytest

@@ -16,8 +16,8 @@ import asyncio
 import json
 import sys
 
-from fastaun_groups_aund_driver import wait_file  # noqa: E402
-from fastaun_groups_driver import WORK, Member, check, failed, fails, note, wait_for  # noqa: E402, F401
+from fastaun_groups_aund_driver import wait_file
+from fastaun_groups_driver import WORK, Member, check, failed, fails, note, wait_for
 
 
 def saw(me: Member, action: str, **fields) -> bool:
