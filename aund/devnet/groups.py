@@ -21,8 +21,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from aund.aun import ids
 from aund.aun import jsonrpc as rpc
@@ -31,9 +30,9 @@ from aund.aun.e2ee.canonical import canonical_json
 from aund.aun.e2ee.group import state_commitment, state_sign_input
 from aund.devnet import gateway as gw
 from aund.devnet import thoughts
+from aund.devnet.thoughts import Thought
 from aund.devnet.gateway import RpcError, validate_aid
 from aund.devnet.store import dumps
-from aund.devnet.thoughts import Thought
 from aund.identity import pki
 
 if TYPE_CHECKING:
@@ -582,7 +581,7 @@ class GroupService:
         return rows[::-1] if newest else rows
 
 
-_SERVICES: weakref.WeakKeyDictionary[Devnet, GroupService] = weakref.WeakKeyDictionary()
+_SERVICES: "weakref.WeakKeyDictionary[Devnet, GroupService]" = weakref.WeakKeyDictionary()
 
 
 def service(net: Devnet) -> GroupService:
@@ -1441,6 +1440,6 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
             "thoughts": [dict(i) for i in head.items], "updated_at": head.updated_at}
 
 
-from aund.devnet import group_admin as _admin  # noqa: F401  (registers the admin handlers)
+from aund.devnet import group_admin as _admin  # noqa: E402,F401  (registers the admin handlers)
 
 gw.HANDLERS.update(GROUP_HANDLERS)
