@@ -12,13 +12,11 @@ certificate. Imported by aund.devnet.groups at its end (the handlers register th
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
+from aund.aun import group_index as gindex
 from aund.aun import jsonrpc as rpc
-from aund.aun.e2ee.canonical import canonical_json
 from aund.devnet import gateway as gw
 from aund.devnet import groups as g
 from aund.devnet.gateway import RpcError, validate_aid
@@ -32,11 +30,7 @@ handler = g.handler
 ADMINS = ("owner", "admin")
 VISIBILITIES = ("public", "private")
 MENTION_MODES = ("disabled", "mention-only")
-INDEX_KEY = "group.index"
-INDEX_SCHEMA = "aun.group.index.v1"
-INDEX_SIG_ALG = "ECDSA-P256-SHA256"
-DOC_KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]{0,63})\.(content|attachments)$")
-JOIN_KEYS = ("join.mode", "join.question", "join.auto_approve_patterns", "join.max_pending", "join.attachments")
+INDEX_KEY = gindex.KEY
 #: keys kept in the group row (not in grp_settings); legacy names map to the indexed ones
 CORE_KEYS = {"name": "name", "description": "description", "visibility": "visibility",
              "join.mode": "join_mode", "join.question": "join_question"}
@@ -214,34 +208,18 @@ def rpc_get_banlist(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- settings and the signed group.index -------------------------------------------------------------
-def _index_entries_bytes(entries: list[dict[str, Any]]) -> bytes:
-    ordered = sorted((dict(e) for e in entries), key=lambda e: str(e.get("key") or ""))
-    return b"".join(canonical_json(e) + b"\n" for e in ordered)
-
-
-def setting_etag(value: Any) -> str:
-    return '"sha256:' + hashlib.sha256(canonical_json(value)).hexdigest() + '"'
-
-
 def parse_index(value: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    body = value.get("body") if isinstance(value, dict) else None
-    if not isinstance(body, str) or len(body) > SETTING_MAX_BYTES:
-        raise RpcError(rpc.INVALID_PARAMS, "group.index must be an object with a body string")
     try:
-        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        return gindex.parse(value)
     except ValueError as exc:
-        raise RpcError(rpc.INVALID_PARAMS, f"group.index body is not JSON lines: {exc}") from None
-    if not lines or not all(isinstance(x, dict) for x in lines) or lines[0].get("type") != "index_meta":
-        raise RpcError(rpc.INVALID_PARAMS, "group.index must start with an index_meta line")
-    return lines[0], lines[1:]
+        raise RpcError(rpc.INVALID_PARAMS, str(exc)) from None
 
 
 def verify_index(svc: g.GroupService, gid: str, actor: str, value: Any,
                  written: dict[str, Any]) -> dict[str, Any]:
     """Check a submitted group.index as the manual says the service does; returns its meta."""
     meta, entries = parse_index(value)
-    body = _index_entries_bytes(entries)
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    digest = gindex.body_hash(entries)
 
     def bad(why: str) -> RpcError:
         return RpcError(rpc.INVALID_PARAMS, f"group.index rejected: {why}")
@@ -250,31 +228,26 @@ def verify_index(svc: g.GroupService, gid: str, actor: str, value: Any,
         raise bad("group_aid does not name this group")
     if meta.get("signed_by") != actor:
         raise bad("signed_by must be the caller")
-    if meta.get("schema") != INDEX_SCHEMA or meta.get("sig_alg") != INDEX_SIG_ALG:
+    if meta.get("schema") != gindex.SCHEMA or meta.get("sig_alg") != gindex.SIG_ALG:
         raise bad("unsupported schema or sig_alg")
     if meta.get("body_hash") != digest or meta.get("etag") != f'"{digest}"':
         raise bad("body_hash/etag do not match the entries")
     by_key = {str(e.get("key") or ""): e for e in entries}
     for key, setting in written.items():
-        if key in by_key and by_key[key].get("etag") != setting_etag(setting):
+        if key in by_key and by_key[key].get("etag") != gindex.setting_etag(setting):
             raise bad(f"entry {key} does not match the value written")
         if key not in by_key:
             raise bad(f"entry {key} missing")
     pem = svc.cert_pem(actor)
     signature = meta.get("signature")
-    unsigned = {k: v for k, v in meta.items() if k != "signature"}
     try:
         ok = pem is not None and isinstance(signature, str) and pki.verify_signature(
-            pki.load_cert_pem(pem).public_key(), pki.b64d(signature), canonical_json(unsigned) + b"\n" + body)
+            pki.load_cert_pem(pem).public_key(), pki.b64d(signature), gindex.signing_input(meta, entries))
     except (pki.PKIError, ValueError):
         ok = False
     if not ok:
         raise bad("signature does not verify with the caller's certificate")
     return meta
-
-
-def _is_indexed(key: str) -> bool:
-    return key in JOIN_KEYS or (DOC_KEY_RE.match(key) is not None and not key.startswith("join."))
 
 
 def _setting_value(key: str, value: Any) -> Any:
@@ -323,12 +296,12 @@ def rpc_set_settings(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         key = LEGACY_KEYS.get(key, key)
         if key == INDEX_KEY:
             continue
-        if key not in ("name", "description", "visibility", "mention_mode") and not _is_indexed(key):
+        if key not in ("name", "description", "visibility", "mention_mode") and not gindex.is_indexed(key):
             raise RpcError(rpc.INVALID_PARAMS, f"unknown setting: {key}")
         settings[key] = _setting_value(key, value)
     # the legacy names (join_mode, join_question) are written without an index (devnet choice)
     legacy = {LEGACY_KEYS[k] for k in raw if k in LEGACY_KEYS}
-    need_index = {k: v for k, v in settings.items() if _is_indexed(k) and k not in legacy}
+    need_index = {k: v for k, v in settings.items() if gindex.is_indexed(k) and k not in legacy}
     index = raw.get(INDEX_KEY)
     meta = None
     if index is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from aund.aun import jsonrpc as rpc
 from aund.aun.e2ee.canonical import canonical_json
-from aund.devnet import group_admin, groups
+from aund.devnet import groups
 from aund.identity import pki
 from tests.devnet.test_groups import code, make_group, open_world, send
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 def signed_index(w, who: str, gid: str, settings: dict, *, signer: str | None = None) -> dict:
     """A group.index the way the SDK builds one (entries sorted by key, meta signed over meta + entries)."""
     now = int(time.time() * 1000)
-    entries = sorted(({"key": k, "source": "db", "etag": group_admin.setting_etag(v), "last_modified": now}
+    entries = sorted(({"key": k, "source": "db", "etag": '"sha256:' + hashlib.sha256(canonical_json(v)).hexdigest() + '"', "last_modified": now}
                       for k, v in settings.items()), key=lambda e: e["key"])
     body = b"".join(canonical_json(e) + b"\n" for e in entries)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
