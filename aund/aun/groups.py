@@ -33,6 +33,7 @@ import trio
 from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
 from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_group, snapshot_json, state_commitment,
                                  state_sign_input)
+from aund.aun import group_index as gindex
 from aund.aun import methods
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
@@ -411,6 +412,37 @@ class GroupSession:
             out.append(history_entry(event))
         return dict(result, messages=out)
 
+    # --- settings with the signed group.index (3.5) ----------------------------------------------------------
+    async def set_settings(self, link: Link, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """`group.set_settings`; indexed settings (announcement, rules, join requirements, documents)
+        get a `group.index` signed with this AID's key, merged on the current one and CAS'd on its
+        etag, retried once after a lost race (as the SDK's update_group_index)."""
+        settings = params.get("settings")
+        if not isinstance(settings, dict) or gindex.KEY in settings \
+                or not any(gindex.is_indexed(str(k)) for k in settings):
+            return await link.call("group.set_settings", params, timeout=timeout)
+        gid = _require_gid(params)
+        for attempt in (0, 1):
+            current = await link.call("group.get_settings", {"group_id": gid, "keys": [gindex.KEY]}, timeout=timeout)
+            base = next((s.get("value") for s in current.get("settings") or []
+                         if isinstance(s, dict) and s.get("key") == gindex.KEY), None)
+            try:
+                etag = str(gindex.parse(base)[0].get("etag") or "") if base else ""
+                index = gindex.build(gid, self.aid, self.identity.private_key, dict(settings), base=base,
+                                     now_ms=int(time.time() * 1000))
+            except ValueError as exc:
+                raise GatewayError(f"group.set_settings: the group's current group.index is unreadable: {exc}",
+                                   retryable=False, data={"method": "group.set_settings"}) from None
+            try:
+                return await link.call("group.set_settings", dict(params, group_id=gid, expected_index_etag=etag,
+                                                                  settings={**settings, gindex.KEY: index}),
+                                       timeout=timeout)
+            except GatewayError as exc:
+                if attempt == 0 and "etag conflict" in str(exc):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # --- membership and the signed state chain (5.4) --------------------------------------------------------
     async def membership_call(self, link: Link, method: str, params: dict[str, Any], *,
                               timeout: float | None = None) -> dict[str, Any]:
@@ -627,6 +659,8 @@ class GroupSync(LinkSync):
             return await self.session.history(self.link, params, timeout=timeout)
         if method in methods.MEMBERSHIP:
             return await self.session.membership_call(self.link, method, params, timeout=timeout)
+        if method == "group.set_settings":
+            return await self.session.set_settings(self.link, params, timeout=timeout)
         raise InvalidParams(f"{method} is not a group method aund routes")
 
     def note_own(self, gid: str, seq: int) -> None:

@@ -102,7 +102,8 @@ _REFUSED_PARAMS = {"message.send": _PER_CALL_DELIVERY, "group.send": _PER_CALL_D
 _MEMBERSHIP = frozenset(_family("group", "create add_member kick remove_member review_join_request "
                                          "batch_review_join_request set_role complete_transfer"))
 _ROUTES = {"p2p": frozenset({"message.send", "message.thought.put", "message.thought.get", "message.history"}),
-           "group": frozenset({"group.send", "group.thought.put", "group.thought.get", "group.history"}) | _MEMBERSHIP}
+           "group": frozenset({"group.send", "group.thought.put", "group.thought.get", "group.history",
+                               "group.set_settings"}) | _MEMBERSHIP}
 
 #: Methods of these families follow the family's rule unless the table names them.
 FAMILIES: Mapping[str, MethodRule] = MappingProxyType({

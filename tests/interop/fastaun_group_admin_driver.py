@@ -65,6 +65,14 @@ async def member():
               {"meta": index.get("meta"), "settings": index.get("settings")})
         (WORK / "announced").write_text("1")
 
+        await wait_file("rules.json")  # alice's aund wrote rules: its own group.index, on top of ours
+        index = await me.client.group.get_group_index({"group_id": gid})
+        check("aund's group.index verified by the SDK", index["meta"].get("signed_by") == alice
+              and index["settings"].get("rules.content") == "be kind"
+              and index["settings"].get("announcement.content") == "hello from fastaun",
+              {"meta": index.get("meta"), "settings": index.get("settings")})
+        (WORK / "rules_checked").write_text("1")
+
         got = await wait_for(lambda: saw(me, "owner_transfer_rekey_pending", new_owner=me.aid), 20)
         check("saw owner_transfer_rekey_pending", got, [e.get("action") for e in me.changed])
         # the SDK tries to complete on its own (and fails after the call, wanting a group certificate);

@@ -3,7 +3,8 @@
 1. aund owns: alice (aund) makes the fastaun member admin (a new signed state names it in the
    admin set), bans bob (aund: his sends are refused, and once removed he cannot rejoin), renames
    the group and changes settings; fastaun publishes a signed announcement (group.index) alice
-   reads; alice transfers the ownership to fastaun, which completes it; fastaun dissolves the
+   reads, alice's aund signs rules into the index on top of it and fastaun verifies that; alice
+   transfers the ownership to fastaun, which completes it; fastaun dissolves the
    group and alice's aund refuses sends there with a clear error.
 2. fastaun owns: it makes carol (aund) admin; carol renames, sets settings and bans dave (aund);
    fastaun transfers the ownership to carol, whose aund completes it and signs the new state;
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 
+from aund.aun import group_index
 from aund.errors import AundError, InvalidParams
 from tests.helpers import ROOT
 from tests.inproc import APP, ready_handle, start_daemon
@@ -112,14 +114,22 @@ async def test_aund_owner_administers_a_fastaun_member_then_hands_over(devnet, t
         await call(alice, "group.update", {"group_id": gid, "name": "renamed by aund", "description": "admin test"})
         out = await call(alice, "group.set_settings", {"group_id": gid, "settings": {"mention_mode": "mention-only"}})
         assert out["updated_keys"] == ["mention_mode"]
-        with pytest.raises(InvalidParams, match="group.index"):  # indexed settings need the signed index
-            await call(alice, "group.set_settings", {"group_id": gid, "settings": {"announcement.content": "x"}})
+        with pytest.raises(InvalidParams, match="unknown setting"):
+            await call(alice, "group.set_settings", {"group_id": gid, "settings": {"colour": "red"}})
         (work / "banned.json").write_text(json.dumps({"bob": bob}))
         await _file(work / "announced", 40)
         got = await call(alice, "group.get_settings", {"group_id": gid, "keys": ["announcement.content"]})
         assert [(s["value"], s["updated_by"]) for s in got["settings"]] == [("hello from fastaun", fast)]
         assert got["_meta"]["group_indexes"][gid]["schema"] == "aun.group.index.v1"
         assert await readers[alice].wait_for(lambda: ("announcement_updated", None) in _actions(readers[alice]), 10)
+        # rules through aund: it signs a group.index merged on fastaun's, which fastaun verifies
+        out = await call(alice, "group.set_settings", {"group_id": gid, "settings": {"rules.content": "be kind"}})
+        assert sorted(out["updated_keys"]) == ["group.index", "rules.content"]
+        got = await call(alice, "group.get_settings", {"group_id": gid, "keys": ["group.index"]})
+        meta, entries = group_index.parse(got["settings"][0]["value"])
+        assert meta["signed_by"] == alice and [e["key"] for e in entries] == ["announcement.content", "rules.content"]
+        (work / "rules.json").write_text(json.dumps({"by": alice}))
+        await _file(work / "rules_checked", 30)
 
         # --- hand over: fastaun completes, alice stays admin -----------------------------------------------
         pending = await call(alice, "group.transfer_owner", {"group_id": gid, "new_owner": fast})
@@ -147,7 +157,7 @@ async def test_aund_owner_administers_a_fastaun_member_then_hands_over(devnet, t
             assert action in kinds, kinds
 
     checks = await _run(devnet, tmp_path, "member", [alice, bob], body)
-    assert len(checks) >= 15
+    assert len(checks) >= 16
 
 
 async def test_fastaun_owner_administers_an_aund_admin_who_takes_over(devnet, tmp_path):
