@@ -34,6 +34,7 @@ from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
 from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_group, snapshot_json, state_commitment,
                                  state_sign_input)
 from aund.aun import codes, methods
+from aund.aun import group_index as gindex
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
@@ -55,7 +56,10 @@ GROUP_CHANGED_KIND = "group.changed"
 JOIN_ACTIONS = frozenset({"member_added", "joined", "join_approved", "invite_code_used"})
 LEAVE_ACTIONS = frozenset({"member_removed", "member_left"})
 MEMBERSHIP_ACTIONS = JOIN_ACTIONS | LEAVE_ACTIONS | {"role_changed", "owner_transferred"}
-PROPOSE_ACTIONS = MEMBERSHIP_ACTIONS | {"upsert"}
+DISSOLVED = "dissolved"
+TRANSFER_PENDING = "owner_transfer_rekey_pending"
+GROUP_STATE_INVALID = codes.GROUP_STATE_INVALID  # the gateway's code for a group that is not active
+PROPOSE_ACTIONS = MEMBERSHIP_ACTIONS | {"upsert", "member_banned"}  # a ban demotes a banned admin
 NO_TARGETS = codes.NO_TARGETS  # local: the bootstrap named no device to wrap for (the SDK's code)
 STATE_CONFLICT = codes.STATE_CONFLICT
 ADMIN_ROLES = ("owner", "admin")
@@ -128,6 +132,7 @@ class GroupSession:
         self._state_seen: dict[str, int] = {}            # gid -> highest signed state version verified
         self._key_lock = trio.Lock()
         self._propose_locks: dict[str, trio.Lock] = {}
+        self.dissolved: set[str] = set()                 # groups seen dissolved (memory: the gateway refuses too)
         self.stats = {"bootstraps": 0, "prekeys_put": 0, "rotations": 0, "proposals": 0, "confirmed_pending": 0,
                       "send_retries": 0}
 
@@ -316,10 +321,21 @@ class GroupSession:
             if code == NO_TARGETS and retries > 1:
                 await trio.sleep(0.25)
 
+    def mark_dissolved(self, gid: str) -> None:
+        self.dissolved.add(gid)
+        self.invalidate(gid)
+
+    def refuse_dissolved(self, method: str, gid: str) -> None:
+        """A clear refusal, before any bootstrap, for a group this AID saw dissolved."""
+        if gid in self.dissolved:
+            raise GatewayError(f"{method}: group {gid} is dissolved (its owner ended it); nothing can be sent there",
+                               remote_code=GROUP_STATE_INVALID, retryable=False, data={"method": method})
+
     async def send(self, link: Link, params: dict[str, Any], headers: dict[str, str] | None, *,
                    timeout: float | None = None) -> dict[str, Any]:
         """`group.send` as the SDK does it: `group.v2.send` of an E2EE envelope unless `encrypt` is false."""
         gid = _require_gid(params)
+        self.refuse_dissolved("group.send", gid)
         payload = params.get("payload")
         if not isinstance(payload, dict):
             raise InvalidParams("group.send needs `group_id` and `payload` (an object)")
@@ -342,6 +358,7 @@ class GroupSession:
                           timeout: float | None = None) -> dict[str, Any]:
         """`group.thought.put` with the payload sealed as a group envelope whose message id is the thought id."""
         gid = _require_gid(params)
+        self.refuse_dissolved("group.thought.put", gid)
         payload, context = params.get("payload"), params.get("context")
         if not isinstance(payload, dict) or not isinstance(context, dict):
             raise InvalidParams("group.thought.put needs `group_id`, `context` {type, id} and `payload` (an object)")
@@ -395,6 +412,37 @@ class GroupSession:
             event, _ = await self.decode_row(link.gateway, gid, row)
             out.append(history_entry(event))
         return dict(result, messages=out)
+
+    # --- settings with the signed group.index (3.5) ----------------------------------------------------------
+    async def set_settings(self, link: Link, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """`group.set_settings`; indexed settings (announcement, rules, join requirements, documents)
+        get a `group.index` signed with this AID's key, merged on the current one and CAS'd on its
+        etag, retried once after a lost race (as the SDK's update_group_index)."""
+        settings = params.get("settings")
+        if not isinstance(settings, dict) or gindex.KEY in settings \
+                or not any(gindex.is_indexed(str(k)) for k in settings):
+            return await link.call("group.set_settings", params, timeout=timeout)
+        gid = _require_gid(params)
+        for attempt in (0, 1):
+            current = await link.call("group.get_settings", {"group_id": gid, "keys": [gindex.KEY]}, timeout=timeout)
+            base = next((s.get("value") for s in current.get("settings") or []
+                         if isinstance(s, dict) and s.get("key") == gindex.KEY), None)
+            try:
+                etag = str(gindex.parse(base)[0].get("etag") or "") if base else ""
+                index = gindex.build(gid, self.aid, self.identity.private_key, dict(settings), base=base,
+                                     now_ms=int(time.time() * 1000))
+            except ValueError as exc:
+                raise GatewayError(f"group.set_settings: the group's current group.index is unreadable: {exc}",
+                                   retryable=False, data={"method": "group.set_settings"}) from None
+            try:
+                return await link.call("group.set_settings", dict(params, group_id=gid, expected_index_etag=etag,
+                                                                  settings={**settings, gindex.KEY: index}),
+                                       timeout=timeout)
+            except GatewayError as exc:
+                if attempt == 0 and "etag conflict" in str(exc):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # --- membership and the signed state chain (5.4) --------------------------------------------------------
     async def membership_call(self, link: Link, method: str, params: dict[str, Any], *,
@@ -612,6 +660,8 @@ class GroupSync(LinkSync):
             return await self.session.history(self.link, params, timeout=timeout)
         if method in methods.MEMBERSHIP:
             return await self.session.membership_call(self.link, method, params, timeout=timeout)
+        if method == "group.set_settings":
+            return await self.session.set_settings(self.link, params, timeout=timeout)
         raise InvalidParams(f"{method} is not a group method aund routes")
 
     def note_own(self, gid: str, seq: int) -> None:
@@ -908,7 +958,10 @@ class GroupSync(LinkSync):
     async def _on_changed(self, gid: str, event: dict[str, Any]) -> None:
         action = str(event.get("action") or "")
         subject = str(event.get("joined_aid") or event.get("member_aid") or event.get("aid") or "").strip().lower()
-        if action in LEAVE_ACTIONS and subject == self.aid:
+        if action == DISSOLVED:
+            self.session.mark_dissolved(gid)
+            self._block(gid, action)  # nothing more will come; the event itself is stored below
+        elif action in LEAVE_ACTIONS and subject == self.aid:
             self._block(gid, action)  # our own removal: nothing more to pull (its event still is, below)
         elif action in JOIN_ACTIONS and subject == self.aid:
             self._blocked.discard(gid)
@@ -916,7 +969,12 @@ class GroupSync(LinkSync):
             self._queue(("sync", gid, None))
         elif action in MEMBERSHIP_ACTIONS and gid not in self._blocked:
             self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
-        if action in PROPOSE_ACTIONS and gid not in self._blocked:
+        elif action == TRANSFER_PENDING and str(event.get("new_owner") or "").strip().lower() == self.aid \
+                and event.get("status") == "pending_rekey":
+            # as the SDK does: the named new owner completes at once (anonymous groups: no group key to rekey)
+            self._spawn(self.session.membership_call(self.link, "group.complete_transfer", {"group_id": gid}),
+                        "groups.transfer_complete_failed", gid)
+        if action in PROPOSE_ACTIONS and gid not in self._blocked and gid not in self.session.dissolved:
             self._spawn(self.session.propose(self.link, gid), "groups.propose_failed", gid)
         if (_int(event.get("event_seq")) or 0) > 0:
             await self.sync_events(gid)

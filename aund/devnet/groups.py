@@ -102,6 +102,15 @@ CREATE TABLE IF NOT EXISTS grp_proposals (
     membership_snapshot TEXT NOT NULL, signature TEXT NOT NULL, proposer_aid TEXT NOT NULL, reason TEXT NOT NULL,
     status TEXT NOT NULL, auto_confirm_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS grp_proposals_group ON grp_proposals(group_id, status);
+CREATE TABLE IF NOT EXISTS grp_bans (
+    group_id TEXT NOT NULL, subject TEXT NOT NULL, banned_by TEXT NOT NULL, reason TEXT NOT NULL,
+    expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (group_id, subject));
+CREATE TABLE IF NOT EXISTS grp_settings (
+    group_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_by TEXT NOT NULL,
+    updated_at INTEGER NOT NULL, PRIMARY KEY (group_id, key));
+CREATE TABLE IF NOT EXISTS grp_transfers (
+    group_id TEXT PRIMARY KEY, old_owner TEXT NOT NULL, new_owner TEXT NOT NULL, transfer_auth TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
 """
 
 
@@ -244,16 +253,31 @@ class GroupService:
         return [dict(r) for r in self.db.execute(
             "SELECT * FROM grp_members WHERE group_id=? ORDER BY joined_at, aid", (group_id,))]
 
-    def require_member(self, group_id: str, aid: str, roles: tuple[str, ...] = ROLES) -> tuple[dict, dict]:
+    def require_member(self, group_id: str, aid: str, roles: tuple[str, ...] = ROLES, *,
+                       write: bool = True) -> tuple[dict, dict]:
+        """(group, member row) when `aid` is a member with one of `roles`; a dissolved group only
+        answers reads (`write=False`)."""
         group = self.group(group_id)
         member = self.member(group_id, aid)
         if member is None:
             raise RpcError(NOT_MEMBER, f"not a member of {group_id}")
         if member["role"] not in roles:
             raise RpcError(ROLE_INSUFFICIENT, f"role insufficient: {member['role']} (needs {'/'.join(roles)})")
-        if group["status"] == "dissolved":
-            raise RpcError(GROUP_STATE_INVALID, "group is dissolved")
+        if write and group["status"] == "dissolved":
+            raise RpcError(GROUP_STATE_INVALID, f"group {group_id} is dissolved")
         return group, member
+
+    def banned(self, group_id: str, aid: str) -> dict[str, Any] | None:
+        """The ban in force on `aid` in the group (expires_at 0 = permanent), else None."""
+        row = self.db.execute("SELECT * FROM grp_bans WHERE group_id=? AND subject=?", (group_id, aid)).fetchone()
+        if row is None or (row["expires_at"] and row["expires_at"] <= now_ms()):
+            return None
+        return dict(row)
+
+    def refuse_banned(self, group_id: str, aid: str, what: str) -> None:
+        if self.banned(group_id, aid) is not None:
+            raise RpcError(ROLE_INSUFFICIENT if what == "send" else JOIN_REJECTED,
+                           f"{aid} is banned from {group_id}: cannot {what}")
 
     def cursor(self, group_id: str, aid: str, device_id: str, slot_key: str, kind: str) -> int:
         row = self.db.execute("SELECT ack_seq FROM grp_cursors WHERE group_id=? AND aid=? AND device_id=? "
@@ -340,6 +364,7 @@ class GroupService:
     def join(self, group: dict[str, Any], aid: str, role: str, member_type: str, action: str, actor: str,
              also: Callable[[Any], None] | None = None, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Make `aid` a member and return (member row, event); `also(db)` runs in the same transaction."""
+        self.refuse_banned(group["group_id"], aid, "join")
         with self.net.store.tx() as db:
             fresh = dict(db.execute("SELECT * FROM grp_groups WHERE group_id=?", (group["group_id"],)).fetchone())
             if db.execute("SELECT 1 FROM grp_members WHERE group_id=? AND aid=?", (fresh["group_id"], aid)).fetchone():
@@ -693,7 +718,7 @@ def rpc_list_my(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.get_members")
 def rpc_get_members(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    svc.require_member(gid, conn.aid)
+    svc.require_member(gid, conn.aid, write=False)
     page = gw._int(params, "page", 1, lo=1)
     size = gw._int(params, "size", 50, lo=1, hi=200)
     role = params.get("role")
@@ -709,7 +734,7 @@ def rpc_get_members(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.get_online_members")
 def rpc_get_online_members(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    svc.require_member(gid, conn.aid)
+    svc.require_member(gid, conn.aid, write=False)
     members = svc.members(gid)
     online = [dict(svc.member_view(m), online=True) for m in members
               if any(c.kind == "long" and not c.closed for c in conn.net.live(m["aid"]))]
@@ -791,6 +816,7 @@ def rpc_request_join(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
     if svc.member(gid, conn.aid) is not None:
         raise RpcError(ALREADY_MEMBER, "already a member")
+    svc.refuse_banned(gid, conn.aid, "join")
     if group["join_mode"] in ("invite_only", "closed"):
         raise RpcError(JOIN_REJECTED, f"join rejected: group join_mode is {group['join_mode']}")
     message, answer = _text(params, "message"), _text(params, "answer")
@@ -1014,7 +1040,7 @@ def _proposal_view(p: dict[str, Any]) -> dict[str, Any]:
 @handler("group.get_state")
 def rpc_get_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    svc.require_member(gid, conn.aid)
+    svc.require_member(gid, conn.aid, write=False)
     svc.settle_due_proposals(gid)
     return _state_view(svc.group(gid))
 
@@ -1221,6 +1247,7 @@ def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     group, _ = svc.require_member(gid, conn.aid)
     if group["status"] != "active":
         raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+    svc.refuse_banned(gid, conn.aid, "send")
     envelope = params.get("envelope")
     aad = envelope.get("aad") if isinstance(envelope, dict) else None
     message_id = _message_id(params, aad.get("message_id", "") if isinstance(aad, dict) else "")
@@ -1245,6 +1272,7 @@ def rpc_send_plain(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     group, _ = svc.require_member(gid, conn.aid)
     if group["status"] != "active":
         raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+    svc.refuse_banned(gid, conn.aid, "send")
     payload = params.get("payload")
     if not isinstance(payload, dict):
         raise RpcError(rpc.INVALID_PARAMS, "payload must be an object")
@@ -1372,6 +1400,7 @@ def rpc_ack_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, _ = svc.require_member(gid, conn.aid)
+    svc.refuse_banned(gid, conn.aid, "send")
     key, ctx = thoughts.context_of(params)
     envelope = params.get("payload")
     if params.get("encrypted") is not True or not isinstance(envelope, dict) \
@@ -1401,5 +1430,7 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     return {"found": True, "group_id": gid, "sender_aid": sender, "context": ctx,
             "thoughts": [dict(i) for i in head.items], "updated_at": head.updated_at}
 
+
+from aund.devnet import group_admin as _admin  # noqa: E402,F401  (its handlers join GROUP_HANDLERS)
 
 gw.register(GROUP_HANDLERS, __name__)
