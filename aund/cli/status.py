@@ -76,5 +76,8 @@ def render(status: dict) -> None:
     inbox = status.get("inbox") or {}
     if inbox:
         say(f"inbox: {sum(inbox.values())} events for {len(inbox)} identities")
+    disabled = sorted(status.get("disabled") or {})
+    if disabled:
+        say(f"disabled (not held; `aund aid enable AID`): {', '.join(disabled)}")
     for w in status.get("warnings", []):
         say(f"warning [{w.get('code')}] {w.get('text')}")
