@@ -25,7 +25,7 @@ PASSPHRASE = "a long passphrase, not secret"
 
 
 def aund(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, AUND_ENCRYPTION_SEED=SEED, **(env or {}))
+    full = {**os.environ, "AUND_ENCRYPTION_SEED": SEED, **(env or {})}
     full.pop("AUND_CONFIG", None)
     return subprocess.run([sys.executable, "-m", "aund", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env=full)
