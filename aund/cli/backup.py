@@ -124,7 +124,11 @@ def _copy_tree(state_dir: Path, target: Path, *, quiet: bool) -> tuple[int, list
                     or (name.startswith(".") and ".tmp-" in name)):
                 skipped.append(str(rel / name))
                 continue
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:  # renamed meanwhile by the running daemon (a registration finished)
+                skipped.append(str(rel / name))
+                continue
             with os.fdopen(fd, "rb") as f:
                 head = f.read(len(SQLITE_MAGIC))
                 if head == SQLITE_MAGIC:
@@ -175,6 +179,11 @@ def _backup_database(src: Path, dst: Path, *, quiet: bool) -> int:
             os.close(fd)
         os.chmod(tmp, 0o600)
         os.link(tmp, dst)  # never over an existing file
+        dir_fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except sqlite3.Error as exc:
         raise BackupRefused(f"cannot copy the database {src}: {exc}") from None
     finally:
