@@ -734,6 +734,7 @@ class Daemon:
         """A signature over `data` with the AID key, the hash its curve calls for (the key never
         leaves the daemon): `{aid, signature (DER bytes), signature_b64, cert_fingerprint, algorithm}`."""
         aid = self._check_allowed(app, aid)
+        self.check_enabled(aid)  # a disabled AID signs nothing either
         identity = await self._load(aid)
         signature = pki.sign_for_key(identity.private_key, data)
         hash_ = pki.hash_for_key(identity.private_key)
@@ -799,6 +800,7 @@ class Daemon:
         stay in the store's history (peers fetch them by fingerprint), old keys in `keys/` (late
         messages wrapped to them still open). Links, E2EE and the agent.md move to the new one."""
         aid = self._check_allowed(app, aid) if app is not None else _normalize_aid(aid)
+        self.check_enabled(aid)
         async with self._identity_locks.setdefault(aid, trio.Lock()):
             old = await self._load(aid)
             entry = self.links.get((aid, self.config.slot_id))

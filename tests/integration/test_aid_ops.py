@@ -76,6 +76,8 @@ def test_disable_and_enable(devnet, tmp_path):
                 app.session(aid, slot_id="other").wait_ready(timeout=10)
             with pytest.raises(PermissionDenied, match="is disabled"):  # a new subscription
                 app.request("subscribe", {"aid": aid, "consumer": "late", "kinds": [], "start": "now"})
+            with pytest.raises(PermissionDenied, match="is disabled"):  # nor does it sign
+                app.sign(aid, b"while disabled")
             listed = json.loads(aund("aid", "list", "--json", "--socket", sock).stdout)
             assert [i["disabled"] for i in listed if i["aid"] == aid] == [True]
             shown = aund("aid", "show", aid, "--socket", sock)
