@@ -973,7 +973,7 @@ class Daemon:
             return everything or self.allowed(app, aid)  # type: ignore[arg-type]
 
         links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
-                                              "delivery_mode": e.options["delivery_mode"]}
+                                              "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
                  for (aid, _), e in self.links.items() if visible(aid)]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}

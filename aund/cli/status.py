@@ -21,7 +21,7 @@ def wait_ready(client, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     last = ""
     while True:
-        links = client.status().get("links", [])
+        links = [link for link in client.status().get("links", []) if not link.get("disabled")]  # not awaited
         ready = sum(link.get("state") == "ready" for link in links)
         line = f"{ready}/{len(links)} links ready"
         if line != last and sys.stderr.isatty() or line != last and time.monotonic() > deadline - seconds + 1:

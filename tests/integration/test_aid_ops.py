@@ -86,6 +86,7 @@ def test_disable_and_enable(devnet, tmp_path):
             assert aid in status["disabled"]
             assert [w["code"] for w in status["warnings"] if w.get("aid") == aid] == ["identity.disabled"]
             assert "disabled (not held" in aund("status", "--socket", sock).stdout
+            assert [link["disabled"] for link in status["links"] if link["aid"] == aid] == [True]
 
             r = aund("aid", "enable", aid, "--socket", sock)
             assert r.returncode == 0 and f"{aid} enabled" in r.stdout, r.stderr
@@ -246,6 +247,10 @@ def test_backup_while_messages_flow(devnet, tmp_path):
             sender.join(30)
         r = aund("backup", "--to", str(target), "--state-dir", str(daemon.state_dir))
         one_line(r, str(target), "is not empty")
+        r = aund("backup", "--to", str(tmp_path / "b2"), "--state-dir", str(tmp_path / "no-state"))
+        one_line(r, str(tmp_path / "no-state"), "is not an aund state dir")
+        r = aund("backup", "--to", str(tmp_path / "missing" / "b3"), "--state-dir", str(daemon.state_dir))
+        one_line(r, str(tmp_path / "missing" / "b3"), "does not exist")
     finally:
         stop.set()
         assert daemon.stop() == 0
