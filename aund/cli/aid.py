@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ren.add_argument("aid")
     ren.add_argument("--rekey", action="store_true", help="a new key pair and its certificate (auth.rekey)")
     ren.add_argument("--json", action="store_true")
-    for name, text in (("disable", "stop holding the AID: its links close, sessions and subscriptions are "
-                                   "refused until `enable` (kept across restarts; nothing is deleted)"),
+    for name, text in (("disable", ("stop holding the AID: its links close, sessions and subscriptions are "
+                                    "refused until `enable` (kept across restarts; nothing is deleted)")),
                        ("enable", "hold a disabled AID again (a configured one reconnects)")):
         onoff = sub.add_parser(name, help=text)
         add_socket_argument(onoff)

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from aund.identity.errors import CorruptIdentity, InvalidIdentity, SeedMismatch
 
-__all__ = ["BUNDLE_FORMAT", "PASSPHRASE_ENV", "MIN_PASSPHRASE", "seal", "open_bundle", "read_passphrase",
-           "BundlePassphraseWrong"]
+__all__ = ["BUNDLE_FORMAT", "MIN_PASSPHRASE", "PASSPHRASE_ENV", "BundlePassphraseWrong", "Opened", "open_bundle",
+           "read_passphrase", "seal"]
 
 BUNDLE_FORMAT = "aund.identity-bundle"
 BUNDLE_VERSION = 1

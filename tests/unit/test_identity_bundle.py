@@ -83,6 +83,9 @@ def test_a_wrong_passphrase_an_edited_header_or_a_foreign_file_is_refused(tmp_pa
 
 
 def test_the_passphrase_never_comes_from_the_command_line(tmp_path):
+    from aund.cli.aid import PASSPHRASE_ENV  # the CLI names it in its help without importing the crypto
+
+    assert PASSPHRASE_ENV == bundle.PASSPHRASE_ENV
     with pytest.raises(InvalidIdentity, match="AUND_EXPORT_PASSPHRASE"):
         bundle.read_passphrase(None, env={})
     with pytest.raises(InvalidIdentity, match="shorter than 12"):
