@@ -112,6 +112,7 @@ class LinkEntry:
     idle_since: float | None = None
     trust_epoch: int = 0  # the trust roots it was started with (a failed link is retried after they change)
     options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONNECT_OPTIONS))  # connect options
+    parked: bool = False  # closed by `identity.disable`; `identity.enable` starts it again in place
 
 
 class _Handle:
@@ -128,10 +129,12 @@ class _Handle:
         return self.entry.link.state.value
 
     async def wait_ready(self) -> None:
+        self.daemon.check_enabled(self.aid)
         await self.entry.link.wait_ready()
 
     async def call(self, method: str, params: dict[str, Any], *, timeout: float | None, background: bool,
                    app: AppIdentity) -> dict[str, Any]:
+        self.daemon.check_enabled(self.aid)
         rule = methods.rule(method)  # what the SDK (and aund) does around this method
         if rule.managed:
             raise InvalidParams(f"{method}: aund pulls and acks messages itself; subscribe to "
@@ -161,6 +164,7 @@ class _Handle:
     async def notify(self, method: str, params: dict[str, Any], *, app: AppIdentity, timeout: float | None = None,
                      **route: Any) -> dict[str, Any]:
         """One notification (no id, no answer) as the SDK's `notify()` frames it (aund.aun.notify)."""
+        self.daemon.check_enabled(self.aid)
         wire_method, wire_params = notify_frames.frame(method, params, **route)
         await self.entry.link.notify(wire_method, wire_params, timeout=timeout, on_behalf_of=app)
         return {"sent": True, "method": wire_method}
@@ -202,6 +206,7 @@ class Daemon:
         self._agent_md_locks: dict[str, trio.Lock] = {}
         self._renewers: set[str] = set()  # AIDs whose certificate renewal timer runs
         self.renewals: dict[str, dict[str, Any]] = {}  # AID -> the last renewal (for status)
+        self.disabled: dict[str, dict[str, Any]] = {}  # AID -> {at, by_uid}: `identity.disable` (meta.json)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus["Daemon"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -209,6 +214,7 @@ class Daemon:
         key = await trio.to_thread.run_sync(self.store.derive_key, "inbox")
         self.inbox = await trio.to_thread.run_sync(Inbox, self.config.state_dir / "inbox.sqlite3", key)
         self.inbox.on_commit = self._wake_subscribers
+        self.disabled = await trio.to_thread.run_sync(self._stored_disabled)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for aid in self.config.identities:
@@ -295,6 +301,8 @@ class Daemon:
         """Make sure a configured identity exists and its link runs; retry registration with backoff."""
         delay = 1.0
         while True:
+            if self._note_disabled(aid):
+                return
             try:
                 await self.ensure_identity(aid)
                 await self._open_link(aid, self.config.slot_id, pinned=True)
@@ -304,6 +312,8 @@ class Daemon:
                 log.warning("identity.ensure_failed", aid=aid, error=str(exc), retry_in=round(delay, 1))
                 self.identity_errors[aid] = ("identity.unavailable", str(exc))
             except (StorageError, ClientError) as exc:
+                if self._note_disabled(aid):  # disabled while it was being ensured
+                    return
                 # a damaged or undecryptable identity: say so loudly, touch nothing, do not retry
                 log.error("identity.load_failed", aid=aid, error=str(exc), path=exc.data.get("path"))
                 self.identity_errors[aid] = ("identity.corrupt" if isinstance(exc, StorageError)
@@ -371,7 +381,8 @@ class Daemon:
                 "not_before": cert.not_valid_before_utc.timestamp(), "not_after": cert.not_valid_after_utc.timestamp(),
                 "gateways": list(meta.get("gateway_urls") or self.config.gateway_url),
                 "agent_md_etag": meta.get("agent_md_etag", ""), "links": links,
-                "inbox_events": (await self.inbox.depth()).get(aid, 0), "consumers": consumers}
+                "inbox_events": (await self.inbox.depth()).get(aid, 0), "consumers": consumers,
+                "disabled": self.disabled.get(aid)}
 
     async def reset_consumer(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> dict[str, Any]:
         """Move the app uid's durable consumer back (or forward) to `cursor`: it reads again after it."""
@@ -385,11 +396,108 @@ class Daemon:
         log.info("inbox.consumer_reset", aid=aid, consumer=consumer, uid=app.uid, cursor=cursor)
         return {"aid": aid, "consumer": consumer, "cursor": cursor}
 
+    # --- disable / enable: the daemon stops holding an AID, and holds it again ---------------------
+    def _stored_disabled(self) -> dict[str, dict[str, Any]]:
+        """The AIDs whose meta.json says `disabled` (read at start: it survives restarts)."""
+        out = {}
+        for aid in self._listed():
+            try:
+                flag = self.store.load_meta(aid).get("disabled")
+            except StorageError as exc:
+                log.warning("identity.meta_unreadable", aid=aid, error=str(exc))
+                continue
+            if flag:
+                out[aid] = flag if isinstance(flag, dict) else {"at": 0, "by_uid": None}
+        return out
+
+    def _disabled_error(self, aid: str) -> PermissionDenied:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.disabled[aid].get("at") or 0))
+        return PermissionDenied(f"{aid} is disabled (since {when}): aund holds no link for it; "
+                                f"`aund aid enable {aid}` holds it again",
+                                data={"aid": aid, "reason": "identity_disabled", "disabled": self.disabled[aid]})
+
+    def check_enabled(self, aid: str) -> None:
+        """PermissionDenied (`data.reason` "identity_disabled", saying how to enable it) for a disabled AID."""
+        if aid in self.disabled:
+            raise self._disabled_error(aid)
+
+    def _note_disabled(self, aid: str) -> bool:
+        """For a configured identity: True (and logged once) when it is disabled and so not connected."""
+        if aid not in self.disabled:
+            return False
+        log.info("identity.disabled_not_connected", aid=aid)
+        return True
+
+    async def disable_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """Stop holding `aid`: flag it in its meta.json (kept across restarts), close its links
+        (kept as entries, so the apps' sessions follow when it is enabled), end its subscriptions
+        with PermissionDenied; sessions, calls and subscriptions are refused until `enable_identity`.
+        Nothing is deleted. `{aid, disabled, changed, links_closed}`."""
+        aid = self._permitted(app, aid)
+        await self._load(aid)  # IdentityNotFound for an AID aund does not hold
+        changed = aid not in self.disabled
+        if changed:
+            flag = {"at": time.time(), "by_uid": app.uid}
+            await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, disabled=flag))
+            self.disabled[aid] = flag
+        closed = 0
+        for (a, slot) in [key for key in self.links if key[0] == aid]:
+            async with self._link_locks.setdefault((a, slot), trio.Lock()):  # not while one is being started
+                entry = self.links.get((a, slot))
+                if entry is None:
+                    continue
+                if entry.link.state != LinkState.CLOSED:
+                    closed += 1
+                entry.parked = True
+                await entry.link.aclose()
+        error = self._disabled_error(aid)
+        for sub in list(self._subscribers.get(aid, ())):
+            sub.error = error
+            sub.wake()
+        log.info("identity.disabled", aid=aid, uid=app.uid, links_closed=closed, changed=changed)
+        return {"aid": aid, "disabled": True, "changed": changed, "links_closed": closed}
+
+    async def enable_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """Hold a disabled `aid` again: the flag in meta.json is cleared (the time is kept as
+        `enabled`), links that apps or the configuration held start again in place, a configured
+        identity that was never connected is connected. `{aid, disabled, changed, connecting}`."""
+        aid = self._permitted(app, aid)
+        await self._load(aid)
+        changed = aid in self.disabled
+        if changed:
+            mark = {"at": time.time(), "by_uid": app.uid}
+            await trio.to_thread.run_sync(lambda: self.store.update_meta(aid, disabled=None, enabled=mark))
+            self.disabled.pop(aid, None)
+        assert self._nursery is not None
+        restart = []
+        for key, entry in list(self.links.items()):
+            if key[0] != aid or not entry.parked:
+                continue
+            if entry.pinned or entry.holders:
+                restart.append((key[1], entry.pinned))
+            else:
+                del self.links[key]  # nobody holds it: opened again on demand
+        for slot, pinned in restart:
+            self._nursery.start_soon(self._reopen_after_enable, aid, slot, pinned)
+        connecting = bool(restart)
+        if changed and aid in self.config.identities and (aid, self.config.slot_id) not in self.links:
+            self._nursery.start_soon(self._keep_configured, aid)
+            connecting = True
+        log.info("identity.enabled", aid=aid, uid=app.uid, changed=changed, links=len(restart))
+        return {"aid": aid, "disabled": False, "changed": changed, "connecting": connecting}
+
+    async def _reopen_after_enable(self, aid: str, slot_id: str, pinned: bool) -> None:
+        try:
+            await self._open_link(aid, slot_id, pinned=pinned)
+        except AundError as exc:
+            log.warning("link.reopen_failed", aid=aid, slot=slot_id, error=str(exc))
+
     def list_identities(self) -> list[dict[str, Any]]:
         out = []
         for aid in self.store.list():
             links = [e.link.statistics() for (a, _), e in self.links.items() if a == aid]
-            out.append({"aid": aid, "links": [{"slot_id": s.slot_id, "state": s.state} for s in links]})
+            out.append({"aid": aid, "links": [{"slot_id": s.slot_id, "state": s.state} for s in links],
+                        "disabled": aid in self.disabled})
         return out
 
     async def _open_link(self, aid: str, slot_id: str, *, pinned: bool,
@@ -438,6 +546,7 @@ class Daemon:
         if entry is not None and entry.link.state not in (LinkState.CLOSED,) and not stale:
             entry.pinned = entry.pinned or pinned
             return entry
+        self.check_enabled(aid)
         try:
             identity = await trio.to_thread.run_sync(self.store.load, aid)
         except IdentityNotFound:
@@ -465,8 +574,9 @@ class Daemon:
         groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)
         events = gw_events.GatewayEvents(link, session, self.inbox, self._publish)
         sync.on_volatile = lambda row: events.on_event("message.received", {"inline_message": row})
-        if entry is not None and entry.link.state == LinkState.CONNECTION_FAILED:
+        if entry is not None and (entry.link.state == LinkState.CONNECTION_FAILED or entry.parked):
             # started anew in place: the apps' handles and holds stay valid and follow the new link
+            entry.parked = False
             entry.link, entry.sync, entry.groups, entry.events = link, sync, groups, events
             entry.trust_epoch, entry.pinned, entry.options = self.trust_epoch, entry.pinned or pinned, dict(options)
         else:
@@ -626,6 +736,7 @@ class Daemon:
         """A signature over `data` with the AID key, the hash its curve calls for (the key never
         leaves the daemon): `{aid, signature (DER bytes), signature_b64, cert_fingerprint, algorithm}`."""
         aid = self._check_allowed(app, aid)
+        self.check_enabled(aid)  # a disabled AID signs nothing either
         identity = await self._load(aid)
         signature = pki.sign_for_key(identity.private_key, data)
         hash_ = pki.hash_for_key(identity.private_key)
@@ -691,6 +802,7 @@ class Daemon:
         stay in the store's history (peers fetch them by fingerprint), old keys in `keys/` (late
         messages wrapped to them still open). Links, E2EE and the agent.md move to the new one."""
         aid = self._check_allowed(app, aid) if app is not None else _normalize_aid(aid)
+        self.check_enabled(aid)
         async with self._identity_locks.setdefault(aid, trio.Lock()):
             old = await self._load(aid)
             entry = self.links.get((aid, self.config.slot_id))
@@ -769,6 +881,9 @@ class Daemon:
         validity is left; a failure is retried with backoff (the old certificate serves meanwhile)."""
         retry = RENEW_RETRY_SECONDS[0]
         while True:
+            if aid in self.disabled:  # a disabled AID does not speak to its gateway, renewals included
+                await trio.sleep(RENEW_RETRY_SECONDS[0])
+                continue
             try:
                 identity = await trio.to_thread.run_sync(self.store.load, aid)
             except (AundError, OSError) as exc:
@@ -860,7 +975,7 @@ class Daemon:
             return everything or self.allowed(app, aid)  # type: ignore[arg-type]
 
         links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
-                                              "delivery_mode": e.options["delivery_mode"]}
+                                              "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
                  for (aid, _), e in self.links.items() if visible(aid)]
         budget = self.global_budget.statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
@@ -875,6 +990,7 @@ class Daemon:
                           "waiting": budget.tasks_waiting},
                "process": systemd.core_dump_state(),
                "renewals": {aid: r for aid, r in self.renewals.items() if visible(aid)},
+               "disabled": {aid: d for aid, d in self.disabled.items() if visible(aid)},
                "warnings": [w for w in self.warnings() if "aid" not in w or visible(w["aid"])]}
         if app is not None:
             out["view"] = {"uid": app.uid, "all": everything}
@@ -909,7 +1025,13 @@ class Daemon:
             out.append({"code": "inbox.quarantined", "severity": "warning", "aid": aid,
                         "text": f"{aid}: {count} inbox row(s) damaged and quarantined (skipped; see the "
                                 "inbox.row_quarantined log events)"})
+        for aid in sorted(set(self.disabled) & set(self.config.identities)):
+            out.append({"code": "identity.disabled", "severity": "warning", "aid": aid,
+                        "text": f"{aid} is configured but disabled (not connected): `aund aid enable {aid}` "
+                                "connects it"})
         for (aid, slot), e in self.links.items():
+            if e.parked:
+                continue
             state = e.link.state
             if state == LinkState.CONNECTION_FAILED:
                 out.append({"code": "link.failed", "severity": "error", "aid": aid, "slot_id": slot,
@@ -1004,6 +1126,7 @@ class Daemon:
         else:
             raise InvalidParams("start must be 'last_ack', 'now' or a cursor (int >= 0)")
         self.check_kinds(kinds)
+        self.check_enabled(aid)
         wanted = set(kinds) if kinds else set(ALL_KINDS)
         durable = tuple(sorted(wanted & DURABLE_KINDS))
         sub = _Subscriber(frozenset(wanted - DURABLE_KINDS) | (frozenset(wanted) & {"message.undecryptable"}))
@@ -1012,6 +1135,8 @@ class Daemon:
         try:
             held = await self._hold_for_subscription(app, aid, sub)
             while True:
+                if sub.error is not None:  # the AID was disabled: the broker ends the subscription with it
+                    raise sub.error
                 rows = await self.inbox.read(aid, cursor, durable, 100) if durable else []
                 for row in rows:
                     cursor = row.cursor
@@ -1063,6 +1188,7 @@ class _Subscriber:
 
     def __init__(self, live_kinds: frozenset[str]) -> None:
         self.live_kinds = live_kinds  # exact kinds and families ("app.*")
+        self.error: AundError | None = None  # set (then woken) to end the subscription with it
         self.pending: deque[tuple[str, dict[str, Any]]] = deque(maxlen=64)
         self._event = trio.Event()
 

@@ -615,6 +615,17 @@ class Client:
         depth and this user's durable consumers (name, cursor) of an identity aund holds."""
         return self.request("identity.show", {"aid": aid})
 
+    def disable_identity(self, aid: str) -> dict[str, Any]:
+        """Make aund stop holding ``aid`` (kept across restarts, nothing deleted): its links close,
+        sessions and subscriptions are refused with ``PermissionDenied`` (``data.reason``
+        "identity_disabled"): ``{aid, disabled, changed, links_closed}``."""
+        return self.request("identity.disable", {"aid": aid})
+
+    def enable_identity(self, aid: str) -> dict[str, Any]:
+        """Hold a disabled ``aid`` again (held and configured links start again):
+        ``{aid, disabled, changed, connecting}``."""
+        return self.request("identity.enable", {"aid": aid})
+
     def reset_consumer(self, aid: str, consumer: str, cursor: int = 0) -> dict[str, Any]:
         """Set this user's consumer of ``aid`` to ``cursor`` (0: read everything again)."""
         return self.request("consumer.reset", {"aid": aid, "consumer": consumer, "cursor": cursor})
@@ -1042,6 +1053,12 @@ class AsyncClient:
 
     async def show_identity(self, aid: str) -> dict[str, Any]:
         return await self.request("identity.show", {"aid": aid})
+
+    async def disable_identity(self, aid: str) -> dict[str, Any]:
+        return await self.request("identity.disable", {"aid": aid})
+
+    async def enable_identity(self, aid: str) -> dict[str, Any]:
+        return await self.request("identity.enable", {"aid": aid})
 
     async def reset_consumer(self, aid: str, consumer: str, cursor: int = 0) -> dict[str, Any]:
         return await self.request("consumer.reset", {"aid": aid, "consumer": consumer, "cursor": cursor})

@@ -113,6 +113,16 @@ class Backend(Protocol):
     async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
         """Certificate, device, gateways, links, inbox depth and this uid's consumers of one AID."""
 
+    async def disable_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """Stop holding `aid` (persisted; links closed, new sessions and subscriptions refused):
+        `{aid, disabled, changed, links_closed}`."""
+
+    async def enable_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
+        """Hold a disabled `aid` again: `{aid, disabled, changed, connecting}`."""
+
+    def check_enabled(self, aid: str) -> None:
+        """PermissionDenied (`data.reason` "identity_disabled") when `aid` is disabled."""
+
     async def reset_consumer(self, app: AppIdentity, aid: str, consumer: str, cursor: int) -> dict[str, Any]:
         """Set this uid's durable consumer to `cursor` (back or forward): `{aid, consumer, cursor}`."""
 

@@ -631,6 +631,16 @@ class AppSession:
         with self._guard(aid):
             return await self.backend.show_identity(self.app, aid)
 
+    async def op_identity_disable(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.disable_identity(self.app, aid)
+
+    async def op_identity_enable(self, args: dict[str, Any]) -> dict[str, Any]:
+        aid = self._authorized(args)
+        with self._guard(aid):
+            return await self.backend.enable_identity(self.app, aid)
+
     async def op_consumer_reset(self, args: dict[str, Any]) -> dict[str, Any]:
         consumer = _str(args, "consumer", max_len=128)
         cursor = _int(args, "cursor", 0)
@@ -814,6 +824,9 @@ class AppSession:
         check_kinds = getattr(self.backend, "check_kinds", None)  # a backend without it accepts any kind
         if check_kinds is not None:
             check_kinds(tuple(kinds))
+        check_enabled = getattr(self.backend, "check_enabled", None)  # a disabled AID: refused here, not ended later
+        if check_enabled is not None:
+            check_enabled(aid)
         if len(self.subscriptions) >= self.limits.subscriptions_per_app:
             raise self._quota("subscriptions", self.limits.subscriptions_per_app)
         iterator = self.backend.subscribe(self.app, aid, tuple(kinds), consumer, start)
@@ -916,6 +929,8 @@ _OPS: dict[str, Callable[..., Any]] = {
     "agent_md.set": AppSession.op_agent_md_set,
     "link.restart": AppSession.op_link_restart,
     "identity.show": AppSession.op_identity_show,
+    "identity.disable": AppSession.op_identity_disable,
+    "identity.enable": AppSession.op_identity_enable,
     "consumer.reset": AppSession.op_consumer_reset,
     "session.open": AppSession.op_session_open,
     "session.close": AppSession.op_session_close,

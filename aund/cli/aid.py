@@ -1,6 +1,10 @@
-"""`aund aid list|ensure|agent-md|renew|import`: identities. list/ensure/agent-md/renew go through the daemon;
-import moves an identity made by the official SDK into aund's store (with the daemon stopped: it
-owns the store)."""
+"""`aund aid list|show|ensure|agent-md|renew|disable|enable|export|import`: identities.
+list/show/ensure/agent-md/renew/disable/enable go through the daemon. import moves an identity made
+by the official SDK, or a bundle made by `export`, into aund's store (with the daemon stopped: it
+owns the store). export reads the state dir itself, with the seed, and never asks the daemon: the
+daemon's rule is that a private key never leaves it over the socket (apps sign through it), so
+only someone who can read the state dir and the seed anyway (root, the daemon's user) can export,
+and no app the policy admits gains a way to take a key."""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +17,11 @@ from aund.cli._common import (
 )
 
 DEFAULT_SEED_FILE = Path("/etc/aund/encryption_seed")
+PASSPHRASE_ENV = "AUND_EXPORT_PASSPHRASE"  # aund.identity.bundle's (not imported here: `aund aid list` stays light)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|renew|import",
+    sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|renew|disable|enable|export|import",
                            required=True)
     lst = sub.add_parser("list", help="identities in the daemon's store")
     add_socket_argument(lst)
@@ -48,22 +53,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ren.add_argument("aid")
     ren.add_argument("--rekey", action="store_true", help="a new key pair and its certificate (auth.rekey)")
     ren.add_argument("--json", action="store_true")
-    imp = sub.add_parser("import", help="import an identity created by fastaun (aund must be stopped)")
+    for name, text in (("disable", ("stop holding the AID: its links close, sessions and subscriptions are "
+                                    "refused until `enable` (kept across restarts; nothing is deleted)")),
+                       ("enable", "hold a disabled AID again (a configured one reconnects)")):
+        onoff = sub.add_parser(name, help=text)
+        add_socket_argument(onoff)
+        onoff.add_argument("aid")
+        onoff.add_argument("--json", action="store_true")
+    exp = sub.add_parser("export", help="write one identity to an encrypted bundle FILE (key, past keys, "
+                                        "certificates, prekeys, meta; no tokens), to import elsewhere")
+    exp.add_argument("aid")
+    exp.add_argument("--to", dest="bundle", type=Path, required=True, metavar="FILE",
+                     help="the bundle to create (0600; an existing file is never overwritten)")
+    _add_offline_arguments(exp)
+    exp.epilog = (f"The passphrase comes from --passphrase-file or ${PASSPHRASE_ENV} (at least 12 characters), "
+                  "never from the command line. export only reads the state dir; it works while aund runs.")
+    imp = sub.add_parser("import", help="import an identity created by fastaun, or a bundle from `aund aid export` "
+                                        "(aund must be stopped)")
     imp.add_argument("aid")
-    imp.add_argument("--from", dest="aun_path", type=Path, required=True, help="the SDK's aun_path")
-    imp.add_argument("--state-dir", type=Path, help="aund's state dir (default: from config)")
-    imp.add_argument("--config", type=Path)
-    imp.add_argument("--seed-file", type=Path,
-                     help=f"aund's encryption seed (default: $AUND_ENCRYPTION_SEED, else {DEFAULT_SEED_FILE})")
-    imp.epilog = ("The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset); aund's from --seed-file, "
+    imp.add_argument("--from", dest="aun_path", type=Path, required=True,
+                     help="the SDK's aun_path, or a bundle file made by `aund aid export`")
+    _add_offline_arguments(imp)
+    imp.epilog = ("The SDK's seed is read from AUND_IMPORT_SEED (\"\" if unset), a bundle's passphrase from "
+                  f"--passphrase-file or ${PASSPHRASE_ENV}; aund's seed from --seed-file, "
                   f"AUND_ENCRYPTION_SEED or {DEFAULT_SEED_FILE} (the file aund.service loads). Run as root on a "
                   "state dir of another user (the daemon's), the import reads the seed and the SDK's files as "
-                  "root, then writes the state dir as that user.")
+                  "root, then writes the state dir as that user. An AID already here with another key is refused.")
+
+
+def _add_offline_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, help="aund's state dir (default: from config)")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--seed-file", type=Path,
+                   help=f"aund's encryption seed (default: $AUND_ENCRYPTION_SEED, else {DEFAULT_SEED_FILE})")
+    p.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                   help=f"the bundle's passphrase (default: ${PASSPHRASE_ENV})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.aid_command == "import":
         return _import(args)
+    if args.aid_command == "export":
+        return _export(args)
     from client_stub import AundError, DaemonUnavailable
 
     text = None
@@ -83,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
                 result = client.reset_consumer(args.aid, args.consumer, args.cursor)
             elif args.aid_command == "renew":
                 result = client.renew_identity(args.aid, rekey=args.rekey)
+            elif args.aid_command == "disable":
+                result = client.disable_identity(args.aid)
+            elif args.aid_command == "enable":
+                result = client.enable_identity(args.aid)
             elif text is not None:
                 result = client.set_agent_md(args.aid, text)
             else:
@@ -106,9 +141,17 @@ def run(args: argparse.Namespace) -> int:
     elif args.aid_command == "reset-consumer":
         say(f"{result['aid']} consumer {result['consumer']}: reads again after cursor {result['cursor']}")
     elif args.aid_command == "list":
-        rows = [[i["aid"], ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
+        rows = [[i["aid"], "disabled" if i.get("disabled") else "enabled",
+                 ", ".join(f"{link['slot_id']}:{link['state']}" for link in i.get("links", [])) or "-"]
                 for i in result]
-        print(table(rows, ["AID", "LINKS"]) if rows else "no identities")
+        print(table(rows, ["AID", "STATE", "LINKS"]) if rows else "no identities")
+    elif args.aid_command in ("disable", "enable"):
+        if args.aid_command == "disable":
+            say(f"{result['aid']} disabled{'' if result['changed'] else ' (it was already)'}: "
+                f"{result['links_closed']} link(s) closed; `aund aid enable {result['aid']}` holds it again")
+        else:
+            say(f"{result['aid']} enabled{'' if result['changed'] else ' (it was not disabled)'}"
+                + ("; its configured link is starting" if result.get("connecting") else ""))
     elif args.aid_command == "renew":
         say(f"{'rekeyed' if result['rekeyed'] else 'renewed'} {result['aid']}  {result['cert_fingerprint']}  "
             f"(was {result['old_cert_fingerprint']})")
@@ -129,6 +172,7 @@ def _print_identity(r: dict) -> None:
                                    f"{time.strftime('%Y-%m-%d', time.gmtime(expiry))} ({left})"),
                          ("device", r["device_id"]), ("gateways", ", ".join(r["gateways"]) or "by discovery"),
                          ("agent.md", r["agent_md_etag"] or "not published yet"),
+                         ("state", _disabled_text(r.get("disabled"))),
                          ("inbox", f"{r['inbox_events']} events")):
         say(f"  {label:<12}{value}")
     if r["links"]:
@@ -138,6 +182,15 @@ def _print_identity(r: dict) -> None:
     print()
     print(table([[c["consumer"], c["cursor"]] for c in r["consumers"]], ["CONSUMER", "CURSOR"])
           if r["consumers"] else "no durable consumers")
+
+
+def _disabled_text(disabled: dict | None) -> str:
+    import time
+
+    if not disabled:
+        return "enabled"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(disabled.get("at", 0)))
+    return f"DISABLED since {when} by uid {disabled.get('by_uid', '?')} (aund aid enable to hold it again)"
 
 
 def _read_card(path: Path) -> str | None:
@@ -158,21 +211,40 @@ def _read_card(path: Path) -> str | None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    import time
+
     from aund.config import ConfigError, load
     from aund.errors import AundError
     from aund.identity.store import IdentityStore, StateLock, load_seed, read_fastaun
 
     os.umask(0o077)
+    aid = args.aid.strip().lower()
     try:
         config = load(args.config, {"state_dir": args.state_dir})
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         seed = _seed(args.seed_file, load_seed)
-        found = read_fastaun(args.aun_path, args.aid.strip().lower(), os.environ.get("AUND_IMPORT_SEED", ""))
+        if args.aun_path.is_file():  # a bundle from `aund aid export`
+            from aund.identity import bundle
+            from aund.identity.errors import InvalidIdentity
+
+            opened = bundle.open_bundle(args.aun_path, bundle.read_passphrase(args.passphrase_file))
+            if opened.aid != aid:
+                raise InvalidIdentity(f"{args.aun_path} holds {opened.aid}, not {aid}", data={"aid": aid})
+            origin = {"bundle": str(args.aun_path.resolve()), "exported_at": opened.created_at,
+                      "from_device": opened.content.get("device_id", ""), "imported_at": time.time()}
+
+            def store_it(store: IdentityStore):
+                return store.import_content(opened.content, meta={"imported_from": origin})
+        else:
+            found = read_fastaun(args.aun_path, aid, os.environ.get("AUND_IMPORT_SEED", ""))
+
+            def store_it(store: IdentityStore):
+                return store.import_read(found, meta={"imported_from": "fastaun"})
         _become_owner(config.state_dir)
         with StateLock(config.state_dir):
             store = IdentityStore(config.state_dir, seed)
             store.verify_seed()
-            identity = store.import_read(found, meta={"imported_from": "fastaun"})
+            identity = store_it(store)
     except (ConfigError, AundError) as exc:
         say(f"aund aid import: {exc}", err=True)
         return EXIT_FAILED
@@ -180,6 +252,45 @@ def _import(args: argparse.Namespace) -> int:
         say(f"aund aid import: {exc.filename or ''}: {exc.strerror or exc}", err=True)
         return EXIT_FAILED
     say(f"imported {identity.aid}  {identity.cert_fingerprint}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Offline, read-only: the state dir's files are each replaced atomically by the daemon, so a
+    running daemon is no obstacle. The bundle is created once (never over an existing file), 0600."""
+    from aund.config import ConfigError, load
+    from aund.errors import AundError
+    from aund.identity import bundle
+    from aund.identity.errors import IdentityNotFound
+    from aund.identity.store import IdentityStore, create_once, load_seed
+
+    os.umask(0o077)
+    aid = args.aid.strip().lower()
+    target: Path = args.bundle
+    try:
+        config = load(args.config, {"state_dir": args.state_dir})
+        if not (config.state_dir / "AIDs").is_dir():
+            raise IdentityNotFound(f"{config.state_dir} is not an aund state dir (no AIDs/ in it); give --state-dir",
+                                   data={"path": str(config.state_dir)})
+        if os.path.lexists(target):
+            say(f"aund aid export: {target} exists; aund never overwrites a file: choose another name", err=True)
+            return EXIT_FAILED
+        passphrase = bundle.read_passphrase(args.passphrase_file, new=True)
+        store = IdentityStore(config.state_dir, _seed(args.seed_file, load_seed))
+        store.verify_seed()
+        content = store.export_content(aid)
+        if not create_once(target, bundle.seal(aid, content, passphrase), 0o600):
+            say(f"aund aid export: {target} appeared meanwhile; aund never overwrites a file", err=True)
+            return EXIT_FAILED
+    except (ConfigError, AundError) as exc:
+        say(f"aund aid export: {exc}", err=True)
+        return EXIT_FAILED
+    except OSError as exc:
+        say(f"aund aid export: {exc.filename or target}: {exc.strerror or exc}", err=True)
+        return EXIT_FAILED
+    say(f"exported {aid} to {target}: {1 + len(content['past_keys'])} key(s), {len(content['certs'])} "
+        f"certificate(s), {len(content['prekeys']) + len(content['group_prekeys'])} prekey(s); no tokens. "
+        f"Import it elsewhere with: aund aid import {aid} --from {target.name}")
     return EXIT_OK
 
 

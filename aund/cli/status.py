@@ -21,7 +21,7 @@ def wait_ready(client, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     last = ""
     while True:
-        links = client.status().get("links", [])
+        links = [link for link in client.status().get("links", []) if not link.get("disabled")]  # not awaited
         ready = sum(link.get("state") == "ready" for link in links)
         line = f"{ready}/{len(links)} links ready"
         if line != last and sys.stderr.isatty() or line != last and time.monotonic() > deadline - seconds + 1:
@@ -76,5 +76,8 @@ def render(status: dict) -> None:
     inbox = status.get("inbox") or {}
     if inbox:
         say(f"inbox: {sum(inbox.values())} events for {len(inbox)} identities")
+    disabled = sorted(status.get("disabled") or {})
+    if disabled:
+        say(f"disabled (not held; `aund aid enable AID`): {', '.join(disabled)}")
     for w in status.get("warnings", []):
         say(f"warning [{w.get('code')}] {w.get('text')}")

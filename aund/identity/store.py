@@ -90,7 +90,8 @@ from aund.identity.errors import (
 from client_stub.errors import StorageError
 
 __all__ = [
-    "FastaunIdentity", "Identity", "IdentityStore", "StateLock", "atomic_write", "load_seed", "read_fastaun",
+    "FastaunIdentity", "Identity", "IdentityStore", "StateLock", "atomic_write", "create_once", "load_seed",
+    "read_fastaun",
     "SEED_ENV", "SEED_CREDENTIAL", "FAULT_HOOK",
 ]
 
@@ -226,6 +227,12 @@ def _create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
     if created:
         _fsync_dir(path.parent)
     return created
+
+
+def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` with ``data`` (atomic, durable, ``mode``) unless something is there; True if
+    this call created it. Never replaces a file (exports, backups)."""
+    return _create_once(Path(path), data, mode)
 
 
 def _present(path: Path) -> bool:
@@ -1005,6 +1012,90 @@ class IdentityStore:
             full.update(meta or {})
             atomic_write(pdir / META_FILE, _json_bytes(full))
             self._move_into_place(pdir, target)
+        return self.load(aid)
+
+
+    # ── moving an identity to another aund (aund.identity.bundle) ──
+
+    def export_content(self, aid: str) -> dict[str, Any]:
+        """What a bundle carries of ``aid``, JSON-safe: the key and every past key (PKCS#8 DER, b64),
+        the active and every past certificate (PEM), the prekey lists and meta.json. Never tokens.
+        Reads only (each file is replaced atomically, so a copy taken while the daemon runs is whole).
+        Errors as ``load``."""
+        identity = self.load(aid)
+        d = self._aid_dir(aid)
+
+        def der(key: ec.EllipticCurvePrivateKey) -> str:
+            return _b64(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+        certs = []
+        for path in sorted((d / CERTS_DIR).glob("sha256_*.pem")) if (d / CERTS_DIR).is_dir() else []:
+            with contextlib.suppress(OSError, pki.PKIError):
+                certs.append(pki.cert_pem(pki.load_cert_pem(path.read_bytes())))
+        return {"aid": aid, "key": der(identity.private_key), "cert": identity.cert_pem, "certs": certs,
+                "past_keys": [der(k) for k in self.past_keys(aid)], "prekeys": self.load_prekeys(aid),
+                "group_prekeys": self.load_group_prekeys(aid), "meta": self.load_meta(aid),
+                "device_id": identity.device_id}
+
+    def import_content(self, content: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None) -> Identity:
+        """Store what ``export_content`` gave (from a bundle): the keys re-encrypted under this
+        store's seed, the certificates, prekeys (merged: none dropped) and meta.json (without
+        ``disabled``, plus ``meta``). Idempotent for the same key; adds what is missing and never
+        replaces or deletes anything. Errors: IdentityConflict (the AID is here, or pending, with
+        another key), CorruptIdentity (the content does not hold a usable identity), StorageError."""
+        aid = self._check_aid(str(content.get("aid", "")))
+        where = f"the bundle of {aid}"
+        try:
+            key = _check_p256(serialization.load_der_private_key(base64.b64decode(content["key"]), None), where)
+            past = [_check_p256(serialization.load_der_private_key(base64.b64decode(k), None), where)
+                    for k in content.get("past_keys") or []]
+            cert = self._check_cert(aid, _spki(key), content["cert"])
+            older = [pki.load_cert_pem(c) for c in content.get("certs") or []]
+        except (KeyError, TypeError, ValueError, binascii.Error, pki.PKIError, CertKeyMismatch) as exc:
+            raise CorruptIdentity(f"{where} holds no usable identity: {exc}", data={"aid": aid}) from None
+        with self._lock:
+            target = self._aid_dir(aid)
+            if (target / KEY_FILE).exists():
+                if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
+                    raise IdentityConflict(f"{aid} is already in aund with a different key; not importing",
+                                           data={"aid": aid})
+            else:
+                pdir = self._pending_dir(aid)
+                pkey = pdir / KEY_FILE
+                if pkey.exists():
+                    if self._stored_public_key(pkey, aid) != _spki(key):
+                        raise IdentityConflict(f"a registration of {aid} with another key is pending in aund",
+                                               data={"aid": aid})
+                else:
+                    record = self._key_record(aid, key)
+                    self._mkdirs(pdir)
+                    _create_once(pkey, record)
+                self._write_cert(pdir, cert)
+                full = {k: v for k, v in dict(content.get("meta") or {}).items() if k != "disabled"}
+                full.update({"version": 1, "aid": aid}, **dict(meta or {}))
+                full.setdefault("created_at", time.time())
+                atomic_write(pdir / META_FILE, _json_bytes(full))
+                self._move_into_place(pdir, target)
+            history = target / CERTS_DIR
+            self._mkdirs(history)
+            for old in [*older, cert]:
+                if not (history / _history_name(old)).exists():
+                    _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
+            if past:
+                self._mkdirs(target / KEYS_DIR)
+            for old_key in past:
+                name = target / KEYS_DIR / _key_history_name(_spki(old_key))
+                if not name.exists():
+                    _create_once(name, self._key_record(aid, old_key))
+            for loader, saver, field_name in ((self.load_prekeys, self.save_prekeys, "prekeys"),
+                                              (self.load_group_prekeys, self.save_group_prekeys, "group_prekeys")):
+                theirs = [r for r in content.get(field_name) or [] if isinstance(r, dict)]
+                ours = loader(aid)
+                known = {r.get("spk_id") for r in ours}
+                added = [r for r in theirs if r.get("spk_id") not in known]
+                if added:  # appended: the list's last entry stays this store's current prekey if it had one
+                    saver(aid, ours + added if ours else theirs)
         return self.load(aid)
 
 
