@@ -248,23 +248,18 @@ def test_status_and_health_of_a_store_that_became_unreadable(aund_on_devnet, tmp
 
 
 def test_a_damaged_inbox_database_is_one_line_and_left_alone(tmp_path):
-    import signal
-    import time
+    from tests.helpers import AundProcess
 
-    state, sock = tmp_path / "state", tmp_path / "s.sock"
-    env = dict(os.environ, AUND_ENCRYPTION_SEED="x")
-    first = subprocess.Popen([sys.executable, "-m", "aund", "run", "--state-dir", str(state), "--socket", str(sock)],
-                             cwd=ROOT, env=env, stderr=subprocess.DEVNULL)  # a real state dir, seed checked
-    deadline = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(30) == 0 and (state / "inbox.sqlite3").exists()
+    state = tmp_path / "state"
+    first = AundProcess(state, tmp_path / "s.sock")  # a real state dir, the seed checked
+    first.start()  # waits for daemon.started: the inbox exists by then
+    assert first.stop() == 0 and (state / "inbox.sqlite3").exists()
     damaged = b"not a database " * 100
     (state / "inbox.sqlite3").write_bytes(damaged)
     for extra in ("-wal", "-shm"):
         (state / f"inbox.sqlite3{extra}").unlink(missing_ok=True)
-    r = aund("run", "--state-dir", str(state), "--socket", str(tmp_path / "s.sock"), env={"AUND_ENCRYPTION_SEED": "x"})
+    r = aund("run", "--state-dir", str(state), "--socket", str(tmp_path / "s.sock"),
+             env={"AUND_ENCRYPTION_SEED": "test-seed-not-secret"})  # AundProcess's seed
     assert r.returncode == 1
     _one_line(r, "aund run", str(state / "inbox.sqlite3"), "restore it from a backup")
     assert (state / "inbox.sqlite3").read_bytes() == damaged
