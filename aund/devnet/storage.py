@@ -12,7 +12,8 @@ Layout under `<state dir>/storage/`: `blobs/<sha256>` (content addressed), `uplo
 atomically after each change, so objects survive a devnet restart.
 
 Data plane on the devnet's HTTP port: `PUT /storage/v1/upload/<session>` and
-`GET /storage/v1/object/<owner>/<bucket>/<key>`, each with `exp` (Unix seconds) and `sig`
+`GET /storage/v1/object/<owner>/<bucket>/<key>` (by ticket) and `GET /storage/v1/shared/<share>`
+(by share link), each with `exp` (Unix seconds) and `sig`
 (HMAC-SHA256 over method, path and exp with a key kept in the state dir). A private object's GET
 also needs `Authorization: Bearer <access token>` of the owner or of an AID the owner granted
 `r`, as production asks for it: that token is why apps never download private objects themselves
@@ -551,7 +552,7 @@ def rpc_get_by_share(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     view = dict(_view(owner, bucket, key, meta), share_id=share_id)
     if meta["size_bytes"] <= INLINE_MAX_BYTES:
         return dict(view, content=base64.b64encode(st.blob(meta["sha256"]).read_bytes()).decode())
-    url, exp = st.url(conn.net, "GET", _object_path(owner, bucket, key) + "/share/" + share_id)
+    url, exp = st.url(conn.net, "GET", f"/storage/v1/shared/{share_id}")
     return dict(view, download_url=url, expire_at=exp)
 
 
@@ -582,25 +583,31 @@ def http(net: "Devnet", method: str, path: str, headers: dict[str, str], query: 
         os.replace(tmp, st.root / "uploads" / path.rsplit("/", 1)[-1])
         session["received"] = True
         return 200, {"size_bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}, {}
-    if method in ("GET", "HEAD") and path.startswith("/storage/v1/object/"):
-        rest, _, share_id = path[len("/storage/v1/object/"):].partition("/share/")
-        parts = rest.split("/", 2)
+    share_id = path[len("/storage/v1/shared/"):] if path.startswith("/storage/v1/shared/") else ""
+    if method in ("GET", "HEAD") and share_id:
+        share = st.shares.get(share_id)
+        if share is None:
+            return 404, {"error": "no such share link"}, {}
+        owner, bucket, key = share["owner_aid"], share["bucket"], share["object_key"]
+    elif method in ("GET", "HEAD") and path.startswith("/storage/v1/object/"):
+        parts = path[len("/storage/v1/object/"):].split("/", 2)
         if len(parts) != 3:
             return 404, {"error": "not found"}, {}
         owner, bucket, key = (unquote(p) for p in parts)
-        meta = st.objects.get(_id(owner, bucket, key))
-        if meta is None:
-            return 404, {"error": f"object not found: {key}"}, {}
-        if meta["is_private"] and not share_id:
-            token = headers.get("authorization", "").removeprefix("Bearer ").strip()
-            reader = net.store.token_aid(token, "access") if token else None
-            if reader is None:
-                return 401, {"error": "a private object needs a bearer access token"}, {}
-            if not _may(st, reader, owner, bucket, key, "r"):
-                return 403, {"error": f"{reader} may not read {key}"}, {}
-        return 200, st.blob(meta["sha256"]).read_bytes(), {"content-type": meta["content_type"],
-                                                           "x-aun-sha256": meta["sha256"]}
-    return 404, {"error": "not found"}, {}
+    else:
+        return 404, {"error": "not found"}, {}
+    meta = st.objects.get(_id(owner, bucket, key))
+    if meta is None:
+        return 404, {"error": f"object not found: {key}"}, {}
+    if meta["is_private"] and not share_id:
+        token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        reader = net.store.token_aid(token, "access") if token else None
+        if reader is None:
+            return 401, {"error": "a private object needs a bearer access token"}, {}
+        if not _may(st, reader, owner, bucket, key, "r"):
+            return 403, {"error": f"{reader} may not read {key}"}, {}
+    return 200, st.blob(meta["sha256"]).read_bytes(), {"content-type": meta["content_type"],
+                                                       "x-aun-sha256": meta["sha256"]}
 
 
 gw.HANDLERS.update({
