@@ -50,7 +50,7 @@ def _cancel(tid: int | None) -> Steps:
     if tid is not None:
         try:
             yield "storage.cancel", {"transfer": tid}, CHUNK_WAIT
-        except Exception:  # noqa: BLE001 (best effort: the daemon drops it with the connection anyway)
+        except Exception:  # noqa: BLE001, S110 (best effort: the daemon drops it with the connection anyway)
             pass
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import urllib.parse
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aund.aun import http
 from aund.errors import GatewayError, GatewayUnavailable, InvalidParams, ResourceAlreadyExistError

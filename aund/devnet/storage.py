@@ -82,13 +82,13 @@ class Storage:
     def sign(self, method: str, path: str, exp: int) -> str:
         return hmac.new(self.url_key, f"{method}\n{path}\n{exp}".encode(), hashlib.sha256).hexdigest()
 
-    def url(self, net: "Devnet", method: str, path: str) -> tuple[str, int]:
+    def url(self, net: Devnet, method: str, path: str) -> tuple[str, int]:
         exp = int(time.time()) + URL_TTL
         base = net.public_url.replace("wss://", "https://", 1).replace("ws://", "http://", 1).removesuffix("/aun")
         return f"{base}{path}?exp={exp}&sig={self.sign(method, path, exp)}", exp
 
 
-def _storage(net: "Devnet") -> Storage:
+def _storage(net: Devnet) -> Storage:
     st = getattr(net, "storage", None)
     if st is None:
         st = net.storage = Storage(net.store.path.parent / "storage")
@@ -113,7 +113,7 @@ def _key(params: dict[str, Any], name: str = "object_key", *, allow_root: bool =
     return key
 
 
-def _where(conn: "Conn", params: dict[str, Any]) -> tuple[str, str]:
+def _where(conn: Conn, params: dict[str, Any]) -> tuple[str, str]:
     owner = validate_aid(params.get("owner_aid") or conn.aid)
     bucket = gw._str(params, "bucket", required=False, default="default") or "default"
     if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", bucket):
@@ -137,7 +137,7 @@ def _may(st: Storage, reader: str, owner: str, bucket: str, key: str, perm: str)
     return False
 
 
-def _owner_only(conn: "Conn", owner: str) -> None:
+def _owner_only(conn: Conn, owner: str) -> None:
     if conn.aid != owner:
         raise RpcError(rpc.PERMISSION_DENIED, "only the owner may do this")
 
@@ -151,7 +151,7 @@ def _view(owner: str, bucket: str, key: str, meta: dict[str, Any]) -> dict[str, 
             "mtime": meta["updated_at"] // 1000}
 
 
-def _readable(conn: "Conn", params: dict[str, Any]) -> tuple[Storage, str, str, str, dict[str, Any]]:
+def _readable(conn: Conn, params: dict[str, Any]) -> tuple[Storage, str, str, str, dict[str, Any]]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     key = _key(params)
@@ -176,7 +176,7 @@ def _check_version(meta: dict[str, Any] | None, params: dict[str, Any], key: str
                                          f"current {meta['version'] if meta else 0}")
 
 
-def _publish(conn: "Conn", owner: str, bucket: str, key: str, data_file: Path | bytes, params: dict[str, Any],
+def _publish(conn: Conn, owner: str, bucket: str, key: str, data_file: Path | bytes, params: dict[str, Any],
              sha: str, size: int) -> dict[str, Any]:
     st = _storage(conn.net)
     oid = _id(owner, bucket, key)
@@ -203,7 +203,7 @@ def _publish(conn: "Conn", owner: str, bucket: str, key: str, data_file: Path | 
     return _view(owner, bucket, key, meta)
 
 
-def _changed(conn: "Conn", owner: str, bucket: str, key: str, action: str) -> None:
+def _changed(conn: Conn, owner: str, bucket: str, key: str, action: str) -> None:
     event = rpc.notification("event/storage.object_changed", {"module_id": "storage", "action": action,
                                                               "owner_aid": owner, "bucket": bucket,
                                                               "object_key": key})
@@ -212,7 +212,7 @@ def _changed(conn: "Conn", owner: str, bucket: str, key: str, action: str) -> No
 
 
 # --- control plane ----------------------------------------------------------------------------
-def rpc_check_upload(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_check_upload(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     key = _key(params)
@@ -225,7 +225,7 @@ def rpc_check_upload(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
             "dedup_hit": False}
 
 
-def rpc_put_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_put_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     owner, bucket = _where(conn, params)
     _owner_only(conn, owner)
     key = _key(params)
@@ -239,7 +239,7 @@ def rpc_put_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return _publish(conn, owner, bucket, key, data, params, hashlib.sha256(data).hexdigest(), len(data))
 
 
-def rpc_get_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_get_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket, key, meta = _readable(conn, params)
     if meta["size_bytes"] > INLINE_MAX_BYTES:
         raise RpcError(rpc.INVALID_PARAMS, f"{key} exceeds the inline limit ({INLINE_MAX_BYTES} bytes): "
@@ -253,12 +253,12 @@ def rpc_get_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return dict(_view(owner, bucket, key, meta), content=base64.b64encode(data).decode())
 
 
-def rpc_head_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_head_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     _, owner, bucket, key, meta = _readable(conn, params)
     return _view(owner, bucket, key, meta)
 
 
-def rpc_delete_object(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_delete_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     key = _key(params)
@@ -307,14 +307,14 @@ def _is_dir(st: Storage, owner: str, bucket: str, key: str) -> bool:
     return any(oid.startswith(head) for oid in st.objects) or any(f.startswith(head) for f in st.folders)
 
 
-def _owner_lists(conn: "Conn", params: dict[str, Any]) -> tuple[Storage, str, str]:
+def _owner_lists(conn: Conn, params: dict[str, Any]) -> tuple[Storage, str, str]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     _owner_only(conn, owner)
     return st, owner, bucket
 
 
-def rpc_list_objects(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_list_objects(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     prefix = gw._str(params, "prefix", required=False)
     size, page = gw._int(params, "size", 50, lo=1, hi=LIST_MAX), gw._int(params, "page", 1, lo=1)
@@ -325,7 +325,7 @@ def rpc_list_objects(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"items": window, "total": len(items), "page": page, "size": size}
 
 
-def rpc_list_prefixes(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_list_prefixes(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     prefix = gw._str(params, "prefix", required=False).strip("/")
     _, dirs = _children(st, owner, bucket, prefix)
@@ -333,7 +333,7 @@ def rpc_list_prefixes(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"prefixes": [d + "/" for d in dirs[:size]], "count": min(size, len(dirs)), "size": size}
 
 
-def rpc_fs_list(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_fs_list(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path", allow_root=True)
     if _id(owner, bucket, key) in st.objects:
@@ -345,7 +345,7 @@ def rpc_fs_list(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"nodes": nodes, "total": len(nodes)}
 
 
-def rpc_fs_stat(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_fs_stat(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     key = _key(params, "path", allow_root=True)
@@ -357,7 +357,7 @@ def rpc_fs_stat(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     raise RpcError(rpc.NOT_FOUND, f"no such file or directory: /{key}")
 
 
-def rpc_fs_mkdir(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_fs_mkdir(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path")
     parts = key.split("/")
@@ -376,7 +376,7 @@ def rpc_fs_mkdir(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"node": _dir_view(owner, bucket, key, st.folders[_id(owner, bucket, key)])}
 
 
-def rpc_fs_remove(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_fs_remove(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path")
     oid = _id(owner, bucket, key)
@@ -399,15 +399,15 @@ def rpc_fs_remove(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"removed_count": len(inside) + 1, "path": "/" + key}
 
 
-def rpc_get_quota(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
-    st, owner, bucket = _owner_lists(conn, params)
+def rpc_get_quota(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
+    st, owner, _ = _owner_lists(conn, params)
     mine = [m for oid, m in st.objects.items() if oid.startswith(f"{owner}|")]
     return {"owner_aid": owner, "used_bytes": sum(m["size_bytes"] for m in mine), "object_count": len(mine),
             "quota_bytes": 1 << 30}
 
 
 # --- data plane: sessions and tickets ---------------------------------------------------------
-def rpc_create_upload_session(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_create_upload_session(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     _owner_only(conn, owner)
@@ -422,7 +422,7 @@ def rpc_create_upload_session(conn: "Conn", params: dict[str, Any]) -> dict[str,
             "size_bytes": gw._int(params, "size_bytes", 0)}
 
 
-def rpc_complete_upload(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_complete_upload(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     _owner_only(conn, owner)
@@ -456,7 +456,7 @@ def _object_path(owner: str, bucket: str, key: str) -> str:
     return f"/storage/v1/object/{quote(owner)}/{quote(bucket)}/{quote(key)}"
 
 
-def rpc_create_download_ticket(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_create_download_ticket(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket, key, meta = _readable(conn, params)
     url, exp = st.url(conn.net, "GET", _object_path(owner, bucket, key))
     return dict(_view(owner, bucket, key, meta), download_url=url, expire_at=exp, file_name=key.rsplit("/", 1)[-1],
@@ -464,7 +464,7 @@ def rpc_create_download_ticket(conn: "Conn", params: dict[str, Any]) -> dict[str
 
 
 # --- ACL and share links ----------------------------------------------------------------------
-def rpc_set_acl(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_set_acl(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path", allow_root=True)
     grantee = validate_aid(params.get("grantee_aid"))
@@ -476,7 +476,7 @@ def rpc_set_acl(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"path": "/" + key, "grantee_aid": grantee, "perms": perms, "owner_aid": owner}
 
 
-def rpc_remove_acl(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_remove_acl(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path", allow_root=True)
     grantee = validate_aid(params.get("grantee_aid"))
@@ -485,14 +485,14 @@ def rpc_remove_acl(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     return {"path": "/" + key, "grantee_aid": grantee, "removed": removed}
 
 
-def rpc_list_acl(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_list_acl(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path", allow_root=True)
     grants = st.acl.get(_id(owner, bucket, key), {})
     return {"path": "/" + key, "items": [{"grantee_aid": g, "perms": p} for g, p in sorted(grants.items())]}
 
 
-def rpc_create_share_link(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_create_share_link(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params)
     if _id(owner, bucket, key) not in st.objects:
@@ -511,7 +511,7 @@ def rpc_create_share_link(conn: "Conn", params: dict[str, Any]) -> dict[str, Any
     return dict(share)
 
 
-def rpc_list_share_links(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_list_share_links(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = params.get("object_key")
     items = [dict(s) for s in st.shares.values() if s["owner_aid"] == owner and s["bucket"] == bucket
@@ -519,7 +519,7 @@ def rpc_list_share_links(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]
     return {"items": items, "total": len(items)}
 
 
-def rpc_revoke_share_link(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_revoke_share_link(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     share_id = gw._str(params, "share_id")
     share = st.shares.get(share_id)
@@ -531,7 +531,7 @@ def rpc_revoke_share_link(conn: "Conn", params: dict[str, Any]) -> dict[str, Any
     return {"share_id": share_id, "revoked": True}
 
 
-def rpc_get_by_share(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
+def rpc_get_by_share(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     share_id = gw._str(params, "share_id")
     share = st.shares.get(share_id)
@@ -566,7 +566,7 @@ def _signed(st: Storage, method: str, path: str, query: dict[str, list[str]]) ->
     return exp >= time.time() and hmac.compare_digest(sig, st.sign(method, path, exp))
 
 
-def http(net: "Devnet", method: str, path: str, headers: dict[str, str], query: dict[str, list[str]],
+def http(net: Devnet, method: str, path: str, headers: dict[str, str], query: dict[str, list[str]],
          body: bytes) -> tuple[int, Any, dict[str, str]]:
     """The data plane: PUT an upload session's body, GET an object (by ticket or share)."""
     st = _storage(net)

@@ -10,10 +10,9 @@ import os
 import pytest
 import trio
 
-from aund.broker import transfers
 from aund.aun import storage as aun_storage
-from client_stub import AsyncClient, Client, InvalidParams, LimitsExceeded, ResourceAlreadyExistError
-from client_stub import wire
+from aund.broker import transfers
+from client_stub import AsyncClient, Client, InvalidParams, ResourceAlreadyExistError, wire
 from tests.broker.conftest import in_asyncio, in_thread
 from tests.broker.rawclient import RawConn
 

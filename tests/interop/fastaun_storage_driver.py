@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from fastaun_common import AUNClient, WORK, check, ensure, failed, note, wait_for
+from fastaun_common import WORK, AUNClient, check, ensure, failed, note, wait_for
 
 
 async def connect(name):
@@ -66,7 +66,7 @@ async def facade():
         names = sorted(n.name for n in await fs.list("/notes"))
         check("list after remove", names == ["big.bin"], names)
         share = await fs.lowlevel.create_share_link(object_key="notes/big.bin")
-        other_aid, other = await connect("stranger")
+        _, other = await connect("stranger")
         try:
             try:
                 await other.storage.read_bytes("/notes/big.bin", owner=aid)

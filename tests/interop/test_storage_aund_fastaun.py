@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from client_stub import AsyncClient, Client, InvalidParams, ResourceAlreadyExistError
+from client_stub import AsyncClient, Client, InvalidParams, ResourceAlreadyExistError, ResourceNotExistError
 from tests.helpers import ROOT, AundProcess
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
@@ -90,7 +90,7 @@ def test_storage_aund_to_fastaun_and_back(devnet, aund_daemon, tmp_path):
             client.request("storage.upload.chunk", {"transfer": begin["transfer"], "offset": 0, "data": b"abc"})
             with pytest.raises(InvalidParams, match="sha256"):
                 client.request("storage.upload.finish", {"transfer": begin["transfer"]})
-            with pytest.raises(Exception):
+            with pytest.raises(ResourceNotExistError):
                 store.stat("/bad.bin")
             # fastaun downloads aund's object (aund grants it r on the private object)
             _wait_file(work / "fa.json", fa)
