@@ -23,7 +23,7 @@ from typing import Any
 from aund.aun import http
 from aund.errors import GatewayError, GatewayUnavailable, InvalidParams, ResourceAlreadyExistError
 
-MAX_OBJECT_BYTES = 64 << 20  # what aund holds for one transfer (the gateway's own limit may be lower)
+MAX_OBJECT_BYTES = 16 << 20  # what aund holds in memory for one transfer (AUN's default object limit: 10 MB)
 DATA_PLANE_TIMEOUT = 300.0
 
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]

@@ -78,6 +78,9 @@ def _get(app: AppSession, args: dict[str, Any], kind: str) -> tuple[int, Transfe
     transfer = _transfers(app).get(tid)
     if transfer is None or transfer.kind != kind:
         raise ResourceNotExistError(f"no {kind} {tid} on this connection", data={"transfer": tid})
+    if not app.backend.allowed(app.app, transfer.handle.aid):  # a policy reload took the AID away
+        del _transfers(app)[tid]
+        raise app._denied(transfer.handle.aid)
     return tid, transfer
 
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from aund.aun import storage as aun_storage
-from aund.broker import transfers
+from aund.broker import Policy, transfers
 from client_stub import AsyncClient, Client, InvalidParams, ResourceAlreadyExistError, wire
 from tests.broker.conftest import in_asyncio, in_thread
 from tests.broker.rawclient import RawConn
@@ -122,6 +122,25 @@ async def test_chunks_fit_the_frame_order_hash_limits_cancel(start_broker):
             if chunk["result"]["done"]:
                 break
         assert got == b.backend.objects[(ALICE, "big")] and rep["sha256"] == hashlib.sha256(got).hexdigest()
+        await raw.aclose()
+
+
+async def test_a_policy_reload_drops_a_running_transfer(start_broker):
+    uid = os.getuid()
+    b = await start_broker(policy=Policy({ALICE: {"uids": [uid]}}, owners={4242}))
+    with trio.fail_after(20):
+        raw = await RawConn.open(b.path)
+        await raw.hello("reload")
+        sid = (await raw.request(1, "session.open", {"aid": ALICE}))["result"]["session"]
+        tid = (await raw.request(2, "storage.upload.begin", {"session": sid, "path": "p", "size": 2,
+                                                             "sha256": hashlib.sha256(b"ab").hexdigest()}))["result"]
+        await raw.request(3, "storage.upload.chunk", {"transfer": tid["transfer"], "offset": 0, "data": b"a"})
+        b.backend.policy = Policy(owners={4242})
+        denied = await raw.request(4, "storage.upload.chunk", {"transfer": tid["transfer"], "offset": 1, "data": b"b"})
+        assert denied["error"]["type"] == "PermissionDenied"
+        b.backend.policy = Policy({ALICE: {"uids": [uid]}}, owners={4242})
+        gone = await raw.request(5, "storage.upload.finish", {"transfer": tid["transfer"]})
+        assert gone["error"]["type"] == "ResourceNotExistError" and b.backend.objects == {}
         await raw.aclose()
 
 
