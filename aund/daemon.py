@@ -21,7 +21,7 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, events as gw_events, ids, methods, notify as notify_frames, transport
+from aund.aun import auth, events as gw_events, ids, methods, notify as notify_frames, storage, transport
 from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
@@ -168,6 +168,25 @@ class _Handle:
         wire_method, wire_params = notify_frames.frame(method, params, **route)
         await self.entry.link.notify(wire_method, wire_params, timeout=timeout, on_behalf_of=app)
         return {"sent": True, "method": wire_method}
+
+    def _storage_call(self, app: AppIdentity, timeout: float | None) -> storage.Call:
+        link = self.entry.link
+
+        async def call(method: str, params: dict[str, Any]) -> Any:
+            return await link.call(method, params, timeout=timeout, background=False, on_behalf_of=app)
+        return call
+
+    async def storage_upload(self, data: bytes, params: dict[str, Any], *, overwrite: bool, app: AppIdentity,
+                             timeout: float | None) -> dict[str, Any]:
+        """Store `data` as the SDK does (inline or by upload session; aund.aun.storage)."""
+        return await storage.upload(self._storage_call(app, timeout), data, params, overwrite=overwrite)
+
+    async def storage_download(self, params: dict[str, Any], *, app: AppIdentity,
+                               timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """(object view, body): the data plane with this link's access token, which stays here."""
+        link = self.entry.link
+        return await storage.download(self._storage_call(app, timeout), params, gateway_url=link.gateway,
+                                      token=link.access_token)
 
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
         """This session's headers (the SDK's are per client instance; here per app session, so

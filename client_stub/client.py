@@ -734,6 +734,12 @@ class Session:
         args, wait = _notify_args(sid, method, params, route, timeout)
         return conn.request("session.notify", args, wait)
 
+    @property
+    def storage(self) -> Any:
+        """This AID's AUN Storage through aund (client_stub.storage.Storage)."""
+        from client_stub.storage import Storage
+        return Storage(self)
+
     def set_protected_headers(self, headers: Mapping[str, str]) -> None:
         conn, sid = self._open()
         conn.request("set_protected_headers", {"session": sid, "headers": dict(headers)}, self.client.timeout)
@@ -1142,6 +1148,12 @@ class AsyncSession:
         route = {"to": to, "group_id": group_id, "device_id": device_id, "slot_id": slot_id, "ttl_ms": ttl_ms}
         args, wait = _notify_args(sid, method, params, route, timeout)
         return await conn.request("session.notify", args, wait)
+
+    @property
+    def storage(self) -> Any:
+        """The awaitable twin of ``Session.storage`` (client_stub.storage.AsyncStorage)."""
+        from client_stub.storage import AsyncStorage
+        return AsyncStorage(self)
 
     async def set_protected_headers(self, headers: Mapping[str, str]) -> None:
         conn, sid = await self._open()

@@ -28,7 +28,7 @@ def http_base(gateway_url: str) -> str:
     return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
 
 
-async def _once(method: str, url: str, headers: list[tuple[str, str]], body: bytes
+async def _once(method: str, url: str, headers: list[tuple[str, str]], body: bytes, max_body: int
                 ) -> tuple[int, dict[str, str], bytes]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -58,8 +58,8 @@ async def _once(method: str, url: str, headers: list[tuple[str, str]], body: byt
                 response_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
             elif isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_BODY:
-                    raise GatewayUnavailable(f"{method} {url}: the answer is larger than {MAX_BODY} bytes")
+                if size > max_body:
+                    raise GatewayUnavailable(f"{method} {url}: the answer is larger than {max_body} bytes")
                 chunks.append(event.data)
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 return status, response_headers, b"".join(chunks)
@@ -70,13 +70,13 @@ async def _once(method: str, url: str, headers: list[tuple[str, str]], body: byt
 
 
 async def http_request(method: str, url: str, *, headers: list[tuple[str, str]] | None = None, body: bytes = b"",
-                       timeout: float = HTTP_TIMEOUT) -> tuple[int, dict[str, str], bytes]:
-    """(status, lower-cased headers, body). Raises GatewayUnavailable when the server cannot be
+                       timeout: float = HTTP_TIMEOUT, max_body: int = MAX_BODY) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, body of at most `max_body` bytes). Raises GatewayUnavailable when the server cannot be
     reached or does not answer in time; an HTTP error status is returned, not raised."""
     try:
         with trio.fail_after(timeout):
             for _ in range(MAX_REDIRECTS + 1):
-                status, response_headers, data = await _once(method, url, list(headers or ()), body)
+                status, response_headers, data = await _once(method, url, list(headers or ()), body, max_body)
                 location = response_headers.get("location")
                 if status in (301, 302, 303, 307, 308) and location and method in ("GET", "HEAD"):
                     url = urllib.parse.urljoin(url, location)

@@ -56,6 +56,16 @@ class SessionHandle(Protocol):
                      ttl_ms: int | None) -> dict[str, Any]:
         """One JSON-RPC notification on the link (no id, no answer): `{sent, method}` once written."""
 
+    async def storage_upload(self, data: bytes, params: dict[str, Any], *, overwrite: bool, app: AppIdentity,
+                             timeout: float | None) -> dict[str, Any]:
+        """Store `data` at `params` (object_key, bucket, owner_aid?, content_type, is_private, metadata?),
+        inline or by upload session as the gateway says; its object view."""
+
+    async def storage_download(self, params: dict[str, Any], *, app: AppIdentity,
+                               timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """(object view, body) of the object at `params`, its hash checked; the data plane and the
+        access token stay in the daemon."""
+
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None: ...
 
     def invalidate_prekey_cache(self, peer_aid: str) -> None: ...

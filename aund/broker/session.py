@@ -943,6 +943,9 @@ _OPS: dict[str, Callable[..., Any]] = {
     "unsubscribe": AppSession.op_unsubscribe,
     "ack": AppSession.op_ack,
 }
+from aund.broker import transfers as _transfers  # noqa: E402  (its ops use this module's helpers)
+
+_OPS.update(_transfers.OPS)  # storage.upload.* / storage.download.* / storage.cancel
 DISPATCH: dict[str, tuple[Callable[..., Any], bool]] = {
     name: (fn, inspect.iscoroutinefunction(fn)) for name, fn in _OPS.items()
 }

@@ -297,10 +297,12 @@ class Devnet:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         body = b""
+        # the storage data plane takes whole objects; everything else is small JSON
+        limit = _storage.MAX_OBJECT_BYTES if path.startswith("/storage/v1/") else 1 << 20
         while True:
             event = await receive()
             body += event.get("body", b"")
-            if len(body) > 1 << 20:
+            if len(body) > limit:
                 return await _respond(send, 413, {"error": "body too large"})
             if not event.get("more_body"):
                 break
@@ -315,6 +317,8 @@ class Devnet:
             elif path == "/federation/v1/push" and method == "POST":
                 status, payload = federation.accept_push(self, body)
                 extra = {}
+            elif path.startswith("/storage/v1/"):
+                status, payload, extra = _storage.http(self, method, path, headers, query, body)
             else:
                 status, payload, extra = self.route(method, path, headers, query, body)
         except RpcError as exc:
@@ -1267,4 +1271,5 @@ def register(handlers: dict[str, Callable[..., Any]], owner: str) -> None:
 # groups (group.*, group.v2.*), thoughts (message.thought.*), msgevents (recall, read state, volatile).
 from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its side effect)
 from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)
+from aund.devnet import storage as _storage  # noqa: E402  (storage.*, and its HTTP data plane)
 from aund.devnet import msgevents as _msgevents  # noqa: E402  (message.recall / read / read_state, volatile sends)

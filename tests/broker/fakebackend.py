@@ -67,6 +67,20 @@ class FakeSession:
         finally:
             b.in_flight -= 1
 
+    async def storage_upload(self, data: bytes, params: dict[str, Any], *, overwrite: bool, app: AppIdentity,
+                             timeout: float | None) -> dict[str, Any]:
+        """Objects in memory (backend.objects by (owner, key)); the real data plane is the daemon's."""
+        key = (params.get("owner_aid") or self.aid, params["object_key"])
+        self.backend.objects[key] = data
+        return {"object_key": key[1], "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    async def storage_download(self, params: dict[str, Any], *, app: AppIdentity,
+                               timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        key = (params.get("owner_aid") or self.aid, params["object_key"])
+        if key not in self.backend.objects:
+            raise ResourceNotExistError(f"no object {key[1]}")
+        return {"object_key": key[1]}, self.backend.objects[key]
+
     def set_protected_headers(self, app: AppIdentity, headers: dict[str, str]) -> None:
         self.backend.headers[(app.conn_id, self.aid)] = dict(headers)
 
@@ -85,6 +99,7 @@ class FakeBackend:
         self.acks: dict[tuple[str, str], int] = {}
         self.headers: dict[tuple[int, str], dict[str, str]] = {}
         self.invalidated: list[tuple[str, str]] = []
+        self.objects: dict[tuple[str, str], bytes] = {}  # storage, by (owner, object key)
         self.opened: list[tuple[int, str, str]] = []
         self.released: list[tuple[int, str, str]] = []
         self.gate = trio.Event()
