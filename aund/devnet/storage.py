@@ -89,9 +89,9 @@ class Storage:
 
 
 def _storage(net: Devnet) -> Storage:
-    st = getattr(net, "storage", None)
+    st = net.services.get("storage")
     if st is None:
-        st = net.storage = Storage(net.store.path.parent / "storage")
+        st = net.services["storage"] = Storage(net.store.path.parent / "storage")
     return st
 
 
@@ -610,7 +610,7 @@ def http(net: Devnet, method: str, path: str, headers: dict[str, str], query: di
                                                        "x-aun-sha256": meta["sha256"]}
 
 
-gw.HANDLERS.update({
+gw.register({
     "storage.check_upload": rpc_check_upload, "storage.put_object": rpc_put_object,
     "storage.get_object": rpc_get_object, "storage.head_object": rpc_head_object,
     "storage.delete_object": rpc_delete_object, "storage.list_objects": rpc_list_objects,
@@ -622,4 +622,4 @@ gw.HANDLERS.update({
     "storage.set_acl": rpc_set_acl, "storage.remove_acl": rpc_remove_acl, "storage.list_acl": rpc_list_acl,
     "storage.create_share_link": rpc_create_share_link, "storage.list_share_links": rpc_list_share_links,
     "storage.revoke_share_link": rpc_revoke_share_link, "storage.get_by_share": rpc_get_by_share,
-})
+}, __name__)
