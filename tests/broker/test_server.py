@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -737,16 +738,18 @@ async def test_events_iterator_survives_a_daemon_restart(start_broker):
                 got.append(ev.cursor)
                 if ev.cursor == 2:
                     ev.ack()
+                    acked.set()  # its reply is in: the daemon may go away now
                 if ev.cursor == 4:
                     ev.ack()
                     break
             return session.call("echo", {"again": True})  # the session re-opens on the new connection
 
     out: dict = {}
+    acked = threading.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_store, out, "echo", in_thread(app))
-            await wait_until(lambda: backend.acks.get((ALICE, "durable")) == 2)
+            await wait_until(lambda: backend.acks.get((ALICE, "durable")) == 2 and acked.is_set())
             await first.stop()
             assert not path.exists()  # the socket file went with the daemon
             for i in range(2, 4):
@@ -776,13 +779,16 @@ async def test_async_events_survive_restart_and_client_overflow(start_broker, mo
                 got.append(ev.cursor)
                 if ev.cursor in (20, 24):
                     await ev.ack()
+                    if ev.cursor == 20:
+                        acked.set()  # its reply is in: the daemon may go away now
                 if ev.cursor == 24:
                     return
 
+    acked = threading.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_asyncio, app)
-            await wait_until(lambda: backend.acks.get((ALICE, "durable")) == 20)
+            await wait_until(lambda: backend.acks.get((ALICE, "durable")) == 20 and acked.is_set())
             await first.stop()
             for i in range(20, 24):
                 backend.publish(ALICE, "message.received", {"i": i})
