@@ -9,7 +9,6 @@ import argparse
 import importlib
 import signal
 import sys
-from importlib import metadata
 
 SUBCOMMANDS = {
     "run": "run the daemon",
@@ -76,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
+    from importlib import metadata  # not at import: it costs ~40 ms, and `aund health` is a probe
+
     try:
         return metadata.version("aund")
     except metadata.PackageNotFoundError:  # run from a source tree that is not installed

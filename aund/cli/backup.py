@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -146,6 +145,8 @@ def _backup_database(src: Path, dst: Path, *, quiet: bool) -> int:
     """SQLite's online backup of `src` into the new file `dst` (0600, fsynced); returns its pages.
     `quiet`: no daemon writes it (we hold its lock, or none ever ran), so it is opened immutable
     and nothing (no -wal, -shm) is created beside it; else read-only beside the running daemon."""
+    import sqlite3  # here, not at import: every `aund` command builds the whole parser
+
     uri = src.resolve().as_uri() + ("?mode=ro&immutable=1" if quiet else "?mode=ro")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
