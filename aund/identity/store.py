@@ -64,7 +64,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -981,27 +981,10 @@ class IdentityStore:
         Errors: IdentityConflict (the AID exists here, or is pending, with another key), StorageError."""
         aid, key, cert = found.aid, found.key, found.cert
         with self._lock:
-            target = self._aid_dir(aid)
-            if (target / KEY_FILE).exists():
-                if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
-                    raise IdentityConflict(f"{aid} is already in aund with a different key; not importing",
-                                           data={"aid": aid})
+            target, pdir = self._stage_import(aid, key)
+            if pdir is None:
                 return self.load(aid)
-            pdir = self._pending_dir(aid)
-            pkey = pdir / KEY_FILE
-            if pkey.exists():
-                if self._stored_public_key(pkey, aid) != _spki(key):
-                    raise IdentityConflict(f"a registration of {aid} with another key is pending in aund",
-                                           data={"aid": aid})
-            else:
-                record = self._key_record(aid, key)
-                self._mkdirs(pdir)
-                _create_once(pkey, record)
-            history = pdir / CERTS_DIR
-            self._mkdirs(history)
-            for old in found.older:
-                if not (history / _history_name(old)).exists():
-                    _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
+            self._keep_certs(pdir, found.older)
             self._write_cert(pdir, cert)
             now = time.time()
             full: dict[str, Any] = {"version": 1, "aid": aid, "created_at": now,
@@ -1014,6 +997,36 @@ class IdentityStore:
             self._move_into_place(pdir, target)
         return self.load(aid)
 
+
+    def _stage_import(self, aid: str, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path | None]:
+        """(the AID's directory, its pending directory holding `key` for an import), or (dir, None)
+        when the store already holds the AID with this key. Under the lock. Errors:
+        IdentityConflict (the AID is held, or pending, with another key)."""
+        target = self._aid_dir(aid)
+        if (target / KEY_FILE).exists():
+            if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
+                raise IdentityConflict(f"{aid} is already in aund with a different key; not importing",
+                                       data={"aid": aid})
+            return target, None
+        pdir = self._pending_dir(aid)
+        pkey = pdir / KEY_FILE
+        if pkey.exists():
+            if self._stored_public_key(pkey, aid) != _spki(key):
+                raise IdentityConflict(f"a registration of {aid} with another key is pending in aund",
+                                       data={"aid": aid})
+        else:
+            record = self._key_record(aid, key)
+            self._mkdirs(pdir)
+            _create_once(pkey, record)
+        return target, pdir
+
+    def _keep_certs(self, directory: Path, certs: Iterable[x509.Certificate]) -> None:
+        """Each of `certs` in `directory`'s certificate history, once (never one written over)."""
+        history = directory / CERTS_DIR
+        self._mkdirs(history)
+        for old in certs:
+            if not (history / _history_name(old)).exists():
+                _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
 
     # ── moving an identity to another aund (aund.identity.bundle) ──
 
@@ -1055,33 +1068,15 @@ class IdentityStore:
         except (KeyError, TypeError, ValueError, binascii.Error, pki.PKIError, CertKeyMismatch) as exc:
             raise CorruptIdentity(f"{where} holds no usable identity: {exc}", data={"aid": aid}) from None
         with self._lock:
-            target = self._aid_dir(aid)
-            if (target / KEY_FILE).exists():
-                if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
-                    raise IdentityConflict(f"{aid} is already in aund with a different key; not importing",
-                                           data={"aid": aid})
-            else:
-                pdir = self._pending_dir(aid)
-                pkey = pdir / KEY_FILE
-                if pkey.exists():
-                    if self._stored_public_key(pkey, aid) != _spki(key):
-                        raise IdentityConflict(f"a registration of {aid} with another key is pending in aund",
-                                               data={"aid": aid})
-                else:
-                    record = self._key_record(aid, key)
-                    self._mkdirs(pdir)
-                    _create_once(pkey, record)
+            target, pdir = self._stage_import(aid, key)
+            if pdir is not None:
                 self._write_cert(pdir, cert)
                 full = {k: v for k, v in dict(content.get("meta") or {}).items() if k != "disabled"}
                 full.update({"version": 1, "aid": aid}, **dict(meta or {}))
                 full.setdefault("created_at", time.time())
                 atomic_write(pdir / META_FILE, _json_bytes(full))
                 self._move_into_place(pdir, target)
-            history = target / CERTS_DIR
-            self._mkdirs(history)
-            for old in [*older, cert]:
-                if not (history / _history_name(old)).exists():
-                    _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
+            self._keep_certs(target, [*older, cert])
             if past:
                 self._mkdirs(target / KEYS_DIR)
             for old_key in past:
