@@ -23,43 +23,33 @@ PASSPHRASE_ENV = "AUND_EXPORT_PASSPHRASE"  # aund.identity.bundle's (not importe
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="aid_command", metavar="list|show|ensure|agent-md|reset-consumer|renew|disable|enable|export|import",
                            required=True)
-    lst = sub.add_parser("list", help="identities in the daemon's store")
-    add_socket_argument(lst)
-    lst.add_argument("--json", action="store_true")
-    show = sub.add_parser("show", help="certificate, device, gateways, links, inbox and your consumers of one AID")
-    add_socket_argument(show)
-    show.add_argument("aid")
-    show.add_argument("--json", action="store_true")
-    reset = sub.add_parser("reset-consumer", help="set one of your durable consumers back (or forward)")
-    add_socket_argument(reset)
-    reset.add_argument("aid")
+    def daemon_command(name: str, text: str, *, aid: bool = True,
+                       json_help: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand that talks to the daemon: --socket, the AID (unless `aid` is False), --json."""
+        cmd = sub.add_parser(name, help=text)
+        add_socket_argument(cmd)
+        if aid:
+            cmd.add_argument("aid")
+        cmd.add_argument("--json", action="store_true", help=json_help)
+        return cmd
+
+    daemon_command("list", "identities in the daemon's store", aid=False)
+    daemon_command("show", "certificate, device, gateways, links, inbox and your consumers of one AID")
+    reset = daemon_command("reset-consumer", "set one of your durable consumers back (or forward)")
     reset.add_argument("consumer")
     reset.add_argument("--to", dest="cursor", type=int, default=0, metavar="CURSOR",
                        help="it reads again after CURSOR (default 0: everything)")
-    reset.add_argument("--json", action="store_true")
-    ens = sub.add_parser("ensure", help="load, register if absent, load again")
-    add_socket_argument(ens)
-    ens.add_argument("aid")
-    ens.add_argument("--json", action="store_true")
-    card = sub.add_parser("agent-md", help="print the AID's published agent.md, or replace it (--set FILE)")
-    add_socket_argument(card)
-    card.add_argument("aid")
+    daemon_command("ensure", "load, register if absent, load again")
+    card = daemon_command("agent-md", "print the AID's published agent.md, or replace it (--set FILE)",
+                          json_help="print {aid, etag, content}")
     card.add_argument("--set", dest="set_file", type=Path, metavar="FILE",
                       help="markdown with YAML front matter (aid, name, type, version); aund signs it ('-': stdin)")
-    card.add_argument("--json", action="store_true", help="print {aid, etag, content}")
-    ren = sub.add_parser("renew", help="a new certificate for the AID now (--rekey: a new key too); "
-                                       "old keys and certificates are kept")
-    add_socket_argument(ren)
-    ren.add_argument("aid")
+    ren = daemon_command("renew", "a new certificate for the AID now (--rekey: a new key too); "
+                                  "old keys and certificates are kept")
     ren.add_argument("--rekey", action="store_true", help="a new key pair and its certificate (auth.rekey)")
-    ren.add_argument("--json", action="store_true")
-    for name, text in (("disable", ("stop holding the AID: its links close, sessions and subscriptions are "
-                                    "refused until `enable` (kept across restarts; nothing is deleted)")),
-                       ("enable", "hold a disabled AID again (a configured one reconnects)")):
-        onoff = sub.add_parser(name, help=text)
-        add_socket_argument(onoff)
-        onoff.add_argument("aid")
-        onoff.add_argument("--json", action="store_true")
+    daemon_command("disable", "stop holding the AID: its links close, sessions and subscriptions are "
+                              "refused until `enable` (kept across restarts; nothing is deleted)")
+    daemon_command("enable", "hold a disabled AID again (a configured one reconnects)")
     exp = sub.add_parser("export", help="write one identity to an encrypted bundle FILE (key, past keys, "
                                         "certificates, prekeys, meta; no tokens), to import elsewhere")
     exp.add_argument("aid")

@@ -53,11 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, AundError, BackupRefused) as exc:
         say(f"aund backup: {exc}", err=True)
         return EXIT_FAILED
-    except OSError as exc:
-        from aund.cli._common import os_error_line
-
-        say(f"aund backup: {os_error_line(exc)}", err=True)
-        return EXIT_FAILED
+    # an OSError (a full disk, a bad path) is named by aund.cli.main's one-line handler
     say(f"backed up {config.state_dir} to {args.target}: {copied} file(s), databases "
         f"{', '.join(f'{name} ({pages} pages)' for name, pages in databases) or 'none'}"
         + (f"; left out {len(skipped)} (sockets, links, lock, seed)" if skipped else ""))
