@@ -7,7 +7,6 @@ reaches identities and links only through it.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -21,11 +20,10 @@ import trio
 
 import aund
 from aund import systemd
-from aund.aun import auth, events as gw_events, ids, methods, notify as notify_frames, storage, transport
-from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options
+from aund.aun import auth, cards, events as gw_events, ids, methods, notify as notify_frames, storage, transport
+from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options, own_card_refused
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
-from aund.aun.http import http_base, http_request
 from aund.aun.peers import PeerDirectory
 from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
@@ -586,7 +584,7 @@ class Daemon:
         creds = StoreCredentials(self.store, identity, on_cert_changed=self._cert_synced)
         link = Link(creds, config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
-                    on_admission_refused=lambda link: self._publish_agent_md(link, session.identity, force=True),
+                    on_admission_refused=self._admission_refused,
                     rng=self.rng)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
@@ -633,6 +631,21 @@ class Daemon:
         if entry.events is not None:
             entry.events.on_connected()  # invites and read positions missed while away, queued
 
+    async def _admission_refused(self, link: Link, exc: AuthError, method: str, params: dict[str, Any]) -> bool:
+        """A -32003: publish the AID's own card again, or bind / publish the group's identity it
+        names; True when the call is worth retrying."""
+        entry = self.links.get((link.aid, link.config.slot_id))
+        if entry is None:
+            return False
+        if own_card_refused(exc):
+            await self._publish_agent_md(link, entry.session.identity, force=True)
+            return True
+        try:
+            return await entry.groups.session.identities.recover(link, exc, params)
+        except AundError as error:
+            log.warning("groups.identity_recovery_failed", aid=link.aid, method=method, error=str(error))
+            return False
+
     async def _publish_agent_md(self, link: Link, identity: Identity, *, force: bool = False) -> None:
         """Publish the AID's signed agent.md once (the production gateway refuses clients that
         declare agent.md validation without one): a HEAD, then a PUT only when it is missing (the
@@ -643,11 +656,11 @@ class Daemon:
         if meta.get("agent_md_etag") and not force:  # force: the gateway says it has none (-32003)
             return
         try:
-            status, headers, _ = await _agent_md_http("HEAD", link.gateway, identity.aid)
+            status, headers, _ = await cards.request("HEAD", link.gateway, identity.aid)
             if status == 404:
                 text = agent_md.sign(meta.get("agent_md") or agent_md.default_document(identity.aid),
                                      identity.private_key, identity.cert)
-                status, headers, _ = await _agent_md_http("PUT", link.gateway, identity.aid, text.encode("utf-8"),
+                status, headers, _ = await cards.request("PUT", link.gateway, identity.aid, text.encode("utf-8"),
                                                           token=link.access_token, condition=("If-None-Match", "*"))
                 if status == 200:
                     await trio.to_thread.run_sync(lambda: self.store.update_meta(identity.aid, agent_md=text))
@@ -667,7 +680,7 @@ class Daemon:
             raise PermissionDenied(f"uid {app.uid} may not use {aid}")
         entry = self.links.get((aid, self.config.slot_id))
         gateway = entry.link.gateway if entry is not None else (await self._gateways(aid))[0]
-        status, headers, body = await _agent_md_http("GET", gateway, aid)
+        status, headers, body = await cards.request("GET", gateway, aid)
         if status == 404:
             raise ResourceNotExistError(f"no agent.md is published for {aid}", data={"aid": aid})
         if status != 200:
@@ -694,7 +707,7 @@ class Daemon:
             text = agent_md.sign(content, identity.private_key, identity.cert)
             agent_md.validate(text, aid=aid, cert=identity.cert)
         except agent_md.AgentMdError as exc:
-            raise _bad_agent_md(str(exc), exc.field, exc.code) from None
+            raise cards.bad_card(str(exc), exc.field, exc.code) from None
         entry = await self._open_link(aid, self.config.slot_id, pinned=False)
         hold = object()  # keeps the link from being reaped while it uploads (the daemon's own hold, no app)
         self._hold(entry, hold, 0)
@@ -713,30 +726,7 @@ class Daemon:
         return {"aid": aid, "etag": etag, "content": text}
 
     async def _replace_agent_md(self, link: Link, aid: str, text: str) -> str:
-        """PUT `text` over whatever is published (If-Match its ETag, If-None-Match: * if none; a
-        concurrent change is retried twice); returns the new ETag."""
-        for _ in range(3):
-            status, headers, _ = await _agent_md_http("HEAD", link.gateway, aid)
-            if status not in (200, 404):
-                raise GatewayError(f"HEAD agent.md of {aid}: HTTP {status}", retryable=status >= 500)
-            condition = ("If-Match", headers["etag"]) if status == 200 and headers.get("etag") else ("If-None-Match", "*")
-            status, headers, body = await _agent_md_http("PUT", link.gateway, aid, text.encode("utf-8"),
-                                                         token=link.access_token, condition=condition)
-            if status == 200:
-                etag = headers.get("etag") or _json_field(body, "etag")
-                if not etag:
-                    raise GatewayError(f"PUT agent.md of {aid}: no ETag in the answer", retryable=False)
-                return etag
-            if status in (400, 413):  # the name service disagrees with our own check: say why
-                reason = _json_field(body, "message") or body.decode("utf-8", "replace")[:300]
-                raise _bad_agent_md(f"the gateway refused it: {reason}", _json_field(body, "field"),
-                                    _json_field(body, "error") or agent_md.INVALID)
-            if status in (401, 403):
-                raise AuthError(f"PUT agent.md of {aid}: HTTP {status} (the gateway refused the token)",
-                                data={"aid": aid})
-            if status != 412:
-                raise GatewayError(f"PUT agent.md of {aid}: HTTP {status}", retryable=status >= 500 or status == 429)
-        raise GatewayError(f"PUT agent.md of {aid}: it kept changing under us (412)", retryable=True)
+        return await cards.replace(link.gateway, aid, text, token=link.access_token)
 
     # --- identity operations: sign, verify, resolve, renew, rekey ----------------------------------
     def _check_allowed(self, app: AppIdentity, aid: str) -> str:
@@ -1222,30 +1212,6 @@ class _Subscriber:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = trio.Event()
-
-
-async def _agent_md_http(method: str, gateway: str, aid: str, body: bytes = b"", *, token: str = "",
-                         condition: tuple[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request to the gateway's agent.md of `aid` (served by its host name, as the name service)."""
-    headers = [("Host", aid)]
-    if token:
-        headers += [("Authorization", f"Bearer {token}"), ("Content-Type", "text/markdown; charset=utf-8")]
-    if condition is not None:
-        headers.append(condition)
-    return await http_request(method, http_base(gateway) + "/agent.md", headers=headers, body=body)
-
-
-def _bad_agent_md(message: str, field: Any, code: Any) -> InvalidParams:
-    return InvalidParams(f"agent.md: {message}", data={"arg": "content", "field": str(field or ""),
-                                                       "reason": str(code or agent_md.INVALID)})
-
-
-def _json_field(body: bytes, name: str) -> str:
-    try:
-        value = json.loads(body.decode("utf-8")).get(name)
-    except (ValueError, AttributeError):
-        return ""
-    return value if isinstance(value, str) else ""
 
 
 def _normalize_aid(aid: Any) -> str:

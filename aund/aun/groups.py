@@ -21,6 +21,7 @@ together with the new cursor in one transaction, and only then acked upstream (`
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -35,6 +36,7 @@ from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_gro
                                  state_sign_input)
 from aund.aun import codes, methods
 from aund.aun import group_index as gindex
+from aund.aun.group_identity import GroupIdentities
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
@@ -135,6 +137,11 @@ class GroupSession:
         self.dissolved: set[str] = set()                 # groups seen dissolved (memory: the gateway refuses too)
         self.stats = {"bootstraps": 0, "prekeys_put": 0, "rotations": 0, "proposals": 0, "confirmed_pending": 0,
                       "send_retries": 0}
+
+    @functools.cached_property
+    def identities(self) -> GroupIdentities:
+        """The group AIDs this AID owns (their keys in the identity store's `AIDs/_groups/`)."""
+        return GroupIdentities(self.store, self.identity)
 
     # --- group prekeys ------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -451,7 +458,12 @@ class GroupSession:
 
         The proposal is awaited inside the app's call, as the SDK does; its failure is logged and
         never fails the call (the group keeps working under its older signed state)."""
-        result = await link.call(method, params, timeout=timeout)
+        if method == "group.create":
+            result = await self.identities.create(link, params, timeout=timeout)
+        elif method == "group.complete_transfer":
+            result = await self.identities.complete_transfer(link, params, timeout=timeout)
+        else:
+            result = await link.call(method, params, timeout=timeout)
         gid = group_id_of(result.get("group") if isinstance(result.get("group"), dict) else None) \
             or group_id_of(result) or group_id_of(params)
         if gid:
@@ -637,6 +649,7 @@ class GroupSync(LinkSync):
         self._dirty: set[str] = set()             # groups whose last sync failed: retried with backoff
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any, Any]](PUSH_QUEUE)
         self._nursery: trio.Nursery | None = None
+        self.identity_checks = True  # after a connect, bind or republish the identity of groups we own
         self.stats = {"pushes": 0, "inline": 0, "gaps": 0, "pulls": 0, "committed": 0, "duplicates": 0,
                       "undecryptable": 0, "events": 0, "event_pulls": 0, "ignored": 0, "failures": 0, "blocked": 0,
                       "skipped": 0}
@@ -662,6 +675,12 @@ class GroupSync(LinkSync):
             return await self.session.membership_call(self.link, method, params, timeout=timeout)
         if method == "group.set_settings":
             return await self.session.set_settings(self.link, params, timeout=timeout)
+        if method == "group.bind_group_aid":
+            return await self.session.identities.bind(self.link, params, timeout=timeout)
+        if method == "group.renew_group_aid":
+            return await self.session.identities.renew(self.link, params, timeout=timeout)
+        if method == "group.transfer_owner":
+            return await self.session.identities.transfer(self.link, params, timeout=timeout)
         raise InvalidParams(f"{method} is not a group method aund routes")
 
     def note_own(self, gid: str, seq: int) -> None:
@@ -745,6 +764,8 @@ class GroupSync(LinkSync):
             await self.sync_events(gid)
         elif kind == "propose":
             self._spawn(self.session.propose(self.link, gid), "groups.propose_failed", gid)
+        elif kind == "identity":
+            self._spawn(self.session.identities.check_owned(self.link, data), "groups.identity_check_failed", gid)
 
     def _spawn(self, awaitable, event: str, gid: str) -> None:
         if self._nursery is None:
@@ -775,6 +796,8 @@ class GroupSync(LinkSync):
         for gid, group in groups:
             if group.get("role") in ADMIN_ROLES or group.get("my_role") in ADMIN_ROLES:
                 self._queue(("propose", gid, None))
+            if self.identity_checks and "owner" in (group.get("role"), group.get("my_role")):
+                self._queue(("identity", gid, group))  # as the SDK after a connect: bind, or publish the card
             await self._queue_catch_up(gid, group)
 
     async def _my_groups(self) -> list[tuple[str, dict[str, Any]]]:
@@ -960,6 +983,7 @@ class GroupSync(LinkSync):
         subject = str(event.get("joined_aid") or event.get("member_aid") or event.get("aid") or "").strip().lower()
         if action == DISSOLVED:
             self.session.mark_dissolved(gid)
+            self._spawn(self.session.identities.dissolved(gid), "groups.identity_invalidate_failed", gid)
             self._block(gid, action)  # nothing more will come; the event itself is stored below
         elif action in LEAVE_ACTIONS and subject == self.aid:
             self._block(gid, action)  # our own removal: nothing more to pull (its event still is, below)

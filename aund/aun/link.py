@@ -236,7 +236,8 @@ class Link:
                  on_event: Callable[["Link", str, dict[str, Any]], None] | None = None,
                  on_state: Callable[["Link", LinkState, dict[str, Any]], None] | None = None,
                  on_connected: Callable[["Link"], Awaitable[None]] | None = None,
-                 on_admission_refused: Callable[["Link"], Awaitable[None]] | None = None,
+                 on_admission_refused: Callable[["Link", AuthError, str, dict[str, Any]], Awaitable[bool]]
+                 | None = None,
                  rng: Callable[[], float] = random.random) -> None:
         if not config.gateways:
             raise ValueError("a link needs at least one gateway URL")
@@ -244,7 +245,7 @@ class Link:
         self.aid = creds.aid
         self.global_budget = global_budget
         self.on_event, self.on_state, self.on_connected = on_event, on_state, on_connected
-        self.on_admission_refused = on_admission_refused  # republish agent.md (the gateway said -32003)
+        self.on_admission_refused = on_admission_refused  # publish what a -32003 asks for; True: retry
         self.budget = RpcBudget(config.rpc_in_flight, config.rpc_background)
         self.pulls = PullGate(config.pull_namespaces)
         self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng)
@@ -626,10 +627,11 @@ class Link:
                    background: bool = False, on_behalf_of: object | None = None) -> dict[str, Any]:
         """Call a gateway method within the budget; waits for the link to be ready (bounded by timeout).
 
-        A gateway that refuses the AID for want of a valid agent.md (-32003, the production
-        admission of clients declaring `agent_md_validation_v1`) gets it published again
-        (`on_admission_refused`), and the call is retried after 0, 50, 100 and 200 ms while the same
-        refusal comes back, as the SDK recovers."""
+        A gateway that refuses the call with -32003 (the production admission of clients declaring
+        `agent_md_validation_v1`: the AID's agent.md, or a group's certificate or card, is missing)
+        is answered by `on_admission_refused(link, error, method, params)`, which publishes what is
+        missing and says whether to retry; the call is then retried after 0, 50, 100 and 200 ms
+        while the same refusal comes back, as the SDK recovers."""
         for delay in (*ADMISSION_RETRY_DELAYS, None):
             try:
                 return await self._call(method, params, timeout=timeout, background=background,
@@ -638,8 +640,9 @@ class Link:
                 if delay is None or self.on_admission_refused is None or not _admission_refused(exc):
                     raise
                 if delay == ADMISSION_RETRY_DELAYS[0]:
-                    self.log.info("link.admission_refused", method=method, reason="agent.md required")
-                    await self.on_admission_refused(self)
+                    self.log.info("link.admission_refused", method=method, reason=str(exc)[:120])
+                    if not await self.on_admission_refused(self, exc, method, dict(params or {})):
+                        raise
                 await trio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -727,7 +730,12 @@ ADMISSION_RETRY_DELAYS = (0.0, 0.05, 0.1, 0.2)
 
 
 def _admission_refused(exc: AuthError) -> bool:
-    return exc.data.get("remote_code") == codes.AGENT_MD_REQUIRED and "agent.md" in str(exc).lower()
+    return exc.data.get("remote_code") == codes.AGENT_MD_REQUIRED
+
+
+def own_card_refused(exc: AundError) -> bool:
+    """The -32003 names the AID's own agent.md (not a group's certificate or card)."""
+    return "valid agent.md is required" in str(exc).lower()
 
 
 def _code(exc: trio_websocket.ConnectionClosed) -> int | None:

@@ -103,7 +103,8 @@ _MEMBERSHIP = frozenset(_family("group", "create add_member kick remove_member r
                                          "batch_review_join_request set_role complete_transfer"))
 _ROUTES = {"p2p": frozenset({"message.send", "message.thought.put", "message.thought.get", "message.history"}),
            "group": frozenset({"group.send", "group.thought.put", "group.thought.get", "group.history",
-                               "group.set_settings"}) | _MEMBERSHIP}
+                               "group.set_settings", "group.bind_group_aid", "group.renew_group_aid",
+                               "group.transfer_owner"}) | _MEMBERSHIP}
 
 #: Methods of these families follow the family's rule unless the table names them.
 FAMILIES: Mapping[str, MethodRule] = MappingProxyType({

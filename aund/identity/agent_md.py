@@ -45,7 +45,8 @@ _AID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_][A-Za-z0-9_-]*
 _SEMVER_RE = re.compile(r"\d+\.\d+\.\d+")
 _FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOCK_RE = re.compile(r"<!-- AUN-SIGNATURE(?:-[A-Z0-9-]+)?(?:\r\n|\n|\r)(?P<body>.*?)(?:\r\n|\n|\r)-->\s*", re.S)
-_SIGNATURE_FIELDS = ("cert_fingerprint", "public_key_fingerprint", "timestamp", "signature")
+_SIGNATURE_FIELDS = ("cert_fingerprint", "public_key_fingerprint", "signer_aid", "timestamp", "signature")
+GROUP = "group"  # a group's card: signed by the group AID's key, naming its owner and that key's certificate
 _MAX_UNIX_SECONDS = 2**53 - 1
 
 
@@ -83,18 +84,43 @@ def payload_of(document: str) -> str:
     return document[:at] if at >= 0 else document
 
 
+def group_document(group_aid: str, *, owner: str, entity_cert_fingerprint: str, name: str = "",
+                   description: str = "", avatar: str = "") -> str:
+    """The card of a group AID: type "group", its `owner` AID and the fingerprint of the group
+    certificate it is signed with (a new card follows every new group certificate)."""
+    title = name.strip() or group_aid
+    summary = " ".join(description.split()) or f"AUN group {title}"
+    front = {"aid": group_aid, "name": title, "type": GROUP, "owner": owner,
+             "entity_cert_fingerprint": entity_cert_fingerprint, "version": "1.0.0", "description": summary[:100]}
+    if avatar.strip():
+        front["avatar"] = avatar.strip()[:256]
+    lines = [f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in front.items()]
+    return "---\n" + "\n".join(lines) + "\n---\n\n" + f"# {title}\n"
+
+
 def sign(document: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *, now: int | None = None) -> str:
     """`document` (any old signature removed) signed with the AID key; AgentMdError when it cannot
-    be, or when its payload would not validate for the certificate's AID."""
+    be, or when its payload would not validate for the certificate's AID. A group card is signed
+    by the group AID (its block names it as `signer_aid`, as the SDK writes it)."""
     payload = payload_of(document)
     if pki.spki_der(key.public_key()) != pki.spki_der(cert.public_key()):
         raise AgentMdError("the signing key is not the certificate's", field="signature")
-    _check_payload(payload, aid=pki.cert_aid(cert))
+    aid = pki.cert_aid(cert)
+    front = _check_payload(payload, aid=aid)
+    _check_entity_cert(front, cert)
     signature = pki.b64e(pki.sign_for_key(key, payload.encode("utf-8")))
-    block = "\n".join([MARKER, f"cert_fingerprint: {pki.cert_fingerprint(cert)}",
-                       f"public_key_fingerprint: {pki.spki_fingerprint(cert.public_key())}",
-                       f"timestamp: {int(time.time()) if now is None else now}", f"signature: {signature}", "-->"])
-    return payload + block
+    block = [MARKER, f"cert_fingerprint: {pki.cert_fingerprint(cert)}",
+             f"public_key_fingerprint: {pki.spki_fingerprint(cert.public_key())}"]
+    if front["type"] == GROUP:
+        block.append(f"signer_aid: {aid}")
+    block += [f"timestamp: {int(time.time()) if now is None else now}", f"signature: {signature}", "-->"]
+    return payload + "\n".join(block)
+
+
+def _check_entity_cert(front: dict[str, Any], cert: x509.Certificate) -> None:
+    if front["type"] == GROUP and front["entity_cert_fingerprint"] != pki.cert_fingerprint(cert):
+        raise AgentMdError("entity_cert_fingerprint does not name the group's current certificate",
+                           field="entity_cert_fingerprint")
 
 
 def validate(document: str | bytes, *, aid: str, cert: x509.Certificate | None = None, now: float | None = None,
@@ -120,8 +146,12 @@ def validate(document: str | bytes, *, aid: str, cert: x509.Certificate | None =
         if require_signature:
             raise AgentMdError("agent.md has no AUN-SIGNATURE block", field="signature")
         return Checked(payload, front, None)
+    signer = fields.get("signer_aid")
+    if signer is not None and (front["type"] != GROUP or signer.lower() != aid.strip().lower()):
+        raise AgentMdError("signer_aid may only name the group itself, in a group's card", field="signature.signer_aid")
     if cert is not None:
         _verify(payload, fields, aid=aid, cert=cert, now=time.time() if now is None else now)
+        _check_entity_cert(front, cert)
     return Checked(payload, front, fields)
 
 
@@ -188,9 +218,20 @@ def _check_payload(payload: str, *, aid: str) -> dict[str, Any]:
     for key in ("name", "type"):
         if not isinstance(front[key], str) or not front[key].strip():
             raise AgentMdError(f"the front matter {key} must be a non-empty string", field=key)
-    if front["type"] in ("group", "org"):
-        raise AgentMdError(f"type {front['type']!r} cards (signed by the entity and its owner) are not "
-                           "supported here; an AID's card has another type (e.g. agent)", field="type")
+    if front["type"] == "org":
+        raise AgentMdError("type 'org' cards (signed by the organization and its owner) are not supported "
+                           "here; an AID's card has another type (e.g. agent)", field="type")
+    if front["type"] == GROUP:
+        owner = front.get("owner")
+        if not isinstance(owner, str) or len(owner) > 255 or not _AID_RE.fullmatch(owner):
+            raise AgentMdError("a group's card must name its owner AID (owner: name.issuer)", field="owner")
+        if not isinstance(front.get("entity_cert_fingerprint"), str) \
+                or not _FINGERPRINT_RE.fullmatch(front["entity_cert_fingerprint"]):
+            raise AgentMdError("a group's card must carry entity_cert_fingerprint: sha256:<64 lower-case hex>",
+                               field="entity_cert_fingerprint")
+        for key in ("ownership", "ownership_proof", "ownership_release"):
+            if key in front:
+                raise AgentMdError(f"a group's card cannot declare {key}", field=key)
     if not isinstance(front["version"], str) or not _SEMVER_RE.fullmatch(front["version"]):
         raise AgentMdError('the front matter version must be a quoted "MAJOR.MINOR.PATCH"', field="version")
     for key, limit in (("description", 100), ("avatar", 256)):

@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import errno
 import fcntl
 import functools
@@ -120,6 +121,7 @@ GROUP_PREKEYS_FILE = "group_prekeys.enc.json"
 META_FILE = "meta.json"
 PENDING_DIR = "_pending"
 ABANDONED_DIR = "_abandoned"  # refused registrations, kept (keys are never deleted)
+GROUPS_DIR = "_groups"  # group identities (group AIDs) owned by AIDs of this store
 
 # AUN AIDs are "{name}.{issuer}" in lower case (aun_core agent_md_schema._AID_RE, lower-cased as
 # validators.validate_aid_format does). Requiring the dot keeps AIDs apart from "_pending".
@@ -379,6 +381,21 @@ class IdentityStore:
 
     def __repr__(self) -> str:  # never show the seed
         return f"IdentityStore({str(self.state_dir)!r})"
+
+    def groups(self) -> "IdentityStore":
+        """The group identities held here: the same store (seed, KDF, write lock, layout and
+        never-delete rules) rooted at ``AIDs/_groups/``, so a group AID is never listed, loaded or
+        connected as an agent AID. Group AIDs have the AID form (``name.issuer``)."""
+        view = self.__dict__.get("_groups_view")
+        if view is None:
+            view = copy.copy(self)
+            view.aids_dir = self.aids_dir / GROUPS_DIR
+            view._ensure_locks = {}
+            view.unreadable = {}
+            view._mkdirs(view.aids_dir)
+            view.__dict__["_groups_view"] = view
+            self.__dict__["_groups_view"] = view
+        return view
 
     # ── directories and names ──
 

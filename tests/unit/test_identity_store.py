@@ -569,3 +569,27 @@ async def test_import_of_a_fastaun_identity(state, fastaun_identity, ca):
     with pytest.raises(IdentityConflict, match="different key"):
         other.import_fastaun(aun_path, ALICE, "fastaun-seed")
     assert other.load(ALICE).public_key_b64 != made["public_key"]
+
+
+async def test_group_identities_live_apart_from_agents_and_are_never_deleted(state, ca):
+    st, alice = await make_alice(state, ca)
+    groups = st.groups()
+    assert groups is st.groups() and groups.aids_dir == state / "AIDs" / "_groups"
+    team = "team.aid.test"
+    key = groups.create_pending(team)
+    assert groups.create_pending(team).private_numbers() == key.private_numbers()  # a crash reuses the key
+    groups.promote(team, key, ca.issue(team, key.public_key()), meta={"entity": "group", "owner_aid": ALICE})
+    assert st.list() == [ALICE] and groups.list() == [team]  # never listed (nor connected) as an agent
+    with pytest.raises(ResourceNotExistError):
+        st.load(team)
+    assert groups.load(team).private_key.private_numbers() == key.private_numbers()
+    assert groups.load_meta(team)["owner_aid"] == ALICE
+    # a renewal keeps the old key and certificate; the view shares the store's seed
+    new = groups.rekey_pending(team)
+    groups.commit_rekey(team, new, ca.issue(team, new.public_key()))
+    assert [k.private_numbers() for k in groups.past_keys(team)] == [key.private_numbers()]
+    assert len(list((state / "AIDs" / "_groups" / team / "certs").glob("*.pem"))) == 2
+    again = IdentityStore(state, SEED).groups()
+    assert again.load(team).private_key.private_numbers() == new.private_numbers()
+    with pytest.raises(store_mod.SeedMismatch):
+        IdentityStore(state, b"not the seed").groups().load(team)
