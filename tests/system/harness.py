@@ -57,10 +57,16 @@ def aid(name: str) -> str:
 def write_config(path: Path, devnet: DevnetProcess, aids: Iterable[str],
                  policy: Mapping[str, Mapping[str, list[Any]]] | None = None,
                  extra: Mapping[str, Any] | None = None) -> Path:
-    """The config file; `extra`: more top-level keys (numbers or strings)."""
+    """The config file; `extra`: more top-level keys (numbers or strings), or tables (a dict, e.g.
+    `{"limits": {"stall_timeout": 3.0}}`)."""
     lines = [f'gateway_url = ["{devnet.gateway_url}"]', f'root_ca = ["{devnet.root_ca}"]',
              "identities = [" + ", ".join(f'"{a}"' for a in aids) + "]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in (extra or {}).items()]
+    extra = dict(extra or {})
+    tables = {key: extra.pop(key) for key in list(extra) if isinstance(extra[key], Mapping)}
+    lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
+    for key, table in tables.items():
+        lines.append(f"[{key}]")
+        lines += [f"{name} = {json.dumps(value)}" for name, value in table.items()]
     for key, rule in (policy or {}).items():
         lines.append(f'[policy."{key}"]')
         lines += [f"{name} = {json.dumps(list(values))}" for name, values in rule.items()]

@@ -34,19 +34,19 @@ from tests.system.harness import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(170)]
 
 N_AIDS, N_APPS = 10, 20
-DURATION = 24.0          # seconds every app sends for
+DURATION = 14.0          # seconds every app sends for
 INTERVAL = 0.25          # between one app's calls: ~80 calls/s in all
 PAD = 3000               # bytes of padding per message (so the staller's outbox fills quickly)
-STALL_AFTER = 6.0        # seconds after "go" the staller starts
+STALL_AFTER = 4.0        # seconds after "go" the staller starts
 STALL_SUBS = 8           # subscriptions the staller opens (consumers stall-0 ..)
-STALL_TIMEOUT = 10.0     # aund.broker.Limits.stall_timeout (the daemon's default)
+STALL_TIMEOUT = 3.0      # aund.broker.Limits.stall_timeout ([limits]; the daemon's default is 10 s)
 LATENCY_RATIO = 5.0      # "generous": median latency while stalling <= 5x the median before
 
 
 def test_twenty_apps_ten_aids_and_a_staller(devnet, tmp_path):
     t_start = time.monotonic()
     aids = [aid(f"mesh{k}") for k in range(N_AIDS)]
-    daemon = start_aund(tmp_path, devnet, aids)
+    daemon = start_aund(tmp_path, devnet, aids, extra={"limits": {"stall_timeout": STALL_TIMEOUT}})
     sock = str(daemon.socket)
     work = tmp_path / "work"
     work.mkdir()
