@@ -86,6 +86,9 @@ class Config:
             if key == "gateway_max_frame" and 0 < changes[key] < MIN_GATEWAY_FRAME:
                 raise ConfigError(f"{source}: key {key!r} must be 0 (the built-in limit) or at least "
                                   f"{MIN_GATEWAY_FRAME} bytes")
+            if key == "global_in_flight" and changes[key] < 2:
+                raise ConfigError(f"{source}: key {key!r} must be at least 2 (one call is kept for the "
+                                  "daemon's own work)")
         new_sources = dict(self.sources)
         new_sources.update({k: source for k in changes})
         return replace(self, **changes, sources=new_sources)

@@ -21,6 +21,7 @@ import trio
 import aund
 from aund import systemd
 from aund.aun import auth, cards, events as gw_events, ids, methods, notify as notify_frames, storage, transport
+from aund.aun.budget import CallBudget
 from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options, own_card_refused
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
 from aund.aun.messaging import E2EESession, PeerSync
@@ -203,7 +204,7 @@ class Daemon:
         self.trust_epoch = 0
         self.policy = policy
         self.rng = rng
-        self.global_budget = trio.CapacityLimiter(config.global_in_flight)
+        self.global_budget = CallBudget(config.global_in_flight)  # the socket's and every link's
         self.links: dict[tuple[str, str], LinkEntry] = {}
         self.sessions: dict[str, E2EESession] = {}
         self.group_sessions: dict[str, GroupSession] = {}
@@ -508,6 +509,14 @@ class Daemon:
             await self._open_link(aid, slot_id, pinned=pinned)
         except AundError as exc:
             log.warning("link.reopen_failed", aid=aid, slot=slot_id, error=str(exc))
+
+    def call_budget(self, limits: Any, configured: set[str]) -> CallBudget:
+        """The one daemon-wide budget of gateway calls in flight, for the app socket as for the
+        links (aund.aun.budget.CallBudget). `[limits] global_calls`, when configured, sizes it;
+        else `global_in_flight`."""
+        if "global_calls" in configured:
+            self.global_budget.resize(limits.global_calls)
+        return self.global_budget
 
     def list_identities(self) -> list[dict[str, Any]]:
         out = []
@@ -986,7 +995,7 @@ class Daemon:
         links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
                                               "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
                  for (aid, _), e in self.links.items() if visible(aid)]
-        budget = self.global_budget.statistics()
+        budget, app_share = self.global_budget.statistics(), self.global_budget.app_statistics()
         apps = self.broker.statistics().as_dict() if self.broker is not None else {}
         if not everything and apps:
             apps["apps"] = [a for a in apps["apps"] if a["uid"] == app.uid]  # type: ignore[union-attr]
@@ -996,7 +1005,8 @@ class Daemon:
                "inbox_written": {aid: n for aid, n in (self.inbox.events_written if self.inbox is not None
                                                        else {}).items() if visible(aid)},
                "budget": {"total": budget.total_tokens, "in_use": budget.borrowed_tokens,
-                          "waiting": budget.tasks_waiting},
+                          "waiting": budget.tasks_waiting, "reserved_for_daemon": self.global_budget.reserve,
+                          "app_calls": app_share.borrowed_tokens, "app_calls_waiting": app_share.tasks_waiting},
                "process": systemd.core_dump_state(),
                "renewals": {aid: r for aid, r in self.renewals.items() if visible(aid)},
                "disabled": {aid: d for aid, d in self.disabled.items() if visible(aid)},

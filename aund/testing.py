@@ -106,7 +106,8 @@ async def local_aund(tmp_path: Path, identities: list[str] | tuple[str, ...] = (
     socket = sock_dir / "aund.sock"
     async with local_devnet(tmp_path / "devnet") as devnet, trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, devnet, tmp_path / "aund", identities, **settings)
-        daemon.broker = await nursery.start(partial(serve_broker, daemon, socket_path=socket))
+        daemon.broker = await nursery.start(partial(serve_broker, daemon, socket_path=socket,
+                                                           call_limiter=daemon.global_budget))
         try:
             yield LocalAund(devnet, daemon, socket)
         finally:

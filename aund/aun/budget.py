@@ -9,14 +9,95 @@ Cancelling a waiter releases its place at once. Plain trio primitives; no I/O.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, TypeVar
 
 import trio
 
 T = TypeVar("T")
+
+#: The daemon-wide call budget (one `trio.CapacityLimiter`, shared by the app socket and every
+#: link) whose token the current task already holds: an app's call takes one token at the
+#: broker, and the gateway RPCs it makes in that task (a group.create is several) take no second
+#: one. Work the call spawns into other tasks does not inherit it and takes its own.
+_HELD: ContextVar[object | None] = ContextVar("aund_call_budget_held", default=None)
+
+
+@contextmanager
+def holding(limiter: object) -> Iterator[None]:
+    """Mark, for this task, that a token of `limiter` is held (by the caller, who releases it)."""
+    token = _HELD.set(limiter)
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+
+
+def holds(limiter: object) -> bool:
+    """Whether this task already holds a token of `limiter` (see `holding`)."""
+    return limiter is not None and _HELD.get() is limiter
+
+
+class CallBudget:
+    """The daemon-wide budget of gateway calls in flight: one object for the app socket and
+    every link (it quacks like the `trio.CapacityLimiter` the broker takes).
+
+    An app's call takes one token at the socket (`acquire_on_behalf_of`, the broker's borrower)
+    and keeps it until its answer; the RPCs it makes upstream in its own task take none (see
+    `holding`). The daemon's own RPCs (sync, acks, proposals, ...) take a token per RPC in flight
+    (`acquire_for_daemon`). Apps may hold at most `total - reserve` tokens: an app call can wait
+    for a lock that daemon work holds while that work waits for a token, and the reserve means
+    such work always finds one (no deadlock at saturation)."""
+
+    def __init__(self, total: int, reserve: int | None = None) -> None:
+        self._all = trio.CapacityLimiter(1)
+        self._apps = trio.CapacityLimiter(1)
+        self.reserve = 0
+        self.resize(total, reserve)
+
+    def resize(self, total: int, reserve: int | None = None) -> None:
+        """`total` tokens, `reserve` of them for the daemon's own work (default: an eighth, 1..16)."""
+        if total < 2:
+            raise ValueError("the call budget needs at least 2 tokens (one is kept for the daemon's own work)")
+        self.reserve = max(1, min(16, total // 8)) if reserve is None else reserve
+        if not 0 < self.reserve < total:
+            raise ValueError("need 0 < reserve < total")
+        self._all.total_tokens = total
+        self._apps.total_tokens = total - self.reserve
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self._all.total_tokens)
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        """An app's call: a place among the apps' share, then a token."""
+        await self._apps.acquire_on_behalf_of(borrower)
+        try:
+            await self._all.acquire_on_behalf_of(borrower)
+        except BaseException:
+            self._apps.release_on_behalf_of(borrower)
+            raise
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._all.release_on_behalf_of(borrower)
+        self._apps.release_on_behalf_of(borrower)
+
+    async def acquire_for_daemon(self, owner: object) -> None:
+        """One RPC of the daemon's own (or one not made inside an app call's task)."""
+        await self._all.acquire_on_behalf_of(owner)
+
+    def release_for_daemon(self, owner: object) -> None:
+        self._all.release_on_behalf_of(owner)
+
+    def statistics(self) -> Any:
+        """The token statistics (total, borrowed, waiting, borrowers) of the whole budget."""
+        return self._all.statistics()
+
+    def app_statistics(self) -> Any:
+        return self._apps.statistics()
 
 
 @dataclass(frozen=True)

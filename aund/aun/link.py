@@ -18,7 +18,8 @@ from __future__ import annotations
 import enum
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import trio
 import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import auth, codes, jsonrpc as rpc, methods, signing, transport
+from aund.aun import auth, budget as budget_mod, codes, jsonrpc as rpc, methods, signing, transport
 from aund.aun.budget import PullGate, RpcBudget
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
     PermissionDenied, RpcTimeout, map_remote_error
@@ -232,7 +233,7 @@ class LinkStatistics:
 
 class Link:
     def __init__(self, creds: Credentials, config: LinkConfig, trust: auth.GatewayTrust, *,
-                 global_budget: trio.CapacityLimiter | None = None,
+                 global_budget: budget_mod.CallBudget | None = None,
                  on_event: Callable[["Link", str, dict[str, Any]], None] | None = None,
                  on_state: Callable[["Link", LinkState, dict[str, Any]], None] | None = None,
                  on_connected: Callable[["Link"], Awaitable[None]] | None = None,
@@ -658,26 +659,32 @@ class Link:
             with trio.fail_after(timeout):
                 if not self._session_open:
                     await self.wait_ready()
-                async with self.budget.slot(background):
-                    if self.global_budget is not None:
-                        # one borrower per call (an app may have many calls in flight), named by its app
-                        owner = (on_behalf_of, object())
-                        await self.global_budget.acquire_on_behalf_of(owner)
-                    try:
-                        session = self._session
-                        if session is None or not self._session_open:
-                            raise GatewayUnavailable(f"{method}: not connected")
-                        if signing.needs_signature(method):
-                            params = self._signed(method, params)
-                        sent = True
-                        return await self._send_and_wait(session, method, params,
-                                                         max(0.0, deadline - trio.current_time()))
-                    finally:
-                        if self.global_budget is not None:
-                            self.global_budget.release_on_behalf_of(owner)
+                async with self.budget.slot(background), self._global_token(on_behalf_of):
+                    session = self._session
+                    if session is None or not self._session_open:
+                        raise GatewayUnavailable(f"{method}: not connected")
+                    if signing.needs_signature(method):
+                        params = self._signed(method, params)
+                    sent = True
+                    return await self._send_and_wait(session, method, params,
+                                                     max(0.0, deadline - trio.current_time()))
         except trio.TooSlowError:
             what = "rpc timeout" if sent else "rpc queue timeout before send"
             raise RpcTimeout(f"{what}: {method}", data={"method": method}) from None
+
+    @asynccontextmanager
+    async def _global_token(self, on_behalf_of: object | None) -> AsyncIterator[None]:
+        """A token of the daemon-wide budget for one RPC, unless this task holds one already (an
+        app's call got it at the socket: `budget.holding`)."""
+        if self.global_budget is None or budget_mod.holds(self.global_budget):
+            yield
+            return
+        owner = (on_behalf_of, object())  # one borrower per RPC (an app may have many in flight)
+        await self.global_budget.acquire_for_daemon(owner)
+        try:
+            yield
+        finally:
+            self.global_budget.release_for_daemon(owner)
 
     def _signed(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """params with what the SDK adds to a signed method: `aad` for `org.*`, then `client_signature`."""
@@ -701,21 +708,14 @@ class Link:
             with trio.fail_after(timeout):
                 if not self._session_open:
                     await self.wait_ready()
-                async with self.budget.slot(False):
-                    owner = (on_behalf_of, object())
-                    if self.global_budget is not None:
-                        await self.global_budget.acquire_on_behalf_of(owner)
+                async with self.budget.slot(False), self._global_token(on_behalf_of):
+                    session = self._session
+                    if session is None or not self._session_open:
+                        raise GatewayUnavailable(f"{method}: not connected")
                     try:
-                        session = self._session
-                        if session is None or not self._session_open:
-                            raise GatewayUnavailable(f"{method}: not connected")
-                        try:
-                            await session.ws.send_message(text)
-                        except trio_websocket.ConnectionClosed:
-                            raise GatewayUnavailable(f"{method}: connection closed") from None
-                    finally:
-                        if self.global_budget is not None:
-                            self.global_budget.release_on_behalf_of(owner)
+                        await session.ws.send_message(text)
+                    except trio_websocket.ConnectionClosed:
+                        raise GatewayUnavailable(f"{method}: connection closed") from None
         except trio.TooSlowError:
             raise RpcTimeout(f"notification not sent in time: {method}", data={"method": method}) from None
 

@@ -27,7 +27,8 @@ class Limits:
       is closed (``broker.outbox_overflow``).
     - ``stall_timeout``: a connection whose outbox stays full this long (the app stopped reading)
       is closed (``broker.consumer_stalled``); its events stay in the durable inbox.
-    - ``global_calls``: ``call`` requests in flight across all apps (one ``trio.CapacityLimiter``).
+    - ``global_calls``: gateway calls in flight across all apps and links (the daemon's one
+      ``aund.aun.budget.CallBudget``; a standalone broker makes a ``trio.CapacityLimiter``).
     - ``call_queue_timeout``: the longest wait for a global call slot when a call has no timeout.
     - ``max_call_timeout``: the largest ``timeout`` a call may ask for, in seconds.
     - ``release_grace``: shielded time to release an app's sessions and subscriptions once it left.

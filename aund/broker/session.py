@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from aund.aun.budget import holding
 from aund.broker.backend import AppIdentity, InboxEvent, SessionHandle
 from aund.broker.limits import AppStatistics
 from client_stub import wire
@@ -785,7 +786,7 @@ class AppSession:
                                  data={"method": method, "queue": waiting})
             remaining = None if timeout is None else max(timeout - (trio.current_time() - start), 0.001)
             guard = (self.limits.max_call_timeout if remaining is None else remaining) + CALL_GRACE
-            with trio.move_on_after(guard):
+            with trio.move_on_after(guard), holding(self.server.call_limiter):
                 return await handle.call(method, params, timeout=remaining, background=background, app=self.app)
             raise RpcTimeout(f"{method}: no answer from the backend within {guard:.3g}s", data={"method": method})
         finally:

@@ -78,6 +78,8 @@ async def _main(config, reload_from: tuple) -> int:
         policy = build_policy(config)
         try:
             limits = Limits.from_table(dict(config.limits))
+            if "global_calls" in config.limits and limits.global_calls < 2:
+                raise ValueError("global_calls must be at least 2 (one call is kept for the daemon's own work)")
         except ValueError as exc:
             raise InvalidParams(f"config: limits: {exc}") from None
         seed = load_seed()
@@ -105,7 +107,8 @@ async def _main(config, reload_from: tuple) -> int:
                 async with trio.open_nursery() as nursery:
                     daemon = await nursery.start(Daemon(config, store, trust, policy=policy).run)
                     daemon.broker = await nursery.start(lambda task_status: serve_broker(
-                        daemon, listeners=listeners, policy=policy, limits=limits, task_status=task_status))
+                        daemon, listeners=listeners, policy=policy, limits=limits,
+                        call_limiter=daemon.call_budget(limits, set(config.limits)), task_status=task_status))
                     nursery.start_soon(_systemd_pings, daemon)
                     log.info("daemon.started", state_dir=str(config.state_dir), socket=str(config.socket),
                              activated=bound is None, identities=len(config.identities),

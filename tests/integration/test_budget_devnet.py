@@ -75,3 +75,34 @@ async def test_identical_pulls_are_coalesced_at_the_gateway(lenient_devnet, tmp_
     after = (await trio.to_thread.run_sync(devnet.stats))["rpc"].get("message.v2.pull", 0)
     assert len(results) == 20 and all(r == results[0] for r in results)
     assert after - before == 1  # twenty identical pulls, one request at the gateway
+
+
+async def test_one_budget_serves_the_socket_and_the_links_an_app_call_holds_one_token(tmp_path):
+    """The app socket and every link share the daemon's one limiter: an app's call takes its token
+    at the socket and the gateway RPCs it makes in its task take none (a group.create makes several).
+    With a budget of two tokens (one for apps, one kept for the daemon's own work), a second token
+    per call would wait for itself, and an app call waiting on the group's proposal lock (held by
+    the daemon's own proposal, which needs a token) would wait forever without the reserve."""
+    from client_stub import Client
+
+    from aund.testing import local_aund
+
+    aid = f"onebudget-{os.getpid() % 10000}.aid.test"
+    with trio.fail_after(60):
+        async with local_aund(tmp_path, [aid], global_in_flight=2) as env:
+            assert env.daemon.broker.call_limiter is env.daemon.global_budget
+            assert env.daemon.global_budget.total_tokens == 2 and env.daemon.global_budget.reserve == 1
+
+            def app() -> tuple[dict, dict]:
+                with Client(env.socket, app="one-budget", timeout=30) as client:
+                    client.ensure_identity(aid)
+                    with client.session(aid) as s:
+                        s.wait_ready(20)
+                        pong = s.call("meta.ping", {}, timeout=20)
+                        created = s.call("group.create", {"name": "one budget"}, timeout=20)
+                        return pong, created
+
+            pong, created = await trio.to_thread.run_sync(app)
+            assert isinstance(pong, dict) and created["group"]["group_id"]
+            stats = env.daemon.global_budget.statistics()
+            assert stats.total_tokens == 2 and env.daemon.global_budget.app_statistics().total_tokens == 1
