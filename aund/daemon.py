@@ -1,5 +1,8 @@
-"""The supervisor: owns the long-lived nursery, the identity store, every gateway link and the
-daemon-wide RPC budget; starts components in order and stops them gracefully.
+"""The daemon core and its supervisor.
+
+`Daemon` owns the long-lived nursery, the identity store, the inbox, every gateway link and the
+daemon-wide call budget. `Supervisor` (at the end) starts the Daemon and then the app socket with
+`nursery.start`, reloads both, and stops them gracefully; `aund run` is a thin shell around it.
 
 Pure core: it reads no environment and no config file (the CLI does, and passes a Config in).
 It implements the broker's `Backend` protocol (aund.broker.backend), so the app socket server
@@ -212,7 +215,6 @@ class Daemon:
         self._subscribers: dict[str, set["_Subscriber"]] = {}
         self.started_at = time.time()
         self.stopping = False
-        self.broker: Any = None  # the app socket server, for status
         self.inbox_depth: dict[str, int] = {}
         self.identity_errors: dict[str, tuple[str, str]] = {}
         self.store_write_error = ""  # the identity store's last failed write, "" once one succeeds
@@ -287,8 +289,6 @@ class Daemon:
         changed = policy is not None and policy != self.policy
         if policy is not None:
             self.policy = policy
-            if self.broker is not None:
-                self.broker.set_policy(policy)
             if changed:
                 log.info("daemon.policy_reloaded", rules=len(policy.rules), owners=sorted(policy.owners))
         log.info("daemon.reloaded", added=added, removed=removed, policy_changed=changed)
@@ -996,11 +996,8 @@ class Daemon:
                                               "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
                  for (aid, _), e in self.links.items() if visible(aid)]
         budget, app_share = self.global_budget.statistics(), self.global_budget.app_statistics()
-        apps = self.broker.statistics().as_dict() if self.broker is not None else {}
-        if not everything and apps:
-            apps["apps"] = [a for a in apps["apps"] if a["uid"] == app.uid]  # type: ignore[union-attr]
         out = {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-               "identities": sum(map(visible, self._listed())), "links": links, "broker": apps,
+               "identities": sum(map(visible, self._listed())), "links": links,
                "inbox": {aid: n for aid, n in self.inbox_depth.items() if visible(aid)},
                "inbox_written": {aid: n for aid, n in (self.inbox.events_written if self.inbox is not None
                                                        else {}).items() if visible(aid)},
@@ -1229,3 +1226,62 @@ def _normalize_aid(aid: Any) -> str:
         return ids.normalize_aid(aid)
     except ValueError as exc:
         raise InvalidParams(str(exc)) from None
+
+
+class Supervisor:
+    """The running daemon, part by part: the Daemon (inbox, identities, links; started first),
+    then the app socket (a BrokerServer on `listeners`, sharing the Daemon's call budget), each
+    with `nursery.start`. Neither part refers to the other: the broker reaches identities and
+    links only through its Backend (the Daemon) and adds its own statistics to `status` itself.
+    `reload` hands a new config and policy to both; `stop` drains the socket (no new apps, the
+    calls in flight get `grace` seconds), closes the Daemon, then everything else."""
+
+    def __init__(self, config: Config, store: IdentityStore, trust: Any, *, policy: Any, limits: Any,
+                 listeners: list[Any], configured_limits: frozenset[str] | set[str] = frozenset()) -> None:
+        self.config, self.store, self.trust = config, store, trust
+        self.policy, self.limits, self.listeners = policy, limits, listeners
+        self.configured_limits = set(configured_limits)
+        self.daemon: Daemon | None = None
+        self.broker: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus["Supervisor"] = trio.TASK_STATUS_IGNORED) -> None:
+        from functools import partial
+
+        from aund.broker import serve_broker
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.daemon = await nursery.start(Daemon(self.config, self.store, self.trust, policy=self.policy).run)
+            budget = self.daemon.call_budget(self.limits, self.configured_limits)
+            self.broker = await nursery.start(partial(serve_broker, self.daemon, listeners=self.listeners,
+                                                      policy=self.policy, limits=self.limits, call_limiter=budget))
+            task_status.started(self)
+
+    def summary(self) -> str:
+        return self.daemon.summary() if self.daemon is not None else "starting"
+
+    def reload(self, config: Config, policy: Any) -> dict[str, Any]:
+        """A new configuration for the Daemon and a new policy for both parts."""
+        assert self.daemon is not None and self.broker is not None
+        result = self.daemon.reload(config, policy)
+        if policy is not None:
+            self.broker.set_policy(policy)
+            self.policy = policy
+        self.config = config
+        return result
+
+    async def stop(self, grace: float) -> None:
+        """Graceful stop: refuse new apps, let the calls in flight finish (at most `grace` s),
+        close the Daemon (links, inbox), then cancel what is left."""
+        if self.broker is not None:
+            self.broker.stop_accepting()
+            with trio.move_on_after(grace) as scope:
+                await self.broker.calls_done()
+            if scope.cancelled_caught:
+                log.warning("daemon.drain_timeout", calls_in_flight=self.broker.statistics().calls_in_flight,
+                            grace=grace)
+        if self.daemon is not None:
+            await self.daemon.aclose()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()

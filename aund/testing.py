@@ -90,6 +90,7 @@ class LocalAund:
     devnet: Any        # DevnetInfo: gateway_url, http_url, root_ca, devnet (the gateway object)
     daemon: Any        # aund.daemon.Daemon
     socket: Path       # the app socket: client_stub.Client(socket) / AsyncClient(socket)
+    broker: Any = None  # aund.broker.BrokerServer serving `socket` (sharing the daemon's call budget)
 
 
 @asynccontextmanager
@@ -106,10 +107,10 @@ async def local_aund(tmp_path: Path, identities: list[str] | tuple[str, ...] = (
     socket = sock_dir / "aund.sock"
     async with local_devnet(tmp_path / "devnet") as devnet, trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, devnet, tmp_path / "aund", identities, **settings)
-        daemon.broker = await nursery.start(partial(serve_broker, daemon, socket_path=socket,
-                                                           call_limiter=daemon.global_budget))
+        broker = await nursery.start(partial(serve_broker, daemon, socket_path=socket,
+                                             call_limiter=daemon.global_budget))
         try:
-            yield LocalAund(devnet, daemon, socket)
+            yield LocalAund(devnet, daemon, socket, broker)
         finally:
             await daemon.aclose()
             nursery.cancel_scope.cancel()

@@ -618,8 +618,14 @@ class AppSession:
         return {"pong": True}
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The backend's status, and the socket's own statistics (apps of other uids left out
+        unless the backend's view says this app sees everything)."""
         status = dict(self.backend.status(self.app))
-        status.setdefault("broker", self.server.statistics().as_dict())
+        apps = self.server.statistics().as_dict()
+        view = status.get("view")
+        if isinstance(view, dict) and not view.get("all", True):
+            apps["apps"] = [a for a in apps["apps"] if a["uid"] == self.app.uid]
+        status["broker"] = apps
         return status
 
     async def op_identity_ensure(self, args: dict[str, Any]) -> dict[str, Any]:

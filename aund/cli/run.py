@@ -64,11 +64,11 @@ async def _main(config, reload_from: tuple) -> int:
     from aund import systemd
     from aund.aun import transport
     from aund.aun.trust import GatewayTrust
-    from aund.broker import Limits, serve_broker
+    from aund.broker import Limits
     from aund.broker.sockets import (
         BoundPath, DaemonAlreadyRunning, SocketPathInUse, UnsafeSocketPath, activated_listeners, bind_unix,
     )
-    from aund.daemon import Daemon
+    from aund.daemon import Supervisor
     from aund.errors import InvalidParams
     from aund.identity.store import IdentityStore, StateLock, load_seed
 
@@ -105,23 +105,21 @@ async def _main(config, reload_from: tuple) -> int:
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
-                    daemon = await nursery.start(Daemon(config, store, trust, policy=policy).run)
-                    daemon.broker = await nursery.start(lambda task_status: serve_broker(
-                        daemon, listeners=listeners, policy=policy, limits=limits,
-                        call_limiter=daemon.call_budget(limits, set(config.limits)), task_status=task_status))
-                    nursery.start_soon(_systemd_pings, daemon)
+                    supervisor = await nursery.start(Supervisor(
+                        config, store, trust, policy=policy, limits=limits, listeners=listeners,
+                        configured_limits=set(config.limits)).run)
+                    nursery.start_soon(_systemd_pings, supervisor)
                     log.info("daemon.started", state_dir=str(config.state_dir), socket=str(config.socket),
                              activated=bound is None, identities=len(config.identities),
                              gateways=list(config.gateway_url))
-                    systemd.notify("READY=1", f"STATUS={daemon.summary()}")
+                    systemd.notify("READY=1", f"STATUS={supervisor.summary()}")
                     async for signum in signals:
                         if signum == signal.SIGHUP:
-                            _reload(daemon, log, reload_from)
+                            _reload(supervisor, log, reload_from)
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         systemd.notify("STOPPING=1", "STATUS=stopping")
-                        await _drain(daemon, config.shutdown_grace, log)
-                        await daemon.aclose()
+                        await supervisor.stop(config.shutdown_grace)
                         nursery.cancel_scope.cancel()
                         break
         finally:
@@ -131,18 +129,6 @@ async def _main(config, reload_from: tuple) -> int:
                 await trio.aclose_forcefully(listener)
     log.info("daemon.stopped")
     return 0
-
-
-async def _drain(daemon, grace: float, log) -> None:
-    """Graceful stop: refuse new apps, let in-flight calls finish (at most `grace` seconds)."""
-    import trio
-
-    daemon.broker.stop_accepting()
-    with trio.move_on_after(grace) as scope:
-        await daemon.broker.calls_done()
-    if scope.cancelled_caught:
-        log.warning("daemon.drain_timeout", calls_in_flight=daemon.broker.statistics().calls_in_flight,
-                    grace=grace)
 
 
 def build_policy(config):
@@ -158,7 +144,7 @@ def build_policy(config):
         raise InvalidParams(f"config: policy: {exc}") from None
 
 
-def _reload(daemon, log, reload_from: tuple) -> None:
+def _reload(supervisor, log, reload_from: tuple) -> None:
     """SIGHUP: re-read the configuration and the policy; a bad file or policy keeps the running
     configuration (all of it) and is logged."""
     import time
@@ -170,14 +156,14 @@ def _reload(daemon, log, reload_from: tuple) -> None:
     systemd.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1_000_000)}")
     try:
         config = load(*reload_from)
-        daemon.reload(config, build_policy(config))
+        supervisor.reload(config, build_policy(config))
     except (ConfigError, AundError) as exc:
         log.error("daemon.reload_failed", error=str(exc))
     finally:
-        systemd.notify("READY=1", f"STATUS={daemon.summary()}")
+        systemd.notify("READY=1", f"STATUS={supervisor.summary()}")
 
 
-async def _systemd_pings(daemon) -> None:
+async def _systemd_pings(supervisor) -> None:
     """WATCHDOG=1 at half the watchdog period (when systemd asks for it) and STATUS= updates."""
     import trio
 
@@ -189,7 +175,7 @@ async def _systemd_pings(daemon) -> None:
     while True:
         if interval:
             systemd.notify("WATCHDOG=1")
-        status = daemon.summary()
+        status = supervisor.summary()
         if status != last_status:
             systemd.notify(f"STATUS={status}")
             last_status = status

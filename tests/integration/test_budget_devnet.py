@@ -90,7 +90,7 @@ async def test_one_budget_serves_the_socket_and_the_links_an_app_call_holds_one_
     aid = f"onebudget-{os.getpid() % 10000}.aid.test"
     with trio.fail_after(60):
         async with local_aund(tmp_path, [aid], global_in_flight=2) as env:
-            assert env.daemon.broker.call_limiter is env.daemon.global_budget
+            assert env.broker.call_limiter is env.daemon.global_budget
             assert env.daemon.global_budget.total_tokens == 2 and env.daemon.global_budget.reserve == 1
 
             def app() -> tuple[dict, dict]:
