@@ -43,6 +43,12 @@ active key there before ``key.enc.json`` names the new one). Tokens are replaced
 (old, rotated tokens are worthless and keeping copies of secrets would only widen exposure);
 meta.json likewise.
 
+Pieces: durable writes are aund.identity.files, the seed and the sealed-file format
+aund.identity.sealed (``Sealer``), the AID/key/certificate checks aund.identity.keys, reading an
+SDK identity aund.identity.fastaun, and the one-daemon lock aund.identity.lock; this module is
+the layout and its rules. Group identities live in the same layout under ``AIDs/_groups/``
+(``IdentityStore.groups()``).
+
 Blocking I/O: everything except ``ensure`` is synchronous; the daemon calls it through
 ``trio.to_thread.run_sync``. Methods are thread-safe (one lock serialises writes).
 """
@@ -53,29 +59,22 @@ import binascii
 import contextlib
 import copy
 import errno
-import fcntl
 import functools
 import hashlib
-import hmac
 import json
 import os
 import re
-import secrets
-import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from aund.identity import pki
 from aund.identity.errors import (
@@ -83,32 +82,28 @@ from aund.identity.errors import (
     CorruptIdentity,
     IdentityConflict,
     IdentityNotFound,
-    InvalidIdentity,
-    SeedMismatch,
     SeedMissing,
-    StateDirLocked,
 )
+from aund.identity.files import (
+    atomic_write, b64, create_once, create_once_raw, fsync_dir, json_bytes, present, unb64, write_failed,
+)
+from aund.identity.keys import AID_RE, check_aid, check_cert, check_p256, spki
+from aund.identity.lock import StateLock
+from aund.identity.sealed import SEED_CREDENTIAL, SEED_ENV, Sealer, load_seed
 from client_stub.errors import StorageError
 
+if TYPE_CHECKING:
+    from aund.identity.fastaun import FastaunIdentity
+
 __all__ = [
-    "FastaunIdentity", "Identity", "IdentityStore", "StateLock", "atomic_write", "create_once", "load_seed",
-    "read_fastaun",
-    "SEED_ENV", "SEED_CREDENTIAL", "FAULT_HOOK",
+    "Identity", "IdentityStore", "StateLock", "atomic_write", "create_once", "load_seed", "write_failed",
+    "SEED_ENV", "SEED_CREDENTIAL",
 ]
 
-SEED_ENV = "AUND_ENCRYPTION_SEED"
-SEED_CREDENTIAL = "encryption_seed"
-
-FORMAT = "aund.enc"
-FORMAT_VERSION = 1
 PURPOSE_KEY = "identity/private_key"
 PURPOSE_TOKENS = "tokens"
 PURPOSE_PREKEYS = "e2ee/prekeys"
 PURPOSE_GROUP_PREKEYS = "e2ee/group_prekeys"
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1  # 32 MiB, ~0.11 s on a 2-vCPU box; once per process
-_SCRYPT_MAX_NR = 2**22  # refuse files asking for more than 512 MiB of scrypt memory
-_CHECK_LABEL = b"aund.enc/v1 seed check"
-_INFO_PREFIX = b"aund.enc/v1"
 
 KEY_FILE = "key.enc.json"
 CERT_FILE = "cert.pem"
@@ -123,188 +118,7 @@ PENDING_DIR = "_pending"
 ABANDONED_DIR = "_abandoned"  # refused registrations, kept (keys are never deleted)
 GROUPS_DIR = "_groups"  # group identities (group AIDs) owned by AIDs of this store
 
-# AUN AIDs are "{name}.{issuer}" in lower case (aun_core agent_md_schema._AID_RE, lower-cased as
-# validators.validate_aid_format does). Requiring the dot keeps AIDs apart from "_pending".
-_AID_RE = re.compile(r"^[a-z0-9_][a-z0-9_-]*(?:\.[a-z0-9_][a-z0-9_-]*)+$")
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-# Fault injection for tests: called as FAULT_HOOK(stage, path) at "after_write" (temp file
-# written, not yet fsynced) and "before_replace" (temp complete, target untouched).
-FAULT_HOOK: Callable[[str, Path], None] | None = None
-
-
-def _fault(stage: str, path: Path) -> None:
-    hook = FAULT_HOOK
-    if hook is not None:
-        hook(stage, path)
-
-
-# ── files ──────────────────────────────────────────────────────────────────
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def write_failed(exc: OSError, path: Path | str) -> StorageError:
-    """The API error for a failed write of ``path`` (the disk full, read-only, ...), naming both."""
-    why = exc.strerror or str(exc)
-    if exc.errno in _DISK_FULL:
-        why += " (the disk is full: free space, then aund retries)"
-    return StorageError(f"cannot write {path}: {why}",
-                        data={"path": str(path), "errno": errno.errorcode.get(exc.errno or 0, "")})
-
-
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh, fsynced temp file next to ``path``; return the temp path.
-    Errors: StorageError naming ``path`` (e.g. the disk is full)."""
-    try:
-        return _write_temp_raw(path, data, mode)
-    except OSError as exc:
-        raise write_failed(exc, path) from None
-
-
-def _write_temp_raw(path: Path, data: bytes, mode: int) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have cleared bits; never leave more than asked either
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        _fault("after_write", tmp)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    Temp file in the same directory (created 0600 with O_EXCL), fsync, ``os.replace``, fsync of
-    the directory. A crash at any point leaves either the old file or the new one, never a mix;
-    at worst a stray ``.{name}.tmp-*`` file remains, which readers ignore.
-    """
-    path = Path(path)
-    tmp = _write_temp(path, data, mode)
-    try:
-        _fault("before_replace", path)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_failed(exc, path) from None
-        raise
-    try:
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise write_failed(exc, path) from None
-
-
-def _create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create ``path`` with ``data`` unless it exists (atomic, durable); True if this call created it."""
-    tmp = _write_temp(path, data, mode)
-    try:
-        _fault("before_replace", path)
-        os.link(tmp, path)  # atomic create-if-absent: never replaces an existing file
-        created = True
-    except FileExistsError:
-        created = False
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # only the temporary name; `path` keeps the inode
-    if created:
-        _fsync_dir(path.parent)
-    return created
-
-
-def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create ``path`` with ``data`` (atomic, durable, ``mode``) unless something is there; True if
-    this call created it. Never replaces a file (exports, backups)."""
-    return _create_once(Path(path), data, mode)
-
-
-def _present(path: Path) -> bool:
-    """Whether ``path`` exists; StorageError (naming the owner) if this process may not look."""
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except PermissionError as exc:
-        try:
-            owner = f" (owned by uid {os.stat(path.parent).st_uid})"
-        except OSError:
-            owner = ""
-        raise StorageError(f"cannot read {path.parent}{owner}: {exc.strerror}; give it to the daemon's user "
-                           f"(uid {os.geteuid()})", retryable=False, data={"path": str(path.parent)}) from None
-    return True
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: Any, what: str, path: Path) -> bytes:
-    if not isinstance(text, str):
-        raise CorruptIdentity(f"{path}: field {what!r} is missing or not a string", data={"path": str(path)})
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise CorruptIdentity(f"{path}: field {what!r} is not base64", data={"path": str(path)}) from None
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-# ── the seed ───────────────────────────────────────────────────────────────
-
-
-def load_seed(env: Mapping[str, str] | None = None) -> bytes:
-    """The store's encryption seed: ``$AUND_ENCRYPTION_SEED``, else ``$CREDENTIALS_DIRECTORY/encryption_seed``.
-
-    The credential file is read as bytes with trailing CR/LF removed (``echo`` adds one). The
-    seed is never taken from the config file or the command line, and never logged.
-    Errors: SeedMissing with the places looked at and how to provide one.
-    """
-    env = os.environ if env is None else env
-    value = env.get(SEED_ENV)
-    if value:
-        return value.encode("utf-8")
-    looked = [f"${SEED_ENV} is {'empty' if value == '' else 'not set'}"]
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        path = Path(creds) / SEED_CREDENTIAL
-        try:
-            data = path.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            looked.append(f"cannot read {path}: {exc.strerror or exc}")
-        else:
-            if data:
-                return data
-            looked.append(f"{path} is empty")
-    else:
-        looked.append("$CREDENTIALS_DIRECTORY is not set (no systemd credentials)")
-    raise SeedMissing(
-        "no encryption seed for the identity store (" + "; ".join(looked) + "). Provide one as the "
-        f"systemd credential '{SEED_CREDENTIAL}' (LoadCredential={SEED_CREDENTIAL}:/etc/aund/seed or "
-        f"LoadCredentialEncrypted=) or in the environment variable {SEED_ENV}; make one with "
-        "`head -c 32 /dev/urandom | base64`. It is never read from the config file or the command line.",
-        data={"looked_at": looked})
-
 
 # ── identities ─────────────────────────────────────────────────────────────
 
@@ -330,20 +144,6 @@ class Identity:
         return pki.public_key_b64(self.public_key)
 
 
-def _spki(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> bytes:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        key = key.public_key()
-    return pki.spki_der(key)
-
-
-def _check_p256(key: Any, what: str) -> ec.EllipticCurvePrivateKey:
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != pki.CURVE.name:
-        kind = getattr(getattr(key, "curve", None), "name", type(key).__name__)
-        raise InvalidIdentity(f"{what} is not an ECDSA P-256 key ({kind}); aund supports P-256 only",
-                              data={"what": what})
-    return key
-
-
 def _history_name(cert: x509.Certificate) -> str:
     return f"sha256_{cert.fingerprint(hashes.SHA256()).hex()}.pem"
 
@@ -366,11 +166,8 @@ class IdentityStore:
             raise SeedMissing("the identity store needs a non-empty encryption seed")
         self.state_dir = Path(state_dir)
         self.aids_dir = self.state_dir / "AIDs"
-        self._seed = seed
+        self.sealer = Sealer(self.state_dir, seed)  # the seed, its KDF and the encrypted-file format
         self._lock = threading.RLock()  # serialises writes
-        self._kdf_lock = threading.Lock()
-        self._masters: dict[tuple[int, int, int, bytes], tuple[bytes, bytes]] = {}
-        self._store_kdf: dict[str, Any] | None = None
         self._ensure_locks: dict[str, Any] = {}
         self.unreadable: dict[str, str] = {}  # AID -> why, as found by the last ``list``
         self._mkdirs(self.aids_dir)
@@ -413,21 +210,13 @@ class IdentityStore:
             except OSError as exc:
                 raise write_failed(exc, d) from None
             os.chmod(d, 0o700)  # umask
-            _fsync_dir(d.parent)
-
-    @staticmethod
-    def _check_aid(aid: str) -> str:
-        if not isinstance(aid, str) or len(aid) > 255 or not _AID_RE.fullmatch(aid):
-            raise InvalidIdentity(
-                f"{aid!r} is not a usable AID (expected lower-case '<name>.<issuer>' of [a-z0-9_-] labels)",
-                data={"aid": str(aid)})
-        return aid
+            fsync_dir(d.parent)
 
     def _aid_dir(self, aid: str) -> Path:
-        return self.aids_dir / self._check_aid(aid)
+        return self.aids_dir / check_aid(aid)
 
     def _pending_dir(self, aid: str) -> Path:
-        return self.aids_dir / PENDING_DIR / self._check_aid(aid)
+        return self.aids_dir / PENDING_DIR / check_aid(aid)
 
     def _rel(self, path: Path) -> str:
         try:
@@ -438,159 +227,20 @@ class IdentityStore:
     def _device_id(self) -> str:
         path = self.state_dir / ".device_id"
         if not path.exists():
-            _create_once(path, str(uuid.uuid4()).encode("ascii"))
+            create_once_raw(path, str(uuid.uuid4()).encode("ascii"))
         text = path.read_text("utf-8").strip()
         if not _DEVICE_ID_RE.fullmatch(text):
             raise CorruptIdentity(f"{path} does not hold a valid device id", data={"path": str(path)})
         return text
 
-    # ── the seed KDF ──
-
-    def _master(self, n: int, r: int, p: int, salt: bytes) -> tuple[bytes, bytes]:
-        """(master key, seed check) for these scrypt parameters; cached per process."""
-        ident = (n, r, p, salt)
-        with self._kdf_lock:
-            cached = self._masters.get(ident)
-            if cached is None:
-                master = hashlib.scrypt(self._seed, salt=salt, n=n, r=r, p=p, dklen=32,
-                                        maxmem=128 * n * r + (1 << 24))
-                check = hmac.new(master, _CHECK_LABEL, hashlib.sha256).digest()[:16]
-                cached = self._masters[ident] = (master, check)
-            return cached
-
-    def _parse_kdf(self, kdf: Any, path: Path) -> tuple[int, int, int, bytes, bytes]:
-        bad = CorruptIdentity(f"{path}: invalid or unsupported kdf parameters", data={"path": str(path)})
-        if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
-            raise bad
-        n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
-        if not all(type(v) is int for v in (n, r, p)):
-            raise bad
-        if not (2 <= n and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16 and n * r <= _SCRYPT_MAX_NR):
-            raise bad
-        salt, check = _unb64(kdf.get("salt"), "kdf.salt", path), _unb64(kdf.get("check"), "kdf.check", path)
-        if len(salt) < 16 or len(check) != 16:
-            raise bad
-        return n, r, p, salt, check
-
-    def _kdf_for_writing(self) -> dict[str, Any]:
-        """The store's KDF (``.kdf.json``, created on first use) after checking the seed against it."""
-        if self._store_kdf is not None:
-            return self._store_kdf
-        path = self.state_dir / ".kdf.json"
-        if not path.exists():
-            self._refuse_without_kdf(path)
-            salt = os.urandom(16)
-            _, check = self._master(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt)
-            record = {"format": "aund.kdf", "version": 1, "name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R,
-                      "p": SCRYPT_P, "salt": _b64(salt), "check": _b64(check)}
-            _create_once(path, _json_bytes(record))
-        try:
-            record = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise CorruptIdentity(f"{path} is unreadable: {exc}", data={"path": str(path)}) from None
-        n, r, p, salt, check = self._parse_kdf(record, path)
-        if not hmac.compare_digest(self._master(n, r, p, salt)[1], check):
-            raise SeedMismatch(
-                f"the encryption seed does not match this state dir ({path} was made with another seed); "
-                f"check {SEED_ENV} (or the '{SEED_CREDENTIAL}' credential)", data={"path": str(path)})
-        self._store_kdf = {"name": "scrypt", "n": n, "r": r, "p": p, "salt": _b64(salt), "check": _b64(check)}
-        return self._store_kdf
-
-    def _refuse_without_kdf(self, path: Path) -> None:
-        """``.kdf.json`` is absent: fine for a new state dir, fatal for one that holds encrypted data.
-
-        Making a new one there would accept any seed and re-key the state dir (old inbox rows and
-        keys would no longer open with the right seed). Errors: CorruptIdentity naming the file.
-        """
-        sealed = [p for p in (self.state_dir / "inbox.sqlite3",) if p.exists()]
-        sealed += sorted(self.aids_dir.glob("**/*.enc.json"))
-        if sealed:
-            raise CorruptIdentity(
-                f"{path} is missing but {self.state_dir} holds encrypted data (e.g. {self._rel(sealed[0])}): "
-                "restore .kdf.json from a backup; aund will not check the seed without it nor make a new one",
-                data={"path": str(path)})
-
-    def verify_seed(self) -> None:
-        """Raise SeedMismatch now if the seed is not the one this state dir was set up with, or
-        CorruptIdentity if ``.kdf.json`` is gone from a state dir that holds encrypted data.
-
-        Costs one scrypt (~0.1 s); a no-op check on a store that has never encrypted anything.
-        """
-        path = self.state_dir / ".kdf.json"
-        if path.exists():
-            self._kdf_for_writing()
-        else:
-            self._refuse_without_kdf(path)
-
-    # ── the envelope ──
-
-    @staticmethod
-    def _aad(purpose: str, aid: str, public_key: str) -> bytes:
-        return b"\x00".join((_INFO_PREFIX, purpose.encode(), aid.encode(), public_key.encode()))
-
-    def _seal(self, purpose: str, aid: str, plaintext: bytes, public_key: str = "") -> bytes:
-        kdf = self._kdf_for_writing()
-        master, _ = self._master(kdf["n"], kdf["r"], kdf["p"], base64.b64decode(kdf["salt"]))
-        hkdf_salt, nonce = os.urandom(16), os.urandom(12)
-        aad = self._aad(purpose, aid, public_key)
-        key = HKDF(hashes.SHA256(), 32, salt=hkdf_salt, info=aad).derive(master)
-        record = {
-            "format": FORMAT, "version": FORMAT_VERSION, "aid": aid, "purpose": purpose,
-            "public_key": public_key, "kdf": dict(kdf), "hkdf_salt": _b64(hkdf_salt),
-            "cipher": "AES-256-GCM", "nonce": _b64(nonce),
-            "ciphertext": _b64(AESGCM(key).encrypt(nonce, plaintext, aad)),
-        }
-        return _json_bytes(record)
-
-    def _read_envelope(self, path: Path, purpose: str, aid: str) -> dict[str, Any]:
-        try:
-            record = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise CorruptIdentity(f"{self._rel(path)} is unreadable: {exc}", data={"path": str(path)}) from None
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise CorruptIdentity(f"{self._rel(path)} is not an aund encrypted file", data={"path": str(path)})
-        if record.get("version") != FORMAT_VERSION:
-            raise CorruptIdentity(f"{self._rel(path)} has format version {record.get('version')!r}; this aund "
-                                  f"reads version {FORMAT_VERSION} (written by a newer aund?)",
-                                  data={"path": str(path)})
-        if record.get("aid") != aid or record.get("purpose") != purpose or record.get("cipher") != "AES-256-GCM":
-            raise CorruptIdentity(f"{self._rel(path)} belongs to aid={record.get('aid')!r} "
-                                  f"purpose={record.get('purpose')!r}, not {aid} {purpose}",
-                                  data={"path": str(path)})
-        if not isinstance(record.get("public_key"), str):
-            raise CorruptIdentity(f"{self._rel(path)}: public_key is not a string", data={"path": str(path)})
-        return record
-
-    def _open(self, path: Path, purpose: str, aid: str) -> tuple[bytes, dict[str, Any]]:
-        record = self._read_envelope(path, purpose, aid)
-        n, r, p, salt, check = self._parse_kdf(record.get("kdf"), path)
-        hkdf_salt = _unb64(record.get("hkdf_salt"), "hkdf_salt", path)
-        nonce = _unb64(record.get("nonce"), "nonce", path)
-        ciphertext = _unb64(record.get("ciphertext"), "ciphertext", path)
-        master, expected = self._master(n, r, p, salt)
-        if not hmac.compare_digest(expected, check):
-            raise SeedMismatch(f"the encryption seed does not decrypt {self._rel(path)}; check {SEED_ENV} "
-                               f"(or the '{SEED_CREDENTIAL}' credential)",
-                               data={"path": str(path), "aid": aid})
-        aad = self._aad(purpose, aid, record["public_key"])
-        key = HKDF(hashes.SHA256(), 32, salt=hkdf_salt, info=aad).derive(master)
-        try:
-            return AESGCM(key).decrypt(nonce, ciphertext, aad), record
-        except (InvalidTag, ValueError):
-            raise CorruptIdentity(f"{self._rel(path)} fails authentication (the seed is right: the file is "
-                                  "damaged or was edited or copied from elsewhere)",
-                                  data={"path": str(path), "aid": aid}) from None
-
     def _read_key(self, path: Path, aid: str) -> ec.EllipticCurvePrivateKey:
-        plaintext, record = self._open(path, PURPOSE_KEY, aid)
+        plaintext, record = self.sealer.open(path, PURPOSE_KEY, aid)
         try:
             key = serialization.load_der_private_key(plaintext, password=None)
         except (ValueError, TypeError) as exc:
             raise CorruptIdentity(f"{self._rel(path)} holds no usable private key: {exc}",
                                   data={"path": str(path)}) from None
-        key = _check_p256(key, self._rel(path))
+        key = check_p256(key, self._rel(path))
         if pki.public_key_b64(key.public_key()) != record["public_key"]:
             raise CorruptIdentity(f"{self._rel(path)}: public_key does not match the private key",
                                   data={"path": str(path)})
@@ -598,31 +248,15 @@ class IdentityStore:
 
     def _stored_public_key(self, path: Path, aid: str) -> bytes:
         """SPKI DER declared by a key file (authenticated on every decrypt via the aad)."""
-        record = self._read_envelope(path, PURPOSE_KEY, aid)
-        return _unb64(record["public_key"], "public_key", path)
+        record = self.sealer.read_envelope(path, PURPOSE_KEY, aid)
+        return unb64(record["public_key"], "public_key", path)
 
     def _key_record(self, aid: str, key: ec.EllipticCurvePrivateKey) -> bytes:
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        return self._seal(PURPOSE_KEY, aid, der, pki.public_key_b64(key.public_key()))
+        return self.sealer.seal(PURPOSE_KEY, aid, der, pki.public_key_b64(key.public_key()))
 
     # ── certificates ──
-
-    @staticmethod
-    def _check_cert(aid: str, spki: bytes, cert_pem: str | bytes) -> x509.Certificate:
-        try:
-            cert = pki.load_cert_pem(cert_pem)
-        except pki.PKIError as exc:
-            raise CertKeyMismatch(f"certificate for {aid} is not a valid PEM certificate: {exc}",
-                                  data={"aid": aid}) from None
-        if pki.spki_der(cert.public_key()) != spki:
-            raise CertKeyMismatch(f"the certificate's public key is not the key of {aid}",
-                                  data={"aid": aid, "cert_fingerprint": pki.cert_fingerprint(cert)})
-        cn = pki.cert_aid(cert)
-        if cn != aid:
-            raise CertKeyMismatch(f"the certificate is for {cn!r}, not {aid}",
-                                  data={"aid": aid, "cert_cn": cn})
-        return cert
 
     def _write_cert(self, aid_dir: Path, cert: x509.Certificate) -> None:
         """History first (create-once), then the active cert.pem; the previous cert stays in certs/."""
@@ -633,10 +267,10 @@ class IdentityStore:
             with contextlib.suppress(pki.PKIError):
                 old = pki.load_cert_pem(active.read_bytes())
                 if not (history / _history_name(old)).exists():
-                    _create_once(history / _history_name(old), active.read_bytes())
+                    create_once_raw(history / _history_name(old), active.read_bytes())
         pem = pki.cert_pem(cert).encode("ascii")
         if not (history / _history_name(cert)).exists():
-            _create_once(history / _history_name(cert), pem)
+            create_once_raw(history / _history_name(cert), pem)
         if not active.exists() or active.read_bytes() != pem:
             atomic_write(active, pem)
 
@@ -644,7 +278,7 @@ class IdentityStore:
 
     def exists(self, aid: str) -> bool:
         """Errors: StorageError if the AID's directory cannot be read (e.g. owned by another user)."""
-        return _present(self._aid_dir(aid) / KEY_FILE)
+        return present(self._aid_dir(aid) / KEY_FILE)
 
     def list(self) -> list[str]:
         """AIDs present in the store, sorted (pending registrations are not listed). A directory this
@@ -656,10 +290,10 @@ class IdentityStore:
             raise StorageError(f"cannot read {self.aids_dir}: {exc.strerror or exc}",
                                data={"path": str(self.aids_dir)}) from None
         for p in entries:
-            if not _AID_RE.fullmatch(p.name):
+            if not AID_RE.fullmatch(p.name):
                 continue
             try:
-                if _present(p / KEY_FILE):
+                if present(p / KEY_FILE):
                     found.append(p.name)
             except StorageError as exc:
                 unreadable[p.name] = exc.message
@@ -668,7 +302,7 @@ class IdentityStore:
 
     def _require(self, aid: str) -> Path:
         d = self._aid_dir(aid)
-        if not _present(d / KEY_FILE):
+        if not present(d / KEY_FILE):
             if d.is_dir() and any(d.iterdir()):
                 raise CorruptIdentity(f"{self._rel(d / KEY_FILE)} is missing but {self._rel(d)} exists",
                                       data={"path": str(d / KEY_FILE), "aid": aid})
@@ -694,9 +328,9 @@ class IdentityStore:
             raise CorruptIdentity(f"{self._rel(cert_path)} is not a valid certificate: {exc}",
                                   data={"path": str(cert_path)}) from None
         try:
-            cert = self._check_cert(aid, _spki(key), pem)
+            cert = check_cert(aid, spki(key), pem)
         except CertKeyMismatch as exc:
-            cert = self._newest_cert_for(d, aid, _spki(key))  # a rekey stopped between key and cert
+            cert = self._newest_cert_for(d, aid, spki(key))  # a rekey stopped between key and cert
             if cert is None:
                 raise CertKeyMismatch(f"{self._rel(cert_path)}: {exc.message}", data=exc.data) from None
         return Identity(aid=aid, private_key=key, cert=cert, cert_pem=pki.cert_pem(cert),
@@ -707,7 +341,7 @@ class IdentityStore:
         found = []
         for path in sorted((aid_dir / CERTS_DIR).glob("sha256_*.pem")) if (aid_dir / CERTS_DIR).is_dir() else []:
             with contextlib.suppress(CertKeyMismatch, OSError):
-                found.append(self._check_cert(aid, spki, path.read_bytes()))
+                found.append(check_cert(aid, spki, path.read_bytes()))
         return max(found, key=lambda c: c.not_valid_before_utc, default=None)
 
     def past_keys(self, aid: str) -> list[ec.EllipticCurvePrivateKey]:
@@ -718,7 +352,7 @@ class IdentityStore:
         keys = []
         for path in sorted((d / KEYS_DIR).glob("sha256_*.enc.json")) if (d / KEYS_DIR).is_dir() else []:
             key = self._read_key(path, aid)
-            if _spki(key) != current:
+            if spki(key) != current:
                 keys.append(key)
         return keys
 
@@ -746,7 +380,7 @@ class IdentityStore:
         plaintext = json.dumps(dict(tokens), sort_keys=True).encode("utf-8")
         with self._lock:
             d = self._require(aid)
-            atomic_write(d / TOKENS_FILE, self._seal(PURPOSE_TOKENS, aid, plaintext))
+            atomic_write(d / TOKENS_FILE, self.sealer.seal(PURPOSE_TOKENS, aid, plaintext))
 
     def load_prekeys(self, aid: str) -> list[dict[str, Any]]:
         """Every E2EE signed prekey ever made for ``aid`` on this device (oldest first; [] if none).
@@ -778,7 +412,7 @@ class IdentityStore:
         """The JSON value (of type `kind`) sealed in `path`, or `missing` if there is no file.
         Errors: SeedMismatch, CorruptIdentity naming the file."""
         try:
-            plaintext, _ = self._open(path, purpose, aid)
+            plaintext, _ = self.sealer.open(path, purpose, aid)
         except FileNotFoundError:
             return missing
         try:
@@ -797,18 +431,21 @@ class IdentityStore:
             raise ValueError(f"saving {name} would drop a prekey: prekeys are never deleted")
         plaintext = json.dumps([dict(r) for r in records], sort_keys=True).encode("utf-8")
         with self._lock:
-            atomic_write(self._require(aid) / name, self._seal(purpose, aid, plaintext))
+            atomic_write(self._require(aid) / name, self.sealer.seal(purpose, aid, plaintext))
 
     def derive_key(self, purpose: str) -> bytes:
         """A 32-byte key for `purpose` derived from the store's master key (e.g. the inbox cipher).
         Raises SeedMismatch if the seed is wrong for this state dir."""
-        kdf = self._kdf_for_writing()
-        master, _ = self._master(kdf["n"], kdf["r"], kdf["p"], base64.b64decode(kdf["salt"]))
-        return HKDF(hashes.SHA256(), 32, salt=None, info=b"aund derived key v1\x00" + purpose.encode()).derive(master)
+        return self.sealer.derive_key(purpose)
+
+    def verify_seed(self) -> None:
+        """Raise SeedMismatch now if the seed is not the one this state dir was set up with, or
+        CorruptIdentity if ``.kdf.json`` is gone from a state dir that holds encrypted data."""
+        self.sealer.verify_seed()
 
     def save_meta(self, aid: str, meta: Mapping[str, Any]) -> None:
         """Replace meta.json of ``aid`` (JSON object) atomically."""
-        data = _json_bytes(dict(meta))
+        data = json_bytes(dict(meta))
         with self._lock:
             atomic_write(self._require(aid) / META_FILE, data)
 
@@ -828,7 +465,7 @@ class IdentityStore:
         """
         with self._lock:
             d = self._require(aid)
-            cert = self._check_cert(aid, self._stored_public_key(d / KEY_FILE, aid), cert_pem)
+            cert = check_cert(aid, self._stored_public_key(d / KEY_FILE, aid), cert_pem)
             self._write_cert(d, cert)
             return pki.cert_fingerprint(cert)
 
@@ -838,7 +475,7 @@ class IdentityStore:
         self._mkdirs(history)
         name = _key_history_name(self._stored_public_key(d / KEY_FILE, aid))
         if not (history / name).exists():
-            _create_once(history / name, (d / KEY_FILE).read_bytes())
+            create_once_raw(history / name, (d / KEY_FILE).read_bytes())
 
     def rekey_pending(self, aid: str) -> ec.EllipticCurvePrivateKey:
         """The new key of a rekey of ``aid``, written encrypted to ``keys/rekey-pending.enc.json``
@@ -852,7 +489,7 @@ class IdentityStore:
             if path.exists():
                 return self._read_key(path, aid)
             key = pki.generate_key()
-            if not _create_once(path, self._key_record(aid, key)):
+            if not create_once_raw(path, self._key_record(aid, key)):
                 return self._read_key(path, aid)
             return key
 
@@ -864,10 +501,10 @@ class IdentityStore:
         Errors: CertKeyMismatch (the cert is not for ``key``), IdentityConflict (another key is pending)."""
         with self._lock:
             d = self._require(aid)
-            cert = self._check_cert(aid, _spki(key), cert_pem)
+            cert = check_cert(aid, spki(key), cert_pem)
             pending = d / KEYS_DIR / REKEY_PENDING
-            if not pending.exists() or self._stored_public_key(pending, aid) != _spki(key):
-                if self._stored_public_key(d / KEY_FILE, aid) == _spki(key):  # done before
+            if not pending.exists() or self._stored_public_key(pending, aid) != spki(key):
+                if self._stored_public_key(d / KEY_FILE, aid) == spki(key):  # done before
                     self._write_cert(d, cert)
                     return pki.cert_fingerprint(cert)
                 raise IdentityConflict(f"the pending rekey of {aid} is not for this key", data={"aid": aid})
@@ -875,12 +512,12 @@ class IdentityStore:
             history = d / CERTS_DIR
             self._mkdirs(history)
             if not (history / _history_name(cert)).exists():  # the new cert first: load can find it
-                _create_once(history / _history_name(cert), pki.cert_pem(cert).encode("ascii"))
+                create_once_raw(history / _history_name(cert), pki.cert_pem(cert).encode("ascii"))
             record = pending.read_bytes()
-            target = d / KEYS_DIR / _key_history_name(_spki(key))
+            target = d / KEYS_DIR / _key_history_name(spki(key))
             if not target.exists():
                 os.rename(pending, target)  # renamed, never deleted
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
             atomic_write(d / KEY_FILE, record)
             self._write_cert(d, cert)
             return pki.cert_fingerprint(cert)
@@ -902,7 +539,7 @@ class IdentityStore:
             key = pki.generate_key()
             record = self._key_record(aid, key)  # checks the seed before anything is written
             self._mkdirs(pdir)
-            if not _create_once(path, record):
+            if not create_once_raw(path, record):
                 return self._read_key(path, aid)
             return key
 
@@ -919,8 +556,8 @@ class IdentityStore:
             self._mkdirs(parent)
             target = parent / f"{aid}.{int(time.time() * 1000)}"
             os.rename(pdir, target)
-            _fsync_dir(parent)
-            _fsync_dir(pdir.parent)
+            fsync_dir(parent)
+            fsync_dir(pdir.parent)
             return target
 
     def promote(self, aid: str, key: ec.EllipticCurvePrivateKey, cert_pem: str | bytes,
@@ -932,10 +569,10 @@ class IdentityStore:
         Idempotent once done (same key): only the cert is updated.
         """
         with self._lock:
-            cert = self._check_cert(aid, _spki(key), cert_pem)
+            cert = check_cert(aid, spki(key), cert_pem)
             target = self._aid_dir(aid)
             if (target / KEY_FILE).exists():
-                if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
+                if self._stored_public_key(target / KEY_FILE, aid) != spki(key):
                     raise IdentityConflict(f"{aid} is already in the store with another key", data={"aid": aid})
                 self._write_cert(target, cert)
                 return
@@ -943,11 +580,11 @@ class IdentityStore:
             if not (pdir / KEY_FILE).exists():
                 raise IdentityNotFound(f"no pending registration of {aid} (call create_pending first)",
                                        data={"aid": aid})
-            if self._stored_public_key(pdir / KEY_FILE, aid) != _spki(key):
+            if self._stored_public_key(pdir / KEY_FILE, aid) != spki(key):
                 raise IdentityConflict(f"the pending key of {aid} is not the key being promoted", data={"aid": aid})
             self._write_cert(pdir, cert)
             full = {"version": 1, "aid": aid, "created_at": time.time(), **dict(meta or {})}
-            atomic_write(pdir / META_FILE, _json_bytes(full))
+            atomic_write(pdir / META_FILE, json_bytes(full))
             self._move_into_place(pdir, target)
 
     def _move_into_place(self, pdir: Path, target: Path) -> None:
@@ -958,8 +595,8 @@ class IdentityStore:
                 raise CorruptIdentity(f"{self._rel(target)} exists without {KEY_FILE}; move it aside",
                                       data={"path": str(target)}) from None
             raise
-        _fsync_dir(target.parent)
-        _fsync_dir(pdir.parent)
+        fsync_dir(target.parent)
+        fsync_dir(pdir.parent)
 
     async def ensure(self, aid: str, register: Callable[[str, ec.EllipticCurvePublicKey], Awaitable[str]],
                      *, meta: Mapping[str, Any] | None = None) -> Identity:
@@ -971,7 +608,7 @@ class IdentityStore:
         """
         import trio
 
-        self._check_aid(aid)
+        check_aid(aid)
         lock = self._ensure_locks.setdefault(aid, trio.Lock())
         async with lock:
             try:
@@ -989,6 +626,8 @@ class IdentityStore:
                        *, meta: Mapping[str, Any] | None = None) -> Identity:
         """Import an identity made by fastaun (``{aun_path}/AIDs/{aid}/private/key.json`` + ``public/cert.pem``):
         ``read_fastaun`` then ``import_read``; see both for what is read, written and raised."""
+        from aund.identity.fastaun import read_fastaun
+
         return self.import_read(read_fastaun(aun_path, aid, fastaun_seed), meta=meta)
 
     def import_read(self, found: FastaunIdentity, *, meta: Mapping[str, Any] | None = None) -> Identity:
@@ -1010,7 +649,7 @@ class IdentityStore:
             if found.gateway_url:
                 full["gateway_url"] = found.gateway_url
             full.update(meta or {})
-            atomic_write(pdir / META_FILE, _json_bytes(full))
+            atomic_write(pdir / META_FILE, json_bytes(full))
             self._move_into_place(pdir, target)
         return self.load(aid)
 
@@ -1021,20 +660,20 @@ class IdentityStore:
         IdentityConflict (the AID is held, or pending, with another key)."""
         target = self._aid_dir(aid)
         if (target / KEY_FILE).exists():
-            if self._stored_public_key(target / KEY_FILE, aid) != _spki(key):
+            if self._stored_public_key(target / KEY_FILE, aid) != spki(key):
                 raise IdentityConflict(f"{aid} is already in aund with a different key; not importing",
                                        data={"aid": aid})
             return target, None
         pdir = self._pending_dir(aid)
         pkey = pdir / KEY_FILE
         if pkey.exists():
-            if self._stored_public_key(pkey, aid) != _spki(key):
+            if self._stored_public_key(pkey, aid) != spki(key):
                 raise IdentityConflict(f"a registration of {aid} with another key is pending in aund",
                                        data={"aid": aid})
         else:
             record = self._key_record(aid, key)
             self._mkdirs(pdir)
-            _create_once(pkey, record)
+            create_once_raw(pkey, record)
         return target, pdir
 
     def _keep_certs(self, directory: Path, certs: Iterable[x509.Certificate]) -> None:
@@ -1043,7 +682,7 @@ class IdentityStore:
         self._mkdirs(history)
         for old in certs:
             if not (history / _history_name(old)).exists():
-                _create_once(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
+                create_once_raw(history / _history_name(old), pki.cert_pem(old).encode("ascii"))
 
     # ── moving an identity to another aund (aund.identity.bundle) ──
 
@@ -1056,7 +695,7 @@ class IdentityStore:
         d = self._aid_dir(aid)
 
         def der(key: ec.EllipticCurvePrivateKey) -> str:
-            return _b64(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+            return b64(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
 
         certs = []
@@ -1074,13 +713,13 @@ class IdentityStore:
         ``disabled``, plus ``meta``). Idempotent for the same key; adds what is missing and never
         replaces or deletes anything. Errors: IdentityConflict (the AID is here, or pending, with
         another key), CorruptIdentity (the content does not hold a usable identity), StorageError."""
-        aid = self._check_aid(str(content.get("aid", "")))
+        aid = check_aid(str(content.get("aid", "")))
         where = f"the bundle of {aid}"
         try:
-            key = _check_p256(serialization.load_der_private_key(base64.b64decode(content["key"]), None), where)
-            past = [_check_p256(serialization.load_der_private_key(base64.b64decode(k), None), where)
+            key = check_p256(serialization.load_der_private_key(base64.b64decode(content["key"]), None), where)
+            past = [check_p256(serialization.load_der_private_key(base64.b64decode(k), None), where)
                     for k in content.get("past_keys") or []]
-            cert = self._check_cert(aid, _spki(key), content["cert"])
+            cert = check_cert(aid, spki(key), content["cert"])
             older = [pki.load_cert_pem(c) for c in content.get("certs") or []]
         except (KeyError, TypeError, ValueError, binascii.Error, pki.PKIError, CertKeyMismatch) as exc:
             raise CorruptIdentity(f"{where} holds no usable identity: {exc}", data={"aid": aid}) from None
@@ -1091,15 +730,15 @@ class IdentityStore:
                 full = {k: v for k, v in dict(content.get("meta") or {}).items() if k != "disabled"}
                 full.update({"version": 1, "aid": aid}, **dict(meta or {}))
                 full.setdefault("created_at", time.time())
-                atomic_write(pdir / META_FILE, _json_bytes(full))
+                atomic_write(pdir / META_FILE, json_bytes(full))
                 self._move_into_place(pdir, target)
             self._keep_certs(target, [*older, cert])
             if past:
                 self._mkdirs(target / KEYS_DIR)
             for old_key in past:
-                name = target / KEYS_DIR / _key_history_name(_spki(old_key))
+                name = target / KEYS_DIR / _key_history_name(spki(old_key))
                 if not name.exists():
-                    _create_once(name, self._key_record(aid, old_key))
+                    create_once_raw(name, self._key_record(aid, old_key))
             for loader, saver, field_name in ((self.load_prekeys, self.save_prekeys, "prekeys"),
                                               (self.load_group_prekeys, self.save_group_prekeys, "group_prekeys")):
                 theirs = [r for r in content.get(field_name) or [] if isinstance(r, dict)]
@@ -1111,191 +750,8 @@ class IdentityStore:
         return self.load(aid)
 
 
-@dataclass(frozen=True)
-class FastaunIdentity:
-    """One identity as the official SDK holds it, read by ``read_fastaun`` (nothing stored yet)."""
-
-    aid: str
-    aun_path: str  # resolved, for meta.json
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-    older: tuple[x509.Certificate, ...]  # the versions in public/certs/ that parse
-    gateway_url: str | None  # from fastaun's aun.db, when readable
-
-
-def read_fastaun(aun_path: Path | str, aid: str, fastaun_seed: str | bytes) -> FastaunIdentity:
-    """Read (only) the fastaun identity ``{aun_path}/AIDs/{aid}``: the key is decrypted with fastaun's
-    scheme (PBKDF2-HMAC-SHA256 100k + HMAC field key + AES-256-GCM, see ``_fastaun_reveal``) and
-    checked against ``public/cert.pem``. fastaun's tokens are not read (they are bound to fastaun's
-    device id; aund logs in afresh). Errors: IdentityNotFound (nothing at that path), SeedMismatch
-    (wrong fastaun seed), CorruptIdentity, CertKeyMismatch, InvalidIdentity."""
-    IdentityStore._check_aid(aid)
-    src = Path(aun_path) / "AIDs" / aid  # fastaun's safe_aid() is the identity for valid AIDs
-    key_path, cert_path = src / "private" / "key.json", src / "public" / "cert.pem"
-    if not key_path.exists():
-        raise IdentityNotFound(f"no fastaun identity {aid}: {key_path} does not exist",
-                               data={"aid": aid, "path": str(key_path)})
-    key = _fastaun_private_key(key_path, aid, fastaun_seed)
-    try:
-        cert_bytes = cert_path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptIdentity(f"{cert_path} is missing", data={"path": str(cert_path)}) from None
-    cert = IdentityStore._check_cert(aid, _spki(key), cert_bytes)
-    older: list[x509.Certificate] = []
-    for p in sorted((src / "public" / "certs").glob("*.pem")):
-        with contextlib.suppress(OSError, pki.PKIError):
-            older.append(pki.load_cert_pem(p.read_bytes()))
-    return FastaunIdentity(aid, str(Path(aun_path).resolve()), key, cert, tuple(older),
-                           _fastaun_metadata(src / "aun.db", "gateway_url") or None)
-
-
-# ── fastaun's key.json (aun_core/keystore/_utils.py, local_identity_store.py) ──
-
-_FASTAUN_SALT = b"aun_file_secret_store_v1"
-_FASTAUN_ITERATIONS = 100_000
-_FASTAUN_FIELD = "identity/private_key"
-
-
-def _fastaun_bytes(value: Any, what: str, path: Path) -> bytes:
-    if not isinstance(value, str):
-        raise CorruptIdentity(f"{path}: {what} is missing", data={"path": str(path)})
-    try:
-        return bytes.fromhex(value)
-    except ValueError:  # decode_field_bytes falls back to base64
-        return _unb64(value, what, path)
-
-
-def _fastaun_reveal(seed: bytes, aid: str, record: Mapping[str, Any], path: Path) -> bytes | None:
-    """fastaun's reveal_field(seed, safe_aid(aid), "identity/private_key", record), None on auth failure."""
-    master = hashlib.pbkdf2_hmac("sha256", seed, _FASTAUN_SALT, _FASTAUN_ITERATIONS)
-    field_key = hmac.new(master, f"aun:{aid}:{_FASTAUN_FIELD}\x01".encode(), hashlib.sha256).digest()
-    nonce = _fastaun_bytes(record.get("nonce"), "nonce", path)
-    ciphertext = _fastaun_bytes(record.get("ciphertext"), "ciphertext", path)
-    tag = _fastaun_bytes(record.get("tag"), "tag", path)
-    try:
-        return AESGCM(field_key).decrypt(nonce, ciphertext + tag, None)
-    except (InvalidTag, ValueError):
-        return None
-
-
-def _fastaun_private_key(path: Path, aid: str, seed: str | bytes) -> ec.EllipticCurvePrivateKey:
-    seed_bytes = seed if isinstance(seed, bytes) else str(seed).encode("utf-8")
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise CorruptIdentity(f"{path} is unreadable: {exc}", data={"path": str(path)}) from None
-    if not isinstance(data, dict):
-        raise CorruptIdentity(f"{path} is not a JSON object", data={"path": str(path)})
-    record = data.get("private_key_protection")
-    if isinstance(record, dict):
-        if record.get("scheme") not in ("file_aes", "file_secret_store"):
-            raise CorruptIdentity(f"{path}: unknown protection scheme {record.get('scheme')!r}",
-                                  data={"path": str(path)})
-        pem = _fastaun_reveal(seed_bytes, aid, record, path)
-        if pem is None:
-            raise SeedMismatch(f"the fastaun seed does not decrypt {path}; pass the encryption_seed that "
-                               "fastaun's AIDStore was created with", data={"path": str(path), "aid": aid})
-    elif isinstance(data.get("private_key_pem"), str):
-        pem = data["private_key_pem"].encode("utf-8")  # legacy plaintext key.json (fastaun still reads it)
-    else:
-        raise CorruptIdentity(f"{path} holds no private key", data={"path": str(path)})
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise CorruptIdentity(f"{path}: private key does not parse: {exc}", data={"path": str(path)}) from None
-    key = _check_p256(key, str(path))
-    declared = data.get("public_key_der_b64")
-    if isinstance(declared, str) and declared and declared != pki.public_key_b64(key.public_key()):
-        raise CorruptIdentity(f"{path}: public_key_der_b64 does not match the private key",
-                              data={"path": str(path)})
-    return key
-
-
-def _fastaun_metadata(db_path: Path, key: str) -> str:
-    """A string from fastaun's aun.db metadata_kv, read-only and best effort ("" if unavailable).
-
-    A cleanly closed WAL database has no -wal file; it is then opened ``immutable`` so that
-    SQLite creates no -wal/-shm files in fastaun's directory. A live one is opened ``mode=ro``.
-    """
-    if not db_path.exists():
-        return ""
-    live = db_path.with_name(db_path.name + "-wal").exists()
-    uri = f"{db_path.resolve().as_uri()}?mode=ro" + ("" if live else "&immutable=1")
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=1.0)
-        try:
-            row = conn.execute("SELECT value FROM metadata_kv WHERE key = ?", (key,)).fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return ""
-    if not row or not isinstance(row[0], str):
-        return ""
-    try:
-        value = json.loads(row[0])
-    except ValueError:
-        value = row[0]
-    return value.strip() if isinstance(value, str) else ""
-
-
-# ── one daemon per state dir ───────────────────────────────────────────────
-
-
-class StateLock:
-    """Exclusive ``flock`` on ``{state_dir}/aund.lock`` holding the owner's pid.
-
-    The kernel drops the lock when the process dies (SIGKILL included) or closes the file; the
-    file itself is never deleted. The fd is O_CLOEXEC, so exec'd children do not keep the lock
-    (a child forked *without* exec would). Use as a context manager or ``acquire``/``release``.
-    Errors: StateDirLocked(holder_pid, state_dir).
-    """
-
-    def __init__(self, state_dir: Path | str) -> None:
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / "aund.lock"
-        self._fd: int | None = None
-
-    @property
-    def locked(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> StateLock:
-        if self._fd is not None:
-            return self
-        if not self.state_dir.exists():
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.state_dir, 0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd)
-            os.close(fd)
-            raise StateDirLocked(holder, self.state_dir) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # drops the flock; the file (and its stale pid) stays
-
-    def __enter__(self) -> StateLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+def __getattr__(name: str) -> Any:  # the SDK import lives in aund.identity.fastaun (it imports this module's checks)
+    if name in ("FastaunIdentity", "read_fastaun"):
+        from aund.identity import fastaun
+        return getattr(fastaun, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

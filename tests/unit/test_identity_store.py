@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from aund.errors import StorageError
-from aund.identity import pki, store as store_mod
+from aund.identity import files as files_mod, pki, store as store_mod
 from aund.identity.errors import (
     CertKeyMismatch,
     CorruptIdentity,
@@ -193,12 +193,12 @@ async def test_failure_between_write_and_rename_keeps_old_file(state, ca, monkey
         if at == stage:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "FAULT_HOOK", boom)
+    monkeypatch.setattr(files_mod, "FAULT_HOOK", boom)
     with pytest.raises(StorageError, match="No space left on device.*disk is full"):
         st.save_tokens(ALICE, {"refresh_token": "new"})
     with pytest.raises(StorageError, match="No space"):
         atomic_write(state / "AIDs" / ALICE / "cert.pem", b"garbage")
-    monkeypatch.setattr(store_mod, "FAULT_HOOK", None)
+    monkeypatch.setattr(files_mod, "FAULT_HOOK", None)
 
     assert snapshot(state) == before  # old files intact, no temp file left behind
     assert st.load_tokens(ALICE) == {"refresh_token": "old"}
@@ -215,11 +215,11 @@ async def test_sigkill_mid_write_leaves_old_tokens_and_cert(state, ca):
     child = """
         import os, signal, sys
         from pathlib import Path
-        from aund.identity import store
+        from aund.identity import files, store
         def die(stage, path):
             if stage == "before_replace" and path.name == sys.argv[2]:
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash with the new bytes fsynced but not renamed
-        store.FAULT_HOOK = die
+        files.FAULT_HOOK = die
         st = store.IdentityStore(Path(sys.argv[1]), b"correct horse battery staple")
         if sys.argv[2] == "tokens.enc.json":
             st.save_tokens("alice.aid.test", {"refresh_token": "new"})
@@ -591,5 +591,5 @@ async def test_group_identities_live_apart_from_agents_and_are_never_deleted(sta
     assert len(list((state / "AIDs" / "_groups" / team / "certs").glob("*.pem"))) == 2
     again = IdentityStore(state, SEED).groups()
     assert again.load(team).private_key.private_numbers() == new.private_numbers()
-    with pytest.raises(store_mod.SeedMismatch):
+    with pytest.raises(SeedMismatch):
         IdentityStore(state, b"not the seed").groups().load(team)
