@@ -166,7 +166,7 @@ class GroupSession:
             record = self._current.get(gid)
             if rotate or record is None:
                 record, key = new_prekey_record(self.identity, self.device_id, group_id=gid)
-                await append_prekey(self.store.load_group_prekeys, self.store.save_group_prekeys, self.aid, record)
+                await append_prekey(self.store.append_group_prekey, self.aid, record)
                 self._private[record["spk_id"]] = key
                 self._current[gid] = record
         await link.call("group.v2.put_group_pk", {"group_id": gid, "key_source": "group_device_prekey",

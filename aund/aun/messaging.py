@@ -143,10 +143,9 @@ def new_prekey_record(identity: Identity, device_id: str,
     return record, key
 
 
-async def append_prekey(load, save, aid: str, record: dict[str, Any]) -> None:
+async def append_prekey(append, aid: str, record: dict[str, Any]) -> None:
     """Append one record to a stored prekey list (durably, before the key is used or published)."""
-    records = await trio.to_thread.run_sync(load, aid)
-    await trio.to_thread.run_sync(save, aid, [*records, record])
+    await trio.to_thread.run_sync(append, aid, record)
 
 
 def prekey_wire(record: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +209,7 @@ class E2EESession:
 
     async def _new_prekey(self) -> dict[str, Any]:
         record, key = new_prekey_record(self.identity, self.device_id)
-        await append_prekey(self.store.load_prekeys, self.store.save_prekeys, self.aid, record)  # saved before use
+        await append_prekey(self.store.append_prekey, self.aid, record)  # saved before use
         self._prekeys.append(record)
         self._spk_private[record["spk_id"]] = key
         return record

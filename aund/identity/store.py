@@ -14,6 +14,9 @@ Layout under the daemon's state dir (every directory 0700, every file 0600)::
     {state_dir}/AIDs/{aid}/keys/rekey-pending.enc.json   a rekey in flight (written before the RPC)
     {state_dir}/AIDs/{aid}/tokens.enc.json     {access_token, refresh_token, access_token_expires_at, ...}, encrypted
     {state_dir}/AIDs/{aid}/meta.json           {version, aid, created_at, gateway_url, imported_from, ...} (plain)
+    {state_dir}/AIDs/{aid}/prekeys.d/{n:08}.enc.json        the n-th E2EE prekey ever made (create-once;
+                                               older aunds kept them all in prekeys.enc.json, still read)
+    {state_dir}/AIDs/{aid}/group_prekeys.d/{n:08}.enc.json  likewise, the group prekeys
 
 Encrypted file format (``key.enc.json`` and ``tokens.enc.json``), version 1::
 
@@ -390,9 +393,14 @@ class IdentityStore:
         return self._load_key_list(aid, PREKEYS_FILE, PURPOSE_PREKEYS)
 
     def save_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
-        """Replace the prekey list atomically. Callers only ever append: old prekeys are kept so
-        that late messages wrapped to them still decrypt (aund never deletes key material)."""
+        """Store the records of ``records`` not stored yet (appended, in order); refuses a list that
+        lacks a stored prekey: old prekeys are kept so that late messages wrapped to them still
+        decrypt (aund never deletes key material)."""
         self._save_key_list(aid, PREKEYS_FILE, PURPOSE_PREKEYS, records)
+
+    def append_prekey(self, aid: str, record: Mapping[str, Any]) -> None:
+        """Add one prekey record, durably (one new file: nothing already stored is rewritten)."""
+        self._append_key(aid, PREKEYS_FILE, PURPOSE_PREKEYS, record)
 
     def load_group_prekeys(self, aid: str) -> list[dict[str, Any]]:
         """Every group prekey (``group.v2.put_group_pk``) ever made for ``aid``, oldest first.
@@ -402,11 +410,47 @@ class IdentityStore:
         return self._load_key_list(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS)
 
     def save_group_prekeys(self, aid: str, records: list[Mapping[str, Any]]) -> None:
-        """Replace the group prekey list atomically; like ``save_prekeys`` it refuses to drop a key."""
+        """Like ``save_prekeys``, for the group prekeys."""
         self._save_key_list(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS, records)
 
+    def append_group_prekey(self, aid: str, record: Mapping[str, Any]) -> None:
+        """Add one group prekey record (one new file)."""
+        self._append_key(aid, GROUP_PREKEYS_FILE, PURPOSE_GROUP_PREKEYS, record)
+
+    # A prekey list is the sealed list file older aunds rewrote whole on each new prekey (read,
+    # never written again), then one create-once sealed file per record in `{name}.d/`, named by
+    # its place in the list: a rotation writes one small file, whatever the list's length.
+    @staticmethod
+    def _records_dir(d: Path, name: str) -> Path:
+        return d / (name.removesuffix(".enc.json") + ".d")
+
     def _load_key_list(self, aid: str, name: str, purpose: str) -> list[dict[str, Any]]:
-        return self._load_sealed_json(self._require(aid) / name, purpose, aid, list, [])
+        d = self._require(aid)
+        records = self._load_sealed_json(d / name, purpose, aid, list, [])
+        folder = self._records_dir(d, name)
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.enc.json")):
+                records.append(self._load_sealed_json(path, purpose, aid, dict, {}))
+        return records
+
+    def _append_key(self, aid: str, name: str, purpose: str, record: Mapping[str, Any]) -> None:
+        data = self.sealer.seal(purpose, aid, json.dumps(dict(record), sort_keys=True).encode("utf-8"))
+        with self._lock:
+            folder = self._records_dir(self._require(aid), name)
+            self._mkdirs(folder)
+            place = len(list(folder.glob("*.enc.json")))
+            while not create_once_raw(folder / f"{place:08d}.enc.json", data):
+                place += 1
+
+    def _save_key_list(self, aid: str, name: str, purpose: str, records: list[Mapping[str, Any]]) -> None:
+        with self._lock:
+            stored = {r.get("spk_id") for r in self._load_key_list(aid, name, purpose)}
+            if not stored <= {r.get("spk_id") for r in records}:
+                raise ValueError(f"saving {name} would drop a prekey: prekeys are never deleted")
+            for record in records:
+                if record.get("spk_id") not in stored:
+                    self._append_key(aid, name, purpose, record)
+                    stored.add(record.get("spk_id"))
 
     def _load_sealed_json(self, path: Path, purpose: str, aid: str, kind: type, missing: Any) -> Any:
         """The JSON value (of type `kind`) sealed in `path`, or `missing` if there is no file.
@@ -423,15 +467,6 @@ class IdentityStore:
             what = "JSON object" if kind is dict else "JSON list"
             raise CorruptIdentity(f"{self._rel(path)} does not hold a {what}", data={"path": str(path)})
         return value
-
-    def _save_key_list(self, aid: str, name: str, purpose: str, records: list[Mapping[str, Any]]) -> None:
-        old = {r.get("spk_id") for r in self._load_key_list(aid, name, purpose)}
-        new = {r.get("spk_id") for r in records}
-        if not old <= new:
-            raise ValueError(f"saving {name} would drop a prekey: prekeys are never deleted")
-        plaintext = json.dumps([dict(r) for r in records], sort_keys=True).encode("utf-8")
-        with self._lock:
-            atomic_write(self._require(aid) / name, self.sealer.seal(purpose, aid, plaintext))
 
     def derive_key(self, purpose: str) -> bytes:
         """A 32-byte key for `purpose` derived from the store's master key (e.g. the inbox cipher).

@@ -593,3 +593,23 @@ async def test_group_identities_live_apart_from_agents_and_are_never_deleted(sta
     assert again.load(team).private_key.private_numbers() == new.private_numbers()
     with pytest.raises(SeedMismatch):
         IdentityStore(state, b"not the seed").groups().load(team)
+
+
+async def test_a_new_prekey_writes_one_file_and_the_old_list_file_is_still_read(state, ca):
+    st, _ = await make_alice(state, ca)
+    d = state / "AIDs" / ALICE
+    # a store written by an older aund: the whole list sealed in prekeys.enc.json
+    atomic_write(d / "prekeys.enc.json", st.sealer.seal("e2ee/prekeys", ALICE, b'[{"spk_id": "old-1"}]'))
+    st.append_prekey(ALICE, {"spk_id": "p1"})
+    before = {p.name: p.stat().st_mtime_ns for p in d.rglob("*.enc.json")}
+    st.append_prekey(ALICE, {"spk_id": "p2"})
+    after = {p.name: p.stat().st_mtime_ns for p in d.rglob("*.enc.json")}
+    assert set(after) - set(before) == {"00000001.enc.json"}  # one new file ...
+    assert all(after[name] == stamp for name, stamp in before.items())  # ... and nothing rewritten
+    assert [r["spk_id"] for r in st.load_prekeys(ALICE)] == ["old-1", "p1", "p2"]  # order = age
+    st.save_prekeys(ALICE, [*st.load_prekeys(ALICE), {"spk_id": "p3"}])  # appends what is new only
+    assert [r["spk_id"] for r in IdentityStore(state, SEED).load_prekeys(ALICE)] == ["old-1", "p1", "p2", "p3"]
+    with pytest.raises(ValueError, match="never deleted"):
+        st.save_prekeys(ALICE, [{"spk_id": "p1"}])
+    st.append_group_prekey(ALICE, {"spk_id": "g1", "group_id": "g.aid.test"})
+    assert [r["spk_id"] for r in st.load_group_prekeys(ALICE)] == ["g1"] and len(st.load_prekeys(ALICE)) == 4
