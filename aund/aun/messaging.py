@@ -24,6 +24,7 @@ import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from aund import params as params_mod
 from aund.aun import codes, events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import (
@@ -85,12 +86,9 @@ def row_content(row: dict[str, Any], envelope_type: str) -> tuple[str, Any]:
 
 def history_window(params: dict[str, Any], max_limit: int) -> tuple[int, int]:
     """(before_seq, limit) of an app's history call: before_seq a positive integer, limit 1..max_limit."""
-    before, limit = params.get("before_seq"), params.get("limit", max_limit)
-    if isinstance(before, bool) or not isinstance(before, int) or before < 1:
-        raise InvalidParams("before_seq must be a positive integer (the page holds seq < before_seq)",
-                            data={"arg": "before_seq"})
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit:
-        raise InvalidParams(f"limit must be an integer from 1 to {max_limit}", data={"arg": "limit"})
+    with params_mod.fail_as(params_mod.invalid_params):
+        before = params_mod.integer(params, "before_seq", minimum=1)  # the page holds seq < before_seq
+        limit = params_mod.integer(params, "limit", max_limit, minimum=1, maximum=max_limit)
     return before, limit
 
 

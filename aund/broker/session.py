@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from aund import params
 from aund.aun.budget import holding
 from aund.broker.backend import AppIdentity, InboxEvent, SessionHandle
 from aund.broker.limits import AppStatistics
@@ -163,55 +164,37 @@ class _Closing(Exception):
 
 
 # --- argument checks (each raises InvalidParams naming the argument) ---------------------------
-_MISSING: Any = object()
+_MISSING: Any = params.MISSING
 
 
 def _get(args: dict[str, Any], name: str, default: Any) -> Any:
-    if name in args and args[name] is not None:
-        return args[name]
-    if default is _MISSING:
-        raise InvalidParams(f"missing argument {name!r}", data={"arg": name})
-    return default
+    with params.fail_as(params.invalid_params):
+        return params.get(args, name, default)
 
 
 def _str(args: dict[str, Any], name: str, default: Any = _MISSING, *, max_len: int = 256) -> str:
-    value = _get(args, name, default)
-    if not isinstance(value, str) or not 0 < len(value) <= max_len:
-        raise InvalidParams(f"argument {name!r} must be a non-empty string of <= {max_len} characters",
-                            data={"arg": name})
-    return value
+    with params.fail_as(params.invalid_params):
+        return params.string(args, name, default, max_len=max_len, empty=False)
 
 
 def _int(args: dict[str, Any], name: str, default: Any = _MISSING, *, minimum: int = 0) -> int:
-    value = _get(args, name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value >= 1 << 63:
-        raise InvalidParams(f"argument {name!r} must be an integer >= {minimum}", data={"arg": name})
-    return value
+    with params.fail_as(params.invalid_params):
+        return params.integer(args, name, default, minimum=minimum, maximum=(1 << 63) - 1)
 
 
 def _bool(args: dict[str, Any], name: str, default: bool) -> bool:
-    value = _get(args, name, default)
-    if not isinstance(value, bool):
-        raise InvalidParams(f"argument {name!r} must be a boolean", data={"arg": name})
-    return value
+    with params.fail_as(params.invalid_params):
+        return params.boolean(args, name, default)
 
 
 def _timeout(args: dict[str, Any], name: str, maximum: float) -> float | None:
-    value = _get(args, name, None)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum \
-            or math.isnan(value):
-        raise InvalidParams(f"argument {name!r} must be a number of seconds in (0, {maximum}]",
-                            data={"arg": name})
-    return float(value)
+    with params.fail_as(params.invalid_params):
+        return params.number(args, name, None, maximum=maximum)
 
 
 def _map(args: dict[str, Any], name: str, default: Any = _MISSING) -> dict[str, Any]:
-    value = _get(args, name, default)
-    if not isinstance(value, dict):
-        raise InvalidParams(f"argument {name!r} must be a map", data={"arg": name})
-    return value
+    with params.fail_as(params.invalid_params):
+        return params.mapping(args, name, default)
 
 
 def _bytes(args: dict[str, Any], name: str, *, max_len: int, b64: bool = False) -> bytes:

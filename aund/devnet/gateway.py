@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote
 import structlog
 import trio
 
+from aund import params as params_mod
 from aund.aun import jsonrpc as rpc
 from aund.aun import ids, signing
 from aund.aun.e2ee import merkle, spk_id_for, verify_spk
@@ -84,24 +85,18 @@ def validate_aid(aid: Any, issuer: str | None = None) -> str:
     return aid
 
 
+def bad_param(exc: params_mod.ParamError) -> RpcError:
+    return RpcError(rpc.INVALID_PARAMS, str(exc))
+
+
 def _str(params: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
-    value = params.get(key, None)
-    if value is None:
-        if required:
-            raise RpcError(rpc.INVALID_PARAMS, f"missing param: {key}")
-        return default
-    if not isinstance(value, str):
-        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be a string")
-    return value
+    with params_mod.fail_as(bad_param):
+        return params_mod.string(params, key, params_mod.MISSING if required else default, what="param")
 
 
 def _int(params: dict[str, Any], key: str, default: int, *, lo: int = 0, hi: int = rpc.MAX_SAFE_INT) -> int:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be an integer")
-    return max(lo, min(hi, value))
+    with params_mod.fail_as(bad_param):
+        return params_mod.integer(params, key, default, minimum=lo, maximum=hi, clamp=True, what="param")
 
 
 @dataclass

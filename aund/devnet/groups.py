@@ -22,6 +22,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from aund import params as params_mod
 from aund.aun import ids
 from aund.aun import jsonrpc as rpc
 from aund.aun.e2ee import merkle
@@ -163,23 +164,13 @@ def next_chain(prev_chain: str, state_hash: str) -> str:
 
 
 def _bool(params: dict[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be a boolean")
-    return value
+    with params_mod.fail_as(gw.bad_param):
+        return params_mod.boolean(params, key, default, what="param")
 
 
 def _text(params: dict[str, Any], key: str, default: str = "", *, limit: int = 4000) -> str:
-    value = params.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be a string")
-    if len(value) > limit:
-        raise RpcError(rpc.INVALID_PARAMS, f"param {key} longer than {limit} characters")
-    return value
+    with params_mod.fail_as(gw.bad_param):
+        return params_mod.string(params, key, default, max_len=limit, what="param")
 
 
 # --- the service -----------------------------------------------------------------------------------
