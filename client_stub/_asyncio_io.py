@@ -7,7 +7,6 @@ the one event loop, so the ``_Core`` needs no lock. asyncio itself is imported o
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,7 +26,19 @@ class _LazyAsyncio:
 
 
 asyncio: Any = _LazyAsyncio()
-_NO_LOCK = contextlib.nullcontext()
+
+
+class _NoLock:
+    """``with`` that does nothing (contextlib.nullcontext without importing contextlib)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
 
 
 async def sleep(seconds: float) -> None:
@@ -39,7 +50,7 @@ def new_lock() -> Any:
     return asyncio.Lock()
 
 
-def core_lock() -> contextlib.nullcontext[None]:
+def core_lock() -> _NoLock:
     """The ``_Core`` is only touched from the loop's thread: nothing to lock."""
     return _NO_LOCK
 
