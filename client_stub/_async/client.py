@@ -1,6 +1,7 @@
-"""The client front end, written once (layer: client_stub): ``AsyncClient`` here, and ``Client``
-generated from this file into ``client_stub/_sync/client.py`` by ``scripts/unasync.py`` (edit
-this file, never that one, then run the script; the test suite fails on a stale copy).
+"""The client front end, written once (layer: client_stub): ``AsyncClient`` in
+``client_stub/_async/client.py`` is the source, ``Client`` in ``client_stub/_sync/client.py`` is
+generated from it by ``scripts/unasync.py`` (edit the source, then run the script; the test suite
+fails on a stale copy).
 
 The I/O that really differs (a reader task or a reader thread, futures or thread waiters, which
 locks) is ``client_stub._asyncio_io``, which the generator swaps for ``client_stub._thread_io``.

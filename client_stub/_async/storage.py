@@ -1,6 +1,7 @@
-"""``session.storage``, written once (layer: client_stub): ``AsyncStorage`` here, and ``Storage``
-generated from this file into ``client_stub/_sync/storage.py`` by ``scripts/unasync.py`` (edit
-this file, never that one). What the operations do is in ``client_stub.storage``'s docstring.
+"""``session.storage``, written once (layer: client_stub): ``AsyncStorage`` in
+``client_stub/_async/storage.py`` is the source, ``Storage`` in ``client_stub/_sync/storage.py`` is
+generated from it by ``scripts/unasync.py`` (edit the source, never the generated copy). What the
+operations do is in ``client_stub.storage``'s docstring.
 """
 from __future__ import annotations
 
