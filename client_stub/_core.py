@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 from client_stub import localsock, wire
 from client_stub.errors import (
-    AundError, DaemonUnavailable, LimitsExceeded, ProtocolError, RpcTimeout, error_from_wire,
+    AundError, DaemonUnavailable, LimitsExceeded, ProtocolError, error_from_wire,
     error_to_wire,
 )
 

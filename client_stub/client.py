@@ -40,7 +40,7 @@ client-side wait), and whatever the daemon sent (``PermissionDenied``, ``LimitsE
 """
 from __future__ import annotations
 
-from client_stub._async.client import AsyncClient, AsyncEventStream, AsyncSession, _AsyncConn
+from client_stub._async.client import AsyncClient, AsyncEventStream, AsyncSession, _AsyncConn  # noqa: F401
 from client_stub._asyncio_io import _LazyAsyncio, asyncio  # noqa: F401 (asyncio is imported on first use)
 from client_stub._core import (  # noqa: F401 (the knobs, for apps and tests that look them up here)
     BACKOFF_BASE, BACKOFF_MAX, BROKEN_WAIT, CALL_MARGIN, DEFAULT_CALL_WAIT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
