@@ -21,6 +21,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+import client_stub._core as client_core
 import client_stub.client as client_module
 from aund.broker import (
     DISPATCH, CallBorrower, DaemonAlreadyRunning, Limits, Policy, SocketPathInUse, activated_listeners,
@@ -703,7 +704,7 @@ async def test_oversize_event_becomes_a_stub_the_app_can_ack(start_broker):
 
 
 async def test_client_side_overflow_resubscribes_without_gaps(start_broker, monkeypatch):
-    monkeypatch.setattr(client_module, "EVENT_QUEUE_MAX", 5)
+    monkeypatch.setattr(client_core, "EVENT_QUEUE_MAX", 5)
     b = await start_broker()
     for i in range(60):
         b.backend.publish(ALICE, "message.received", {"i": i})
@@ -762,7 +763,7 @@ async def test_events_iterator_survives_a_daemon_restart(start_broker):
 
 async def test_async_events_survive_restart_and_client_overflow(start_broker, monkeypatch):
     """The AsyncClient twin of the two tests above: same resume logic, asyncio I/O."""
-    monkeypatch.setattr(client_module, "EVENT_QUEUE_MAX", 4)
+    monkeypatch.setattr(client_core, "EVENT_QUEUE_MAX", 4)
     backend = FakeBackend()
     first = await start_broker(backend=backend)
     path = first.path
