@@ -27,6 +27,7 @@ CLIENT_SIGNATURE_INVALID = -32051
 # --- E2EE and groups (-33xxx) --------------------------------------------------------------------
 GROUP_NOT_FOUND = -33001
 GROUP_STATE_INVALID = -33002
+GROUP_SUSPENDED = -33003     # protocol doc 10.15; the SDK maps -33002/-33003 to GroupStateError
 ALREADY_MEMBER = -33005
 NOT_MEMBER = -33006
 ROLE_INSUFFICIENT = -33007
