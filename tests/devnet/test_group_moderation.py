@@ -12,9 +12,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aund.aun import codes
+from aund.aun import codes, signing
 from aund.aun import jsonrpc as rpc
-from aund.aun import signing
 from aund.devnet import groups
 from tests.devnet.test_groups import code, group_prekey, make_group, open_world, send
 
@@ -82,7 +81,10 @@ async def test_a_blocked_member_sends_but_receives_nothing_until_unblocked(devne
             await w.ok("owner", "group.set_role", {"group_id": gid, "aid": w.aid(a), "role": "admin"})
         for name in ("owner", "bob", "carol"):
             await w.ok(name, "group.v2.put_group_pk", group_prekey(w.accounts[name].identity.key, gid))
-        who = lambda boot: sorted({d["aid"] for d in boot["devices"]})  # noqa: E731
+
+        def who(boot: dict[str, Any]) -> list[str]:
+            return sorted({d["aid"] for d in boot["devices"]})
+
         before = await w.ok("owner", "group.v2.bootstrap", {"group_id": gid})
         assert w.aid("bob") in who(before)
         # who may block whom
@@ -197,8 +199,9 @@ async def test_invite_codes_admit_until_used_up_expired_or_revoked(devnet_inproc
         assert [(e["joined_aid"], e["inviter_aid"]) for e in used] == [(w.aid("carol"), w.aid("owner"))]
         assert all("code" not in e for e in w.events("bob", "group.changed"))  # members do not learn codes
         assert "result" in await w.call("carol", "group.get_members", {"group_id": gid})
-        refusals = [("dave", one["code"], groups.INVITE_INVALID, "used up"), ("dave", "nope-nope", groups.INVITE_INVALID,
-                    "not found"), ("carol", two["code"], groups.ALREADY_MEMBER, "already")]
+        refusals = [("dave", one["code"], groups.INVITE_INVALID, "used up"),
+                    ("dave", "nope-nope", groups.INVITE_INVALID, "not found"),
+                    ("carol", two["code"], groups.ALREADY_MEMBER, "already")]
         for who, c, expected, words in refusals:
             reply = await w.call(who, "group.use_invite_code", {"code": c})
             assert code(reply) == expected and words in reply["error"]["message"], (who, c, reply)

@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import pytest
-import trio
 
 from client_stub import Client, GatewayError
 from tests.helpers import ROOT, AundProcess
@@ -90,6 +89,7 @@ def test_aund_app_owner_admits_fastaun_by_invite_code_and_suspends(devnet, tmp_p
                           stderr=subprocess.PIPE, text=True)
     try:
         with Client(daemon.socket, app="moderation-test", timeout=30) as client:
+            client.ensure_identity(alice)
             session = client.session(alice)
             session.wait_ready(timeout=60)
             seen = Seen(session.events("test", KINDS).open())
@@ -142,10 +142,12 @@ async def test_fastaun_owner_moderates_aund_members(devnet, tmp_path):
     carol, dave = f"mod-carol-{tag}.aid.test", f"mod-dave-{tag}.aid.test"
 
     async def body(work, daemon, call, readers) -> None:
-        texts = lambda aid: readers[aid].texts()  # noqa: E731
+        def texts(aid: str) -> list[str]:
+            return readers[aid].texts()
+
         (work / "aund.json").write_text(json.dumps({"carol": carol, "dave": dave}))
         info = await _file(work / "group.json", 40)
-        gid, code, fast = info["gid"], info["code"], info["fast"]
+        gid, code = info["gid"], info["code"]
 
         # --- dave joins with fastaun's code and they exchange E2EE messages ------------------------------
         joined = await call(dave, "group.use_invite_code", {"code": code})
