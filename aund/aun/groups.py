@@ -71,6 +71,8 @@ _THOUGHT_RETRY_WORDS = ("member", "device", "recipient", "stale", "epoch")
 #: what a refusal's message says when its code does not tell (the SDK's list)
 REFUSAL_TEXTS = ("banned members", "blocked members", "member is banned", "member is blocked", "group is not active",
                  "group is dissolved", "group is suspended", "group not found", "member not found", "not a member")
+#: ... and what makes even a refusal's code a passing fault (the gateway's RPC timeout is -32004 too)
+TRANSIENT_TEXTS = ("timeout", "deadline exceeded", "gateway service degraded")
 #: a group's states in which it still has messages to sync (a suspended group's owner and admins speak)
 SYNCED_STATES = ("active", "suspended")
 BLOCKED, UNBLOCKED = "member_blocked", "member_unblocked"
@@ -103,10 +105,12 @@ def _remote_code(exc: AundError) -> int | None:
 def _is_refusal(exc: AundError) -> bool:
     """A refusal that ends background pulls of a group until re-admission or reconnect (9.3)."""
     code = _remote_code(exc)
+    text = str(exc).lower()
+    if any(words in text for words in TRANSIENT_TEXTS):
+        return False
     if code in (codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED, codes.FORBIDDEN, codes.INVALID_REQUEST,
                 codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS) or code in codes.GROUP_REFUSALS:
         return True
-    text = str(exc).lower()
     return any(words in text for words in REFUSAL_TEXTS)
 
 
