@@ -27,12 +27,13 @@ CLIENT_SIGNATURE_INVALID = -32051
 # --- E2EE and groups (-33xxx) --------------------------------------------------------------------
 GROUP_NOT_FOUND = -33001
 GROUP_STATE_INVALID = -33002
+GROUP_SUSPENDED = -33003     # protocol doc 10.15; the SDK maps -33002/-33003 to GroupStateError
 ALREADY_MEMBER = -33005
 NOT_MEMBER = -33006
 ROLE_INSUFFICIENT = -33007
 INVITE_INVALID = -33008
 JOIN_REJECTED = -33009
-GROUP_REFUSALS = range(GROUP_NOT_FOUND, JOIN_REJECTED + 1)  # -33001..-33009: a refusal, not a fault
+GROUP_REFUSALS = range(JOIN_REJECTED, GROUP_NOT_FOUND + 1)  # -33009..-33001: a refusal, not a fault
 E2EE_PREKEY_INVALID = -33011
 STATE_CONFLICT = -33012     # a state proposal / confirmation lost a race or is stale
 RECIPIENTS_STALE = -33050   # the wrap set does not match the members: re-bootstrap and retry

@@ -70,6 +70,15 @@ EVENTS_LIMIT = 50
 HISTORY_LIMIT = 50  # group.history page size cap (the SDK's)
 MEMBERS_PAGE = 200
 _THOUGHT_RETRY_WORDS = ("member", "device", "recipient", "stale", "epoch")
+#: what a refusal's message says when its code does not tell (the SDK's list)
+REFUSAL_TEXTS = ("banned members", "blocked members", "member is banned", "member is blocked", "group is not active",
+                 "group is dissolved", "group is suspended", "group not found", "member not found", "not a member")
+#: ... and what makes even a refusal's code a passing fault (the gateway's RPC timeout is -32004 too)
+TRANSIENT_TEXTS = ("timeout", "deadline exceeded", "gateway service degraded")
+#: a group's states in which it still has messages to sync (a suspended group's owner and admins speak)
+SYNCED_STATES = ("active", "suspended")
+BLOCKED, UNBLOCKED = "member_blocked", "member_unblocked"
+JOINING_CALLS = ("group.create", "group.use_invite_code")  # after these this device publishes its group prekey
 
 
 def group_id_of(params: dict[str, Any] | None) -> str:
@@ -98,11 +107,13 @@ def _remote_code(exc: AundError) -> int | None:
 def _is_refusal(exc: AundError) -> bool:
     """A refusal that ends background pulls of a group until re-admission or reconnect (9.3)."""
     code = _remote_code(exc)
+    text = str(exc).lower()
+    if any(words in text for words in TRANSIENT_TEXTS):
+        return False
     if code in (codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED, codes.FORBIDDEN, codes.INVALID_REQUEST,
                 codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS) or code in codes.GROUP_REFUSALS:
         return True
-    text = str(exc).lower()
-    return "not a member" in text or "group not found" in text
+    return any(words in text for words in REFUSAL_TEXTS)
 
 
 @dataclass(frozen=True)
@@ -468,7 +479,7 @@ class GroupSession:
             or group_id_of(result) or group_id_of(params)
         if gid:
             self.invalidate(gid)
-            if method == "group.create":
+            if method in JOINING_CALLS:
                 await _quietly(self.register(link, gid), "groups.prekey_failed", self.aid, gid)
             await _quietly(self.propose(link, gid), "groups.propose_failed", self.aid, gid)
         return result
@@ -681,6 +692,11 @@ class GroupSync(LinkSync):
             return await self.session.identities.renew(self.link, params, timeout=timeout)
         if method == "group.transfer_owner":
             return await self.session.identities.transfer(self.link, params, timeout=timeout)
+        if method == "group.unblock":
+            result = await self.link.call(method, params, timeout=timeout)
+            if str(params.get("subject") or params.get("aid") or "").strip().lower() == self.aid:
+                self._resume(_require_gid(params), "unblocked itself")  # as the SDK: its pulls start again
+            return result
         raise InvalidParams(f"{method} is not a group method aund routes")
 
     def note_own(self, gid: str, seq: int) -> None:
@@ -805,7 +821,7 @@ class GroupSync(LinkSync):
         out = []
         for group in reply.get("items") or reply.get("groups") or []:
             gid = group_id_of(group)
-            if gid and str(group.get("status") or "active").lower() == "active":
+            if gid and str(group.get("status") or "active").lower() in SYNCED_STATES:
                 out.append((gid, group))
         return out
 
@@ -917,6 +933,13 @@ class GroupSync(LinkSync):
             log.info("groups.sync_stopped", aid=self.aid, group_id=gid, reason=why[:200])
         self.session.invalidate(gid)
 
+    def _resume(self, gid: str, why: str) -> None:
+        """Sync `gid` again after a refusal stopped it (readmitted, unblocked)."""
+        if gid in self._blocked:
+            self._blocked.discard(gid)
+            log.info("groups.sync_resumed", aid=self.aid, group_id=gid, reason=why)
+        self._queue(("sync", gid, None))
+
     async def sync_group(self, gid: str) -> None:
         """Pull every message of `gid` after what the inbox holds, page by page (no coverage proof
         exists for groups: holes inside a page are messages not wrapped for this device)."""
@@ -988,9 +1011,12 @@ class GroupSync(LinkSync):
         elif action in LEAVE_ACTIONS and subject == self.aid:
             self._block(gid, action)  # our own removal: nothing more to pull (its event still is, below)
         elif action in JOIN_ACTIONS and subject == self.aid:
-            self._blocked.discard(gid)
             self._spawn(self.session.register(self.link, gid), "groups.prekey_failed", gid)
-            self._queue(("sync", gid, None))
+            self._resume(gid, action)
+        elif action == BLOCKED and subject == self.aid:
+            self._block(gid, action)  # no messages for us until unblocked (the pulls would be refused)
+        elif action == UNBLOCKED and subject == self.aid:
+            self._resume(gid, action)
         elif action in MEMBERSHIP_ACTIONS and gid not in self._blocked:
             self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
         elif action == TRANSFER_PENDING and str(event.get("new_owner") or "").strip().lower() == self.aid \

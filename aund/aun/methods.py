@@ -100,11 +100,11 @@ _PER_CALL_DELIVERY = ("affinity_ttl_ms", "delivery_mode", "persist", "queue_rout
 _REFUSED_PARAMS = {"message.send": _PER_CALL_DELIVERY, "group.send": _PER_CALL_DELIVERY}
 # calls after which the owner/admin signs a new state: the member set or the admin set changed
 _MEMBERSHIP = frozenset(_family("group", "create add_member kick remove_member review_join_request "
-                                         "batch_review_join_request set_role complete_transfer"))
+                                         "batch_review_join_request set_role complete_transfer use_invite_code"))
 _ROUTES = {"p2p": frozenset({"message.send", "message.thought.put", "message.thought.get", "message.history"}),
            "group": frozenset({"group.send", "group.thought.put", "group.thought.get", "group.history",
                                "group.set_settings", "group.bind_group_aid", "group.renew_group_aid",
-                               "group.transfer_owner"}) | _MEMBERSHIP}
+                               "group.transfer_owner", "group.unblock"}) | _MEMBERSHIP}
 
 #: Methods of these families follow the family's rule unless the table names them.
 FAMILIES: Mapping[str, MethodRule] = MappingProxyType({

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 # --- error codes (docs/groups.md section 9; the numbers live in aund.aun.codes) --------------------
 from aund.aun.codes import (  # noqa: E402
-    ALREADY_MEMBER, EPOCH_STALE, GROUP_NOT_FOUND, GROUP_STATE_INVALID, INVITE_INVALID, JOIN_REJECTED, NOT_MEMBER,
-    RECIPIENTS_STALE, ROLE_INSUFFICIENT, STATE_CONFLICT,
+    ALREADY_MEMBER, EPOCH_STALE, GROUP_NOT_FOUND, GROUP_STATE_INVALID, GROUP_SUSPENDED, INVITE_INVALID, JOIN_REJECTED,
+    NOT_MEMBER, RECIPIENTS_STALE, ROLE_INSUFFICIENT, STATE_CONFLICT,
 )
 
 GROUP_BASE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{3,63}$")
@@ -113,6 +113,8 @@ CREATE TABLE IF NOT EXISTS grp_transfers (
     group_id TEXT PRIMARY KEY, old_owner TEXT NOT NULL, new_owner TEXT NOT NULL, transfer_auth TEXT NOT NULL,
     created_at INTEGER NOT NULL);
 """
+#: further tables of the modules that add handlers (aund/devnet/group_moderation.py), created with these
+EXTRA_SCHEMAS: list[str] = []
 
 
 def now_ms() -> int:
@@ -181,6 +183,8 @@ class GroupService:
         self.net = net
         self.db = net.store.db
         self.db.executescript(SCHEMA)
+        for extra in EXTRA_SCHEMAS:
+            self.db.executescript(extra)
         self.thoughts: dict[tuple[str, str], dict[tuple[str, str], Thought]] = {}
         # members of federated issuers: aid -> {"cert": PEM | None, "devices": [...], "at": monotonic}
         self.foreign: dict[str, dict[str, Any]] = {}
@@ -270,6 +274,40 @@ class GroupService:
             raise RpcError(ROLE_INSUFFICIENT if what == "send" else JOIN_REJECTED,
                            f"{aid} is banned from {group_id}: cannot {what}")
 
+    # --- moderation hooks (the handlers and tables: aund/devnet/group_moderation.py) --------------
+    def blocked(self, group_id: str, aid: str) -> bool:
+        """True when `aid` is blocked from receiving the group's messages (it may still send)."""
+        return self.db.execute("SELECT 1 FROM grp_blocks WHERE group_id=? AND subject=?",
+                               (group_id, aid)).fetchone() is not None
+
+    def refuse_blocked(self, group_id: str, aid: str) -> None:
+        if self.blocked(group_id, aid):
+            raise RpcError(ROLE_INSUFFICIENT, f"member is blocked from receiving {group_id}'s messages "
+                           "(group.unblock lifts it)")
+
+    def refuse_admission(self, group_id: str) -> None:
+        """Nobody joins a group that is suspended or dissolved."""
+        status = self.group(group_id)["status"]
+        if status == "suspended":
+            raise RpcError(GROUP_SUSPENDED, f"group is suspended: {group_id} admits no one until resumed")
+        if status != "active":
+            raise RpcError(GROUP_STATE_INVALID, f"group is {status}")
+
+    def refuse_send(self, group: dict[str, Any], member: dict[str, Any]) -> None:
+        """While suspended only the owner and admins speak; a dissolved group takes nothing."""
+        if group["status"] == "suspended" and member["role"] not in ("owner", "admin"):
+            raise RpcError(GROUP_SUSPENDED, f"group is suspended: only the owner and admins may send in "
+                           f"{group['group_id']}")
+        if group["status"] not in ("active", "suspended"):
+            raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+
+    def note_sent(self, group_id: str, aid: str, payload_type: str) -> None:
+        """Keep the sender's last_message_at / last_payload_type (group.get_member_statuses)."""
+        with self.net.store.tx() as db:
+            db.execute("INSERT INTO grp_member_status (group_id, aid, last_message_at, last_payload_type) "
+                       "VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET last_message_at=excluded.last_message_at, "
+                       "last_payload_type=excluded.last_payload_type", (group_id, aid, now_ms(), payload_type[:128]))
+
     def cursor(self, group_id: str, aid: str, device_id: str, slot_key: str, kind: str) -> int:
         row = self.db.execute("SELECT ack_seq FROM grp_cursors WHERE group_id=? AND aid=? AND device_id=? "
                               "AND slot_key=? AND kind=?", (group_id, aid, device_id, slot_key, kind)).fetchone()
@@ -301,7 +339,9 @@ class GroupService:
         Groups that are not open admit a member into the wrap set only once a signed state that
         names it is committed (state_version 0 = nothing signed yet: every member).
         """
-        current = [m["aid"] for m in self.members(group["group_id"])]
+        blocked = {r[0] for r in self.db.execute("SELECT subject FROM grp_blocks WHERE group_id=?",
+                                                 (group["group_id"],))}
+        current = [m["aid"] for m in self.members(group["group_id"]) if m["aid"] not in blocked]
         committed = snapshot_aids(group["membership_snapshot"]) if group["state_version"] > 0 else None
         if committed is None or group["join_mode"] == "open":
             return current, [], []
@@ -356,6 +396,7 @@ class GroupService:
              also: Callable[[Any], None] | None = None, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Make `aid` a member and return (member row, event); `also(db)` runs in the same transaction."""
         self.refuse_banned(group["group_id"], aid, "join")
+        self.refuse_admission(group["group_id"])
         with self.net.store.tx() as db:
             fresh = dict(db.execute("SELECT * FROM grp_groups WHERE group_id=?", (group["group_id"],)).fetchone())
             if db.execute("SELECT 1 FROM grp_members WHERE group_id=? AND aid=?", (fresh["group_id"], aid)).fetchone():
@@ -521,7 +562,7 @@ class GroupService:
                   "kind": "group.broadcast",
                   "dispatch": {"mode": "broadcast", "reason": "duty_disabled"}}
         for aid in sorted(readers):
-            if self.member(group_id, aid) is None:
+            if self.member(group_id, aid) is None or self.blocked(group_id, aid):
                 continue
             self.push_to(aid, method, params, rows=lambda device, slot, aid=aid: self.message_row(msg, aid, device, slot),
                          skip_device=msg["sender_device_id"] if aid == msg["sender_aid"] else "")
@@ -803,8 +844,7 @@ def _request_view(r: dict[str, Any]) -> dict[str, Any]:
 def rpc_request_join(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group = svc.group(gid)
-    if group["status"] != "active":
-        raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+    svc.refuse_admission(gid)
     if svc.member(gid, conn.aid) is not None:
         raise RpcError(ALREADY_MEMBER, "already a member")
     svc.refuse_banned(gid, conn.aid, "join")
@@ -912,6 +952,7 @@ def rpc_invite_member(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     me = svc.member(gid, conn.aid)
     if group["visibility"] != "public" and me["role"] not in ("owner", "admin"):
         raise RpcError(ROLE_INSUFFICIENT, "only the owner or an admin may invite to a private group")
+    svc.refuse_admission(gid)
     invitee = _known_aid(conn, params.get("invitee_aid") or params.get("aid"))
     if svc.member(gid, invitee) is not None:
         raise RpcError(ALREADY_MEMBER, f"already a member: {invitee}")
@@ -1196,7 +1237,7 @@ def _check_envelope(conn: Conn, svc: GroupService, group: dict[str, Any], envelo
         raise RpcError(rpc.INVALID_PARAMS, "sender_signature does not verify with the sender's certificate")
     members = svc.current_member_aids(gid)
     wrapped = {r[0] for r in rows}
-    stale = sorted(wrapped - members)
+    stale = sorted(wrapped - members | {a for a in wrapped if svc.blocked(gid, a)})
     targets, _, _ = svc.e2ee_targets(group)
     missing = sorted(a for a in targets if a != conn.aid and a not in wrapped and svc.devices(gid, a))
     if stale or missing:
@@ -1235,9 +1276,8 @@ def _check_body(obj: Any) -> str:
 @handler("group.v2.send")
 def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    group, _ = svc.require_member(gid, conn.aid)
-    if group["status"] != "active":
-        raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+    group, member = svc.require_member(gid, conn.aid)
+    svc.refuse_send(group, member)
     svc.refuse_banned(gid, conn.aid, "send")
     envelope = params.get("envelope")
     aad = envelope.get("aad") if isinstance(envelope, dict) else None
@@ -1253,6 +1293,7 @@ def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     sender_device = str(aad.get("from_device") or conn.device_id)
     msg, created = svc.store_message(group, conn.aid, sender_device, message_id, "e2ee", body, need_render, wraps)
     if created:
+        svc.note_sent(gid, conn.aid, "e2ee.group_encrypted")
         svc.push_message(msg)
     return _send_result(gid, msg, created, "e2ee.group_encrypted")
 
@@ -1260,9 +1301,8 @@ def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.send")
 def rpc_send_plain(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    group, _ = svc.require_member(gid, conn.aid)
-    if group["status"] != "active":
-        raise RpcError(GROUP_STATE_INVALID, f"group is {group['status']}")
+    group, member = svc.require_member(gid, conn.aid)
+    svc.refuse_send(group, member)
     svc.refuse_banned(gid, conn.aid, "send")
     payload = params.get("payload")
     if not isinstance(payload, dict):
@@ -1273,6 +1313,7 @@ def rpc_send_plain(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     msg, created = svc.store_message(group, conn.aid, conn.device_id, message_id, "plain", _check_body(payload),
                                      _bool(params, "need_render", True), [])
     if created:
+        svc.note_sent(gid, conn.aid, str(payload.get("type") or "message"))
         svc.push_message(msg)
     return _send_result(gid, msg, created, str(payload.get("type") or "message"))
 
@@ -1281,6 +1322,7 @@ def rpc_send_plain(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 def rpc_v2_pull(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, member = svc.require_member(gid, conn.aid)
+    svc.refuse_blocked(gid, conn.aid)
     device, slot_key = _cursor_device(conn, params)
     after = gw._int(params, "after_seq", gw._int(params, "after_message_seq", 0))
     limit = gw._int(params, "limit", 50, lo=1, hi=PULL_MAX_LIMIT)
@@ -1320,6 +1362,7 @@ def rpc_history(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     (newest selected, oldest first); moves no cursor."""
     svc, gid = _ctx(conn, params)
     _, member = svc.require_member(gid, conn.aid)
+    svc.refuse_blocked(gid, conn.aid)
     device, _ = _cursor_device(conn, params)
     before, limit = gw.history_window(params, HISTORY_MAX_LIMIT)
     rows = svc.visible_rows(gid, member, device, 0, before - 1, limit + 1, newest=True)
@@ -1390,7 +1433,8 @@ def rpc_ack_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.thought.put")
 def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
-    group, _ = svc.require_member(gid, conn.aid)
+    group, member = svc.require_member(gid, conn.aid)
+    svc.refuse_send(group, member)
     svc.refuse_banned(gid, conn.aid, "send")
     key, ctx = thoughts.context_of(params)
     envelope = params.get("payload")
@@ -1423,5 +1467,6 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 
 from aund.devnet import group_admin as _admin  # noqa: E402,F401  (its handlers join GROUP_HANDLERS)
+from aund.devnet import group_moderation as _moderation  # noqa: E402,F401  (likewise)
 
 gw.register(GROUP_HANDLERS, __name__)

@@ -36,8 +36,8 @@ def _actions(reader: Reader) -> list[tuple[str, Any]]:
     return [(e.data.get("action"), e.data.get("aid")) for e in reader.events if e.kind == "group.changed"]
 
 
-async def _run(devnet, tmp_path, scenario: str, aids: list[str], body) -> list[dict[str, Any]]:
-    """Start the daemon holding `aids` and the fastaun driver `scenario`; run `body`; the driver's checks."""
+async def _run(devnet, tmp_path, scenario: str, aids: list[str], body, driver=DRIVER) -> list[dict[str, Any]]:
+    """Start the daemon holding `aids` and the fastaun `driver`'s `scenario`; run `body`; the driver's checks."""
     work = tmp_path / "sdk"
     work.mkdir()
     result: dict[str, Any] = {}
@@ -46,7 +46,7 @@ async def _run(devnet, tmp_path, scenario: str, aids: list[str], body) -> list[d
             env = dict(os.environ, AUN_GW_URL=devnet.gateway_url, AUN_ROOT_CA=devnet.root_ca, AUN_WORKDIR=str(work))
 
             async def fastaun() -> None:
-                result["proc"] = await trio.run_process([sys.executable, str(DRIVER), scenario], env=env,
+                result["proc"] = await trio.run_process([sys.executable, str(driver), scenario], env=env,
                                                         capture_stdout=True, capture_stderr=True, check=False)
 
             nursery.start_soon(fastaun)

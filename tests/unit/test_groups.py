@@ -191,3 +191,37 @@ def test_own_sends_let_the_ack_move_past_them():
     assert sync._advance(GID, 3) == 5    # 4 and 5 were ours; 6 is someone else's
     assert sync._advance(GID, 6) == 7
     assert sync._own[GID] == set()
+
+
+def test_refusals_that_stop_a_groups_sync_include_the_sdks_texts():
+    from aund.aun.groups import _is_refusal
+    from aund.errors import GatewayError
+
+    for message, code in (("member is blocked from receiving g's messages", -33007), ("group is suspended", None),
+                          ("blocked members receive nothing", None), ("x", -33003), ("not a member of g", None)):
+        assert _is_refusal(GatewayError(message, remote_code=code)), (message, code)
+    for message, code in (("rpc timeout", -32004), ("state moved on", -33012), ("internal", -32603)):
+        assert not _is_refusal(GatewayError(message, remote_code=code)), (message, code)
+
+
+async def test_member_blocked_stops_and_member_unblocked_resumes_the_sync():
+    class Inbox:
+        def __init__(self) -> None:
+            self.rows: list[Any] = []
+
+        async def commit(self, aid: str, events: list[Any], **kw: Any) -> list[Any]:
+            self.rows += events
+            return events
+
+    link = SimpleNamespace(aid=BOB, config=SimpleNamespace(device_id="dev-bob", slot_id="main"))
+    dropped: list[str] = []
+    session = SimpleNamespace(invalidate=dropped.append, dissolved=set())
+    inbox = Inbox()
+    sync = GroupSync(link, session, inbox)
+    await sync._on_changed(GID, {"action": "member_blocked", "aid": CAROL, "group_id": GID})
+    assert GID not in sync._blocked  # someone else's block
+    await sync._on_changed(GID, {"action": "member_blocked", "aid": BOB, "group_id": GID})
+    assert GID in sync._blocked and dropped[-1] == GID
+    await sync._on_changed(GID, {"action": "member_unblocked", "subject": BOB, "aid": BOB, "group_id": GID})
+    assert GID not in sync._blocked and sync._recv.receive_nowait() == ("sync", GID, None)
+    assert [e.data["action"] for e in inbox.rows] == ["member_blocked", "member_blocked", "member_unblocked"]
