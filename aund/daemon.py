@@ -26,8 +26,8 @@ from aund import systemd
 from aund.aun import auth, cards, events as gw_events, ids, methods, notify as notify_frames, storage, transport
 from aund.aun.budget import CallBudget
 from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options, own_card_refused
-from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupSession, GroupSync
-from aund.aun.messaging import E2EESession, PeerSync
+from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupKeys, GroupSync
+from aund.aun.messaging import P2PKeys, PeerSync
 from aund.aun.peers import PeerDirectory
 from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
@@ -106,7 +106,7 @@ class StoreCredentials:
 class LinkEntry:
     link: Link
     sync: PeerSync
-    session: E2EESession
+    session: P2PKeys
     pinned: bool
     holders: dict[object, int] = field(default_factory=dict)  # each session or subscription -> its app's conn_id
     groups: GroupSync | None = None
@@ -117,8 +117,9 @@ class LinkEntry:
     parked: bool = False  # closed by `identity.disable`; `identity.enable` starts it again in place
 
 
-class _Handle:
-    """What the broker holds for an app's (AID, slot): a view of the shared link."""
+class _Lease:
+    """An app's lease on the shared link of (AID, slot) (the broker's LinkLease; a stub
+    `Session` on the wire): calls, notifications and this lease's protected headers."""
 
     header_methods = methods.PROTECTED_HEADERS
 
@@ -209,8 +210,8 @@ class Daemon:
         self.rng = rng
         self.global_budget = CallBudget(config.global_in_flight)  # the socket's and every link's
         self.links: dict[tuple[str, str], LinkEntry] = {}
-        self.sessions: dict[str, E2EESession] = {}
-        self.group_sessions: dict[str, GroupSession] = {}
+        self.sessions: dict[str, P2PKeys] = {}
+        self.group_sessions: dict[str, GroupKeys] = {}
         self.inbox: Inbox | None = None
         self._subscribers: dict[str, set["_Subscriber"]] = {}
         self.started_at = time.time()
@@ -579,12 +580,12 @@ class Daemon:
             raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
         session = self.sessions.get(aid)
         if session is None:
-            session = E2EESession(identity, self.store, self.peers)
+            session = P2PKeys(identity, self.store, self.peers)
             await session.load()
             self.sessions[aid] = session
         group_session = self.group_sessions.get(aid)
         if group_session is None:
-            group_session = GroupSession(session)
+            group_session = GroupKeys(session)
             await group_session.load()
             self.group_sessions[aid] = group_session
         config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
@@ -1089,15 +1090,15 @@ class Daemon:
             entry.idle_since = trio.current_time()
 
     async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
-                           options: dict[str, Any] | None = None) -> _Handle:
+                           options: dict[str, Any] | None = None) -> _Lease:
         aid = self._permitted(app, aid)
         entry = await self._open_link(aid, slot_id, pinned=False,
                                       options=None if options is None else connect_options(options))
-        handle = _Handle(self, entry)
+        handle = _Lease(self, entry)
         self._hold(entry, handle, app.conn_id)
         return handle
 
-    async def release_session(self, app: AppIdentity, handle: _Handle) -> None:
+    async def release_session(self, app: AppIdentity, handle: _Lease) -> None:
         self._let_go(handle.entry, handle)
 
     async def _hold_for_subscription(self, app: AppIdentity, aid: str, holder: object) -> LinkEntry | None:

@@ -1,7 +1,7 @@
 """AUN layer: E2EE v2 groups for one AID on this device, and group sync for one link
 (docs/groups.md).
 
-`GroupSession` (one per AID, beside its `E2EESession`, whose identity key, P2P prekeys and
+`GroupKeys` (one per AID, beside its `P2PKeys`, whose identity key, P2P prekeys and
 PKI-verified peer keys it reuses): group prekeys (`group.v2.put_group_pk`, one per group, kept
 in the identity store and never deleted, rotated when a message wrapped to the current one is
 read or the membership changes), a bootstrap cache per group (dropped on `group.changed` and
@@ -38,7 +38,7 @@ from aund.aun import codes, methods
 from aund.aun import group_index as gindex
 from aund.aun.group_identity import GroupIdentities
 from aund.aun.link import Link
-from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, E2EESession,
+from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, P2PKeys,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
                                 new_prekey_record, prekey_wire, row_content)
 from aund.aun.paging import skipped_row
@@ -131,10 +131,10 @@ class _NoTargets(Exception):
     pass
 
 
-class GroupSession:
-    """Group E2EE for one AID on this device (shares keys and peer keys with its E2EESession)."""
+class GroupKeys:
+    """Group E2EE for one AID on this device (shares keys and peer keys with its P2PKeys)."""
 
-    def __init__(self, e2ee: E2EESession) -> None:
+    def __init__(self, e2ee: P2PKeys) -> None:
         self.e2ee = e2ee
         self.identity = e2ee.identity
         self.aid, self.device_id = e2ee.aid, e2ee.device_id
@@ -649,7 +649,7 @@ class GroupSync(LinkSync):
 
     page_rows = PAGE_LIMIT
 
-    def __init__(self, link: Link, session: GroupSession, inbox: Inbox, *, poll_seconds: float = 30.0) -> None:
+    def __init__(self, link: Link, session: GroupKeys, inbox: Inbox, *, poll_seconds: float = 30.0) -> None:
         super().__init__(link, inbox, poll_seconds)
         self.session = session
         self._acks: dict[str, int] = {}

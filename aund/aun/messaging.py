@@ -1,6 +1,6 @@
 """AUN layer: E2EE v2 messaging for one AID on this device, and lossless peer sync for one link.
 
-`E2EESession` (one per AID): the device's signed prekeys (made, published on every connect,
+`P2PKeys` (one per AID): the device's signed prekeys (made, published on every connect,
 rotated after a message wrapped to the current one is read, old ones kept for late messages),
 the bootstrap / prekey cache per peer with `invalidate(peer)`, verified peer identity keys, and
 `send()` (encrypt to every device of the peer and our own other devices, sign, send; on the
@@ -152,7 +152,10 @@ def prekey_wire(record: dict[str, Any]) -> dict[str, Any]:
             "spk_timestamp": record["timestamp"]}
 
 
-class E2EESession:
+class P2PKeys:
+    """The P2P E2EE key state of one AID on this device: its prekeys (kept forever), past
+    identity keys, the PKI-verified peer keys, encrypt for `message.send` and decrypt of rows."""
+
     def __init__(self, identity: Identity, store: IdentityStore, peers: PeerDirectory) -> None:
         self.identity = identity
         self.aid, self.device_id = identity.aid, identity.device_id
@@ -467,7 +470,7 @@ class LinkSync:
 class PeerSync(LinkSync):
     """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
 
-    def __init__(self, link: Link, session: E2EESession, inbox: Inbox, on_notice=None, *,
+    def __init__(self, link: Link, session: P2PKeys, inbox: Inbox, on_notice=None, *,
                  poll_seconds: float = 30.0) -> None:
         super().__init__(link, inbox, poll_seconds)
         self.session = session

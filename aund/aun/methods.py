@@ -45,7 +45,7 @@ class MethodRule:
     non_idempotent: bool = False
     #: a read of a message or event window (the SDK's pull gate)
     pull: bool = False
-    #: which part of aund handles an app's call: "gateway" (the link, as is), "p2p" (E2EESession)
+    #: which part of aund handles an app's call: "gateway" (the link, as is), "p2p" (P2PKeys)
     #: or "group" (GroupSync)
     route: str = "gateway"
     #: a group membership change after which the owner/admin proposes a new signed state

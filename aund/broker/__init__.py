@@ -2,7 +2,7 @@
 quotas, event fan-out). Imports trio, structlog and client_stub; never the daemon, which it
 reaches only through the ``Backend`` protocol in ``aund.broker.backend``.
 """
-from aund.broker.backend import AppIdentity, Backend, InboxEvent, SessionHandle
+from aund.broker.backend import AppIdentity, Backend, InboxEvent, LinkLease
 from aund.broker.limits import AppStatistics, BrokerStatistics, Limits
 from aund.broker.policy import Policy
 from aund.broker.server import BrokerServer, serve_broker
@@ -14,7 +14,7 @@ from aund.broker.sockets import (
 
 __all__ = [
     "AppIdentity", "AppStatistics", "Backend", "BrokerServer", "BrokerStatistics", "CallBorrower",
-    "DISPATCH", "DaemonAlreadyRunning", "InboxEvent", "Limits", "Policy", "SessionHandle",
+    "DISPATCH", "DaemonAlreadyRunning", "InboxEvent", "Limits", "Policy", "LinkLease",
     "SocketPathInUse", "activated_listeners", "bind_unix", "peer_credentials",
     "serve_broker",
 ]

@@ -34,7 +34,7 @@ class InboxEvent:
     data: dict[str, Any]
 
 
-class SessionHandle(Protocol):
+class LinkLease(Protocol):
     """A daemon-held link for (AID, slot) that an app holds; released when the app lets go."""
 
     aid: str
@@ -113,11 +113,11 @@ class Backend(Protocol):
         change at a policy reload, after which the broker checks what its apps hold again."""
 
     async def open_session(self, app: AppIdentity, aid: str, slot_id: str,
-                           options: dict[str, Any] | None = None) -> SessionHandle:
+                           options: dict[str, Any] | None = None) -> LinkLease:
         """Hold the (AID, slot) link for this app, starting it on demand with the SDK-style connect
         `options` (`delivery_mode`, ...); InvalidParams when they conflict with the running link."""
 
-    async def release_session(self, app: AppIdentity, handle: SessionHandle) -> None:
+    async def release_session(self, app: AppIdentity, handle: LinkLease) -> None:
         """The app let go of the link (idle links opened on demand close later)."""
 
     async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:

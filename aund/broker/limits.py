@@ -1,7 +1,7 @@
 """Broker layer: the per-app quotas and global limits of the app socket, and the frozen statistics
 the server reports. Pure dataclasses (imports client_stub.wire for the frame bounds only).
 
-An *app* is one connection (one ``AppSession``): quotas are per connection, per uid (all of one
+An *app* is one connection (one ``AppConnection``): quotas are per connection, per uid (all of one
 user's connections together) and global; ``max_connections`` caps how many connections exist at
 once. The daemon's ``[limits]`` table sets any field (``Limits.from_table``).
 """

@@ -2,10 +2,10 @@
 rest of ``aund.broker``; never the daemon (it reaches identities and links through ``Backend``).
 
 ``serve_broker`` binds the socket (or takes listeners handed over by systemd), accepts apps with
-``trio.serve_listeners``, identifies each with ``SO_PEERCRED`` and runs one ``AppSession`` per
+``trio.serve_listeners``, identifies each with ``SO_PEERCRED`` and runs one ``AppConnection`` per
 connection. ``task_status.started(server)`` hands back the ``BrokerServer``, whose
 ``statistics()`` the daemon merges into ``status``. ``set_policy()`` applies a reloaded policy to
-the connected apps (``AppSession.enforce`` / ``revoke``).
+the connected apps (``AppConnection.enforce`` / ``revoke``).
 
 Logged events (stable names, all at warning level and at most once per cause and connection):
 ``broker.connection_rejected`` (max connections, policy), ``broker.protocol_violation``,
@@ -26,7 +26,7 @@ import trio
 from aund.broker.backend import Backend
 from aund.broker.limits import BrokerStatistics, Limits
 from aund.broker.policy import Policy
-from aund.broker.session import AppSession
+from aund.broker.session import AppConnection
 from aund.broker.sockets import BoundPath, bind_unix, peer_credentials, peer_groups
 from client_stub import wire
 from client_stub.errors import AundError, LimitsExceeded, NotReady, PermissionDenied
@@ -53,7 +53,7 @@ class BrokerServer:
         self.limits = limits or Limits()
         self.policy = policy
         self.call_limiter = call_limiter or trio.CapacityLimiter(self.limits.global_calls)
-        self.apps: dict[int, AppSession] = {}
+        self.apps: dict[int, AppConnection] = {}
         self.connections_total = 0
         self.connections_rejected = 0
         self.protocol_violations = 0
@@ -82,7 +82,7 @@ class BrokerServer:
             idle = self._no_calls
             await idle.wait()
 
-    def uid_apps(self, uid: int) -> list[AppSession]:
+    def uid_apps(self, uid: int) -> list[AppConnection]:
         return [a for a in self.apps.values() if a.app.uid == uid]
 
     def call_stages(self, uid: int, aid: str) -> list[tuple[str, tuple[str, Any] | None, trio.CapacityLimiter]]:
@@ -182,7 +182,7 @@ class BrokerServer:
             self._log_refused(uid, "policy", conn=conn_id, gid=gid, pid=pid)
             await self._reject(stream, PermissionDenied(f"uid {uid} may not use aund", data={"uid": uid}))
             return
-        session = AppSession(self, stream, conn_id, pid, uid, gid, groups)
+        session = AppConnection(self, stream, conn_id, pid, uid, gid, groups)
         self.apps[conn_id] = session
         try:
             await session.run()

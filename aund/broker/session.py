@@ -1,4 +1,4 @@
-"""Broker layer: one app connection (``AppSession``): the hello handshake, the ONE op dispatch table,
+"""Broker layer: one app connection (``AppConnection``): the hello handshake, the ONE op dispatch table,
 per-app quotas, subscription pumps and the coalescing writer. Imports trio, structlog and
 client_stub (wire + errors) only; reaches the daemon solely through ``backend.Backend``.
 
@@ -44,7 +44,7 @@ import trio
 
 from aund import params
 from aund.aun.budget import holding
-from aund.broker.backend import AppIdentity, InboxEvent, SessionHandle
+from aund.broker.backend import AppIdentity, InboxEvent, LinkLease
 from aund.broker.limits import AppStatistics
 from client_stub import wire
 from client_stub.errors import (
@@ -240,7 +240,7 @@ def _start(args: dict[str, Any]) -> str | int:
     raise InvalidParams('argument \'start\' must be "last_ack", "now" or a cursor (int >= 0)', data={"arg": "start"})
 
 
-class AppSession:
+class AppConnection:
     """One connected app: its peer credentials, quotas, sessions, subscriptions and outbox."""
 
     def __init__(self, server: "BrokerServer", stream: trio.SocketStream, conn_id: int,
@@ -256,7 +256,7 @@ class AppSession:
         self.outbox = Outbox(self.limits.outbox_bytes_per_app, self.limits.max_frame)
         self.requests_in_flight = 0
         self.calls_in_flight = 0
-        self.sessions: dict[int, SessionHandle] = {}
+        self.sessions: dict[int, LinkLease] = {}
         self.subscriptions: dict[int, Subscription] = {}
         self.close_reason: str | None = None
         self._opening = 0
@@ -269,7 +269,7 @@ class AppSession:
         self.log = log.bind(conn=conn_id, uid=uid, pid=pid)
 
     def __repr__(self) -> str:
-        return (f"<AppSession conn={self.app.conn_id} pid={self.app.pid} uid={self.app.uid} "
+        return (f"<AppConnection conn={self.app.conn_id} pid={self.app.pid} uid={self.app.uid} "
                 f"app={self.app.app_name!r} | calls {self.calls_in_flight}, subs {len(self.subscriptions)}, "
                 f"sessions {len(self.sessions)}, {self.outbox.bytes} B queued>")
 
@@ -328,7 +328,7 @@ class AppSession:
         if scope.cancelled_caught:
             self.log.warning("broker.release_timeout", sessions=len(handles))
 
-    async def _release_one(self, handle: SessionHandle) -> None:
+    async def _release_one(self, handle: LinkLease) -> None:
         try:
             await self.backend.release_session(self.app, handle)
         except AundError as exc:
@@ -514,7 +514,7 @@ class AppSession:
         if scope.cancelled_caught:
             raise self._denied(aid)
 
-    def _session(self, args: dict[str, Any]) -> SessionHandle:
+    def _session(self, args: dict[str, Any]) -> LinkLease:
         sid = _int(args, "session", minimum=1)
         try:
             return self.sessions[sid]
@@ -581,7 +581,7 @@ class AppSession:
             await self.outbox.wait_flushed()
         self.close(reason)
 
-    async def _release_shielded(self, handle: SessionHandle) -> None:
+    async def _release_shielded(self, handle: LinkLease) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.limits.release_grace
             await self._release_one(handle)
@@ -760,7 +760,7 @@ class AppSession:
             self.calls_in_flight -= 1
             self.server.call_ended()
 
-    async def _call(self, handle: SessionHandle, method: str, params: dict[str, Any], timeout: float | None,
+    async def _call(self, handle: LinkLease, method: str, params: dict[str, Any], timeout: float | None,
                     background: bool, borrower: CallBorrower) -> Any:
         held: list[Any] = []
         try:
@@ -906,32 +906,32 @@ class AppSession:
 # The ONE dispatch table: op name -> handler. Plain functions run inline in the reader; coroutine
 # functions run as their own task, so slow ops never hold up the connection.
 _OPS: dict[str, Callable[..., Any]] = {
-    "hello": AppSession.op_hello,
-    "ping": AppSession.op_ping,
-    "status": AppSession.op_status,
-    "identity.ensure": AppSession.op_identity_ensure,
-    "identity.list": AppSession.op_identity_list,
-    "identity.sign": AppSession.op_identity_sign,
-    "identity.verify": AppSession.op_identity_verify,
-    "identity.renew": AppSession.op_identity_renew,
-    "peer.resolve": AppSession.op_peer_resolve,
-    "agent_md.get": AppSession.op_agent_md_get,
-    "agent_md.set": AppSession.op_agent_md_set,
-    "link.restart": AppSession.op_link_restart,
-    "identity.show": AppSession.op_identity_show,
-    "identity.disable": AppSession.op_identity_disable,
-    "identity.enable": AppSession.op_identity_enable,
-    "consumer.reset": AppSession.op_consumer_reset,
-    "session.open": AppSession.op_session_open,
-    "session.close": AppSession.op_session_close,
-    "session.wait_ready": AppSession.op_session_wait_ready,
-    "call": AppSession.op_call,
-    "session.notify": AppSession.op_session_notify,
-    "set_protected_headers": AppSession.op_set_protected_headers,
-    "invalidate_prekey_cache": AppSession.op_invalidate_prekey_cache,
-    "subscribe": AppSession.op_subscribe,
-    "unsubscribe": AppSession.op_unsubscribe,
-    "ack": AppSession.op_ack,
+    "hello": AppConnection.op_hello,
+    "ping": AppConnection.op_ping,
+    "status": AppConnection.op_status,
+    "identity.ensure": AppConnection.op_identity_ensure,
+    "identity.list": AppConnection.op_identity_list,
+    "identity.sign": AppConnection.op_identity_sign,
+    "identity.verify": AppConnection.op_identity_verify,
+    "identity.renew": AppConnection.op_identity_renew,
+    "peer.resolve": AppConnection.op_peer_resolve,
+    "agent_md.get": AppConnection.op_agent_md_get,
+    "agent_md.set": AppConnection.op_agent_md_set,
+    "link.restart": AppConnection.op_link_restart,
+    "identity.show": AppConnection.op_identity_show,
+    "identity.disable": AppConnection.op_identity_disable,
+    "identity.enable": AppConnection.op_identity_enable,
+    "consumer.reset": AppConnection.op_consumer_reset,
+    "session.open": AppConnection.op_session_open,
+    "session.close": AppConnection.op_session_close,
+    "session.wait_ready": AppConnection.op_session_wait_ready,
+    "call": AppConnection.op_call,
+    "session.notify": AppConnection.op_session_notify,
+    "set_protected_headers": AppConnection.op_set_protected_headers,
+    "invalidate_prekey_cache": AppConnection.op_invalidate_prekey_cache,
+    "subscribe": AppConnection.op_subscribe,
+    "unsubscribe": AppConnection.op_unsubscribe,
+    "ack": AppConnection.op_ack,
 }
 from aund.broker import transfers as _transfers  # noqa: E402  (its ops use this module's helpers)
 

@@ -32,8 +32,8 @@ from aund.broker import session as s
 from client_stub.errors import InvalidParams, LimitsExceeded, ResourceNotExistError
 
 if TYPE_CHECKING:
-    from aund.broker.backend import SessionHandle
-    from aund.broker.session import AppSession
+    from aund.broker.backend import LinkLease
+    from aund.broker.session import AppConnection
 
 TRANSFER_CHUNK = 256 * 1024
 TRANSFERS_PER_APP = 4
@@ -43,7 +43,7 @@ FRAME_SLACK = 1024  # room in a frame for the request or reply around a chunk
 @dataclass
 class Transfer:
     kind: str  # "upload" or "download"
-    handle: SessionHandle
+    handle: LinkLease
     params: dict[str, Any]
     size: int
     sha256: str = ""
@@ -52,18 +52,18 @@ class Transfer:
     view: dict[str, Any] = field(default_factory=dict)
 
 
-def _transfers(app: AppSession) -> dict[int, Transfer]:
+def _transfers(app: AppConnection) -> dict[int, Transfer]:
     found = getattr(app, "transfers", None)
     if found is None:
         found = app.transfers = {}
     return found
 
 
-def _chunk_size(app: AppSession) -> int:
+def _chunk_size(app: AppConnection) -> int:
     return max(1024, min(TRANSFER_CHUNK, app.max_frame - FRAME_SLACK))
 
 
-def _new(app: AppSession, transfer: Transfer) -> int:
+def _new(app: AppConnection, transfer: Transfer) -> int:
     mine = _transfers(app)
     if len(mine) >= TRANSFERS_PER_APP:
         raise LimitsExceeded(f"at most {TRANSFERS_PER_APP} storage transfers at once per connection",
@@ -73,7 +73,7 @@ def _new(app: AppSession, transfer: Transfer) -> int:
     return tid
 
 
-def _get(app: AppSession, args: dict[str, Any], kind: str) -> tuple[int, Transfer]:
+def _get(app: AppConnection, args: dict[str, Any], kind: str) -> tuple[int, Transfer]:
     tid = s._int(args, "transfer", minimum=1)
     transfer = _transfers(app).get(tid)
     if transfer is None or transfer.kind != kind:
@@ -90,7 +90,7 @@ def _target(args: dict[str, Any]) -> dict[str, Any]:
     return storage.target_params(key, s._opt_str(args, "owner"), bucket)
 
 
-async def op_upload_begin(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+async def op_upload_begin(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     handle = app._session(args)
     params = _target(args)
     size = s._int(args, "size")
@@ -109,7 +109,7 @@ async def op_upload_begin(app: AppSession, args: dict[str, Any]) -> dict[str, An
     return {"transfer": tid, "chunk_size": _chunk_size(app)}
 
 
-def op_upload_chunk(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+def op_upload_chunk(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     tid, transfer = _get(app, args, "upload")
     offset = s._int(args, "offset")
     data = s._bytes(args, "data", max_len=_chunk_size(app))
@@ -122,7 +122,7 @@ def op_upload_chunk(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
     return {"received": len(transfer.data), "size": transfer.size}
 
 
-async def op_upload_finish(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+async def op_upload_finish(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     tid, transfer = _get(app, args, "upload")
     timeout = s._timeout(args, "timeout", app.limits.max_call_timeout)
     del _transfers(app)[tid]
@@ -136,7 +136,7 @@ async def op_upload_finish(app: AppSession, args: dict[str, Any]) -> dict[str, A
                                                     app=app.app, timeout=timeout)
 
 
-async def op_download_begin(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+async def op_download_begin(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     handle = app._session(args)
     params = _target(args)
     timeout = s._timeout(args, "timeout", app.limits.max_call_timeout)
@@ -149,7 +149,7 @@ async def op_download_begin(app: AppSession, args: dict[str, Any]) -> dict[str, 
     return {"transfer": tid, "chunk_size": _chunk_size(app), "size": len(data), "sha256": sha, "object": view}
 
 
-def op_download_chunk(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+def op_download_chunk(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     tid, transfer = _get(app, args, "download")
     offset = s._int(args, "offset")
     if offset > transfer.size:
@@ -162,7 +162,7 @@ def op_download_chunk(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
     return {"data": data, "offset": offset, "done": done}
 
 
-def op_cancel(app: AppSession, args: dict[str, Any]) -> dict[str, Any]:
+def op_cancel(app: AppConnection, args: dict[str, Any]) -> dict[str, Any]:
     tid = s._int(args, "transfer", minimum=1)
     return {"cancelled": _transfers(app).pop(tid, None) is not None}
 

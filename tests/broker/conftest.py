@@ -51,7 +51,7 @@ class Broker:
         return self.server.call_limiter
 
     def app(self, name: str) -> Any:
-        """The AppSession of the connected app called ``name`` (exactly one)."""
+        """The AppConnection of the connected app called ``name`` (exactly one)."""
         found = [s for s in self.server.apps.values() if s.app.app_name == name]
         assert len(found) == 1, [s.app.app_name for s in self.server.apps.values()]
         return found[0]

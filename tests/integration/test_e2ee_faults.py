@@ -18,7 +18,7 @@ from aund.aun.peers import PeerDirectory
 from aund.aun import auth
 from aund.aun.e2ee import encrypt_p2p
 from aund.aun.link import Link, LinkConfig
-from aund.aun.messaging import E2EESession
+from aund.aun.messaging import P2PKeys
 from aund.daemon import StoreCredentials
 from aund.errors import InvalidParams
 from aund.identity.store import IdentityStore
@@ -38,7 +38,7 @@ class Peer:
         store = IdentityStore(self.dir, "seed")
         identity = await store.ensure(self.aid, lambda a, pk: auth.create_aid(self.devnet.gateway_url, a, pk))
         trust = auth.GatewayTrust.from_files([Path(self.devnet.root_ca)])
-        self.session = E2EESession(identity, store, PeerDirectory(trust))
+        self.session = P2PKeys(identity, store, PeerDirectory(trust))
         await self.session.load()
         self.link = Link(StoreCredentials(store, identity),
                          LinkConfig((self.devnet.gateway_url,), device_id=identity.device_id), trust)

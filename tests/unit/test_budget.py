@@ -234,7 +234,7 @@ async def test_prekey_rotation_while_the_link_is_down_does_not_wait_for_it(tmp_p
     link to be ready, and the reconnect's own prekey publication waited on that lock (a 35 s stall).
     Now the rotation saves the new prekey and leaves its upload to the next connect."""
     from aund.aun import auth
-    from aund.aun.messaging import E2EESession
+    from aund.aun.messaging import P2PKeys
     from aund.identity.store import IdentityStore
 
     store = IdentityStore(tmp_path, "seed")
@@ -252,7 +252,7 @@ async def test_prekey_rotation_while_the_link_is_down_does_not_wait_for_it(tmp_p
             .sign(key, hashes.SHA256()))
     from aund.identity import pki
     store.promote("rot1.aid.test", key, pki.cert_pem(cert))
-    session = E2EESession(store.load("rot1.aid.test"), store, PeerDirectory(auth.GatewayTrust([])))
+    session = P2PKeys(store.load("rot1.aid.test"), store, PeerDirectory(auth.GatewayTrust([])))
     await session.load()
 
     class DownLink:

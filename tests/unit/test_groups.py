@@ -1,4 +1,4 @@
-"""GroupSession / GroupSync decisions that need no gateway: the signed-state check a sender makes
+"""GroupKeys / GroupSync decisions that need no gateway: the signed-state check a sender makes
 before trusting a bootstrap, the receive-side bindings of a group row, and which pushed rows may
 be consumed inline. Keys are generated here; peer keys come from a stub instead of /pki/cert."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund.aun.e2ee import Target, encrypt_group, snapshot_json, state_commitment, state_sign_input
-from aund.aun.groups import GroupSession, GroupSync
-from aund.aun.messaging import E2EESession
+from aund.aun.groups import GroupKeys, GroupSync
+from aund.aun.messaging import P2PKeys
 from aund.devnet.gateway import per_device_envelope
 from aund.errors import E2EEError
 from aund.identity import pki
@@ -22,9 +22,9 @@ ALICE, BOB, CAROL, MALLORY = "alice.aid.test", "bob.aid.test", "carol.aid.test",
 
 
 class StubE2EE:
-    """What GroupSession uses of its E2EESession, with peer keys from a dict."""
+    """What GroupKeys uses of its P2PKeys, with peer keys from a dict."""
 
-    _verified_target = E2EESession._verified_target
+    _verified_target = P2PKeys._verified_target
 
     def __init__(self, aid: str, keys: dict[str, ec.EllipticCurvePrivateKey]) -> None:
         self.aid, self.device_id = aid, "dev-" + aid.split(".")[0]
@@ -64,14 +64,14 @@ def signed_boot(keys: dict[str, Any], version: int, members: list[str], *, actor
             "e2ee_security_level": level}
 
 
-async def refused(session: GroupSession, boot: dict[str, Any], reason: str) -> None:
+async def refused(session: GroupKeys, boot: dict[str, Any], reason: str) -> None:
     with pytest.raises(E2EEError) as info:
         await session.verify_state("ws://gw", GID, boot)
     assert info.value.data["reason"] == reason, info.value
 
 
 async def test_signed_state_is_verified_before_use(keys):
-    session = GroupSession(StubE2EE(BOB, keys))
+    session = GroupKeys(StubE2EE(BOB, keys))
     boot = signed_boot(keys, 3, [ALICE, BOB, CAROL])
     assert await session.verify_state("ws://gw", GID, boot) == {
         "state_version": 3, "state_hash": boot["state_hash"], "state_chain": "aa" * 32}
@@ -101,7 +101,7 @@ async def test_signed_state_is_verified_before_use(keys):
 
 
 async def test_bootstrap_targets_skip_our_device_and_mark_self_sync(keys):
-    session = GroupSession(StubE2EE(BOB, keys))
+    session = GroupKeys(StubE2EE(BOB, keys))
     boot = signed_boot(keys, 1, [ALICE, BOB])
     boot["devices"].append({"aid": BOB, "device_id": "bob-phone", "ik_pk": pki.public_key_b64(keys[BOB].public_key())})
 
@@ -140,7 +140,7 @@ def sealed(keys):
 
 
 async def test_decode_row_binds_the_row(keys, sealed):
-    session = GroupSession(StubE2EE(BOB, keys))
+    session = GroupKeys(StubE2EE(BOB, keys))
     event, spk = await session.decode_row("ws://gw", GID, row_for(sealed, BOB, "dev-bob"))
     assert event.kind == "group.message.received" and spk == ""
     assert event.data["payload"] == {"type": "text", "text": "hi"} and event.data["encrypted"] is True
