@@ -125,3 +125,35 @@ def test_commits_and_acks_agree_with_a_plain_model(tmp_path_factory, script):
             inbox.close()
 
     trio.run(run)
+
+
+async def test_concurrent_writes_share_transactions_and_a_failing_one_fails_alone(tmp_path):
+    """Group commit: 40 links committing at once take far fewer fsynced transactions than 40, every
+    row lands with its gateway cursor, and an ack past the head in the same batch is refused alone."""
+    inbox = Inbox(tmp_path / "inbox.sqlite3", KEY)
+    try:
+        results, errors = {}, []
+
+        async def one(i: int) -> None:
+            results[i] = await inbox.commit(f"a{i % 4}.aid.test", [ev(i, message_id=f"g-{i}")],
+                                            ack=("dev", "main", f"s{i}.aid.test", i))
+
+        async def bad_ack() -> None:
+            try:
+                await inbox.ack("nobody.aid.test", "c", 5)
+            except AckPastHead as exc:
+                errors.append(exc.head)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(one, i)
+                nursery.start_soon(bad_ack)
+        assert sorted(results) == list(range(40)) and all(len(r) == 1 for r in results.values())
+        assert errors == [0]
+        assert inbox.commits == 40 and 1 <= inbox.batches < 20, inbox.batches
+        for i in range(40):
+            assert await inbox.peer_ack(f"a{i % 4}.aid.test", "dev", "main", f"s{i}.aid.test") == i
+        assert sum((await inbox.depth()).values()) == 40
+    finally:
+        inbox.close()
