@@ -314,7 +314,8 @@ class FakeGateway:
     # --- what a test sets up ----------------------------------------------------------------------
     def on(self, method: str, handler: Any) -> None:
         """Answer `method` with `handler(params)` (a dict, or an awaitable of one); raising
-        `aund.devnet.gateway.RpcError(code, message, data)` answers with that error."""
+        `aund.devnet.gateway.RpcError(code, message, data)` answers with that error. Method "*"
+        answers every other method of an authenticated connection: `handler(params, method=...)`."""
         self.handlers[method] = handler
 
     def delay(self, method: str, seconds: float) -> None:
@@ -419,18 +420,18 @@ class FakeGateway:
         await trio.sleep(self._delays.get(call.method, 0.0))
         try:
             handler = self.handlers.get(call.method)
-            if handler is not None:
-                result = handler(call.params)
+            if handler is None and call.method == "auth.connect":
+                result = self._auth_connect(call.connection, call.params)
+            elif handler is None and call.method == "auth.refresh_token":
+                result = self._auth_refresh(call.params)
+            elif not call.connection.authenticated and not call.method.startswith("auth."):
+                raise RpcError(rpc.SESSION_REQUIRED, f"{call.method} needs auth.connect first")
+            elif handler is None and "*" not in self.handlers:
+                raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {call.method}")
+            else:
+                result = (handler or partial(self.handlers["*"], method=call.method))(call.params)
                 if hasattr(result, "__await__"):
                     result = await result
-            elif call.method == "auth.connect":
-                result = self._auth_connect(call.connection, call.params)
-            elif call.method == "auth.refresh_token":
-                result = self._auth_refresh(call.params)
-            elif not call.connection.authenticated:
-                raise RpcError(rpc.SESSION_REQUIRED, f"{call.method} needs auth.connect first")
-            else:
-                raise RpcError(rpc.METHOD_NOT_FOUND, f"method not found: {call.method}")
             frame = rpc.result(call.id, result)
         except RpcError as exc:
             frame = rpc.error(call.id, exc.code, exc.message, exc.data)
