@@ -260,7 +260,7 @@ class FakeGateway:
     registers further methods (`on`), pushes events (`push`), delays or drops replies (`delay`,
     `drop`), closes or kicks connections with a close code (`close`, `kick`), stops answering
     WebSocket pings (`answer_pings = False`), refuses connects (`refuse`), and counts everything
-    (`attempts`, `connections`, `sessions`, `calls`, `count`).
+    (`attempts`, `connections`, `sessions`, `calls`, `notifications`, `count`).
 
         import trio
         from aund.aun.auth import GatewayTrust
@@ -282,8 +282,9 @@ class FakeGateway:
                 await link.aclose()
 
     The URL is a closed loopback port, so a link that was not given `connector=gw.connect` fails
-    at once instead of reaching out. `wall_clock` is the clock token lifetimes are measured on (the link measures them with
-    `time.time()`; a test that moves virtual time past an expiry passes the clock it patched in).
+    at once instead of reaching out. `wall_clock` is the clock token lifetimes are measured on
+    (the link measures them with `time.time()`; a test that moves virtual time past an expiry
+    passes the clock it patched in, as tests/unit/test_link.py's `wall` fixture does).
     """
 
     CAPABILITIES = {"p2p_peer_pull_v1": True, "inline_realtime_payload_v1": True, "e2ee": True, "group_e2ee": True}
@@ -302,7 +303,8 @@ class FakeGateway:
         self.attempts: list[float] = []  # trio time of every connect attempt, refused ones too
         self.refused = 0
         self.connections: list[FakeConnection] = []
-        self.calls: list[FakeCall] = []
+        self.calls: list[FakeCall] = []          # requests, in the order received
+        self.notifications: list[FakeCall] = []  # notifications from the client (no id)
         self._refusing: float = 0
         self._delays: dict[str, float] = {}
         self._drops: dict[str, float] = {}
@@ -403,8 +405,13 @@ class FakeGateway:
         from aund.aun import jsonrpc as rpc
 
         frame = rpc.parse_frame(text)
-        if "id" not in frame or "method" not in frame:
-            return  # a notification from the client: nothing to answer
+        if "method" not in frame:
+            return  # a client never answers the gateway: nothing to do
+        if "id" not in frame:  # a notification: recorded, never answered
+            self.notifications.append(FakeCall(trio.current_time(), conn, frame["method"], frame.get("params") or {},
+                                               None))
+            self._changed()
+            return
         call = FakeCall(trio.current_time(), conn, frame["method"], frame.get("params") or {}, frame["id"])
         self.calls.append(call)
         self._changed()

@@ -96,8 +96,9 @@ def parse_well_known(body: bytes) -> list[str]:
 
 async def short_rpc(gateway_url: str, method: str, params: dict[str, Any], *,
                     connector: transport.Connector | None = None) -> dict[str, Any]:
-    """One pre-auth RPC on its own WebSocket (opened by `connector`, default the network's). Raises the mapped AundError on a gateway error,
-    GatewayUnavailable when the gateway cannot be reached or does not answer in time."""
+    """One pre-auth RPC on its own WebSocket (opened by `connector`, default the network's).
+    Raises the mapped AundError on a gateway error, GatewayUnavailable when the gateway cannot be
+    reached or does not answer in time."""
     failure: Exception | None = None
     frame: dict[str, Any] = {}
     try:

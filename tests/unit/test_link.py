@@ -503,3 +503,59 @@ async def test_a_refused_access_token_is_dropped_and_the_refresh_token_serves(au
             assert [c.method for c in gw.calls] == ["auth.connect", "auth.refresh_token", "auth.connect"]
             assert gw.attempts == [0, 1, 1] and len(creds.saved) == 1
             await h.link.aclose()
+
+
+async def test_the_fake_gateway_docstring_example_runs(autojump_clock):
+    """aund.testing.FakeGateway's example, as written there."""
+    from aund.aun.auth import GatewayTrust as Trust
+
+    gw = FakeGateway()
+    gw.on("meta.status", lambda params: {"mode": "gateway"})
+    link = Link(gw.credentials("me.aid.test"), LinkConfig((gw.url,), device_id="dev"),
+                Trust([]), connector=gw.connect, rng=lambda: 0.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            await link.wait_ready()
+            gw.close(1006)
+            await gw.wait_until(lambda: gw.sessions == 2)
+            assert gw.connections[1].opened_at - gw.connections[0].closed_at == 1.0
+            assert (await link.call("meta.status"))["mode"] == "gateway"
+            await link.aclose()
+
+
+async def test_a_refused_gateway_fails_over_to_the_next_candidate(autojump_clock):
+    first, second = FakeGateway("ws://127.0.0.1:9/first"), FakeGateway("ws://127.0.0.1:9/second")
+    first.refuse()
+    gateways = {gw.url: gw for gw in (first, second)}
+
+    async def connector(nursery, url, **kw):
+        return await gateways[url].connect(nursery, url, **kw)
+
+    creds = first.credentials(AID)
+    second._access.update(first._access)  # one token service behind both (as a cluster shares it)
+    link = Link(creds, LinkConfig((first.url, second.url), device_id="dev1"), GatewayTrust([]),
+                connector=connector, rng=lambda: 0.0)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await n.start(link.run)
+            await link.wait_ready()
+            assert first.attempts == [0] and second.attempts == [1] and link.gateway == second.url
+            second.close(1006)  # the next attempt goes back to the first, still refused, then the second
+            await second.wait_until(lambda: second.sessions == 2)
+            assert first.attempts == [0, 2] and second.attempts == [1, 4]
+            await link.aclose()
+
+
+async def test_notify_writes_one_frame_without_an_id(autojump_clock):
+    gw = FakeGateway()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            h = await started(n, gw)
+            await h.link.wait_ready()
+            await h.link.notify("message.typing", {"to": "peer.aid.test"})
+            await gw.wait_until(lambda: gw.notifications)
+            (note,) = gw.notifications
+            assert (note.method, note.params, note.id) == ("message.typing", {"to": "peer.aid.test"}, None)
+            assert gw.count("message.typing") == 0  # not a request: nothing was answered
+            await h.link.aclose()
