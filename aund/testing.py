@@ -232,6 +232,7 @@ class FakeConnection:
         if self.closed:
             raise trio_websocket.ConnectionClosed(self._reason())
         self.pings.append(trio.current_time())
+        self.gateway._changed()
         if not (self.answer_pings and self.gateway.answer_pings):
             await self._closed_event.wait()  # no pong: only the close ends the wait
             raise trio_websocket.ConnectionClosed(self._reason())
@@ -316,8 +317,9 @@ class FakeGateway:
     # --- what a test sets up ----------------------------------------------------------------------
     def on(self, method: str, handler: Any) -> None:
         """Answer `method` with `handler(params)` (a dict, or an awaitable of one); raising
-        `aund.devnet.gateway.RpcError(code, message, data)` answers with that error. Method "*"
-        answers every other method of an authenticated connection: `handler(params, method=...)`."""
+        `aund.devnet.gateway.RpcError(code, message, data)` answers with that error (any other
+        exception escapes into the link's connection nursery, so a broken handler fails the test).
+        Method "*" answers every other method of an authenticated connection: `handler(params, method=...)`."""
         self.handlers[method] = handler
 
     def delay(self, method: str, seconds: float) -> None:

@@ -503,6 +503,8 @@ class Link:
         nursery.start_soon(self._refresh_loop, session)
         if self.on_connected is not None:
             await self.on_connected(self)  # resync before new work
+        if self._closing:  # aclose() came during the resync: never ready
+            raise _Dropped("link closed while connecting", 1000)
         self.backoff.reset()
         self._set_state(LinkState.READY, gateway=session.url)
 

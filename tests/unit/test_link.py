@@ -559,3 +559,34 @@ async def test_notify_writes_one_frame_without_an_id(autojump_clock):
             assert (note.method, note.params, note.id) == ("message.typing", {"to": "peer.aid.test"}, None)
             assert gw.count("message.typing") == 0  # not a request: nothing was answered
             await h.link.aclose()
+
+
+async def test_aclose_during_the_handshake_never_lets_the_link_become_ready(autojump_clock):
+    """aclose() while auth.connect is on its way (its waiter fails at once) or while the
+    post-connect resync runs (the link closes when the resync ends): never ready in between."""
+    for phase in ("auth.connect", "resync"):
+        gw = FakeGateway()
+        resync_started = trio.Event()
+        h = Harness(gw)
+        if phase == "auth.connect":
+            gw.delay("auth.connect", 1.0)
+        else:
+            async def on_connected(link):
+                resync_started.set()
+                await trio.sleep(1.0)
+            h.link.on_connected = on_connected
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                await n.start(h.link.run)
+                start = trio.current_time()
+                if phase == "auth.connect":
+                    await gw.wait_until(lambda: gw.count("auth.connect") == 1)
+                else:
+                    await resync_started.wait()
+                await trio.sleep(0.5)
+                await h.link.aclose()
+                # at once, or when the resync ends; not after the 2 s grace
+                assert trio.current_time() - start == (0.5 if phase == "auth.connect" else 1.0), phase
+                assert LinkState.READY not in [s for _, s, _ in h.states], phase
+                assert h.link.state == LinkState.CLOSED and len(gw.attempts) == 1
+                assert gw.connections[0].closed_by == "client"
