@@ -590,3 +590,22 @@ async def test_aclose_during_the_handshake_never_lets_the_link_become_ready(auto
                 assert LinkState.READY not in [s for _, s, _ in h.states], phase
                 assert h.link.state == LinkState.CLOSED and len(gw.attempts) == 1
                 assert gw.connections[0].closed_by == "client"
+
+
+async def test_calls_made_while_reconnecting_wait_for_ready_within_their_timeout(autojump_clock):
+    gw = FakeGateway()
+    gw.on("meta.status", lambda params: {"ok": True})
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+            h = await started(n, gw)
+            await h.link.wait_ready()
+            gw.refuse(2)
+            gw.close(1006)  # attempts at 1 (refused), 3 (refused), 7
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RpcTimeout) as info:
+                await h.link.call("meta.status", timeout=5)
+            assert trio.current_time() == 5 and "queue timeout before send" in str(info.value)
+            assert await h.link.call("meta.status", timeout=5) == {"ok": True}
+            sent = [c.at for c in gw.calls if c.method == "meta.status"]
+            assert sent == [7] and gw.attempts == [0, 1, 3, 7]
+            await h.link.aclose()
