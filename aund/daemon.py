@@ -202,8 +202,11 @@ class _Lease:
 
 class Daemon:
     def __init__(self, config: Config, store: IdentityStore, trust: auth.GatewayTrust, *,
-                 policy: Any = None, rng=random.random) -> None:
+                 policy: Any = None, rng=random.random, connector: transport.Connector | None = None) -> None:
+        """`connector` opens every link's gateway WebSockets (default the network's; tests pass
+        `aund.testing.FakeGateway.connect`)."""
         self.config, self.store, self.trust = config, store, trust
+        self.connector = connector
         self.peers = PeerDirectory(trust, discovery_port=config.discovery_port or None)
         self.trust_epoch = 0
         self.policy = policy
@@ -595,7 +598,7 @@ class Daemon:
         link = Link(creds, config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     on_admission_refused=self._admission_refused,
-                    rng=self.rng)
+                    rng=self.rng, connector=self.connector)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)

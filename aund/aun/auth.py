@@ -94,17 +94,19 @@ def parse_well_known(body: bytes) -> list[str]:
     return [g["url"] for g in sorted(entries, key=prio)]
 
 
-async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """One pre-auth RPC on its own WebSocket. Raises the mapped AundError on a gateway error,
-    GatewayUnavailable when the gateway cannot be reached or does not answer in time."""
+async def short_rpc(gateway_url: str, method: str, params: dict[str, Any], *,
+                    connector: transport.Connector | None = None) -> dict[str, Any]:
+    """One pre-auth RPC on its own WebSocket (opened by `connector`, default the network's).
+    Raises the mapped AundError on a gateway error, GatewayUnavailable when the gateway cannot be
+    reached or does not answer in time."""
     failure: Exception | None = None
     frame: dict[str, Any] = {}
     try:
         with trio.fail_after(SHORT_RPC_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 try:
-                    ws, stream = await transport.connect(nursery, gateway_url, max_frame=MAX_FRAME,
-                                                         timeout=CONNECT_TIMEOUT)
+                    ws, close = await (connector or transport.open_connection)(
+                        nursery, gateway_url, max_frame=MAX_FRAME, timeout=CONNECT_TIMEOUT)
                     try:
                         while True:  # wait for the challenge
                             frame = rpc.parse_frame(str(await ws.get_message()))
@@ -116,7 +118,7 @@ async def short_rpc(gateway_url: str, method: str, params: dict[str, Any]) -> di
                             if frame.get("id") == f"pre-{method}":
                                 break
                     finally:
-                        await transport.close(ws, stream)
+                        await close()
                 except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio_websocket.HandshakeError,
                         trio_websocket.ConnectionClosed) as exc:
                     # (TooSlowError: the connect timeout; it must not escape this nursery unmapped)
@@ -215,11 +217,13 @@ async def current_cert(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.
     return cert
 
 
-async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert_pem: str) -> tuple[str, str]:
+async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert_pem: str, *,
+                           connector: transport.Connector | None = None) -> tuple[str, str]:
     """`auth.aid_login1`: the gateway proves itself (auth_cert chain + a signature over our
     nonce) and hands out (request_id, nonce) for login2, renew_cert or rekey."""
     client_nonce = pki.b64e(os.urandom(12))
-    r1 = await short_rpc(gateway_url, "auth.aid_login1", {"aid": aid, "cert": cert_pem, "client_nonce": client_nonce})
+    r1 = await short_rpc(gateway_url, "auth.aid_login1", {"aid": aid, "cert": cert_pem, "client_nonce": client_nonce},
+                         connector=connector)
     try:
         auth_cert = pki.load_cert_pem(str(r1.get("auth_cert") or ""))
         nonce_sig = pki.b64d(str(r1.get("client_nonce_signature") or ""))
@@ -235,18 +239,20 @@ async def _begin_operation(gateway_url: str, trust: GatewayTrust, aid: str, cert
 
 
 async def login(gateway_url: str, trust: GatewayTrust, aid: str, key: ec.EllipticCurvePrivateKey,
-                cert_pem: str, *, on_new_cert: Callable[[Any], Awaitable[None]] | None = None) -> Tokens:
+                cert_pem: str, *, on_new_cert: Callable[[Any], Awaitable[None]] | None = None,
+                connector: transport.Connector | None = None) -> Tokens:
     """The two-step AID login: the gateway proves itself (auth_cert chain + our nonce), then we do.
 
     A `new_cert` in login2's answer (the gateway renewed a certificate past half its validity) is
     checked like an issued one (our key, CN, validity, chain, revocation) and handed to
     `on_new_cert`; one that fails a check is logged and ignored, as the SDK does."""
-    request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem)
+    request_id, nonce = await _begin_operation(gateway_url, trust, aid, cert_pem, connector=connector)
     client_time = repr(time.time())
     signature = pki.sign_der(key, f"{nonce}:{client_time}".encode("utf-8"))
     r2 = await short_rpc(gateway_url, "auth.aid_login2", {"aid": aid, "request_id": request_id, "nonce": nonce,
                                                           "client_time": client_time,
-                                                          "signature": pki.b64e(signature)})
+                                                          "signature": pki.b64e(signature)},
+                         connector=connector)
     tokens = Tokens.from_result(r2)
     if isinstance(r2.get("new_cert"), str) and on_new_cert is not None:
         try:
@@ -263,7 +269,8 @@ class ReloginRequired(AuthError):
     """The refresh token is spent or unknown: only a full login helps."""
 
 
-async def refresh(gateway_url: str, aid: str, tokens: Tokens, *, device_id: str, slot_id: str) -> Tokens:
+async def refresh(gateway_url: str, aid: str, tokens: Tokens, *, device_id: str, slot_id: str,
+                  connector: transport.Connector | None = None) -> Tokens:
     """Rotate the refresh token. Raises ReloginRequired when the gateway says so."""
     if not tokens.refresh_token:
         raise ReloginRequired("no refresh token stored")
@@ -271,7 +278,7 @@ async def refresh(gateway_url: str, aid: str, tokens: Tokens, *, device_id: str,
         result = await short_rpc(gateway_url, "auth.refresh_token", {
             "refresh_token": tokens.refresh_token, "aid": aid, "device_id": device_id, "slot_id": slot_id,
             "access_token": tokens.access_token, "access_token_expires_at": tokens.expires_at,
-            "sdk_lang": "python", "sdk_version": "aund"})
+            "sdk_lang": "python", "sdk_version": "aund"}, connector=connector)
     except AuthError as exc:
         data = exc.data.get("result", {})
         text = str(exc).lower()

@@ -239,12 +239,16 @@ class Link:
                  on_connected: Callable[["Link"], Awaitable[None]] | None = None,
                  on_admission_refused: Callable[["Link", AuthError, str, dict[str, Any]], Awaitable[bool]]
                  | None = None,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 connector: transport.Connector | None = None) -> None:
+        """`connector` opens the gateway WebSockets (the link's and the pre-auth ones of refresh and
+        login); default the network's (`transport.open_connection`), a test passes a fake's."""
         if not config.gateways:
             raise ValueError("a link needs at least one gateway URL")
         self.creds, self.config, self.trust = creds, config, trust
         self.aid = creds.aid
         self.global_budget = global_budget
+        self.connector = connector or transport.open_connection
         self.on_event, self.on_state, self.on_connected = on_event, on_state, on_connected
         self.on_admission_refused = on_admission_refused  # publish what a -32003 asks for; True: retry
         self.budget = RpcBudget(config.rpc_in_flight, config.rpc_background)
@@ -387,6 +391,8 @@ class Link:
             session.fail_all(GatewayUnavailable("link closed", retryable=False))
             session.end(1000)
         if self._running:
+            if session is None and self.state == LinkState.RETRY_BACKOFF:
+                self._cancel.cancel()  # no socket to close politely: only the backoff sleep to end
             with trio.move_on_after(2) as scope:
                 scope.shield = True
                 await self._stopped.wait()
@@ -403,7 +409,7 @@ class Link:
         if tokens is not None and tokens.refresh_token:
             try:
                 fresh = await auth.refresh(url, self.aid, tokens, device_id=self.config.device_id,
-                                           slot_id=self.config.slot_id)
+                                           slot_id=self.config.slot_id, connector=self.connector)
                 await self.creds.save_tokens(fresh)
                 return fresh
             except auth.ReloginRequired:
@@ -418,14 +424,14 @@ class Link:
         adopt = getattr(self.creds, "adopt_cert", None)  # a `new_cert` of login2
         try:
             return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
-                                    on_new_cert=adopt)
+                                    on_new_cert=adopt, connector=self.connector)
         except AuthError:
             sync = getattr(self.creds, "sync_cert", None)
             if sync is None or not await sync(url, self.trust):
                 raise
             self.log.info("link.cert_synced", reason="login refused our certificate; the gateway serves a newer one")
             return await auth.login(url, self.trust, self.aid, self.creds.private_key, self.creds.cert_pem,
-                                    on_new_cert=adopt)
+                                    on_new_cert=adopt, connector=self.connector)
 
     async def _connect_and_serve(self) -> None:
         url = self.gateway
@@ -434,8 +440,8 @@ class Link:
         async with trio.open_nursery() as nursery:
             try:
                 try:
-                    ws, stream = await transport.connect(nursery, url, max_frame=self.config.max_frame,
-                                                         timeout=self.config.connect_timeout)
+                    ws, close = await self.connector(nursery, url, max_frame=self.config.max_frame,
+                                                     timeout=self.config.connect_timeout)
                 except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
                     raise GatewayUnavailable(f"cannot connect to {url}: {transport.describe(exc)}") from None
                 session = _Session(ws, url)
@@ -446,7 +452,7 @@ class Link:
                     self._session_open = False
                     self._session = None
                     session.fail_all(GatewayUnavailable("connection to the gateway dropped"))
-                    await transport.close(ws, stream)
+                    await close()
             except (AundError, _Dropped, _Fatal) as exc:
                 outcome = exc  # raised below, outside the nursery, so callers see it unwrapped
             nursery.cancel_scope.cancel()
@@ -497,6 +503,8 @@ class Link:
         nursery.start_soon(self._refresh_loop, session)
         if self.on_connected is not None:
             await self.on_connected(self)  # resync before new work
+        if self._closing:  # aclose() came during the resync: never ready
+            raise _Dropped("link closed while connecting", 1000)
         self.backoff.reset()
         self._set_state(LinkState.READY, gateway=session.url)
 
@@ -577,7 +585,7 @@ class Link:
             try:
                 try:
                     fresh = await auth.refresh(session.url, self.aid, self._tokens, device_id=self.config.device_id,
-                                               slot_id=self.config.slot_id)
+                                               slot_id=self.config.slot_id, connector=self.connector)
                 except auth.ReloginRequired:
                     fresh = await self._login(session.url)
                 await self.creds.save_tokens(fresh)  # persisted before anything uses it
@@ -662,7 +670,7 @@ class Link:
                 async with self.budget.slot(background), self._global_token(on_behalf_of):
                     session = self._session
                     if session is None or not self._session_open:
-                        raise GatewayUnavailable(f"{method}: not connected")
+                        raise GatewayUnavailable(f"{method}: not connected", retryable=not self._closing)
                     if signing.needs_signature(method):
                         params = self._signed(method, params)
                     sent = True
@@ -711,7 +719,7 @@ class Link:
                 async with self.budget.slot(False), self._global_token(on_behalf_of):
                     session = self._session
                     if session is None or not self._session_open:
-                        raise GatewayUnavailable(f"{method}: not connected")
+                        raise GatewayUnavailable(f"{method}: not connected", retryable=not self._closing)
                     try:
                         await session.ws.send_message(text)
                     except trio_websocket.ConnectionClosed:

@@ -24,7 +24,10 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import h11
 import structlog
@@ -220,6 +223,21 @@ async def close(ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream,
         with trio.move_on_after(grace):
             await ws.aclose()
         await trio.aclose_forcefully(stream)
+
+
+#: How a link (and a pre-auth RPC) opens a gateway WebSocket: `connector(nursery, url, *, max_frame,
+#: timeout)` -> (connection, close). The connection is used as trio-websocket's is
+#: (`get_message()`, `send_message(text)`, `ping()`; `trio_websocket.ConnectionClosed` with the
+#: close code once closed); `await close()` closes it for certain. `open_connection` is the real
+#: one; `aund.testing.FakeGateway.connect` an in-memory one for tests.
+Connector = Callable[..., Awaitable[tuple[Any, Callable[[], Awaitable[None]]]]]
+
+
+async def open_connection(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: float
+                          ) -> tuple[trio_websocket.WebSocketConnection, Callable[[], Awaitable[None]]]:
+    """`connect`, with `close` of that connection and its stream as the closer (the default Connector)."""
+    ws, stream = await connect(nursery, url, max_frame=max_frame, timeout=timeout)
+    return ws, partial(close, ws, stream)
 
 
 def describe(exc: BaseException) -> str:

@@ -172,7 +172,7 @@ async def test_token_refresh_runs_when_1800_s_remain_and_persists_first(autojump
         async def save_tokens(self, tokens):
             saved.append(tokens.refresh_token)
 
-    async def fake_refresh(url, aid, tokens, *, device_id, slot_id):
+    async def fake_refresh(url, aid, tokens, *, device_id, slot_id, connector=None):
         calls.append((trio.current_time(), tokens.refresh_token))
         assert saved == [f"r{i}" for i in range(1, len(calls))]  # previous rotations already persisted
         return auth.Tokens(f"a{len(calls)}", f"r{len(calls)}", time.time() + 3600)
