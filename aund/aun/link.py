@@ -186,8 +186,8 @@ class _Pending:
     error: AundError | None = None
 
 
-class _Session:
-    """One open, authenticated WebSocket."""
+class _Socket:
+    """The link's socket: one open, authenticated WebSocket and the calls waiting on it."""
 
     def __init__(self, ws: trio_websocket.WebSocketConnection, url: str) -> None:
         self.ws, self.url = ws, url
@@ -255,7 +255,7 @@ class Link:
         self.pulls = PullGate(config.pull_namespaces)
         self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng)
         self.state = LinkState.STANDBY
-        self._session: _Session | None = None
+        self._session: _Socket | None = None
         self._session_open = False  # authenticated socket, post-connect work may call
         self._ready = trio.Event()
         self._state_changed = trio.Event()
@@ -444,7 +444,7 @@ class Link:
                                                      timeout=self.config.connect_timeout)
                 except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
                     raise GatewayUnavailable(f"cannot connect to {url}: {transport.describe(exc)}") from None
-                session = _Session(ws, url)
+                session = _Socket(ws, url)
                 try:
                     await self._open_session(session, nursery)
                     await self._serve(session)
@@ -459,7 +459,7 @@ class Link:
         if outcome is not None:
             raise outcome
 
-    async def _open_session(self, session: _Session, nursery: trio.Nursery) -> None:
+    async def _open_session(self, session: _Socket, nursery: trio.Nursery) -> None:
         ws = session.ws
         try:
             with trio.fail_after(self.config.connect_timeout):
@@ -508,7 +508,7 @@ class Link:
         self.backoff.reset()
         self._set_state(LinkState.READY, gateway=session.url)
 
-    async def _serve(self, session: _Session) -> None:
+    async def _serve(self, session: _Socket) -> None:
         """Until the connection drops: then raise _Dropped or _Fatal."""
         await session.ended.wait()
         code = session.close_code
@@ -520,7 +520,7 @@ class Link:
         raise _Dropped(f"connection closed (code {code})", code)
 
     # --- reader, heartbeat, refresh ----------------------------------------------------------------
-    async def _reader(self, session: _Session) -> None:
+    async def _reader(self, session: _Socket) -> None:
         """Always drains the socket: replies to waiters, events to on_event. Ends the session on close."""
         ws = session.ws
         code: int | None = None
@@ -552,7 +552,7 @@ class Link:
             session.fail_all(GatewayUnavailable(f"connection to the gateway closed (code {code})",
                                                 data={"close_code": code}))
 
-    def _dispatch_event(self, session: _Session, method: str, params: dict[str, Any]) -> None:
+    def _dispatch_event(self, session: _Socket, method: str, params: dict[str, Any]) -> None:
         name = method.removeprefix("event/")
         if name == "gateway.disconnect":
             code = params.get("code")
@@ -563,7 +563,7 @@ class Link:
         if self.on_event is not None:
             self.on_event(self, name, params)
 
-    async def _heartbeat(self, session: _Session) -> None:
+    async def _heartbeat(self, session: _Socket) -> None:
         while True:
             await trio.sleep(self.config.heartbeat_interval)
             with trio.move_on_after(self.config.pong_timeout) as scope:
@@ -576,7 +576,7 @@ class Link:
                 session.end(1006)
                 return
 
-    async def _refresh_loop(self, session: _Session) -> None:
+    async def _refresh_loop(self, session: _Socket) -> None:
         failures = 0
         while True:
             tokens = self._tokens
@@ -602,7 +602,7 @@ class Link:
                     return
 
     # --- calls -----------------------------------------------------------------------------------
-    async def _send_and_wait(self, session: _Session, method: str, params: dict[str, Any],
+    async def _send_and_wait(self, session: _Socket, method: str, params: dict[str, Any],
                              timeout: float) -> dict[str, Any]:
         req = rpc.request(method, params)
         waiter = _Pending()

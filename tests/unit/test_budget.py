@@ -213,7 +213,7 @@ async def test_link_call_queue_timeout_is_a_retryable_rpc_timeout(autojump_clock
 
     link = link_mod.Link(Creds(), link_mod.LinkConfig(("ws://127.0.0.1:9/aun",), device_id="d"),
                          auth.GatewayTrust([]))
-    link._session = link_mod._Session(WS(), "ws://127.0.0.1:9/aun")
+    link._session = link_mod._Socket(WS(), "ws://127.0.0.1:9/aun")
     link._session_open = True
     async with trio.open_nursery() as n:
         for _ in range(16):
