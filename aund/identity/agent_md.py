@@ -180,7 +180,8 @@ def _split(document: str) -> tuple[str, dict[str, str] | None]:
     if len(blocks) > 1:
         raise AgentMdError("agent.md must carry exactly one AUN-SIGNATURE block", field="signature")
     if blocks and "signer_aid" in blocks[0][1]:
-        raise AgentMdError("signer_aid belongs to group cards only", field="signature.signer_aid")
+        raise AgentMdError("unknown signature field 'signer_aid' in an AID's card (group cards only)",
+                           field="signature.signer_aid")
     return payload, blocks[0][1] if blocks else None
 
 
