@@ -109,9 +109,9 @@ def _same_key(cert: x509.Certificate, public_key: Any) -> bool:
     return pki.spki_der(cert.public_key()) == pki.spki_der(public_key)
 
 
-def _result(svc: g.GroupService, group_id: str, cert: x509.Certificate, aid: str, **extra: Any) -> dict[str, Any]:
+def _result(svc: g.GroupService, group_id: str, cert: x509.Certificate, caller: str, **extra: Any) -> dict[str, Any]:
     group = svc.group(group_id)
-    member = svc.member(group_id, aid)
+    member = svc.member(group_id, caller)
     return {"group": svc.group_view(group, member["role"] if member else None), "group_id": group_id,
             "group_aid": group_id, "aid_cert": aid_cert_view(svc.net, cert), **extra}
 
