@@ -335,3 +335,95 @@ async def test_dissolve_revokes_and_transfer_moves_the_projection_and_rekeys(dev
         status = await cert_of(info, gid, "?consistency=authoritative&key_purpose=group_identity")
         assert status.headers["x-aun-cert-lifecycle-state"] == "revoked"
         assert json.loads((await http("GET", http_base(info.gateway_url) + "/health")).body)["status"] == "ok"
+
+
+# --- fuzz ---------------------------------------------------------------------------------------------
+FUZZ_EXAMPLES = 300
+
+
+async def test_fuzz_group_identity_params_and_cards(devnet_inproc):
+    """Random and mutated params of the group identity RPCs and mutated cards / certificate queries:
+    a JSON-RPC error or a result, an HTTP 4xx or 2xx, never a crash (the connection stays up)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import trio
+
+    info = devnet_inproc
+    async with open_world(info) as w:
+        for name in ("owner", "alice"):
+            await w.add(name)
+        gid, key, b64, bound = await bound_group(w, members=("alice",))
+        cert = pki.load_cert_pem(bound["aid_cert"]["cert"])
+        owner = w.accounts["owner"]
+        _, new_b64 = keypair()
+        good = {
+            "group.create": {"group_name": "fuzzteam", "public_key": new_b64, "curve": "P-256", "name": "F"},
+            "group.bind_group_aid": {"group_id": gid, "public_key": b64, "curve": "P-256"},
+            "group.renew_group_aid": renew_params(gid, key, b64, new_b64),
+            "group.transfer_owner": {"group_id": gid, "new_owner": w.aid("alice"),
+                                     "transfer_auth": proof(key, "aun-group-owner-transfer-v1", gid, gid, w.aid("alice"))},
+            "group.complete_transfer": {"group_id": gid, "public_key": new_b64, "transfer_accept": {}},
+        }
+        body = card(gid, owner.aid, key, cert).decode()
+        scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53 - 1), 2**53 - 1),
+                            st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+                            st.sampled_from([gid, b64, new_b64, "P-384", "", "g-x.aid.test", owner.aid]))
+        values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                               st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                              max_leaves=8)
+
+        @st.composite
+        def rpc_case(draw):
+            method = draw(st.sampled_from(sorted(good)))
+            params = dict(good[method])
+            for k in draw(st.lists(st.sampled_from(sorted({k for p in good.values() for k in p}) + ["nonce", "x"]),
+                                   max_size=3)):
+                params[k] = draw(values)
+            if draw(st.booleans()) and isinstance(params.get("renew_proof"), dict):
+                params["renew_proof"] = {k: draw(values) if draw(st.booleans()) else v
+                                         for k, v in params["renew_proof"].items()}
+            return ("rpc", method, params)
+
+        @st.composite
+        def http_case(draw):
+            if draw(st.booleans()):
+                at = draw(st.integers(0, len(body)))
+                cut = draw(st.integers(0, 40))
+                mutated = body[:at] + draw(st.text(max_size=20)) + body[at + cut:]
+                return ("put", mutated.encode("utf-8", "surrogatepass"))
+            query = draw(st.dictionaries(st.sampled_from(["cert_fingerprint", "consistency", "key_purpose", "x"]),
+                                         st.one_of(st.text(alphabet="abcdef0123456789:sha-_", max_size=70),
+                                                   st.sampled_from(["authoritative", "group_identity", "signing"])),
+                                         max_size=3))
+            return ("cert", "&".join(f"{k}={quote(v)}" for k, v in query.items()))
+
+        seen = {"n": 0}
+
+        async def example(case) -> None:
+            seen["n"] += 1
+            if case[0] == "rpc":
+                reply = await w.call("owner", case[1], case[2])
+                assert ("result" in reply) != ("error" in reply), reply
+                if "error" in reply:
+                    assert isinstance(reply["error"]["code"], int) and reply["error"]["message"], reply
+            elif case[0] == "put":
+                reply = await put_card(info, gid, owner.token, case[1])
+                assert reply.status in (200, 400, 403, 409, 412, 413), (reply.status, reply.body[:200])
+            else:
+                reply = await cert_of(info, gid, "?" + case[1])
+                assert reply.status in (200, 400, 404), (reply.status, reply.body[:200])
+            assert await w.conns["owner"].ping()
+
+        def run_hypothesis() -> None:
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(case=st.one_of(rpc_case(), http_case()))
+            def fuzz(case):
+                trio.from_thread.run(example, case)
+
+            fuzz()
+
+        with trio.fail_after(50):
+            await trio.to_thread.run_sync(run_hypothesis)
+        assert seen["n"] >= FUZZ_EXAMPLES
+        assert await w.conns["alice"].ping()
