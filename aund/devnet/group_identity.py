@@ -186,7 +186,7 @@ def rpc_renew_group_aid(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         raise RpcError(rpc.CONFLICT, "old_public_key is not the key of the group's current certificate")
     if pki.spki_der(new_key) == pki.spki_der(old_key):
         raise RpcError(rpc.INVALID_PARAMS, "new_public_key must differ from old_public_key")
-    digest = lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest()  # noqa: E731
+    digest = lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest()
     check_proof(conn.net, gid, "renew", params.get("renew_proof"), cert.public_key(), "renew_proof",
                 ["aun-group-aid-renew-v1", _ids(params, "group_id", gid), _ids(params, "group_aid", gid),
                  [digest(old_text)], [digest(new_text)]])

@@ -132,7 +132,7 @@ async def test_bind_is_idempotent_for_the_same_key_and_refused_otherwise(devnet_
         for name in ("owner", "alice", "carol"):
             await w.add(name)
         gid = await make_group(w, members=("alice",))
-        key, b64 = keypair()
+        _, b64 = keypair()
         assert code(await w.call("alice", "group.bind_group_aid", {"group_id": gid, "public_key": b64})) \
             == groups.ROLE_INSUFFICIENT
         assert code(await w.call("carol", "group.bind_group_aid", {"group_id": gid, "public_key": b64})) \
@@ -296,7 +296,7 @@ async def test_dissolve_revokes_and_transfer_moves_the_projection_and_rekeys(dev
     async with open_world(info) as w:
         for name in ("owner", "alice"):
             await w.add(name)
-        gid, key, b64, bound = await bound_group(w, members=("alice",))
+        gid, key, _, bound = await bound_group(w, members=("alice",))
         owner, alice = w.accounts["owner"], w.accounts["alice"]
         cert = pki.load_cert_pem(bound["aid_cert"]["cert"])
         assert (await put_card(info, gid, owner.token, card(gid, owner.aid, key, cert))).status == 200
@@ -344,10 +344,9 @@ FUZZ_EXAMPLES = 300
 async def test_fuzz_group_identity_params_and_cards(devnet_inproc):
     """Random and mutated params of the group identity RPCs and mutated cards / certificate queries:
     a JSON-RPC error or a result, an HTTP 4xx or 2xx, never a crash (the connection stays up)."""
+    import trio
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-
-    import trio
 
     info = devnet_inproc
     async with open_world(info) as w:

@@ -25,11 +25,11 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, urlsplit
 
+from aun_core.agent_md import AgentMdManager
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from fastaun_common import GW, check, failed, note, store_for
 from fastaun_groups_driver import Member, fails, wait_for
-from aun_core.agent_md import AgentMdManager  # noqa: E402  (after fastaun_common set the environment)
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes  # noqa: E402
 
 _gw = urlsplit(GW)
 _real_getaddrinfo = socket.getaddrinfo
@@ -128,7 +128,7 @@ async def exchange(owner, member, gid):
         text = f"from {sender.name} {secrets.token_hex(3)}"
         r = await sender.client.group.send({"group_id": gid, "payload": {"type": "text", "text": text}})
         check(f"{sender.name} sends E2EE", isinstance(r.get("seq"), int), r)
-        got = await wait_for(lambda t=text: t in receiver.texts(), 20)
+        got = await wait_for(lambda t=text, r=receiver: t in r.texts(), 20)
         row = next((m for m in receiver.messages.values() if receiver.text_of(m) == text), {})
         check(f"{receiver.name} decrypts {sender.name}'s message", got and row.get("encrypted") is True,
               sorted(map(str, receiver.texts()))[:5])
