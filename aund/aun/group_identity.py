@@ -159,7 +159,7 @@ class GroupIdentities:
                                        name=str(words.get("name") or ""), description=str(words.get("description") or ""),
                                        avatar=str(words.get("avatar") or ""))
         try:
-            signed = agent_md.sign(text, identity.private_key, identity.cert)
+            signed = agent_md.sign(text, identity.private_key, identity.cert, entity=True)
         except agent_md.AgentMdError as exc:
             raise cards.bad_card(str(exc), exc.field, exc.code) from None
         etag = await cards.replace(link.gateway, group_aid, signed, token=link.access_token,

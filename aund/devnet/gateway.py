@@ -147,6 +147,7 @@ class Devnet:
         self.services: dict[str, Any] = {}  # each service module's state for this devnet (groups, thoughts)
         self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
+        self.group_identity_check = False  # and a group certificate + card (-32003; --group-identity-check)
         self.cert_ttl = 0.0  # seconds an AID certificate is valid (0: the PKI mode's days; --cert-ttl)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
@@ -351,14 +352,7 @@ class Devnet:
             status, der = self.ca.ocsp_response(cert, found[1] if found else None)
             return 200, {"status": status, "ocsp_response": base64.b64encode(der).decode()}, {}
         if path.startswith("/pki/cert/") and method in ("GET", "HEAD"):
-            aid = unquote(path[len("/pki/cert/"):]).strip().lower()
-            fp = (query.get("cert_fingerprint") or [""])[0].lower().removeprefix("sha256:")
-            if fp and not re.fullmatch(r"[0-9a-f]{16}|[0-9a-f]{64}", fp):
-                return 400, {"error": "cert_fingerprint must be sha256:<16 or 64 hex>"}, {}
-            pem = self.store.cert_by_fingerprint(aid, fp) if fp else self.store.current_cert(aid)
-            if pem is None:
-                return 404, {"error": "certificate not found"}, {}
-            return 200, pem, {"content-type": "application/x-pem-file"}
+            return self.cert_http(unquote(path[len("/pki/cert/"):]).strip().lower(), query)
         if path == "/agent.md":
             return self.agent_md(method, headers, body)
         if path == "/devnet/stats" and method == "GET":
@@ -388,6 +382,37 @@ class Devnet:
                          "unbounded_pages": self.faults.unbounded_pages}, {}
         return 404, {"error": "not found"}, {}
 
+    def cert_http(self, aid: str, query: dict[str, list[str]]) -> tuple[int, Any, dict[str, str]]:
+        """`/pki/cert/{aid}`: the current certificate, or the one `cert_fingerprint` names (current
+        or past). With `consistency=authoritative` the answer carries what production's CA says of
+        it: X-AUN-Cert-Consistency, -Lifecycle-State (active_signing, verify_only, revoked,
+        expired), -Fingerprint, -Observed-At, -Key-Purpose; `key_purpose` (signing or
+        group_identity) must be the certificate's (404 otherwise)."""
+        fp = (query.get("cert_fingerprint") or [""])[0].lower().removeprefix("sha256:")
+        if fp and not re.fullmatch(r"[0-9a-f]{16}|[0-9a-f]{64}", fp):
+            return 400, {"error": "cert_fingerprint must be sha256:<16 or 64 hex>"}, {}
+        consistency = (query.get("consistency") or [""])[0]
+        purpose = (query.get("key_purpose") or [""])[0]
+        if consistency not in ("", "authoritative") or purpose not in ("", "signing", "group_identity"):
+            return 400, {"error": "consistency must be authoritative; key_purpose signing or group_identity"}, {}
+        state = self.store.cert_state(aid, fp)
+        if state is None or purpose and state["key_purpose"] != purpose:
+            return 404, {"error": "certificate not found" if state is None
+                         else f"the certificate of {aid} is not for key_purpose {purpose}"}, {}
+        headers = {"content-type": "application/x-pem-file"}
+        if consistency:
+            cert = pki.load_cert_pem(state["pem"])
+            now = time.time()
+            lifecycle = ("revoked" if state["revoked_at"] is not None
+                         else "expired" if cert.not_valid_after_utc.timestamp() < now
+                         else "active_signing" if state["current"] else "verify_only")
+            observed = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+            headers.update({"x-aun-cert-consistency": "authoritative", "x-aun-cert-lifecycle-state": lifecycle,
+                            "x-aun-cert-fingerprint": "sha256:" + state["der_sha256"],
+                            "x-aun-cert-observed-at": observed, "x-aun-cert-key-purpose": state["key_purpose"],
+                            "cache-control": "no-store"})
+        return 200, state["pem"], headers
+
     def revoke_http(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
         """POST /devnet/revoke {"aid"}: put the AID's current certificate on the CRL (OCSP: revoked)."""
         try:
@@ -410,19 +435,26 @@ class Devnet:
             aid = validate_aid(host)
         except RpcError:
             return 404, {"error": "agent.md is served by AID host name"}, {}
+        group = _group_identity.entity(self, aid)  # a group AID's card: signed by the group, put by its owner
         current = self.store.agent_md(aid)
         if method in ("GET", "HEAD"):
+            extra = _group_identity.ownership_headers(self, group) \
+                if group is not None and headers.get("x-aun-ownership-check") == "1" else {}
             if current is None:
-                return 404, {"error": "agent.md not found"}, {}
+                return 404, {"error": "agent.md not found"}, extra
             if headers.get("if-none-match") in (current[1], "*"):
-                return 304, b"", {"etag": current[1]}
-            return 200, current[0], {"etag": current[1], "content-type": "text/markdown; charset=utf-8"}
+                return 304, b"", {"etag": current[1], **extra}
+            return 200, current[0], {"etag": current[1], "content-type": "text/markdown; charset=utf-8", **extra}
         if method != "PUT":
             return 405, {"error": "method not allowed"}, {}
         token = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not token or self.store.token_aid(token, "access") != aid:
+        if group is not None:
+            refused = _group_identity.check_card_upload(self, group, self.store.token_aid(token, "access")
+                                                        if token else None, body)
+        elif not token or self.store.token_aid(token, "access") != aid:
             return 401, {"error": "a bearer access token of the AID is required"}, {}
-        refused = self.check_agent_md(aid, body)  # as the name service: schema, sizes, signature
+        else:
+            refused = self.check_agent_md(aid, body)  # as the name service: schema, sizes, signature
         if refused is not None:
             return refused
         if headers.get("if-none-match") == "*" and current is not None:
@@ -714,6 +746,8 @@ class Conn:
                 and method not in AGENT_MD_EXEMPT and self.net.store.agent_md(self.aid) is None):
             # production's identity admission for clients that declare agent.md validation (SDK 0.5.8)
             raise RpcError(rpc.AGENT_MD_REQUIRED, f"valid agent.md is required for {self.aid}")
+        if self.aid and self.net.group_identity_check and self.declares_agent_md:
+            _group_identity.admission(self, method, params)
         if signing.needs_signature(method) and not self.connection_identity_suffices(method, params):
             cert = pki.load_cert_pem(self.net.store.current_cert(self.aid) or "")
             try:
@@ -1268,3 +1302,4 @@ from aund.devnet import groups as _groups  # noqa: E402,F401  (import for its si
 from aund.devnet import thoughts as _thoughts  # noqa: E402,F401  (message.thought.*, likewise)
 from aund.devnet import storage as _storage  # noqa: E402  (storage.*, and its HTTP data plane)
 from aund.devnet import msgevents as _msgevents  # noqa: E402  (message.recall / read / read_state, volatile sends)
+from aund.devnet import group_identity as _group_identity  # noqa: E402  (group AIDs: admission, their cards)

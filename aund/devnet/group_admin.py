@@ -5,9 +5,9 @@ The handlers follow the SDK's group RPC manual (`_packed_docs/sdk/09-group-rpc-m
 fastaun 0.5.25 calls them; each change appends a `group.changed` event with the action name the
 SDK knows (`update`, `role_changed`, `member_banned`, `member_unbanned`, `announcement_updated`,
 `rules_updated`, `join_requirements_updated`, `owner_transfer_rekey_pending`, `owner_transferred`,
-`dissolved`). Group identities (a group AID with its own key and certificate) are not served:
-owner transfer of an anonymous group needs no group-key `transfer_auth` and issues no new group
-certificate. Imported by aund.devnet.groups at its end (the handlers register themselves).
+`dissolved`). A group with a group identity (aund.devnet.group_identity) is handed over with the
+old group key's `transfer_auth` and rekeyed to the new owner's key at completion; dissolving
+revokes its certificate. Imported by aund.devnet.groups at its end (the handlers register themselves).
 """
 
 from __future__ import annotations
@@ -375,6 +375,7 @@ def rpc_transfer_owner(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     auth = params.get("transfer_auth")
     if auth is not None and not isinstance(auth, dict):
         raise RpcError(rpc.INVALID_PARAMS, "transfer_auth must be an object")
+    g._identity.check_transfer_start(conn, gid, params, new_owner)  # a group AID: the group key's consent
     pending = {"status": "pending_rekey", "old_owner": conn.aid, "new_owner": new_owner, "group_aid": gid,
                "transfer_auth": auth or {}}
     with conn.net.store.tx() as db:
@@ -402,6 +403,7 @@ def rpc_complete_transfer(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     if pending["new_owner"] != conn.aid:
         raise RpcError(g.ROLE_INSUFFICIENT, "only the pending new owner completes the transfer")
     old = pending["old_owner"]
+    new_key = g._identity.transfer_rekey(conn, gid, params)  # a group AID: the new owner's key and consent
     with conn.net.store.tx() as db:
         db.execute("UPDATE grp_members SET role='admin' WHERE group_id=? AND aid=?", (gid, old))
         db.execute("UPDATE grp_members SET role='owner' WHERE group_id=? AND aid=?", (gid, conn.aid))
@@ -409,9 +411,10 @@ def rpc_complete_transfer(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         db.execute("DELETE FROM grp_transfers WHERE group_id=?", (gid,))
         event = svc.add_event(db, _fresh(db, gid), "owner_transferred", conn.aid, status="transferred",
                               old_owner=old, new_owner=conn.aid, aid=conn.aid, member_aid=conn.aid)
+    extra = {"aid_cert": g._identity.rekey_to(conn.net, gid, new_key)} if new_key is not None else {}
     _finish(svc, [event])
     return {"status": "transferred", "group": svc.group_view(svc.group(gid), "owner"), "group_id": gid,
-            "group_aid": gid, "old_owner": old, "new_owner": conn.aid}
+            "group_aid": gid, "old_owner": old, "new_owner": conn.aid, **extra}
 
 
 @handler("group.dissolve")
@@ -423,5 +426,6 @@ def rpc_dissolve(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         db.execute("DELETE FROM grp_transfers WHERE group_id=?", (gid,))
         db.execute("UPDATE grp_proposals SET status='superseded' WHERE group_id=? AND status='pending'", (gid,))
         event = svc.add_event(db, _fresh(db, gid), "dissolved", conn.aid, status="dissolved")
+    g._identity.revoke(conn.net, gid)  # the group certificate goes on the CRL; its card is no longer published
     _finish(svc, [event])
     return {"group_id": gid, "group_aid": gid, "status": "dissolved", "group": svc.group_view(svc.group(gid))}

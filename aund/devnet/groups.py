@@ -109,6 +109,8 @@ CREATE TABLE IF NOT EXISTS grp_bans (
 CREATE TABLE IF NOT EXISTS grp_settings (
     group_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_by TEXT NOT NULL,
     updated_at INTEGER NOT NULL, PRIMARY KEY (group_id, key));
+CREATE TABLE IF NOT EXISTS grp_create_requests (
+    creator_aid TEXT NOT NULL, request_id TEXT NOT NULL, group_id TEXT NOT NULL, PRIMARY KEY (creator_aid, request_id));
 CREATE TABLE IF NOT EXISTS grp_transfers (
     group_id TEXT PRIMARY KEY, old_owner TEXT NOT NULL, new_owner TEXT NOT NULL, transfer_auth TEXT NOT NULL,
     created_at INTEGER NOT NULL);
@@ -675,23 +677,37 @@ def _known_aid(conn: Conn, value: Any) -> str:
 # --- lifecycle -------------------------------------------------------------------------------------
 @handler("group.create")
 def rpc_create(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
-    svc = service(conn.net)
-    if params.get("group_name") or params.get("public_key"):
-        raise RpcError(rpc.INVALID_PARAMS, "named groups (group_name + public_key) are not supported by the devnet")
+    if params.get("group_name") is not None or params.get("public_key") is not None:
+        return _identity.create_named(conn, params)  # a named group: its AID and certificate
     name = _text(params, "name", limit=128).strip()
     if not name:
         raise RpcError(rpc.INVALID_PARAMS, "missing param: name")
+    requested = params.get("group_aid") or params.get("group_id")
+    group_id = normalize_group_id(requested, conn.net.issuer) if requested else None
+    request_id = _text(params, "_create_request_id", limit=128)  # the SDK's retry of the same creation
+    if request_id and group_id is None:
+        row = service(conn.net).db.execute("SELECT group_id FROM grp_create_requests WHERE creator_aid=? AND "
+                                           "request_id=?", (conn.aid, request_id)).fetchone()
+        if row is not None:
+            svc = service(conn.net)
+            return _created_view(svc, svc.group(row[0]), conn.aid)
+    return create_group(conn, params, name, group_id, request_id=request_id)
+
+
+def create_group(conn: Conn, params: dict[str, Any], name: str, group_id: str | None, *,
+                 request_id: str = "", also: Callable[[Any, str], None] | None = None) -> dict[str, Any]:
+    """Create a group owned by the caller (`group_id` None: a fresh `g-<hex>.{issuer}`) and answer
+    `group.create`; `also(db, group_id)` runs in the same transaction (a named group's checks)."""
+    svc = service(conn.net)
     visibility = _text(params, "visibility", "private")
     if visibility not in ("public", "private"):
         raise RpcError(rpc.INVALID_PARAMS, "visibility must be public or private")
     join_mode = _text(params, "join_mode", "open" if visibility == "public" else "approval")
     if join_mode not in JOIN_MODES:
         raise RpcError(rpc.INVALID_PARAMS, f"join_mode must be one of {', '.join(JOIN_MODES)}")
-    requested = params.get("group_aid") or params.get("group_id")
     now = now_ms()
     with conn.net.store.tx() as db:
-        if requested:
-            group_id = normalize_group_id(requested, conn.net.issuer)
+        if group_id is not None:
             if db.execute("SELECT 1 FROM grp_groups WHERE group_id=?", (group_id,)).fetchone():
                 raise RpcError(GROUP_STATE_INVALID, f"group_id already taken: {group_id}")
         else:
@@ -699,6 +715,8 @@ def rpc_create(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
                 group_id = f"g-{secrets.token_hex(5)}.{conn.net.issuer}"
                 if not db.execute("SELECT 1 FROM grp_groups WHERE group_id=?", (group_id,)).fetchone():
                     break
+        if also is not None:
+            also(db, group_id)
         group = {"group_id": group_id, "name": name, "owner_aid": conn.aid, "creator_aid": conn.aid,
                  "visibility": visibility, "join_mode": join_mode,
                  "join_question": _text(params, "join_question"), "description": _text(params, "description"),
@@ -709,11 +727,18 @@ def rpc_create(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
                    ":description,:status,:epoch,:message_seq,:event_seq,:created_at,:updated_at)", group)
         event = svc.add_event(db, group, "upsert", conn.aid, member_aid=conn.aid, role="owner")
         svc.insert_member(db, group, conn.aid, "owner", "human", event["event_seq"])
+        if request_id:
+            db.execute("INSERT OR REPLACE INTO grp_create_requests VALUES (?,?,?)", (conn.aid, request_id, group_id))
     group = svc.group(group_id)
     svc.push([conn.aid], "group.created", {"module_id": "group", "group_id": group_id, "group_aid": group_id,
                                            "owner_aid": conn.aid, "visibility": visibility})
     svc.push_event(event)
-    return {"group": svc.group_view(group, "owner"), "group_id": group_id, "group_aid": group_id, "aid": conn.aid}
+    return _created_view(svc, group, conn.aid)
+
+
+def _created_view(svc: GroupService, group: dict[str, Any], aid: str) -> dict[str, Any]:
+    return {"group": svc.group_view(group, "owner"), "group_id": group["group_id"], "group_aid": group["group_id"],
+            "aid": aid}
 
 
 @handler("group.get_info")
@@ -1468,5 +1493,6 @@ def rpc_thought_get(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 from aund.devnet import group_admin as _admin  # noqa: E402,F401  (its handlers join GROUP_HANDLERS)
 from aund.devnet import group_moderation as _moderation  # noqa: E402,F401  (likewise)
+from aund.devnet import group_identity as _identity  # noqa: E402  (named groups, bind/renew, admission, cards)
 
 gw.register(GROUP_HANDLERS, __name__)

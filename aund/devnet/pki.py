@@ -199,7 +199,8 @@ class DevCA:
         status = ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD
         builder = ocsp.OCSPResponseBuilder().add_response(
             cert=cert, issuer=self.issuer_cert, algorithm=hashes.SHA256(), cert_status=status,
-            this_update=now - dt.timedelta(minutes=1), next_update=now + dt.timedelta(hours=1),
+            # made on each request: ThisUpdate is now (the SDK's strict ownership check wants it within 30 s)
+            this_update=now - dt.timedelta(seconds=1), next_update=now + dt.timedelta(hours=1),
             revocation_time=dt.datetime.fromtimestamp(revoked_at, dt.timezone.utc) if revoked else None,
             revocation_reason=None,
         ).responder_id(ocsp.OCSPResponderEncoding.HASH, self.issuer_cert)

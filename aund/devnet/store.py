@@ -20,7 +20,8 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certs (
     serial_hex TEXT PRIMARY KEY, aid TEXT NOT NULL, der_sha256 TEXT NOT NULL, spki_sha256 TEXT NOT NULL,
-    pem TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, revoked_at REAL);
+    pem TEXT NOT NULL, created_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, revoked_at REAL,
+    key_purpose TEXT NOT NULL DEFAULT 'signing');
 CREATE INDEX IF NOT EXISTS certs_aid ON certs(aid, created_at);
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, aid TEXT NOT NULL, expires_at REAL NOT NULL,
@@ -72,10 +73,12 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")  # several devnet gateways may share one state dir
         self.db.executescript(SCHEMA)
-        if "revoked_at" not in {r["name"] for r in self.db.execute("PRAGMA table_info(certs)")}:
-            with self.tx() as db:  # a database from before revocation existed
-                if "revoked_at" not in {r["name"] for r in db.execute("PRAGMA table_info(certs)")}:
-                    db.execute("ALTER TABLE certs ADD COLUMN revoked_at REAL")
+        # columns added after the first databases were made (revocation, then group identities)
+        for column, decl in (("revoked_at", "REAL"), ("key_purpose", "TEXT NOT NULL DEFAULT 'signing'")):
+            if column not in {r["name"] for r in self.db.execute("PRAGMA table_info(certs)")}:
+                with self.tx() as db:
+                    if column not in {r["name"] for r in db.execute("PRAGMA table_info(certs)")}:
+                        db.execute(f"ALTER TABLE certs ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -91,10 +94,29 @@ class Store:
         self.db.execute("COMMIT")
 
     # --- certificates --------------------------------------------------------------------
-    def add_cert(self, aid: str, serial_hex: str, der_sha256: str, spki_sha256: str, pem: str) -> None:
+    def add_cert(self, aid: str, serial_hex: str, der_sha256: str, spki_sha256: str, pem: str,
+                 key_purpose: str = "signing", *, revoke_previous: bool = False) -> None:
+        """Store a new current certificate of `aid` (`key_purpose`: "signing" for an agent,
+        "group_identity" for a group); with `revoke_previous` the one it replaces is revoked in the
+        same transaction (a group rekey)."""
         with self.tx() as db:
-            db.execute("INSERT INTO certs VALUES (?,?,?,?,?,?,0,NULL)",
-                       (serial_hex, aid, der_sha256, spki_sha256, pem, time.time()))
+            now = time.time()
+            if revoke_previous:
+                db.execute("UPDATE certs SET revoked=1, revoked_at=? WHERE aid=? AND revoked=0", (now, aid))
+            db.execute("INSERT INTO certs (serial_hex, aid, der_sha256, spki_sha256, pem, created_at, key_purpose) "
+                       "VALUES (?,?,?,?,?,?,?)", (serial_hex, aid, der_sha256, spki_sha256, pem, now, key_purpose))
+
+    def cert_state(self, aid: str, fp_hex: str = "") -> dict[str, Any] | None:
+        """The certificate of `aid` that `/pki/cert` answers (the current one, or the one whose
+        DER or SPKI SHA-256 starts with fp_hex): its pem, der_sha256, key_purpose, revoked_at
+        (None if not revoked) and whether it is the current one."""
+        rows = self.db.execute("SELECT * FROM certs WHERE aid=? ORDER BY created_at DESC", (aid,)).fetchall()
+        for index, row in enumerate(rows):
+            if not fp_hex or row["der_sha256"].startswith(fp_hex) or row["spki_sha256"].startswith(fp_hex):
+                revoked_at = (row["revoked_at"] or row["created_at"]) if row["revoked"] else None
+                return {"pem": row["pem"], "der_sha256": row["der_sha256"], "key_purpose": row["key_purpose"],
+                        "serial_hex": row["serial_hex"], "revoked_at": revoked_at, "current": index == 0}
+        return None
 
     def current_cert(self, aid: str) -> str | None:
         """The AID's newest certificate, revoked or not (clients learn of a revocation from the CRL
@@ -127,11 +149,8 @@ class Store:
 
     def cert_by_fingerprint(self, aid: str, fp_hex: str) -> str | None:
         """A cert of `aid` whose DER or SPKI SHA-256 starts with fp_hex (16 or 64 hex)."""
-        like = fp_hex.lower() + "%"
-        row = self.db.execute(
-            "SELECT pem FROM certs WHERE aid=? AND (der_sha256 LIKE ? OR spki_sha256 LIKE ?) "
-            "ORDER BY created_at DESC LIMIT 1", (aid, like, like)).fetchone()
-        return row["pem"] if row else None
+        found = self.cert_state(aid, fp_hex.lower())
+        return found["pem"] if found else None
 
     def cert_by_serial(self, serial_hex: str) -> tuple[str, float | None] | None:
         """(PEM, revoked_at or None) of the certificate with this serial."""

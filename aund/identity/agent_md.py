@@ -17,7 +17,11 @@ most 100 characters, `avatar` at most 256, `tags` a list of strings, `exttype` a
 are kept as they are. No YAML tags, anchors, aliases or duplicate keys.
 
 `validate` is the one check, for the daemon before it uploads and for the devnet when it receives
-(as the name service on `PUT /agent.md`). Pure functions (no I/O).
+(as the name service on `PUT /agent.md`). `validate_entity` checks a group's card (`type: "group"`,
+the multi-v1 signature format): front matter `owner` (the group's current owner) and
+`entity_cert_fingerprint` (its current group certificate), the first block signed by the group key
+with `signer_aid: {group aid}`, any further block by the owner (`signer_aid: {owner}`) over
+everything before it. Pure functions (no I/O).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from cryptography import x509
@@ -40,13 +44,14 @@ MAX_BODY = MAX_PAYLOAD + MAX_SIGNATURE_BLOCK  # what a name service reads of a P
 MAX_FUTURE_SECONDS = 300  # a signature timestamp may be this far ahead of the verifier's clock
 MARKER = "<!-- AUN-SIGNATURE"
 INVALID, TOO_LARGE = "invalid_agent_md", "agent_md_too_large"  # the name service's error codes
+GENERATION = "entity_generation_conflict"  # a group card naming another owner or certificate (HTTP 409)
+_ENTITY_FORBIDDEN = ("ownership", "ownership_proof", "ownership_release")
 
 _AID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_][A-Za-z0-9_-]*)+")
 _SEMVER_RE = re.compile(r"\d+\.\d+\.\d+")
 _FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOCK_RE = re.compile(r"<!-- AUN-SIGNATURE(?:-[A-Z0-9-]+)?(?:\r\n|\n|\r)(?P<body>.*?)(?:\r\n|\n|\r)-->\s*", re.S)
-_SIGNATURE_FIELDS = ("cert_fingerprint", "public_key_fingerprint", "signer_aid", "timestamp", "signature")
-GROUP = "group"  # a group's card: signed by the group AID's key, naming its owner and that key's certificate
+_SIGNATURE_FIELDS = ("cert_fingerprint", "public_key_fingerprint", "timestamp", "signature", "signer_aid")
 _MAX_UNIX_SECONDS = 2**53 - 1
 
 
@@ -90,7 +95,7 @@ def group_document(group_aid: str, *, owner: str, entity_cert_fingerprint: str, 
     certificate it is signed with (a new card follows every new group certificate)."""
     title = name.strip() or group_aid
     summary = " ".join(description.split()) or f"AUN group {title}"
-    front = {"aid": group_aid, "name": title, "type": GROUP, "owner": owner,
+    front = {"aid": group_aid, "name": title, "type": "group", "owner": owner,
              "entity_cert_fingerprint": entity_cert_fingerprint, "version": "1.0.0", "description": summary[:100]}
     if avatar.strip():
         front["avatar"] = avatar.strip()[:256]
@@ -98,29 +103,27 @@ def group_document(group_aid: str, *, owner: str, entity_cert_fingerprint: str, 
     return "---\n" + "\n".join(lines) + "\n---\n\n" + f"# {title}\n"
 
 
-def sign(document: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *, now: int | None = None) -> str:
+def sign(document: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *, now: int | None = None,
+         entity: bool = False) -> str:
     """`document` (any old signature removed) signed with the AID key; AgentMdError when it cannot
-    be, or when its payload would not validate for the certificate's AID. A group card is signed
-    by the group AID (its block names it as `signer_aid`, as the SDK writes it)."""
+    be, or when its payload would not validate for the certificate's AID. `entity`: a group's
+    card, signed with the group key (its block names the group as `signer_aid`, the first block of
+    the multi-v1 format) and naming that key's certificate."""
     payload = payload_of(document)
     if pki.spki_der(key.public_key()) != pki.spki_der(cert.public_key()):
         raise AgentMdError("the signing key is not the certificate's", field="signature")
     aid = pki.cert_aid(cert)
-    front = _check_payload(payload, aid=aid)
-    _check_entity_cert(front, cert)
+    front = _check_payload(payload, aid=aid, entity=entity)
+    if entity and front["entity_cert_fingerprint"] != pki.cert_fingerprint(cert):
+        raise AgentMdError("entity_cert_fingerprint does not name the group's current certificate",
+                           field="entity_cert_fingerprint", code=GENERATION)
     signature = pki.b64e(pki.sign_for_key(key, payload.encode("utf-8")))
     block = [MARKER, f"cert_fingerprint: {pki.cert_fingerprint(cert)}",
              f"public_key_fingerprint: {pki.spki_fingerprint(cert.public_key())}"]
-    if front["type"] == GROUP:
+    if entity:
         block.append(f"signer_aid: {aid}")
     block += [f"timestamp: {int(time.time()) if now is None else now}", f"signature: {signature}", "-->"]
     return payload + "\n".join(block)
-
-
-def _check_entity_cert(front: dict[str, Any], cert: x509.Certificate) -> None:
-    if front["type"] == GROUP and front["entity_cert_fingerprint"] != pki.cert_fingerprint(cert):
-        raise AgentMdError("entity_cert_fingerprint does not name the group's current certificate",
-                           field="entity_cert_fingerprint")
 
 
 def validate(document: str | bytes, *, aid: str, cert: x509.Certificate | None = None, now: float | None = None,
@@ -130,6 +133,57 @@ def validate(document: str | bytes, *, aid: str, cert: x509.Certificate | None =
     With `cert` (the AID's current certificate) the signature is verified: the fingerprints name
     that certificate, the timestamp lies within its validity and not in the future, and the
     ECDSA P-256 signature over the payload bytes holds. Without it, only the form is checked."""
+    document = _decoded(document)
+    payload, fields = _split(document)
+    front = _check_payload(payload, aid=aid)
+    if fields is None:
+        if require_signature:
+            raise AgentMdError("agent.md has no AUN-SIGNATURE block", field="signature")
+        return Checked(payload, front, None)
+    if cert is not None:
+        _verify(payload, fields, aid=aid, cert=cert, now=time.time() if now is None else now)
+    return Checked(payload, front, fields)
+
+
+def validate_entity(document: str | bytes, *, aid: str, owner: str, entity_cert: x509.Certificate,
+                    owner_cert: Callable[[str], x509.Certificate | None], now: float | None = None) -> Checked:
+    """Check a group's card as the name service does on upload (see the module docstring).
+
+    `owner` and `entity_cert` are the group's current owner and certificate as the service records
+    them; a card naming others fails with code GENERATION. `owner_cert(fingerprint)` finds the
+    owner's certificate for an owner signature block (None: unknown)."""
+    document = _decoded(document)
+    payload, blocks = _blocks(document)
+    front = _check_payload(payload, aid=aid, entity=True)
+    if not blocks:
+        raise AgentMdError("a group card must be signed with the group key", field="signature")
+    if front["owner"].lower() != owner.lower():
+        raise AgentMdError(f"owner {front['owner']!r} is not the group's current owner", field="owner",
+                           code=GENERATION)
+    if front["entity_cert_fingerprint"] != pki.cert_fingerprint(entity_cert):
+        raise AgentMdError("entity_cert_fingerprint does not name the group's current certificate",
+                           field="entity_cert_fingerprint", code=GENERATION)
+    at = time.time() if now is None else now
+    for index, (signed, fields) in enumerate(blocks):
+        signer = fields.get("signer_aid", "").lower()
+        if index == 0:
+            if signer != aid.strip().lower():
+                raise AgentMdError("the first signature block must be the group's (signer_aid: the group aid)",
+                                   field="signature.signer_aid")
+            _verify(signed, fields, aid=aid, cert=entity_cert, now=at)
+            continue
+        if signer != owner.lower():
+            raise AgentMdError("an additional signature block must be the owner's (signer_aid: the owner)",
+                               field="signature.signer_aid")
+        cert = owner_cert(fields["cert_fingerprint"])
+        if cert is None:
+            raise AgentMdError(f"cert_fingerprint does not name a certificate of {owner}",
+                               field="signature.cert_fingerprint")
+        _verify(signed, fields, aid=owner, cert=cert, now=at)
+    return Checked(payload, front, blocks[0][1])
+
+
+def _decoded(document: str | bytes) -> str:
     if isinstance(document, bytes):
         if len(document) > MAX_BODY:
             raise AgentMdError(f"agent.md is {len(document)} bytes; at most {MAX_BODY} are accepted",
@@ -140,33 +194,39 @@ def validate(document: str | bytes, *, aid: str, cert: x509.Certificate | None =
             raise AgentMdError(f"agent.md is not UTF-8 (byte {exc.start})", field="document") from None
     if not isinstance(document, str) or not document.strip():
         raise AgentMdError("agent.md is empty", field="document")
-    payload, fields = _split(document)
-    front = _check_payload(payload, aid=aid)
-    if fields is None:
-        if require_signature:
-            raise AgentMdError("agent.md has no AUN-SIGNATURE block", field="signature")
-        return Checked(payload, front, None)
-    signer = fields.get("signer_aid")
-    if signer is not None and (front["type"] != GROUP or signer.lower() != aid.strip().lower()):
-        raise AgentMdError("signer_aid may only name the group itself, in a group's card", field="signature.signer_aid")
-    if cert is not None:
-        _verify(payload, fields, aid=aid, cert=cert, now=time.time() if now is None else now)
-        _check_entity_cert(front, cert)
-    return Checked(payload, front, fields)
+    return document
 
 
 def _split(document: str) -> tuple[str, dict[str, str] | None]:
-    """(payload, signature fields or None); AgentMdError for a malformed or oversized block."""
-    at = document.find(MARKER)
-    if at < 0:
-        return document, None
-    payload, tail = document[:at], document[at:]
-    if document.find(MARKER, at + 1) >= 0:
+    """(payload, signature fields or None) of an AID's card: one block at most, no signer_aid."""
+    payload, blocks = _blocks(document)
+    if len(blocks) > 1:
         raise AgentMdError("agent.md must carry exactly one AUN-SIGNATURE block", field="signature")
-    if at > 0 and payload[-1] not in "\r\n":
-        raise AgentMdError("the AUN-SIGNATURE block must start on a new line", field="signature")
-    if len(tail.encode("utf-8")) > MAX_SIGNATURE_BLOCK:
+    if blocks and "signer_aid" in blocks[0][1]:
+        raise AgentMdError("unknown signature field 'signer_aid' in an AID's card (group cards only)",
+                           field="signature.signer_aid")
+    return payload, blocks[0][1] if blocks else None
+
+
+def _blocks(document: str) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+    """(payload, [(the text the block signs, its fields)]) in document order; AgentMdError for a
+    malformed block or blocks larger than MAX_SIGNATURE_BLOCK together."""
+    starts = [m.start() for m in re.finditer(re.escape(MARKER), document)]
+    if not starts:
+        return document, []
+    payload = document[:starts[0]]
+    if len(document[starts[0]:].encode("utf-8")) > MAX_SIGNATURE_BLOCK:
         raise AgentMdError(f"the AUN-SIGNATURE block is larger than {MAX_SIGNATURE_BLOCK} bytes", field="signature")
+    blocks = []
+    for index, at in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(document)
+        if at > 0 and document[at - 1] not in "\r\n":
+            raise AgentMdError("the AUN-SIGNATURE block must start on a new line", field="signature")
+        blocks.append((document[:at], _block_fields(document[at:end])))
+    return payload, blocks
+
+
+def _block_fields(tail: str) -> dict[str, str]:
     match = _BLOCK_RE.fullmatch(tail)
     if match is None:
         raise AgentMdError("the AUN-SIGNATURE block is malformed (it must end with '-->')", field="signature")
@@ -189,6 +249,8 @@ def _split(document: str) -> tuple[str, dict[str, str] | None]:
     for name in ("cert_fingerprint", "public_key_fingerprint"):
         if name in fields and not _FINGERPRINT_RE.fullmatch(fields[name]):
             raise AgentMdError(f"{name} must be sha256:<64 lower-case hex>", field=f"signature.{name}")
+    if "signer_aid" in fields and not _AID_RE.fullmatch(fields["signer_aid"]):
+        raise AgentMdError("signer_aid is not an AID", field="signature.signer_aid")
     stamp = fields["timestamp"]
     if not re.fullmatch(r"[1-9][0-9]{0,15}", stamp) or int(stamp) > _MAX_UNIX_SECONDS:
         raise AgentMdError("the signature timestamp must be unix seconds", field="signature.timestamp")
@@ -197,10 +259,10 @@ def _split(document: str) -> tuple[str, dict[str, str] | None]:
             raise ValueError
     except ValueError:
         raise AgentMdError("the signature is not strict base64", field="signature.signature") from None
-    return payload, fields
+    return fields
 
 
-def _check_payload(payload: str, *, aid: str) -> dict[str, Any]:
+def _check_payload(payload: str, *, aid: str, entity: bool = False) -> dict[str, Any]:
     size = len(payload.encode("utf-8"))
     if size > MAX_PAYLOAD:
         raise AgentMdError(f"agent.md is larger than {MAX_PAYLOAD} bytes ({size}) before its signature",
@@ -218,20 +280,11 @@ def _check_payload(payload: str, *, aid: str) -> dict[str, Any]:
     for key in ("name", "type"):
         if not isinstance(front[key], str) or not front[key].strip():
             raise AgentMdError(f"the front matter {key} must be a non-empty string", field=key)
-    if front["type"] == "org":
-        raise AgentMdError("type 'org' cards (signed by the organization and its owner) are not supported "
-                           "here; an AID's card has another type (e.g. agent)", field="type")
-    if front["type"] == GROUP:
-        owner = front.get("owner")
-        if not isinstance(owner, str) or len(owner) > 255 or not _AID_RE.fullmatch(owner):
-            raise AgentMdError("a group's card must name its owner AID (owner: name.issuer)", field="owner")
-        if not isinstance(front.get("entity_cert_fingerprint"), str) \
-                or not _FINGERPRINT_RE.fullmatch(front["entity_cert_fingerprint"]):
-            raise AgentMdError("a group's card must carry entity_cert_fingerprint: sha256:<64 lower-case hex>",
-                               field="entity_cert_fingerprint")
-        for key in ("ownership", "ownership_proof", "ownership_release"):
-            if key in front:
-                raise AgentMdError(f"a group's card cannot declare {key}", field=key)
+    if entity:
+        _check_entity_front(front)
+    elif front["type"] in ("group", "org"):
+        raise AgentMdError(f"type {front['type']!r} cards (signed by the entity and its owner) are not "
+                           "supported here; an AID's card has another type (e.g. agent)", field="type")
     if not isinstance(front["version"], str) or not _SEMVER_RE.fullmatch(front["version"]):
         raise AgentMdError('the front matter version must be a quoted "MAJOR.MINOR.PATCH"', field="version")
     for key, limit in (("description", 100), ("avatar", 256)):
@@ -246,6 +299,22 @@ def _check_payload(payload: str, *, aid: str) -> dict[str, Any]:
     if "exttype" in front and not isinstance(front["exttype"], str):
         raise AgentMdError("the front matter exttype must be a string", field="exttype")
     return front
+
+
+def _check_entity_front(front: dict[str, Any]) -> None:
+    """A group card's own fields: type group, its owner and its certificate generation, no Ownership."""
+    if front["type"] != "group":
+        raise AgentMdError(f"a group's card has type \"group\", not {front['type']!r}", field="type")
+    owner = front.get("owner")
+    if not isinstance(owner, str) or len(owner) > 255 or not _AID_RE.fullmatch(owner):
+        raise AgentMdError("a group card names its owner AID (owner)", field="owner")
+    fingerprint = front.get("entity_cert_fingerprint")
+    if not isinstance(fingerprint, str) or not _FINGERPRINT_RE.fullmatch(fingerprint):
+        raise AgentMdError("a group card names its certificate (entity_cert_fingerprint: sha256:<64 hex>)",
+                           field="entity_cert_fingerprint")
+    for key in _ENTITY_FORBIDDEN:
+        if key in front:
+            raise AgentMdError(f"a group card may not declare {key} (Ownership does not apply)", field=key)
 
 
 class _StrictLoader(yaml.SafeLoader):

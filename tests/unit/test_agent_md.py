@@ -81,11 +81,7 @@ def _front(**fields) -> str:
     (_front(tags='["ok", 3]'), "tags", "list of strings"),
     (_front(tags='"one"'), "tags", "list of strings"),
     (_front(exttype="4"), "exttype", "must be a string"),
-    (_front(type='"org"'), "type", "not supported"),
-    (_front(type='"group"'), "owner", "name its owner AID"),
-    (_front(type='"group"', owner='"alice.aid.test"'), "entity_cert_fingerprint", "must carry entity_cert"),
-    (_front(type='"group"', owner='"alice.aid.test"', entity_cert_fingerprint='"sha256:' + "0" * 64 + '"',
-            ownership="{}"), "ownership", "cannot declare ownership"),
+    (_front(type='"group"'), "type", "not supported"),
     (_front(extra="&a 1"), "front_matter", "anchors"),
     ('---\naid: "a.aid.test"\naid: "b.aid.test"\n---\n', "aid", "appears twice"),
     ("---\n[1, 2]\n---\n", "front_matter", "mapping"),
@@ -137,7 +133,7 @@ def test_signature_blocks_are_parsed_strictly_and_verified_with_the_current_cert
         (payload + _swap(block, "public_key_fingerprint", pki.spki_fingerprint(other_key.public_key())),
          "signature.public_key_fingerprint", "name"),
         (payload + block.replace("timestamp:", "signer_aid: x.aid.test\ntimestamp:"), "signature.signer_aid",
-         "only name the group itself"),
+         "unknown signature field"),
         (payload + block.replace("timestamp:", "cert_fingerprint: x\ntimestamp:"), "signature.cert_fingerprint",
          "twice"),
         (payload + re.sub(r"^signature: .*\n", "", block, flags=re.M), "signature.signature", "lacks signature"),
@@ -198,7 +194,7 @@ def test_random_mutations_never_raise_anything_but_agent_md_error():
     assert accepted < 1500  # the mutations do break documents (and some, e.g. in the body's blank lines, may not)
 
 
-# --- a group's card: signed by the group AID, naming its owner and the group certificate -----------
+# --- a group's card as aund signs it: the group key's block first, naming the owner and certificate ------
 GROUP_AID = "team-1.aid.test"
 
 
@@ -207,23 +203,23 @@ def _group_identity():
     return key, make_cert(GROUP_AID, key, ca=False)
 
 
-def test_a_group_card_names_owner_and_certificate_and_its_signer():
+def test_a_group_card_signed_by_aund_passes_the_name_services_check():
     key, cert = _group_identity()
     text = agent_md.group_document(GROUP_AID, owner="alice.aid.test", entity_cert_fingerprint=pki.cert_fingerprint(cert),
                                    name="Team", description="the  team\n", avatar="https://x.invalid/a.png")
-    signed = agent_md.sign(text, key, cert)
-    checked = agent_md.validate(signed, aid=GROUP_AID, cert=cert)
+    signed = agent_md.sign(text, key, cert, entity=True)
+    checked = agent_md.validate_entity(signed, aid=GROUP_AID, owner="alice.aid.test", entity_cert=cert,
+                                       owner_cert=lambda fingerprint: None)
     assert checked.front["type"] == "group" and checked.front["owner"] == "alice.aid.test"
-    assert checked.front["entity_cert_fingerprint"] == pki.cert_fingerprint(cert)
     assert checked.front["description"] == "the team" and checked.front["avatar"] == "https://x.invalid/a.png"
-    assert checked.signature["signer_aid"] == GROUP_AID  # the SDK's entity signature names its signer
-    # a card naming an older group certificate is refused (renewal publishes a new one)
-    _, old_cert = _group_identity()
-    stale = agent_md.group_document(GROUP_AID, owner="alice.aid.test",
-                                    entity_cert_fingerprint=pki.cert_fingerprint(old_cert))
+    assert checked.signature["signer_aid"] == GROUP_AID  # the SDK's entity block names its signer
+    with pytest.raises(agent_md.AgentMdError, match="not the group's current owner"):
+        agent_md.validate_entity(signed, aid=GROUP_AID, owner="mallory.aid.test", entity_cert=cert,
+                                 owner_cert=lambda fingerprint: None)
+    _, old_cert = _group_identity()  # a card naming an older group certificate is refused (renewal republishes)
+    stale = agent_md.group_document(GROUP_AID, owner="alice.aid.test", entity_cert_fingerprint=pki.cert_fingerprint(old_cert))
     with pytest.raises(agent_md.AgentMdError, match="current certificate") as caught:
-        agent_md.sign(stale, key, cert)
-    assert caught.value.field == "entity_cert_fingerprint"
-    forged = signed.replace(f"signer_aid: {GROUP_AID}", "signer_aid: alice.aid.test")
-    with pytest.raises(agent_md.AgentMdError, match="only name the group itself"):
-        agent_md.validate(forged, aid=GROUP_AID, cert=cert)
+        agent_md.sign(stale, key, cert, entity=True)
+    assert caught.value.field == "entity_cert_fingerprint" and caught.value.code == agent_md.GENERATION
+    with pytest.raises(agent_md.AgentMdError, match="not supported"):  # never as an AID's own card
+        agent_md.sign(text, key, cert)
