@@ -337,6 +337,9 @@ class GroupIdentities:
             group_aid = text[lowered.index(NEEDS_CARD) + len(NEEDS_CARD):].strip().lower()
             if not group_aid or await self.held(group_aid) is None:
                 return False
+            meta = await self._run(self.groups.load_meta, group_aid)
+            if meta.get("owner_aid") != self.aid:
+                return False  # the group's card is its current owner's to publish (we kept the old key only)
             await self.publish_card(link, group_aid)
         else:
             return False
@@ -360,6 +363,14 @@ class GroupIdentities:
             await self.publish_card(link, group_aid)
             return "published"
         return "present"
+
+    async def owner_changed(self, gid: str, new_owner: str) -> None:
+        """The group has another owner: a group key we hold stays (never deleted) but is no longer
+        the group's current one to use (its meta says who owns it now)."""
+        group_aid = normalize_group_aid(gid, self.issuer)
+        if new_owner and new_owner != self.aid and await self.held(group_aid) is not None:
+            await self._run(self.groups.update_meta, group_aid, owner_aid=new_owner, handed_over_at=time.time())
+            log.info("groups.identity_handed_over", aid=self.aid, group_aid=group_aid, new_owner=new_owner)
 
     async def dissolved(self, gid: str) -> None:
         """The group is dissolved: its identity is marked invalidated (nothing is deleted)."""

@@ -110,6 +110,9 @@ def _is_refusal(exc: AundError) -> bool:
     text = str(exc).lower()
     if any(words in text for words in TRANSIENT_TEXTS):
         return False
+    if code == codes.AGENT_MD_REQUIRED and ("valid group identity certificate" in text
+                                            or "valid group agent.md" in text):
+        return False  # the group's owner has yet to publish (e.g. just after a transfer): try again later
     if code in (codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED, codes.FORBIDDEN, codes.INVALID_REQUEST,
                 codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS) or code in codes.GROUP_REFUSALS:
         return True
@@ -1007,6 +1010,9 @@ class GroupSync(LinkSync):
         if action == DISSOLVED:
             self.session.mark_dissolved(gid)
             self._spawn(self.session.identities.dissolved(gid), "groups.identity_invalidate_failed", gid)
+        if action == "owner_transferred":
+            new_owner = str(event.get("new_owner") or "").strip().lower()
+            self._spawn(self.session.identities.owner_changed(gid, new_owner), "groups.identity_handover_failed", gid)
             self._block(gid, action)  # nothing more will come; the event itself is stored below
         elif action in LEAVE_ACTIONS and subject == self.aid:
             self._block(gid, action)  # our own removal: nothing more to pull (its event still is, below)
