@@ -165,8 +165,8 @@ def rpc_ban(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     if target is not None and target["role"] == "admin" and me["role"] != "owner":
         raise RpcError(g.ROLE_INSUFFICIENT, "only the owner can ban an admin")
     now = g.now_ms()
-    expires_at = gw._int(params, "expires_at", 0, lo=0)
-    seconds = gw._int(params, "expires_in_seconds", 0, lo=0)
+    expires_at = gw.int_param(params, "expires_at", 0, lo=0)
+    seconds = gw.int_param(params, "expires_in_seconds", 0, lo=0)
     if seconds:
         expires_at = now + seconds * 1000
     row = {"group_id": gid, "subject": subject, "banned_by": conn.aid, "reason": g._text(params, "reason", limit=1000),

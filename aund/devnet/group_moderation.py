@@ -189,7 +189,7 @@ def _code_view(row: dict[str, Any], now: int | None = None) -> dict[str, Any]:
 
 
 def _bounded(params: dict[str, Any], key: str, default: int, hi: int) -> int:
-    value = gw._int(params, key, default, lo=-rpc.MAX_SAFE_INT)
+    value = gw.int_param(params, key, default, lo=-rpc.MAX_SAFE_INT)
     if not 1 <= value <= hi:
         raise RpcError(rpc.INVALID_PARAMS, f"param {key} must be an integer 1..{hi}")
     return value

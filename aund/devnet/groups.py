@@ -764,7 +764,7 @@ def rpc_get_info(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.list_my", "group.list")
 def rpc_list_my(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc = service(conn.net)
-    size = gw._int(params, "size", gw._int(params, "limit", 50, lo=1, hi=200), lo=1, hi=200)
+    size = gw.int_param(params, "size", gw.int_param(params, "limit", 50, lo=1, hi=200), lo=1, hi=200)
     rows = svc.db.execute("SELECT g.*, m.role AS my_role FROM grp_members m JOIN grp_groups g ON g.group_id=m.group_id "
                           "WHERE m.aid=? ORDER BY g.created_at, g.group_id", (conn.aid,)).fetchall()
     items = [svc.group_view(dict(r), r["my_role"]) for r in rows]
@@ -776,8 +776,8 @@ def rpc_list_my(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 def rpc_get_members(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     svc.require_member(gid, conn.aid, write=False)
-    page = gw._int(params, "page", 1, lo=1)
-    size = gw._int(params, "size", 50, lo=1, hi=200)
+    page = gw.int_param(params, "page", 1, lo=1)
+    size = gw.int_param(params, "size", 50, lo=1, hi=200)
     role = params.get("role")
     members = [m for m in svc.members(gid) if not role or m["role"] == role]
     chunk = members[(page - 1) * size: page * size]
@@ -900,8 +900,8 @@ def rpc_list_join_requests(conn: Conn, params: dict[str, Any]) -> dict[str, Any]
     svc, gid = _ctx(conn, params)
     svc.require_member(gid, conn.aid, ("owner", "admin"))
     status = _text(params, "status", "pending")
-    page = gw._int(params, "page", 1, lo=1)
-    size = gw._int(params, "size", 50, lo=1, hi=200)
+    page = gw.int_param(params, "page", 1, lo=1)
+    size = gw.int_param(params, "size", 50, lo=1, hi=200)
     rows = [_request_view(dict(r)) for r in svc.db.execute(
         "SELECT * FROM grp_join_requests WHERE group_id=? AND status=? ORDER BY created_at, aid", (gid, status))]
     return {"group_id": gid, "items": rows[(page - 1) * size: page * size], "total": len(rows), "page": page,
@@ -999,8 +999,8 @@ def rpc_invite_member(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 @handler("group.list_my_invites")
 def rpc_list_my_invites(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc = service(conn.net)
-    page = gw._int(params, "page", 1, lo=1)
-    size = gw._int(params, "size", 50, lo=1, hi=200)
+    page = gw.int_param(params, "page", 1, lo=1)
+    size = gw.int_param(params, "size", 50, lo=1, hi=200)
     grouped: dict[str, dict[str, Any]] = {}
     for r in svc.db.execute("SELECT i.*, g.name AS group_name FROM grp_invites i JOIN grp_groups g "
                             "ON g.group_id=i.group_id WHERE i.invitee_aid=? AND i.status='pending' "
@@ -1019,7 +1019,7 @@ def rpc_list_my_invites(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 def _invite_for(conn: Conn, params: dict[str, Any], *, as_inviter: bool = False) -> tuple[GroupService, dict]:
     svc = service(conn.net)
-    invite_id = gw._str(params, "invite_id")
+    invite_id = gw.str_param(params, "invite_id")
     row = svc.db.execute("SELECT * FROM grp_invites WHERE invite_id=?", (invite_id,)).fetchone()
     owner = "inviter_aid" if as_inviter else "invitee_aid"
     if row is None or row[owner] != conn.aid:
@@ -1115,12 +1115,12 @@ def rpc_get_proposal(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 def rpc_propose_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, me = svc.require_member(gid, conn.aid, ("owner", "admin"))
-    version = gw._int(params, "state_version", 0)
+    version = gw.int_param(params, "state_version", 0)
     if version == 1 and me["role"] != "owner":
         raise RpcError(ROLE_INSUFFICIENT, "the first signed state must come from the owner")
-    state_hash, prev = gw._str(params, "state_hash").lower(), gw._str(params, "prev_state_hash", required=False).lower()
-    snapshot, signature = gw._str(params, "membership_snapshot"), gw._str(params, "signature")
-    key_epoch = gw._int(params, "key_epoch", group["epoch"])
+    state_hash, prev = gw.str_param(params, "state_hash").lower(), gw.str_param(params, "prev_state_hash", required=False).lower()
+    snapshot, signature = gw.str_param(params, "membership_snapshot"), gw.str_param(params, "signature")
+    key_epoch = gw.int_param(params, "key_epoch", group["epoch"])
     if version != group["state_version"] + 1 or prev != group["state_hash"] or key_epoch != group["epoch"]:
         raise RpcError(STATE_CONFLICT, "stale proposal: state_version/prev_state_hash/key_epoch do not follow the "
                        "committed state", {"state_version": group["state_version"], "state_hash": group["state_hash"],
@@ -1146,7 +1146,7 @@ def rpc_propose_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         raise RpcError(rpc.INVALID_PARAMS, "state signature does not verify with the proposer's certificate")
     if snapshot_aids(snapshot) != svc.current_member_aids(gid):
         raise RpcError(STATE_CONFLICT, "membership_snapshot does not list the current members")
-    seconds = gw._int(params, "auto_confirm_seconds", 30, lo=1, hi=600)
+    seconds = gw.int_param(params, "auto_confirm_seconds", 30, lo=1, hi=600)
     now = now_ms()
     proposal = {"proposal_id": "sp-" + secrets.token_hex(8), "group_id": gid, "state_version": version,
                 "state_hash": state_hash, "prev_state_hash": prev, "key_epoch": key_epoch,
@@ -1165,7 +1165,7 @@ def rpc_confirm_state(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     svc.require_member(gid, conn.aid, ("owner", "admin"))
     row = svc.db.execute("SELECT * FROM grp_proposals WHERE proposal_id=? AND group_id=?",
-                         (gw._str(params, "proposal_id"), gid)).fetchone()
+                         (gw.str_param(params, "proposal_id"), gid)).fetchone()
     if row is None:
         raise RpcError(rpc.NOT_FOUND, "proposal not found")
     if row["status"] == "confirmed":  # idempotent replay
@@ -1281,7 +1281,7 @@ def _send_result(gid: str, msg: dict[str, Any], created: bool, message_type: str
 
 
 def _message_id(params: dict[str, Any], default: str) -> str:
-    message_id = gw._str(params, "message_id", required=False) or default
+    message_id = gw.str_param(params, "message_id", required=False) or default
     if len(message_id) > 128:
         raise RpcError(rpc.INVALID_PARAMS, "message_id longer than 128 characters")
     return message_id
@@ -1349,8 +1349,8 @@ def rpc_v2_pull(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     group, member = svc.require_member(gid, conn.aid)
     svc.refuse_blocked(gid, conn.aid)
     device, slot_key = _cursor_device(conn, params)
-    after = gw._int(params, "after_seq", gw._int(params, "after_message_seq", 0))
-    limit = gw._int(params, "limit", 50, lo=1, hi=PULL_MAX_LIMIT)
+    after = gw.int_param(params, "after_seq", gw.int_param(params, "after_message_seq", 0))
+    limit = gw.int_param(params, "limit", 50, lo=1, hi=PULL_MAX_LIMIT)
     head = group["message_seq"]
     if params.get("window_mode") == "tail":
         if "ack_up_to_seq" in params or params.get("force") is True:
@@ -1364,7 +1364,7 @@ def rpc_v2_pull(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     if params.get("window_mode") not in (None, "", "forward"):
         raise RpcError(rpc.INVALID_PARAMS, "window_mode must be tail or absent")
     if "ack_up_to_seq" in params:
-        _ack(svc, gid, conn.aid, device, slot_key, "msg", gw._int(params, "ack_up_to_seq", 0), head)
+        _ack(svc, gid, conn.aid, device, slot_key, "msg", gw.int_param(params, "ack_up_to_seq", 0), head)
     rows = svc.visible_rows(gid, member, device, after, None, limit + 1)
     has_more = len(rows) > limit
     messages = [r for r in (svc.message_row(m, conn.aid, device, conn.slot_id) for m in rows[:limit]) if r]
@@ -1409,7 +1409,7 @@ def rpc_v2_ack(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, _ = svc.require_member(gid, conn.aid)
     device, slot_key = _cursor_device(conn, params)
-    up_to = gw._int(params, "up_to_seq", gw._int(params, "msg_seq", 0))
+    up_to = gw.int_param(params, "up_to_seq", gw.int_param(params, "msg_seq", 0))
     effective = _ack(svc, gid, conn.aid, device, slot_key, "msg", up_to, group["message_seq"])
     return {"success": True, "group_id": gid, "group_aid": gid, "aid": conn.aid, "ack_seq": effective,
             "effective_ack_seq": effective, "latest_message_seq": group["message_seq"]}
@@ -1433,8 +1433,8 @@ def rpc_pull_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     group, first, last = _event_window(svc, gid, conn.aid)
     device, slot_key = _cursor_device(conn, params)
-    after = gw._int(params, "after_event_seq", 0)
-    limit = gw._int(params, "limit", 50, lo=1, hi=EVENTS_MAX_LIMIT)
+    after = gw.int_param(params, "after_event_seq", 0)
+    limit = gw.int_param(params, "limit", 50, lo=1, hi=EVENTS_MAX_LIMIT)
     rows = svc.db.execute("SELECT body FROM grp_events WHERE group_id=? AND event_seq>? AND event_seq<=? "
                           "ORDER BY event_seq LIMIT ?", (gid, max(after, first - 1), last, limit + 1)).fetchall()
     events = [rpc.loads(r[0]) for r in rows[:limit]]
@@ -1450,7 +1450,7 @@ def rpc_ack_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = _ctx(conn, params)
     _, _, last = _event_window(svc, gid, conn.aid)
     device, slot_key = _cursor_device(conn, params)
-    effective = _ack(svc, gid, conn.aid, device, slot_key, "event", gw._int(params, "event_seq", 0), last)
+    effective = _ack(svc, gid, conn.aid, device, slot_key, "event", gw.int_param(params, "event_seq", 0), last)
     return {"success": True, "group_id": gid, "ack_seq": effective, "event_seq": effective}
 
 
@@ -1466,7 +1466,7 @@ def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     if params.get("encrypted") is not True or not isinstance(envelope, dict) \
             or envelope.get("type") != "e2ee.group_encrypted" or envelope.get("version") != "v2":
         raise RpcError(rpc.INVALID_PARAMS, "group.thought.put carries an encrypted e2ee.group_encrypted v2 payload")
-    thought_id = gw._str(params, "thought_id", required=False) or "gt-" + secrets.token_hex(16)
+    thought_id = gw.str_param(params, "thought_id", required=False) or "gt-" + secrets.token_hex(16)
     _check_body(envelope)
     _check_envelope(conn, svc, group, envelope, thought_id)  # same rules as a message: wraps for the members
     now = now_ms()

@@ -115,7 +115,7 @@ def _key(params: dict[str, Any], name: str = "object_key", *, allow_root: bool =
 
 def _where(conn: Conn, params: dict[str, Any]) -> tuple[str, str]:
     owner = validate_aid(params.get("owner_aid") or conn.aid)
-    bucket = gw._str(params, "bucket", required=False, default="default") or "default"
+    bucket = gw.str_param(params, "bucket", required=False, default="default") or "default"
     if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", bucket):
         raise RpcError(rpc.INVALID_PARAMS, f"invalid bucket {bucket!r}")
     return owner, bucket
@@ -194,7 +194,7 @@ def _publish(conn: Conn, owner: str, bucket: str, key: str, data_file: Path | by
         data_file.unlink(missing_ok=True)
     now = int(time.time() * 1000)
     meta = {"size_bytes": size, "sha256": sha, "version": (old["version"] if old else 0) + 1,
-            "content_type": gw._str(params, "content_type", required=False) or "application/octet-stream",
+            "content_type": gw.str_param(params, "content_type", required=False) or "application/octet-stream",
             "is_private": params.get("is_private") is not False, "created_at": old["created_at"] if old else now,
             "updated_at": now, "metadata": params.get("metadata") if isinstance(params.get("metadata"), dict) else {}}
     st.objects[oid] = meta
@@ -216,7 +216,7 @@ def rpc_check_upload(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
     owner, bucket = _where(conn, params)
     key = _key(params)
-    size = gw._int(params, "size_bytes", 0)
+    size = gw.int_param(params, "size_bytes", 0)
     meta = st.objects.get(_id(owner, bucket, key))
     return {"owner_aid": owner, "bucket": bucket, "object_key": key, "size_bytes": size,
             "within_limit": size <= MAX_OBJECT_BYTES, "max_file_size_bytes": MAX_OBJECT_BYTES,
@@ -230,7 +230,7 @@ def rpc_put_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     _owner_only(conn, owner)
     key = _key(params)
     try:
-        data = base64.b64decode(gw._str(params, "content"), validate=True)
+        data = base64.b64decode(gw.str_param(params, "content"), validate=True)
     except ValueError:
         raise RpcError(rpc.INVALID_PARAMS, "content must be base64") from None
     if len(data) > INLINE_MAX_BYTES:
@@ -245,7 +245,7 @@ def rpc_get_object(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
         raise RpcError(rpc.INVALID_PARAMS, f"{key} exceeds the inline limit ({INLINE_MAX_BYTES} bytes): "
                                            "use storage.create_download_ticket")
     data = st.blob(meta["sha256"]).read_bytes()
-    offset, limit = gw._int(params, "offset", 0), params.get("limit")
+    offset, limit = gw.int_param(params, "offset", 0), params.get("limit")
     if isinstance(limit, int) and not isinstance(limit, bool):
         data = data[offset:offset + max(0, limit)]
     elif offset:
@@ -316,8 +316,8 @@ def _owner_lists(conn: Conn, params: dict[str, Any]) -> tuple[Storage, str, str]
 
 def rpc_list_objects(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
-    prefix = gw._str(params, "prefix", required=False)
-    size, page = gw._int(params, "size", 50, lo=1, hi=LIST_MAX), gw._int(params, "page", 1, lo=1)
+    prefix = gw.str_param(params, "prefix", required=False)
+    size, page = gw.int_param(params, "size", 50, lo=1, hi=LIST_MAX), gw.int_param(params, "page", 1, lo=1)
     head = f"{owner}|{bucket}|"
     items = sorted((_view(owner, bucket, oid[len(head):], m) for oid, m in st.objects.items()
                     if oid.startswith(head + prefix)), key=lambda v: v["object_key"])
@@ -327,9 +327,9 @@ def rpc_list_objects(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 def rpc_list_prefixes(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
-    prefix = gw._str(params, "prefix", required=False).strip("/")
+    prefix = gw.str_param(params, "prefix", required=False).strip("/")
     _, dirs = _children(st, owner, bucket, prefix)
-    size = gw._int(params, "size", 50, lo=1, hi=LIST_MAX)
+    size = gw.int_param(params, "size", 50, lo=1, hi=LIST_MAX)
     return {"prefixes": [d + "/" for d in dirs[:size]], "count": min(size, len(dirs)), "size": size}
 
 
@@ -418,8 +418,8 @@ def rpc_create_upload_session(conn: Conn, params: dict[str, Any]) -> dict[str, A
     st.sessions[session_id] = {"owner": owner, "bucket": bucket, "key": key, "exp": exp, "received": False}
     return {"session_id": session_id, "upload_url": url, "blob_key": session_id, "expire_at": exp, "headers": {},
             "owner_aid": owner, "bucket": bucket, "object_key": key,
-            "content_type": gw._str(params, "content_type", required=False) or "application/octet-stream",
-            "size_bytes": gw._int(params, "size_bytes", 0)}
+            "content_type": gw.str_param(params, "content_type", required=False) or "application/octet-stream",
+            "size_bytes": gw.int_param(params, "size_bytes", 0)}
 
 
 def rpc_complete_upload(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
@@ -427,7 +427,7 @@ def rpc_complete_upload(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     owner, bucket = _where(conn, params)
     _owner_only(conn, owner)
     key = _key(params)
-    session_id = gw._str(params, "session_id", required=False)
+    session_id = gw.str_param(params, "session_id", required=False)
     if not session_id:  # the SDK may complete without the id: the newest received session of the key
         session_id = next((sid for sid, s in reversed(st.sessions.items())
                            if (s["owner"], s["bucket"], s["key"]) == (owner, bucket, key) and s["received"]), "")
@@ -468,7 +468,7 @@ def rpc_set_acl(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st, owner, bucket = _owner_lists(conn, params)
     key = _key(params, "path", allow_root=True)
     grantee = validate_aid(params.get("grantee_aid"))
-    perms = gw._str(params, "perms")
+    perms = gw.str_param(params, "perms")
     if perms not in _PERMS:
         raise RpcError(rpc.INVALID_PARAMS, f"perms must be one of {sorted(_PERMS)}")
     st.acl.setdefault(_id(owner, bucket, key), {})[grantee] = perms
@@ -500,11 +500,11 @@ def rpc_create_share_link(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     allowed = params.get("allowed_aids")
     if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed)):
         raise RpcError(rpc.INVALID_PARAMS, "allowed_aids must be a list of AIDs")
-    ttl = gw._int(params, "expire_in_seconds", 0)
+    ttl = gw.int_param(params, "expire_in_seconds", 0)
     share_id = "sh-" + secrets.token_hex(12)
     share = {"share_id": share_id, "owner_aid": owner, "bucket": bucket, "object_key": key,
              "allowed_aids": [validate_aid(a) for a in allowed or []], "uses": 0,
-             "max_uses": gw._int(params, "max_uses", 0), "expire_at": int(time.time()) + ttl if ttl else 0,
+             "max_uses": gw.int_param(params, "max_uses", 0), "expire_at": int(time.time()) + ttl if ttl else 0,
              "created_at": int(time.time() * 1000)}
     st.shares[share_id] = share
     st.save()
@@ -521,7 +521,7 @@ def rpc_list_share_links(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 def rpc_revoke_share_link(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
-    share_id = gw._str(params, "share_id")
+    share_id = gw.str_param(params, "share_id")
     share = st.shares.get(share_id)
     if share is None:
         raise RpcError(rpc.NOT_FOUND, f"no share link {share_id}")
@@ -533,7 +533,7 @@ def rpc_revoke_share_link(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 def rpc_get_by_share(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     st = _storage(conn.net)
-    share_id = gw._str(params, "share_id")
+    share_id = gw.str_param(params, "share_id")
     share = st.shares.get(share_id)
     if share is None:
         raise RpcError(rpc.NOT_FOUND, f"no share link {share_id}")

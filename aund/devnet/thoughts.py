@@ -71,7 +71,7 @@ def rpc_put(conn: "Conn", params: dict[str, Any]) -> dict[str, Any]:
     if params.get("encrypted") is not True or not isinstance(envelope, dict) \
             or envelope.get("type") != "e2ee.p2p_encrypted" or envelope.get("version") != "v2":
         raise RpcError(rpc.INVALID_PARAMS, "message.thought.put carries an encrypted e2ee.p2p_encrypted v2 payload")
-    thought_id = gw._str(params, "thought_id", required=False) or "mt-" + secrets.token_hex(16)
+    thought_id = gw.str_param(params, "thought_id", required=False) or "mt-" + secrets.token_hex(16)
     aad = envelope.get("aad")
     if not isinstance(aad, dict) or aad.get("from") != conn.aid or aad.get("message_id") != thought_id:
         raise RpcError(rpc.INVALID_PARAMS, "envelope aad.from / aad.message_id do not match the sender and thought_id")
