@@ -43,6 +43,19 @@ def _fresh(db: Any, gid: str) -> dict[str, Any]:
     return dict(db.execute("SELECT * FROM grp_groups WHERE group_id=?", (gid,)).fetchone())
 
 
+def lift(conn: Conn, svc: g.GroupService, gid: str, subject: str, table: str, action: str, absent: str,
+         extra_aids: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Remove `subject`'s row of `table` (a ban, a block) and tell the group (`action`) if there was one."""
+    events = []
+    with conn.net.store.tx() as db:
+        gone = db.execute(f"DELETE FROM {table} WHERE group_id=? AND subject=?", (gid, subject)).rowcount
+        if gone:
+            events.append(svc.add_event(db, _fresh(db, gid), action, conn.aid, aid=subject,
+                                        member_aid=subject, subject=subject))
+    _finish(svc, events, extra_aids)
+    return {"group_id": gid, "group_aid": gid, "subject": subject, "status": "removed" if gone else absent}
+
+
 def _finish(svc: g.GroupService, events: list[dict[str, Any]], extra_aids: tuple[str, ...] = ()) -> None:
     for event in events:
         svc.push_event(event, extra_aids)
@@ -187,14 +200,7 @@ def rpc_unban(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     svc, gid = g._ctx(conn, params)
     svc.require_member(gid, conn.aid, ADMINS)
     subject = _target(params, "subject", "aid")
-    events = []
-    with conn.net.store.tx() as db:
-        gone = db.execute("DELETE FROM grp_bans WHERE group_id=? AND subject=?", (gid, subject)).rowcount
-        if gone:
-            events.append(svc.add_event(db, _fresh(db, gid), "member_unbanned", conn.aid, aid=subject,
-                                        member_aid=subject, subject=subject))
-    _finish(svc, events, (subject,))
-    return {"group_id": gid, "group_aid": gid, "subject": subject, "status": "removed" if gone else "not_banned"}
+    return lift(conn, svc, gid, subject, "grp_bans", "member_unbanned", "not_banned", (subject,))
 
 
 @handler("group.get_banlist")

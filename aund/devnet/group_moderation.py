@@ -20,7 +20,7 @@ from aund.aun import jsonrpc as rpc
 from aund.devnet import gateway as gw
 from aund.devnet import groups as g
 from aund.devnet.gateway import RpcError
-from aund.devnet.group_admin import ADMINS, _finish, _fresh, _target
+from aund.devnet.group_admin import ADMINS, _finish, _fresh, _target, lift
 
 if TYPE_CHECKING:
     from aund.devnet.gateway import Conn
@@ -117,14 +117,7 @@ def rpc_unblock(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
     _, me = svc.require_member(gid, conn.aid)
     subject = _target(params, "subject", "aid")
     _may_moderate(svc, gid, me, subject)
-    events = []
-    with conn.net.store.tx() as db:
-        gone = db.execute("DELETE FROM grp_blocks WHERE group_id=? AND subject=?", (gid, subject)).rowcount
-        if gone:
-            events.append(svc.add_event(db, _fresh(db, gid), "member_unblocked", conn.aid, aid=subject,
-                                        member_aid=subject, subject=subject))
-    _finish(svc, events)
-    return {"group_id": gid, "group_aid": gid, "subject": subject, "status": "removed" if gone else "not_blocked"}
+    return lift(conn, svc, gid, subject, "grp_blocks", "member_unblocked", "not_blocked")
 
 
 @handler("group.get_blocklist")

@@ -1298,12 +1298,18 @@ def _check_body(obj: Any) -> str:
     return body
 
 
-@handler("group.v2.send")
-def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
+def _sender(conn: Conn, params: dict[str, Any]) -> tuple[GroupService, str, Any]:
+    """(service, group id, group) for a send: a member who may send (not muted, not banned)."""
     svc, gid = _ctx(conn, params)
     group, member = svc.require_member(gid, conn.aid)
     svc.refuse_send(group, member)
     svc.refuse_banned(gid, conn.aid, "send")
+    return svc, gid, group
+
+
+@handler("group.v2.send")
+def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
+    svc, gid, group = _sender(conn, params)
     envelope = params.get("envelope")
     aad = envelope.get("aad") if isinstance(envelope, dict) else None
     message_id = _message_id(params, aad.get("message_id", "") if isinstance(aad, dict) else "")
@@ -1325,10 +1331,7 @@ def rpc_v2_send(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 @handler("group.send")
 def rpc_send_plain(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
-    svc, gid = _ctx(conn, params)
-    group, member = svc.require_member(gid, conn.aid)
-    svc.refuse_send(group, member)
-    svc.refuse_banned(gid, conn.aid, "send")
+    svc, gid, group = _sender(conn, params)
     payload = params.get("payload")
     if not isinstance(payload, dict):
         raise RpcError(rpc.INVALID_PARAMS, "payload must be an object")
@@ -1457,10 +1460,7 @@ def rpc_ack_events(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 # --- thoughts (memory only) ------------------------------------------------------------------------
 @handler("group.thought.put")
 def rpc_thought_put(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
-    svc, gid = _ctx(conn, params)
-    group, member = svc.require_member(gid, conn.aid)
-    svc.refuse_send(group, member)
-    svc.refuse_banned(gid, conn.aid, "send")
+    svc, gid, group = _sender(conn, params)
     key, ctx = thoughts.context_of(params)
     envelope = params.get("payload")
     if params.get("encrypted") is not True or not isinstance(envelope, dict) \
