@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -43,12 +44,14 @@ def require_root(why: str) -> None:
 def daemon_user() -> tuple[int, int]:
     """(uid, gid) of the test daemon user, created with useradd on first use (a system user with its
     own group and no home, as systemd-sysusers makes `aund`)."""
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/usr/sbin/nologin", USER], check=True, capture_output=True, timeout=30)
-        pw = pwd.getpwnam(USER)
+    with open("/tmp/.aund-test-useradd.lock", "a") as lock:  # test workers in parallel make it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            pw = pwd.getpwnam(USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                            "--shell", "/usr/sbin/nologin", USER], check=True, capture_output=True, timeout=30)
+            pw = pwd.getpwnam(USER)
     return pw.pw_uid, pw.pw_gid
 
 
