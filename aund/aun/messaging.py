@@ -25,13 +25,21 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund import params as params_mod
-from aund.aun import codes, events, ids, jsonrpc as rpc
+from aund.aun import codes, events, ids
+from aund.aun import jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import (
-    E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p, ik_fingerprint, sign_spk, spk_id_for,
+    E2EEDecryptError,
+    E2EEEncryptError,
+    Target,
+    decrypt_p2p,
+    encrypt_p2p,
+    ik_fingerprint,
+    p2p,
+    sign_spk,
+    spk_id_for,
     verify_spk,
 )
-from aund.aun.e2ee import p2p
 from aund.aun.link import Link
 from aund.aun.paging import PageSizer, skipped_row
 from aund.aun.peers import PeerDirectory
@@ -39,6 +47,7 @@ from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import Inbox, NewEvent
+from aund.sync import SyncCore
 
 log = structlog.get_logger("aund.messaging")
 
@@ -465,6 +474,19 @@ class LinkSync:
         self.slot_id = link.config.slot_id
         self.slot_key = ids.slot_isolation_key(self.slot_id)
         self.pages = PageSizer(self.page_rows, self.aid)
+
+    async def drive(self, core: SyncCore, actions: list, step) -> None:
+        """Do what `core` asks, one action at a time (`step(action)` does the I/O and returns what the
+        core answers to its outcome), until it asks nothing more. A step that fails ends what was in
+        flight for its key in the core, and the failure goes on to the caller."""
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            try:
+                queue.extend(await step(action))
+            except BaseException:
+                core.abort(action.key)
+                raise
 
 
 class PeerSync(LinkSync):

@@ -91,7 +91,8 @@ class Stream:
 class _Key:
     ack: int | None = None                 # durable: what the inbox committed (None until loaded)
     head: int | None = None                # the newest seq the gateway named
-    own: set[int] = field(default_factory=set)
+    own: set[int] = field(default_factory=set)   # our own sends past `past`
+    past: int = 0                          # the durable ack stepped past our own sends that followed on it
     pulling: int | None = None             # `after` of the pull in flight
     committing: int | None = None          # `new_cursor` of the commit in flight
     continue_after: bool = False           # pull the next page once the commit is in
@@ -127,12 +128,21 @@ class SyncCore:
         return self._k(key).ack or 0
 
     def cursor(self, key: str) -> int:
-        """The durable ack moved past our own sends that follow on it: where the next row is."""
+        """The durable ack moved past our own sends that follow on it: where the next row is (the own
+        sends so passed are forgotten; `past` remembers the step)."""
         state = self._k(key)
-        cursor = state.ack or 0
-        while cursor + 1 in state.own:
-            cursor += 1
+        cursor = self.advance(key, max(state.ack or 0, state.past))
+        if cursor > state.past:
+            state.past = cursor
+            state.own.difference_update([s for s in state.own if s <= cursor])
         return cursor
+
+    def advance(self, key: str, seq: int) -> int:
+        """`seq` stepped past our own sends that follow on it."""
+        own = self._k(key).own
+        while seq + 1 in own:
+            seq += 1
+        return seq
 
     def head(self, key: str) -> int | None:
         return self._k(key).head
@@ -144,7 +154,10 @@ class SyncCore:
         return self._k(key).blocked
 
     def busy(self, key: str) -> bool:
-        state = self._k(key)
+        return self.busy_state(self._k(key))
+
+    @staticmethod
+    def busy_state(state: _Key) -> bool:
         return state.pulling is not None or state.committing is not None
 
     def behind(self, key: str) -> bool:
@@ -152,7 +165,7 @@ class SyncCore:
         head = self._k(key).head
         return head is None or head > self.cursor(key)
 
-    def keys(self) -> list[str]:
+    def known(self) -> list[str]:
         return list(self._keys)
 
     # --- inputs ----------------------------------------------------------------------------------------------
@@ -165,7 +178,7 @@ class SyncCore:
     def own_sent(self, key: str, seq: int) -> None:
         """Our own send got `seq`: there is nothing to receive there."""
         state = self._k(key)
-        if seq > (state.ack or 0):
+        if seq > max(state.ack or 0, state.past):
             state.own.add(seq)
 
     def head_seen(self, key: str, seq: int, *, exact: bool = False) -> None:
@@ -207,7 +220,7 @@ class SyncCore:
             state.wanted = True
             return [Drop(key, seq, "busy")]
         if follows and row is not None:
-            state.committing = self._past_own(state, seq)
+            state.committing = self.advance(key, seq)
             state.continue_after = False
             return [Commit(key, (row,), state.committing)]
         return [self._pull(key)]
@@ -226,7 +239,7 @@ class SyncCore:
         for seq, row in (rows.items() if isinstance(rows, Mapping) else rows):
             if seq > after:
                 found.setdefault(seq, row)
-        new = self._past_own(state, max([after, covered, *found]))
+        new = self.advance(key, max([after, covered, *found]))
         if new > after or found:
             more = has_more or (self.stream.head_continues and (head or 0) > new)
             state.continue_after = more and new > after and (bool(found) or not self.stream.rows_to_continue)
@@ -278,7 +291,7 @@ class SyncCore:
         state.pulling = None
         hint = state.hint
         seq = hint[1] if self.stream.sparse and hint is not None and hint[0] == after else after + 1
-        state.committing = self._past_own(state, seq)
+        state.committing = self.advance(key, seq)
         state.continue_after = False
         return [Skip(key, seq, "too_large", state.committing)]
 
@@ -318,15 +331,23 @@ class SyncCore:
         was, state.blocked = state.blocked, False
         return was
 
-    def reconnected(self) -> None:
-        """A new session: no pull of the old one is answered any more (a commit in flight is local and
-        goes on), and a blocking stream forgets the refusals of the old session."""
+    def reconnected(self, *, abandon_pulls: bool = True) -> None:
+        """A new session: a blocking stream forgets the refusals of the old one. With `abandon_pulls`
+        (a driver that never hears of pulls of the old session again), those are over and a late
+        answer to one is ignored; a commit in flight is local and goes on either way."""
         for state in self._keys.values():
-            state.pulling = None
-            if state.committing is None:
+            if abandon_pulls:
+                state.pulling = None
+            if not self.busy_state(state):
                 state.wanted = False
             if self.stream.block_on_refusal:
                 state.blocked = False
+
+    def abort(self, key: str) -> None:
+        """The step in flight for `key` (a pull or a commit) failed, however: nothing is in flight."""
+        state = self._k(key)
+        state.pulling = state.committing = None
+        state.continue_after = False
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _pull(self, key: str) -> Pull:
@@ -340,12 +361,6 @@ class SyncCore:
         if state.wanted and not state.blocked and not self.busy(key):
             return [self._pull(key)]
         return []
-
-    @staticmethod
-    def _past_own(state: _Key, seq: int) -> int:
-        while seq + 1 in state.own:
-            seq += 1
-        return seq
 
     @staticmethod
     def _trim(state: _Key) -> None:

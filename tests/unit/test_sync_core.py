@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aund.sync import AckUpstream, Commit, Drop, Pull, Skip, Stream, SyncCore
 
@@ -128,10 +129,9 @@ class World:
             assert action.seq > self.inbox[key] and action.reason == "too_large"
             self.commit(key, [action.seq], action.new_cursor)
             self.take(core.skipped(key, action.new_cursor))
-        elif isinstance(action, AckUpstream):
-            if fault != "fail":
-                self.upstream[key] = max(self.upstream[key], action.up_to)
-                core.acked_upstream(key, action.up_to)
+        elif isinstance(action, AckUpstream) and fault != "fail":  # else the ack is lost on the way
+            self.upstream[key] = max(self.upstream[key], action.up_to)
+            core.acked_upstream(key, action.up_to)
 
     def quiesce(self) -> None:
         """A fresh session with no faults: everything left is pulled, and no cursor is pulled twice."""
