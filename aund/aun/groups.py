@@ -948,7 +948,7 @@ class GroupSync(LinkSync):
         for other devices): the row is taken to be the one after the cursor, so a hole in front of it
         costs another round and another event. Acked upstream by the next sync of the group."""
         gid, seq = skip.key, skip.seq
-        event = skipped_row(aid=self.aid, sender="", seq=seq, after=seq - 1, max_frame=self.link.config.max_frame,
+        event = skipped_row(aid=self.aid, sender="", seq=seq, after=skip.after, max_frame=self.link.config.max_frame,
                             dedupe_key=f"{gid}/skipped:{seq}", group_id=gid)
         await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, f"group:{gid}", skip.new_cursor))
         self.messages.skipped(gid, skip.new_cursor)

@@ -46,12 +46,14 @@ class AckUpstream:
 
 @dataclass(frozen=True)
 class Skip:
-    """Record `seq` as skipped (`reason`) and commit the cursor `new_cursor` past it."""
+    """Record `seq` (the row after the cursor `after`) as skipped (`reason`) and commit the cursor
+    `new_cursor` past it."""
 
     key: str
     seq: int
     reason: str
     new_cursor: int
+    after: int
 
 
 @dataclass(frozen=True)
@@ -181,10 +183,14 @@ class SyncCore:
         if seq > max(state.ack or 0, state.past):
             state.own.add(seq)
 
-    def head_seen(self, key: str, seq: int, *, exact: bool = False) -> None:
-        """The gateway named `seq` as the key's head (`exact`: as it is now, else at least)."""
+    def head_seen(self, key: str, seq: int | None, *, exact: bool = False) -> None:
+        """The gateway named `seq` as the key's head (`exact`: as it is now, else at least; an exact
+        None: not known, so no bound on the next page)."""
         state = self._k(key)
-        state.head = seq if exact or state.head is None else max(state.head, seq)
+        if exact or state.head is None:
+            state.head = seq
+        elif seq is not None:
+            state.head = max(state.head, seq)
 
     def hint(self, key: str, after: int, seq: int) -> None:
         """The gateway said the row after cursor `after` has `seq` (P2P `next_pending_seq`)."""
@@ -226,9 +232,12 @@ class SyncCore:
         return [self._pull(key)]
 
     def page(self, key: str, after: int, rows: Mapping[int, Any] | Iterable[tuple[int, Any]], covered: int,
-             has_more: bool, head: int | None = None, server_ack: int | None = None) -> list[Action]:
+             has_more: bool, head: int | None = None, server_ack: int | None = None,
+             unstored: bool = False) -> list[Action]:
         """The page answering `Pull(key, after, ...)`: `rows` by seq, proven (or taken) to cover every
-        row up to `covered`. A page no pull of ours is waiting for is ignored."""
+        row up to `covered`; `unstored`: it also brought rows that are not stored (P2P volatile rows,
+        handed on live), which are acked upstream even when the cursor does not move. A page no pull
+        of ours is waiting for is ignored."""
         state = self._k(key)
         if state.pulling != after:
             return []
@@ -240,7 +249,7 @@ class SyncCore:
             if seq > after:
                 found.setdefault(seq, row)
         new = self.advance(key, max([after, covered, *found]))
-        if new > after or found:
+        if new > after or found or unstored:
             more = has_more or (self.stream.head_continues and (head or 0) > new)
             state.continue_after = more and new > after and (bool(found) or not self.stream.rows_to_continue)
             state.committing = new
@@ -293,7 +302,7 @@ class SyncCore:
         seq = hint[1] if self.stream.sparse and hint is not None and hint[0] == after else after + 1
         state.committing = self.advance(key, seq)
         state.continue_after = False
-        return [Skip(key, seq, "too_large", state.committing)]
+        return [Skip(key, seq, "too_large", state.committing, after)]
 
     def pull_failed(self, key: str, after: int) -> list[Action]:
         """`Pull(key, after, ...)` brought no page (the link failed): that pull is over."""

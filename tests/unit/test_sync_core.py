@@ -230,9 +230,11 @@ def test_p2p_skip_uses_the_hinted_seq_and_the_proof_moves_the_cursor_without_row
     core = SyncCore(P2P)
     core.load("s", 10)
     assert core.pushed("s", 40, None, prev=10) == [Pull("s", 10, 3)]  # follows, but no row inline
-    assert core.too_big("s", 10) == [Skip("s", 40, "too_large", 40)]
+    assert core.too_big("s", 10) == [Skip("s", 40, "too_large", 40, 10)]
     assert core.skipped("s", 40) == [] and core.cursor("s") == 40
     assert core.sync("s") == [Pull("s", 40, 3)]
     assert core.page("s", 40, {}, 55, has_more=True, head=60) == [Commit("s", (), 55)]
     assert core.committed("s", 55) == [AckUpstream("s", 55), Pull("s", 55, 3)]
     assert core.reack("s", 50) == [AckUpstream("s", 55)] and core.reack("s", 55) == []
+    assert core.page("s", 55, {}, 55, has_more=False, head=60, unstored=True) == [Commit("s", (), 55)]
+    assert core.committed("s", 55) == [AckUpstream("s", 55)]  # volatile rows only: acked, no further pull
