@@ -31,35 +31,16 @@ from typing import Any
 import structlog
 import trio
 
+from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
+from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_group, snapshot_json, state_commitment,
+                                 state_sign_input)
 from aund.aun import codes, methods
 from aund.aun import group_index as gindex
-from aund.aun.e2ee import E2EEDecryptError, E2EEEncryptError, Target
-from aund.aun.e2ee.group import (
-    GROUP_ENVELOPE_TYPE,
-    decrypt_group,
-    encrypt_group,
-    snapshot_json,
-    state_commitment,
-    state_sign_input,
-)
 from aund.aun.group_identity import GroupIdentities
 from aund.aun.link import Link
-from aund.aun.messaging import (
-    BOOTSTRAP_TTL,
-    PREKEY_RETRY_CODES,
-    PUSH_QUEUE,
-    WRAP_CAPABILITIES,
-    LinkSync,
-    P2PKeys,
-    append_prekey,
-    history_entry,
-    history_rows,
-    history_window,
-    merged_headers,
-    new_prekey_record,
-    prekey_wire,
-    row_content,
-)
+from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, P2PKeys,
+                                LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
+                                new_prekey_record, prekey_wire, row_content)
 from aund.aun.paging import skipped_row
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki

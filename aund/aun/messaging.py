@@ -25,21 +25,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund import params as params_mod
-from aund.aun import codes, events, ids
-from aund.aun import jsonrpc as rpc
+from aund.aun import codes, events, ids, jsonrpc as rpc
 from aund.aun.coverage import CoverageProofError, verify_peer_page
 from aund.aun.e2ee import (
-    E2EEDecryptError,
-    E2EEEncryptError,
-    Target,
-    decrypt_p2p,
-    encrypt_p2p,
-    ik_fingerprint,
-    p2p,
-    sign_spk,
-    spk_id_for,
+    E2EEDecryptError, E2EEEncryptError, Target, decrypt_p2p, encrypt_p2p, ik_fingerprint, sign_spk, spk_id_for,
     verify_spk,
 )
+from aund.aun.e2ee import p2p
 from aund.aun.link import Link
 from aund.aun.paging import PageSizer, skipped_row
 from aund.aun.peers import PeerDirectory

@@ -156,10 +156,10 @@ class SyncCore:
         return self._k(key).blocked
 
     def busy(self, key: str) -> bool:
-        return self.busy_state(self._k(key))
+        return self._busy(self._k(key))
 
     @staticmethod
-    def busy_state(state: _Key) -> bool:
+    def _busy(state: _Key) -> bool:
         return state.pulling is not None or state.committing is not None
 
     def behind(self, key: str) -> bool:
@@ -347,7 +347,7 @@ class SyncCore:
         for state in self._keys.values():
             if abandon_pulls:
                 state.pulling = None
-            if not self.busy_state(state):
+            if not self._busy(state):
                 state.wanted = False
             if self.stream.block_on_refusal:
                 state.blocked = False
