@@ -917,14 +917,13 @@ class GroupSync(LinkSync):
                 self._block(gid, str(exc))
                 return None
             if self.pages.too_big(exc, namespace, after, limit):
-                for skip in self.messages.too_big(gid, after):
-                    await self._skip_row(skip)
+                await self.drive(self.messages, self.messages.too_big(gid, after), self._message_step)
             raise
         self.pages.fitted(namespace, limit)
         self.stats["pulls"] += 1
         return page
 
-    async def _skip_row(self, skip: Skip) -> None:
+    async def _skip_row(self, skip: Skip) -> list:
         """Move past the row that fits in no page, recording it for apps. Group seqs have holes (rows
         for other devices): the row is taken to be the one after the cursor, so a hole in front of it
         costs another round and another event. Acked upstream by the next sync of the group."""
@@ -932,8 +931,8 @@ class GroupSync(LinkSync):
         event = skipped_row(aid=self.aid, sender="", seq=seq, after=skip.after, max_frame=self.link.config.max_frame,
                             dedupe_key=f"{gid}/skipped:{seq}", group_id=gid)
         await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, f"group:{gid}", skip.new_cursor))
-        self.messages.skipped(gid, skip.new_cursor)
         self.stats["skipped"] += 1
+        return self.messages.skipped(gid, skip.new_cursor)
 
     def _block(self, gid: str, why: str) -> None:
         if self.messages.block(gid):
@@ -983,7 +982,7 @@ class GroupSync(LinkSync):
                 self._rotate.discard(gid)
                 self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
         if isinstance(action, Skip):
-            await self._skip_row(action)
+            return await self._skip_row(action)
         return []
 
     async def _commit(self, gid: str, rows: list[dict[str, Any]], covered: int) -> None:

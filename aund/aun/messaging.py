@@ -470,14 +470,18 @@ class LinkSync:
     async def drive(self, core: SyncCore, actions: list, step) -> None:
         """Do what `core` asks, one action at a time (`step(action)` does the I/O and returns what the
         core answers to its outcome), until it asks nothing more. A step that fails ends what was in
-        flight for its key in the core, and the failure goes on to the caller."""
+        flight for its key in the core (that pull or that commit only: another task may have the
+        key's next step in flight), and the failure goes on to the caller."""
         queue = list(actions)
         while queue:
             action = queue.pop(0)
             try:
                 queue.extend(await step(action))
             except BaseException:
-                core.abort(action.key)
+                if isinstance(action, Pull):
+                    core.pull_failed(action.key, action.after)
+                elif isinstance(action, (Commit, Skip)):
+                    core.commit_failed(action.key, action.new_cursor)
                 raise
 
 
@@ -613,7 +617,7 @@ class PeerSync(LinkSync):
                 self._rotate = False
                 await self.session.publish_prekey(self.link, rotate=True)
         if isinstance(action, Skip):
-            await self._skip_row(action)
+            return await self._skip_row(action)
         return []
 
     async def _pull(self, sender: str, after: int, limit: int) -> list:
@@ -625,8 +629,7 @@ class PeerSync(LinkSync):
             page = await self.link.pull(namespace, key, "message.v2.pull", params, background=True)
         except AundError as exc:
             if self.pages.too_big(exc, namespace, after, limit):
-                for skip in self.senders.too_big(sender, after):
-                    await self._skip_row(skip)
+                await self.drive(self.senders, self.senders.too_big(sender, after), self._step)
             raise
         self.pages.fitted(namespace, limit)
         self.stats["pulls"] += 1
@@ -650,7 +653,7 @@ class PeerSync(LinkSync):
         return self.senders.page(sender, after, rows, page["covered_through_seq"], page["has_more"],
                                  head=page["head_seq"], unstored=volatile)
 
-    async def _skip_row(self, skip: Skip) -> None:
+    async def _skip_row(self, skip: Skip) -> list:
         """Move past the row after the cursor that fits in no page, recording it for apps. Its seq is
         the `next_pending_seq` the gateway last named for that cursor (seqs are sparse per sender),
         else the cursor + 1 (a hole skipped so costs another round). Acked upstream by the next
@@ -659,8 +662,8 @@ class PeerSync(LinkSync):
         event = skipped_row(aid=self.aid, sender=sender, seq=seq, after=skip.after,
                             max_frame=self.link.config.max_frame, dedupe_key=f"skipped:{seq}")
         await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, sender, skip.new_cursor))
-        self.senders.skipped(sender, skip.new_cursor)
         self.stats["skipped"] += 1
+        return self.senders.skipped(sender, skip.new_cursor)
 
     async def _ack_upstream(self, sender: str, up_to: int) -> None:
         try:

@@ -352,12 +352,6 @@ class SyncCore:
             if self.stream.block_on_refusal:
                 state.blocked = False
 
-    def abort(self, key: str) -> None:
-        """The step in flight for `key` (a pull or a commit) failed, however: nothing is in flight."""
-        state = self._k(key)
-        state.pulling = state.committing = None
-        state.continue_after = False
-
     # --- helpers ---------------------------------------------------------------------------------------------
     def _pull(self, key: str) -> Pull:
         state = self._k(key)
