@@ -45,6 +45,7 @@ from aund.aun.paging import skipped_row
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.inbox import Inbox, NewEvent
+from aund.sync import AckUpstream, Commit, Drop, Pull, Skip, Stream, SyncCore
 
 log = structlog.get_logger("aund.groups")
 
@@ -67,6 +68,11 @@ STATE_CONFLICT = codes.STATE_CONFLICT
 ADMIN_ROLES = ("owner", "admin")
 PAGE_LIMIT = 100
 EVENTS_LIMIT = 50
+EVENT_STREAM = Stream("group-events", page_rows=EVENTS_LIMIT)  # a refusal ends the round, stops nothing
+# group messages: seqs with holes (rows for other devices) and our own sends; a page goes on while it
+# brings rows and the head is ahead; a refusal stops the group until readmitted or reconnected (9.3)
+MESSAGE_STREAM = Stream("group", page_rows=PAGE_LIMIT, rows_to_continue=True, head_continues=True,
+                        block_on_refusal=True)
 HISTORY_LIMIT = 50  # group.history page size cap (the SDK's)
 MEMBERS_PAGE = 200
 _THOUGHT_RETRY_WORDS = ("member", "device", "recipient", "stale", "epoch")
@@ -655,11 +661,10 @@ class GroupSync(LinkSync):
     def __init__(self, link: Link, session: GroupKeys, inbox: Inbox, *, poll_seconds: float = 30.0) -> None:
         super().__init__(link, inbox, poll_seconds)
         self.session = session
-        self._acks: dict[str, int] = {}
-        self._event_acks: dict[str, int] = {}
-        self._heads: dict[str, int] = {}          # the newest message seq the gateway named per group
-        self._own: dict[str, set[int]] = {}       # seqs of our own sends: nothing for this device there
-        self._blocked: set[str] = set()           # refused / removed: no background pulls (9.3)
+        # the message cursor per group: inbox ack, head named, own sends, refused / removed (9.3)
+        self.messages = SyncCore(MESSAGE_STREAM, limit=lambda _gid, left: self.pages.rows(left))
+        self.events = SyncCore(EVENT_STREAM)     # the group event cursor per group
+        self._rotate: set[str] = set()            # groups whose prekey is replaced once the ack is out
         self._dirty: set[str] = set()             # groups whose last sync failed: retried with backoff
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any, Any]](PUSH_QUEUE)
         self._nursery: trio.Nursery | None = None
@@ -704,16 +709,21 @@ class GroupSync(LinkSync):
 
     def note_own(self, gid: str, seq: int) -> None:
         """Our own send got `seq`: this device has nothing to receive there."""
-        if seq > self._acks.get(gid, 0):
-            self._own.setdefault(gid, set()).add(seq)
+        self.messages.own_sent(gid, seq)
 
     def _advance(self, gid: str, ack: int) -> int:
-        own = self._own.get(gid)
-        while own and ack + 1 in own:
-            ack += 1
-        if own:
-            own.difference_update([s for s in own if s <= ack])
-        return ack
+        """The cursor of `gid` once the inbox holds `ack` (stepped past our own sends)."""
+        self.messages.load(gid, ack)
+        return self.messages.cursor(gid)
+
+    @property
+    def _blocked(self) -> set[str]:
+        """The groups refused or left: no background pulls (9.3)."""
+        return {gid for gid in self.messages.known() if self.messages.blocked(gid)}
+
+    @property
+    def _own(self) -> dict[str, set[int]]:
+        return {gid: self.messages.own(gid) for gid in self.messages.known()}
 
     # --- events from the link's reader (never block) --------------------------------------------------------
     def on_event(self, name: str, params: dict[str, Any]) -> None:
@@ -802,7 +812,8 @@ class GroupSync(LinkSync):
         """After every (re)connect: a fresh session unblocks refused groups; register the group
         prekey of every active group (concurrently, within the link's background budget), propose
         where we are owner/admin, and queue a catch-up of messages and events where the heads moved."""
-        self._blocked.clear()
+        self.messages.reconnected(abandon_pulls=False)  # our pulls end by themselves (a page or a failure)
+        self.events.reconnected(abandon_pulls=False)
         try:
             groups = await self._my_groups()
         except AundError as exc:  # a gateway without groups must not fail the connect
@@ -831,22 +842,23 @@ class GroupSync(LinkSync):
     async def _queue_catch_up(self, gid: str, group: dict[str, Any]) -> None:
         head, event_head = _int(group.get("message_seq")), _int(group.get("event_seq"))
         if head is not None:
-            self._heads[gid] = head
-        if head is None or head > self._advance(gid, await self._ack_of(gid)):
+            self.messages.head_seen(gid, head, exact=True)
+        await self._ack_of(gid)
+        if self.messages.behind(gid):
             self._queue(("sync", gid, None))
         if event_head is None or event_head > await self._event_ack_of(gid):
             self._queue(("events", gid, None))
 
     async def poll(self) -> None:
         for gid, group in await self._my_groups():
-            if gid not in self._blocked:
+            if not self.messages.blocked(gid):
                 await self._queue_catch_up(gid, group)
 
     # --- messages ---------------------------------------------------------------------------------------------
     async def _ack_of(self, gid: str) -> int:
-        if gid not in self._acks:
-            self._acks[gid] = await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key, f"group:{gid}")
-        return self._acks[gid]
+        if not self.messages.loaded(gid):
+            self.messages.load(gid, await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key, f"group:{gid}"))
+        return self.messages.ack(gid)
 
     def _inline_row(self, name: str, gid: str, seq: int, params: dict[str, Any]) -> dict[str, Any] | None:
         """The pushed row if it can be consumed without a pull (8.1: head and row agree, for this device)."""
@@ -871,33 +883,33 @@ class GroupSync(LinkSync):
 
     async def _on_push(self, gid: str, name: str, params: dict[str, Any]) -> None:
         self.stats["pushes"] += 1
-        if gid in self._blocked:
+        if self.messages.blocked(gid):
             self.stats["ignored"] += 1
             return
         seq = _int(params.get("seq"))
         if seq is None or params.get("kind") == "group.online_unread_hint":
             await self.sync_group(gid)
             return
-        self._heads[gid] = max(self._heads.get(gid, 0), seq)
-        local = self._advance(gid, await self._ack_of(gid))
-        if seq <= local:
+        await self._ack_of(gid)
+        row = self._inline_row(name, gid, seq, params) if seq == self.messages.cursor(gid) + 1 else None
+        actions = self.messages.pushed(gid, seq, row)
+        first = actions[0] if actions else None
+        if isinstance(first, Drop) and first.reason == "duplicate":
             self.stats["duplicates"] += 1
-            return
-        row = self._inline_row(name, gid, seq, params) if seq == local + 1 else None
-        if row is not None:
+        elif isinstance(first, Commit):
             self.stats["inline"] += 1
-            await self._commit(gid, [row], self._advance(gid, seq))
-            return
-        self.stats["gaps"] += 1
-        await self.sync_group(gid)
+        elif isinstance(first, Pull):
+            self.stats["gaps"] += 1
+        await self.drive(self.messages, actions, self._message_step)
 
-    async def fetch_page(self, gid: str, after: int) -> dict[str, Any] | None:
+    async def fetch_page(self, gid: str, after: int, limit: int | None = None) -> dict[str, Any] | None:
         """One forward `group.v2.pull` page through the pull gate (one pull per group at a time,
         identical ones shared); None once the gateway refused us for this group. At most the
         link's page limit, and no more rows than the head last named leaves."""
         namespace = f"group:{gid}"
-        head = self._heads.get(gid)
-        limit = self.pages.rows(None if head is None else head - after)
+        if limit is None:
+            head = self.messages.head(gid)
+            limit = self.pages.rows(None if head is None else head - after)
         params = {"group_id": gid, "after_seq": after, "limit": limit, "device_id": self.device_id,
                   "slot_id": self.slot_id}
         key = f"{namespace}|forward|{after}|limit={limit}"
@@ -908,49 +920,50 @@ class GroupSync(LinkSync):
                 self._block(gid, str(exc))
                 return None
             if self.pages.too_big(exc, namespace, after, limit):
-                await self._skip_row(gid, after)
+                await self.drive(self.messages, self.messages.too_big(gid, after), self._message_step)
             raise
         self.pages.fitted(namespace, limit)
         self.stats["pulls"] += 1
-        head = _int(page.get("latest_message_seq"))
-        if head is not None:
-            self._heads[gid] = head
         return page
 
-    async def _skip_row(self, gid: str, after: int) -> None:
-        """Move past the row after `after` that fits in no page, recording it for apps. Group seqs
-        have holes (rows for other devices): the row is taken to be `after + 1`, so a hole in front
-        of it costs another round and another event. Acked upstream by the next sync of the group."""
-        seq = after + 1
-        covered = self._advance(gid, seq)
-        event = skipped_row(aid=self.aid, sender="", seq=seq, after=after, max_frame=self.link.config.max_frame,
+    async def _skip_row(self, skip: Skip) -> list:
+        """Move past the row that fits in no page, recording it for apps. Group seqs have holes (rows
+        for other devices): the row is taken to be the one after the cursor, so a hole in front of it
+        costs another round and another event. Acked upstream by the next sync of the group."""
+        gid, seq = skip.key, skip.seq
+        event = skipped_row(aid=self.aid, sender="", seq=seq, after=skip.after, max_frame=self.link.config.max_frame,
                             dedupe_key=f"{gid}/skipped:{seq}", group_id=gid)
-        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, f"group:{gid}", covered))
-        self._acks[gid] = max(self._acks.get(gid, 0), covered)
+        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, f"group:{gid}", skip.new_cursor))
         self.stats["skipped"] += 1
+        return self.messages.skipped(gid, skip.new_cursor)
 
     def _block(self, gid: str, why: str) -> None:
-        if gid not in self._blocked:
-            self._blocked.add(gid)
+        if self.messages.block(gid):
             self.stats["blocked"] += 1
             log.info("groups.sync_stopped", aid=self.aid, group_id=gid, reason=why[:200])
         self.session.invalidate(gid)
 
     def _resume(self, gid: str, why: str) -> None:
         """Sync `gid` again after a refusal stopped it (readmitted, unblocked)."""
-        if gid in self._blocked:
-            self._blocked.discard(gid)
+        if self.messages.resume(gid):
             log.info("groups.sync_resumed", aid=self.aid, group_id=gid, reason=why)
         self._queue(("sync", gid, None))
 
     async def sync_group(self, gid: str) -> None:
         """Pull every message of `gid` after what the inbox holds, page by page (no coverage proof
         exists for groups: holes inside a page are messages not wrapped for this device)."""
-        while gid not in self._blocked:
-            after = self._advance(gid, await self._ack_of(gid))
-            page = await self.fetch_page(gid, after)
+        if self.messages.blocked(gid):
+            return
+        await self._ack_of(gid)
+        await self.drive(self.messages, self.messages.sync(gid), self._message_step)
+
+    async def _message_step(self, action) -> list:
+        gid = action.key
+        if isinstance(action, Pull):
+            after = action.after
+            page = await self.fetch_page(gid, after, action.limit)
             if page is None:
-                return
+                return self.messages.refused(gid, after)
             rows: dict[int, dict[str, Any]] = {}
             for row in page.get("messages") or []:
                 seq = _int(row.get("seq")) if isinstance(row, dict) else None
@@ -959,16 +972,21 @@ class GroupSync(LinkSync):
             cursor = page.get("cursor") if isinstance(page.get("cursor"), dict) else {}
             floor = max([_int(page.get("retention_floor_message_seq")) or 0, _int(cursor.get("join_seq")) or 0,
                          (_int(page.get("earliest_available_message_seq")) or 1) - 1])
-            covered = self._advance(gid, max([after, floor, *rows]))
-            if covered > after or rows:
-                await self._commit(gid, [rows[s] for s in sorted(rows)], covered)
-            else:
-                server = _int(cursor.get("current_seq"))
-                if server is not None and server < covered:  # the gateway lags (past a skipped row, nothing behind)
-                    await self._ack_upstream(gid, covered)
-            head = _int(page.get("latest_message_seq")) or _int(cursor.get("latest_seq")) or 0
-            if not rows or covered <= after or not (page.get("has_more") is True or head > covered):
-                return
+            head = _int(page.get("latest_message_seq")) or _int(cursor.get("latest_seq"))
+            return self.messages.page(gid, after, rows, floor, page.get("has_more") is True, head=head,
+                                      server_ack=_int(cursor.get("current_seq")))
+        if isinstance(action, Commit):
+            await self._commit(gid, list(action.rows), action.new_cursor)
+            return self.messages.committed(gid, action.new_cursor)
+        if isinstance(action, AckUpstream):
+            # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated)
+            await self._ack_upstream(gid, action.up_to)
+            if gid in self._rotate:  # a message used our current group prekey: replace it (the old one is kept)
+                self._rotate.discard(gid)
+                self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
+        if isinstance(action, Skip):
+            return await self._skip_row(action)
+        return []
 
     async def _commit(self, gid: str, rows: list[dict[str, Any]], covered: int) -> None:
         events, rotate = [], False
@@ -983,26 +1001,23 @@ class GroupSync(LinkSync):
         new = await self.inbox.commit(self.aid, events, ack=(self.device_id, self.slot_key, f"group:{gid}", covered))
         self.stats["committed"] += len(new)
         self.stats["duplicates"] += len(events) - len(new)
-        self._acks[gid] = max(self._acks.get(gid, 0), covered)
-        self._advance(gid, self._acks[gid])
-        # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated)
-        await self._ack_upstream(gid, covered)
-        if rotate:  # a message used our current group prekey: replace it (the old one is kept)
-            self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
+        if rotate:
+            self._rotate.add(gid)
 
     async def _ack_upstream(self, gid: str, up_to: int) -> None:
         try:
             await self.link.call("group.v2.ack", {"group_id": gid, "up_to_seq": up_to, "device_id": self.device_id,
                                                   "slot_id": self.slot_id}, background=True)
+            self.messages.acked_upstream(gid, up_to)
         except AundError as exc:
             log.info("groups.ack_deferred", aid=self.aid, group_id=gid, error=str(exc))
 
     # --- group events ------------------------------------------------------------------------------------------
     async def _event_ack_of(self, gid: str) -> int:
-        if gid not in self._event_acks:
-            self._event_acks[gid] = await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key,
-                                                              f"group-events:{gid}")
-        return self._event_acks[gid]
+        if not self.events.loaded(gid):
+            self.events.load(gid, await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key,
+                                                            f"group-events:{gid}"))
+        return self.events.ack(gid)
 
     async def _on_changed(self, gid: str, event: dict[str, Any]) -> None:
         action = str(event.get("action") or "")
@@ -1023,14 +1038,14 @@ class GroupSync(LinkSync):
             self._block(gid, action)  # no messages for us until unblocked (the pulls would be refused)
         elif action == UNBLOCKED and subject == self.aid:
             self._resume(gid, action)
-        elif action in MEMBERSHIP_ACTIONS and gid not in self._blocked:
+        elif action in MEMBERSHIP_ACTIONS and not self.messages.blocked(gid):
             self._spawn(self.session.register(self.link, gid, rotate=True), "groups.prekey_failed", gid)
         elif action == TRANSFER_PENDING and str(event.get("new_owner") or "").strip().lower() == self.aid \
                 and event.get("status") == "pending_rekey":
             # as the SDK does: the named new owner completes at once (anonymous groups: no group key to rekey)
             self._spawn(self.session.membership_call(self.link, "group.complete_transfer", {"group_id": gid}),
                         "groups.transfer_complete_failed", gid)
-        if action in PROPOSE_ACTIONS and gid not in self._blocked and gid not in self.session.dissolved:
+        if action in PROPOSE_ACTIONS and not self.messages.blocked(gid) and gid not in self.session.dissolved:
             self._spawn(self.session.propose(self.link, gid), "groups.propose_failed", gid)
         if (_int(event.get("event_seq")) or 0) > 0:
             await self.sync_events(gid)
@@ -1040,40 +1055,46 @@ class GroupSync(LinkSync):
 
     async def sync_events(self, gid: str) -> None:
         """`group.pull_events` from the inbox's event cursor; events committed, then `group.ack_events`."""
-        while True:
-            after = await self._event_ack_of(gid)
-            params = {"group_id": gid, "after_event_seq": after, "limit": EVENTS_LIMIT,
+        await self._event_ack_of(gid)
+        await self.drive(self.events, self.events.sync(gid), self._event_step)
+
+    async def _event_step(self, action) -> list:
+        gid = action.key
+        if isinstance(action, Pull):
+            after = action.after
+            params = {"group_id": gid, "after_event_seq": after, "limit": action.limit,
                       "device_id": self.device_id, "slot_id": self.slot_id}
-            key = f"group-events:{gid}|{after}|limit={EVENTS_LIMIT}"
+            key = f"group-events:{gid}|{after}|limit={action.limit}"
             try:
                 page = await self.link.pull(f"group-events:{gid}", key, "group.pull_events", params, background=True)
             except AundError as exc:
                 if _is_refusal(exc):
                     log.info("groups.events_refused", aid=self.aid, group_id=gid, error=str(exc))
-                    return
+                    return self.events.refused(gid, after)
                 raise
             self.stats["event_pulls"] += 1
-            found: dict[int, dict[str, Any]] = {}
+            found: dict[int, tuple[int, dict[str, Any]]] = {}
             for event in page.get("events") or []:
                 seq = _int(event.get("event_seq")) if isinstance(event, dict) else None
                 if seq is not None and seq > after and event.get("event_type") != "group.message_created":
-                    found.setdefault(seq, event)
+                    found.setdefault(seq, (seq, event))
             cursor = page.get("cursor") if isinstance(page.get("cursor"), dict) else {}
             floor = max([_int(page.get("retention_floor_event_seq")) or 0, _int(cursor.get("join_seq")) or 0,
                          (_int(page.get("earliest_available_event_seq")) or 1) - 1])
-            covered = max([after, floor, *found])
-            if covered > after:
-                events = [NewEvent(GROUP_CHANGED_KIND, gid, f"{gid}#{s}", s, dict(found[s], group_id=gid))
-                          for s in sorted(found)]
-                new = await self.inbox.commit(self.aid, events,
-                                              ack=(self.device_id, self.slot_key, f"group-events:{gid}", covered))
-                self.stats["events"] += len(new)
-                self._event_acks[gid] = max(self._event_acks.get(gid, 0), covered)
-                try:
-                    await self.link.call("group.ack_events", {"group_id": gid, "event_seq": covered,
-                                                              "device_id": self.device_id, "slot_id": self.slot_id},
-                                         background=True)
-                except AundError as exc:
-                    log.info("groups.event_ack_deferred", aid=self.aid, group_id=gid, error=str(exc))
-            if page.get("has_more") is not True or covered <= after:
-                return
+            return self.events.page(gid, after, found, floor, page.get("has_more") is True)
+        if isinstance(action, Commit):
+            events = [NewEvent(GROUP_CHANGED_KIND, gid, f"{gid}#{s}", s, dict(event, group_id=gid))
+                      for s, event in action.rows]
+            new = await self.inbox.commit(self.aid, events,
+                                          ack=(self.device_id, self.slot_key, f"group-events:{gid}", action.new_cursor))
+            self.stats["events"] += len(new)
+            return self.events.committed(gid, action.new_cursor)
+        if isinstance(action, AckUpstream):
+            try:
+                await self.link.call("group.ack_events", {"group_id": gid, "event_seq": action.up_to,
+                                                          "device_id": self.device_id, "slot_id": self.slot_id},
+                                     background=True)
+                self.events.acked_upstream(gid, action.up_to)
+            except AundError as exc:
+                log.info("groups.event_ack_deferred", aid=self.aid, group_id=gid, error=str(exc))
+        return []

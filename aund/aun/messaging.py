@@ -39,6 +39,7 @@ from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.identity.store import Identity, IdentityStore
 from aund.inbox import Inbox, NewEvent
+from aund.sync import AckUpstream, Commit, Drop, Pull, Skip, Stream, SyncCore
 
 log = structlog.get_logger("aund.messaging")
 
@@ -466,6 +467,27 @@ class LinkSync:
         self.slot_key = ids.slot_isolation_key(self.slot_id)
         self.pages = PageSizer(self.page_rows, self.aid)
 
+    async def drive(self, core: SyncCore, actions: list, step) -> None:
+        """Do what `core` asks, one action at a time (`step(action)` does the I/O and returns what the
+        core answers to its outcome), until it asks nothing more. A step that fails ends what was in
+        flight for its key in the core (that pull or that commit only: another task may have the
+        key's next step in flight), and the failure goes on to the caller."""
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            try:
+                queue.extend(await step(action))
+            except BaseException:
+                if isinstance(action, Pull):
+                    core.pull_failed(action.key, action.after)
+                elif isinstance(action, (Commit, Skip)):
+                    core.commit_failed(action.key, action.new_cursor)
+                raise
+
+
+# P2P messages per sender: sparse seqs (one seq space per receiver), every page proven (coverage.py)
+PEER_STREAM = Stream("p2p", page_rows=PAGE_LIMIT, sparse=True)
+
 
 class PeerSync(LinkSync):
     """Lossless inbound sync for one link: pushes and pulls, committed before acked."""
@@ -474,8 +496,9 @@ class PeerSync(LinkSync):
                  poll_seconds: float = 30.0) -> None:
         super().__init__(link, inbox, poll_seconds)
         self.session = session
-        self._acks: dict[str, int] = {}
-        self._next_row: dict[str, tuple[int, int]] = {}  # sender -> (our ack, seq of its next row) as last heard
+        # the cursor per sender: inbox ack, head named, the seq of its next row as last heard
+        self.senders = SyncCore(PEER_STREAM, limit=lambda _sender, left: self.pages.rows(left))
+        self._rotate = False  # a committed row used our current prekey: replaced once the ack is out
         self._send, self._recv = trio.open_memory_channel[tuple[str, Any]](PUSH_QUEUE)
         self._resync_needed = False
         self.on_notice = on_notice  # (aid, kind, data) for app-visible sync notices
@@ -527,10 +550,15 @@ class PeerSync(LinkSync):
                 self.stats["failures"] += 1
                 log.warning("sync.failed", aid=self.aid, error=str(exc), retry_in=retry)
 
+    @property
+    def _acks(self) -> dict[str, int]:
+        """The inbox's cursor per sender, as far as read."""
+        return {sender: self.senders.ack(sender) for sender in self.senders.known() if self.senders.loaded(sender)}
+
     async def _ack_of(self, sender: str) -> int:
-        if sender not in self._acks:
-            self._acks[sender] = await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key, sender)
-        return self._acks[sender]
+        if not self.senders.loaded(sender):
+            self.senders.load(sender, await self.inbox.peer_ack(self.aid, self.device_id, self.slot_key, sender))
+        return self.senders.ack(sender)
 
     async def _on_push(self, params: dict[str, Any]) -> None:
         self.stats["pushes"] += 1
@@ -539,97 +567,110 @@ class PeerSync(LinkSync):
         if not sender or not isinstance(seq, int) or isinstance(seq, bool):
             return
         local = await self._ack_of(sender)
-        if seq <= local:
-            self.stats["duplicates"] += 1
-            return
-        if isinstance(prev, int) and prev == local:
-            self._next_row[sender] = (local, seq)
         row = params.get("inline_message")
-        if isinstance(row, dict) and isinstance(prev, int) and prev == local and row.get("seq") == seq:
-            row_sender = str(row.get("from_aid") or row.get("sender_aid") or row.get("from") or "").lower()
-            if row_sender == sender:
-                self.stats["inline"] += 1
-                await self._commit_rows(sender, [row], seq)
-                return
-        self.stats["gaps"] += 1  # a gap (prev_peer_seq ahead of what we hold) or no inline row: pull
-        await self.sync_sender(sender, seq)
+        if not (isinstance(row, dict) and isinstance(prev, int) and prev == local and row.get("seq") == seq
+                and str(row.get("from_aid") or row.get("sender_aid") or row.get("from") or "").lower() == sender):
+            row = None
+        self.senders.head_seen(sender, seq, exact=True)  # a gap is pulled up to this push
+        actions = self.senders.pushed(sender, seq, row, prev if isinstance(prev, int) else None)
+        first = actions[0] if actions else None
+        if isinstance(first, Drop) and first.reason == "duplicate":
+            self.stats["duplicates"] += 1
+        elif isinstance(first, Commit):
+            self.stats["inline"] += 1
+        elif isinstance(first, Pull):
+            self.stats["gaps"] += 1  # a gap (prev_peer_seq ahead of what we hold) or no inline row: pull
+        await self.drive(self.senders, actions, self._step)
 
     async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
-        events, rotate = [], False
-        # volatile rows (a pull page may mix them in) are never stored: handed on, delivered live
-        volatile = [r for r in rows if isinstance(r, dict) and r.get("storage") == "volatile"]
-        if volatile:
-            rows = [r for r in rows if not (isinstance(r, dict) and r.get("storage") == "volatile")]
-            for row in volatile:
-                if self.on_volatile is not None:
-                    self.on_volatile(row)
+        events = []
         for row in rows:
             event, spk_used = await self.session.decode_row(self.link.gateway, row, sender)
             events.append(event)
             if event.kind == "message.undecryptable":
                 self.stats["undecryptable"] += 1
             if spk_used and spk_used == self.session.current_spk_id:
-                rotate = True
+                self._rotate = True
         new = await self.inbox.commit(self.aid, events, ack=(self.device_id, self.slot_key, sender, covered))
         self.stats["committed"] += len(new)
         self.stats["duplicates"] += len(events) - len(new)
-        self._acks[sender] = max(self._acks.get(sender, 0), covered)
-        # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated,
-        # and the next full sync repeats it)
-        await self._ack_upstream(sender, covered)
-        if rotate:
-            await self.session.publish_prekey(self.link, rotate=True)
 
     async def sync_sender(self, sender: str, head: int | None = None) -> None:
         """Pull everything from `sender` after what the inbox holds, page by page (at most `head`
         minus the cursor rows per page, when the head is known)."""
-        namespace = f"p2p.peer.v1/{sender}"
-        while True:
-            after = await self._ack_of(sender)
-            limit = self.pages.rows(None if head is None else head - after)
-            params = {"cursor_scope": "peer", "sender_aid": sender, "after_seq": after, "limit": limit,
-                      "device_id": self.device_id, "slot_id": self.slot_id}
-            key = f"{namespace}|forward|{after}|limit={limit}"
-            try:
-                page = await self.link.pull(namespace, key, "message.v2.pull", params, background=True)
-            except AundError as exc:
-                if self.pages.too_big(exc, namespace, after, limit):
-                    await self._skip_row(sender, after)
-                raise
-            self.pages.fitted(namespace, limit)
-            self.stats["pulls"] += 1
-            try:
-                verify_peer_page(params, page, local_ack=after)
-            except CoverageProofError as exc:
-                self.stats["pages_rejected"] += 1
-                log.error("sync.proof_rejected", aid=self.aid, sender=sender, reason=exc.reason, detail=str(exc))
-                if self.on_notice is not None:
-                    self.on_notice(self.aid, "sync.proof_rejected", {"sender": sender, "reason": exc.reason})
-                return  # not trusted, not acked; the next push or connect tries again
-            covered, head = page["covered_through_seq"], page["head_seq"]
-            if covered > after or page["messages"]:
-                await self._commit_rows(sender, page["messages"], covered)
-            if not page["has_more"] or covered <= after:
-                return
+        self.senders.head_seen(sender, head, exact=True)
+        await self._ack_of(sender)
+        await self.drive(self.senders, self.senders.sync(sender), self._step)
 
-    async def _skip_row(self, sender: str, after: int) -> None:
-        """Move past the row after `after` that fits in no page, recording it for apps. Its seq is
+    async def _step(self, action) -> list:
+        sender = action.key
+        if isinstance(action, Pull):
+            return await self._pull(sender, action.after, action.limit)
+        if isinstance(action, Commit):
+            await self._commit_rows(sender, list(action.rows), action.new_cursor)
+            return self.senders.committed(sender, action.new_cursor)
+        if isinstance(action, AckUpstream):
+            # committed: now tell the gateway (a lost ack only means the rows come again, deduplicated,
+            # and the next full sync repeats it)
+            await self._ack_upstream(sender, action.up_to)
+            if self._rotate:
+                self._rotate = False
+                await self.session.publish_prekey(self.link, rotate=True)
+        if isinstance(action, Skip):
+            return await self._skip_row(action)
+        return []
+
+    async def _pull(self, sender: str, after: int, limit: int) -> list:
+        namespace = f"p2p.peer.v1/{sender}"
+        params = {"cursor_scope": "peer", "sender_aid": sender, "after_seq": after, "limit": limit,
+                  "device_id": self.device_id, "slot_id": self.slot_id}
+        key = f"{namespace}|forward|{after}|limit={limit}"
+        try:
+            page = await self.link.pull(namespace, key, "message.v2.pull", params, background=True)
+        except AundError as exc:
+            if self.pages.too_big(exc, namespace, after, limit):
+                await self.drive(self.senders, self.senders.too_big(sender, after), self._step)
+            raise
+        self.pages.fitted(namespace, limit)
+        self.stats["pulls"] += 1
+        try:
+            verify_peer_page(params, page, local_ack=after)
+        except CoverageProofError as exc:
+            self.stats["pages_rejected"] += 1
+            log.error("sync.proof_rejected", aid=self.aid, sender=sender, reason=exc.reason, detail=str(exc))
+            if self.on_notice is not None:
+                self.on_notice(self.aid, "sync.proof_rejected", {"sender": sender, "reason": exc.reason})
+            return self.senders.pull_failed(sender, after)  # not trusted, not acked; the next push or connect tries again
+        # volatile rows (a pull page may mix them in) are never stored: handed on, delivered live
+        rows, volatile = {}, False
+        for row in page["messages"]:
+            if isinstance(row, dict) and row.get("storage") == "volatile":
+                volatile = True
+                if self.on_volatile is not None:
+                    self.on_volatile(row)
+            else:
+                rows[row["seq"]] = row
+        return self.senders.page(sender, after, rows, page["covered_through_seq"], page["has_more"],
+                                 head=page["head_seq"], unstored=volatile)
+
+    async def _skip_row(self, skip: Skip) -> list:
+        """Move past the row after the cursor that fits in no page, recording it for apps. Its seq is
         the `next_pending_seq` the gateway last named for that cursor (seqs are sparse per sender),
-        else `after + 1` (a hole skipped so costs another round). Acked upstream by the next
+        else the cursor + 1 (a hole skipped so costs another round). Acked upstream by the next
         `full_sync` (the link is down now: it closed with 1009)."""
-        hint = self._next_row.get(sender)
-        seq = hint[1] if hint is not None and hint[0] == after and hint[1] > after else after + 1
-        event = skipped_row(aid=self.aid, sender=sender, seq=seq, after=after, max_frame=self.link.config.max_frame,
-                            dedupe_key=f"skipped:{seq}")
-        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, sender, seq))
-        self._acks[sender] = max(self._acks.get(sender, 0), seq)
+        sender, seq = skip.key, skip.seq
+        event = skipped_row(aid=self.aid, sender=sender, seq=seq, after=skip.after,
+                            max_frame=self.link.config.max_frame, dedupe_key=f"skipped:{seq}")
+        await self.inbox.commit(self.aid, [event], ack=(self.device_id, self.slot_key, sender, skip.new_cursor))
         self.stats["skipped"] += 1
+        return self.senders.skipped(sender, skip.new_cursor)
 
     async def _ack_upstream(self, sender: str, up_to: int) -> None:
         try:
             await self.link.call("message.v2.ack", {"up_to_seq": up_to, "cursor_scope": "peer", "sender_aid": sender,
                                                     "device_id": self.device_id, "slot_id": self.slot_id},
                                  background=True)
+            self.senders.acked_upstream(sender, up_to)
         except AundError as exc:
             log.info("sync.ack_deferred", aid=self.aid, sender=sender, error=str(exc))
 
@@ -643,10 +684,11 @@ class PeerSync(LinkSync):
                 local = await self._ack_of(sender)
                 pending = peer.get("next_pending_seq")
                 if peer.get("server_ack_seq") == local and isinstance(pending, int) and pending > local:
-                    self._next_row[sender] = (local, pending)
+                    self.senders.hint(sender, local, pending)
                 if peer["head_seq"] > local or peer.get("volatile_has_more") is True:  # volatile rows: not stored
                     await self.sync_sender(sender, peer["head_seq"] if peer["head_seq"] > local else None)
                 server_ack = peer.get("server_ack_seq")
-                if isinstance(server_ack, int) and server_ack < await self._ack_of(sender):
-                    self.stats["reacks"] += 1
-                    await self._ack_upstream(sender, await self._ack_of(sender))
+                if isinstance(server_ack, int):
+                    again = self.senders.reack(sender, server_ack)
+                    self.stats["reacks"] += len(again)
+                    await self.drive(self.senders, again, self._step)
