@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="admit clients that declare agent.md validation without one (production answers -32003)")
     p.add_argument("--group-identity-check", action="store_true",
                    help="refuse a declaring client's group RPCs (-32003) until the group has its certificate and "
-                        "card, as production does (off by default: aund does not bind group identities yet)")
+                        "card, as production does (off by default, as it was before group identities)")
+    p.add_argument("--group-card-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="with --group-identity-check: after a new group certificate the owner's own group RPCs "
+                        "pass this long before its card must follow (default 30)")
     p.add_argument("--cert-ttl", type=float, default=0.0, metavar="SECONDS",
                    help="AID certificates valid this many seconds (default: the PKI mode's 365/730 days); "
                         "for renewal tests")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                     slot_policy=args.slot_policy, extra_gateways=args.also_gateway, pki_mode=args.pki, stop=stop,
                     tls_cert=args.tls_cert, tls_key=args.tls_key, federate=federate,
                     agent_md_check=not args.no_agent_md_check, cert_ttl=args.cert_ttl,
-                    group_identity_check=args.group_identity_check,
+                    group_identity_check=args.group_identity_check, group_card_grace=args.group_card_grace,
                     task_status=task_status))
                 say(f"aund devnet ready gateway={info.gateway_url} root_ca={info.root_ca}", flush=True)
                 async for _ in signals:

@@ -31,6 +31,7 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
                        access_ttl: float = 3600.0, slot_policy: str = "kick", extra_gateways: list[str] | None = None,
                        pki_mode: str = "dev", federate: dict[str, str] | None = None,
                        agent_md_check: bool = True, group_identity_check: bool = False, cert_ttl: float = 0.0,
+                       group_card_grace: float = 30.0,
                        tls_cert: Path | None = None, tls_key: Path | None = None,
                        stop: trio.Event | None = None, task_status: trio.TaskStatus[DevnetInfo] = trio.TASK_STATUS_IGNORED) -> None:
     from hypercorn.config import Config
@@ -44,6 +45,7 @@ async def serve_devnet(host: str, port: int, state_dir: Path, *, issuer: str = "
                  federation=federate)
     net.agent_md_check = agent_md_check
     net.group_identity_check = group_identity_check
+    net.group_card_grace = group_card_grace
     net.cert_ttl = cert_ttl
     config = Config()
     config.bind = [f"{host}:{port}"]

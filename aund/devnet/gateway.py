@@ -93,6 +93,8 @@ class Devnet:
         self.federation_outbox = trio.open_memory_channel[tuple[str, dict[str, Any]]](FEDERATED_PUSH_QUEUE)
         self.agent_md_check = True  # production's admission: declaring clients need an agent.md (-32003)
         self.group_identity_check = False  # and a group certificate + card (-32003; --group-identity-check)
+        self.group_card_grace = 30.0  # seconds the owner's calls pass between a new group certificate and its card
+        self.cards_published: set[tuple[str, str]] = set()  # (AID, its certificate) with a card PUT since start
         self.cert_ttl = 0.0  # seconds an AID certificate is valid (0: the PKI mode's days; --cert-ttl)
         self.access_ttl, self.refresh_ttl = access_ttl, refresh_ttl
         self.slot_policy = slot_policy
@@ -408,6 +410,8 @@ class Devnet:
         if if_match is not None and (current is None or if_match not in (current[1], "*")):
             return 412, {"error": "etag mismatch"}, {"etag": current[1]} if current else {}
         etag = self.store.put_agent_md(aid, body)
+        current = self.store.cert_state(aid)  # the group card grace ends with the certificate's first card
+        self.cards_published.add((aid, current["der_sha256"] if current else ""))
         now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
         return 200, {"etag": etag, "last_modified": now}, {"etag": etag}
 

@@ -115,7 +115,8 @@ class Store:
             if not fp_hex or row["der_sha256"].startswith(fp_hex) or row["spki_sha256"].startswith(fp_hex):
                 revoked_at = (row["revoked_at"] or row["created_at"]) if row["revoked"] else None
                 return {"pem": row["pem"], "der_sha256": row["der_sha256"], "key_purpose": row["key_purpose"],
-                        "serial_hex": row["serial_hex"], "revoked_at": revoked_at, "current": index == 0}
+                        "serial_hex": row["serial_hex"], "revoked_at": revoked_at, "current": index == 0,
+                        "created_at": row["created_at"]}
         return None
 
     def current_cert(self, aid: str) -> str | None:

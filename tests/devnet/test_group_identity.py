@@ -267,7 +267,7 @@ async def test_the_card_is_put_by_the_owner_signed_by_the_group_and_projected_on
 
 # --- admission, dissolution, transfer --------------------------------------------------------------
 async def test_admission_needs_the_group_certificate_then_its_card(start_devnet):
-    info = await start_devnet(group_identity_check=True, agent_md_check=False)
+    info = await start_devnet(group_identity_check=True, agent_md_check=False, group_card_grace=0.0)
     async with open_world(info) as w:
         await w.add("owner")
         gid = await make_group(w)
