@@ -45,7 +45,7 @@ from aund.aun.paging import skipped_row
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
 from aund.identity import pki
 from aund.inbox import Inbox, NewEvent
-from aund.sync import AckUpstream, Commit, Drop, Pull, Skip, Stream, SyncCore
+from aund.sync import AckUpstream, Commit, Pull, Skip, Stream, SyncCore
 
 log = structlog.get_logger("aund.groups")
 
@@ -893,14 +893,7 @@ class GroupSync(LinkSync):
         await self._ack_of(gid)
         row = self._inline_row(name, gid, seq, params) if seq == self.messages.cursor(gid) + 1 else None
         actions = self.messages.pushed(gid, seq, row)
-        first = actions[0] if actions else None
-        if isinstance(first, Drop) and first.reason == "duplicate":
-            self.stats["duplicates"] += 1
-        elif isinstance(first, Commit):
-            self.stats["inline"] += 1
-        elif isinstance(first, Pull):
-            self.stats["gaps"] += 1
-        await self.drive(self.messages, actions, self._message_step)
+        await self.drive_push(self.messages, actions, self._message_step)
 
     async def fetch_page(self, gid: str, after: int, limit: int | None = None) -> dict[str, Any] | None:
         """One forward `group.v2.pull` page through the pull gate (one pull per group at a time,

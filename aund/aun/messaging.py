@@ -467,6 +467,18 @@ class LinkSync:
         self.slot_key = ids.slot_isolation_key(self.slot_id)
         self.pages = PageSizer(self.page_rows, self.aid)
 
+    async def drive_push(self, core: SyncCore, actions: list, step) -> None:
+        """Count what a push led to (a duplicate, an inline row committed, a gap or a row-less push
+        pulled), then drive it."""
+        first = actions[0] if actions else None
+        if isinstance(first, Drop) and first.reason == "duplicate":
+            self.stats["duplicates"] += 1
+        elif isinstance(first, Commit):
+            self.stats["inline"] += 1
+        elif isinstance(first, Pull):
+            self.stats["gaps"] += 1
+        await self.drive(core, actions, step)
+
     async def drive(self, core: SyncCore, actions: list, step) -> None:
         """Do what `core` asks, one action at a time (`step(action)` does the I/O and returns what the
         core answers to its outcome), until it asks nothing more. A step that fails ends what was in
@@ -573,14 +585,7 @@ class PeerSync(LinkSync):
             row = None
         self.senders.head_seen(sender, seq, exact=True)  # a gap is pulled up to this push
         actions = self.senders.pushed(sender, seq, row, prev if isinstance(prev, int) else None)
-        first = actions[0] if actions else None
-        if isinstance(first, Drop) and first.reason == "duplicate":
-            self.stats["duplicates"] += 1
-        elif isinstance(first, Commit):
-            self.stats["inline"] += 1
-        elif isinstance(first, Pull):
-            self.stats["gaps"] += 1  # a gap (prev_peer_seq ahead of what we hold) or no inline row: pull
-        await self.drive(self.senders, actions, self._step)
+        await self.drive_push(self.senders, actions, self._step)
 
     async def _commit_rows(self, sender: str, rows: list[dict[str, Any]], covered: int) -> None:
         events = []
