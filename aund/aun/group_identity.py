@@ -114,6 +114,10 @@ class GroupIdentities:
     async def _run(self, fn, *args, **kw):
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw))
 
+    async def holds(self, group_aid: str) -> bool:
+        """Whether this store has the key of `group_aid` (no decryption)."""
+        return await self._run(self.groups.exists, group_aid)
+
     async def held(self, group_aid: str) -> Identity | None:
         try:
             return await self._run(self.groups.load, group_aid)
@@ -132,7 +136,7 @@ class GroupIdentities:
         """Store the group identity (the certificate must certify `key` and name `group_aid`)."""
         meta = {"entity": ENTITY, "owner_aid": self.aid, "group_id": gid}
         try:
-            if await self.held(group_aid) is None:
+            if not await self.holds(group_aid):
                 await self._run(self.groups.promote, group_aid, key, pem, meta=meta)
             else:
                 await self._run(self.groups.save_cert, group_aid, pem)
@@ -335,7 +339,7 @@ class GroupIdentities:
             await self.bind(link, {"group_id": gid})
         elif NEEDS_CARD in lowered:
             group_aid = text[lowered.index(NEEDS_CARD) + len(NEEDS_CARD):].strip().lower()
-            if not group_aid or await self.held(group_aid) is None:
+            if not group_aid or not await self.holds(group_aid):
                 return False
             meta = await self._run(self.groups.load_meta, group_aid)
             if meta.get("owner_aid") != self.aid:
@@ -351,8 +355,7 @@ class GroupIdentities:
         when the name service lost it. Returns what was done."""
         gid = str(group.get("group_id") or "").strip().lower()
         group_aid = normalize_group_aid(str(group.get("group_aid") or gid), self.issuer)
-        held = await self.held(group_aid)
-        if held is None:
+        if not await self.holds(group_aid):
             await self.bind(link, {"group_id": gid, "name": str(group.get("name") or "")})
             return "bound"
         meta = await self._run(self.groups.load_meta, group_aid)
@@ -368,13 +371,13 @@ class GroupIdentities:
         """The group has another owner: a group key we hold stays (never deleted) but is no longer
         the group's current one to use (its meta says who owns it now)."""
         group_aid = normalize_group_aid(gid, self.issuer)
-        if new_owner and new_owner != self.aid and await self.held(group_aid) is not None:
+        if new_owner and new_owner != self.aid and await self.holds(group_aid):
             await self._run(self.groups.update_meta, group_aid, owner_aid=new_owner, handed_over_at=time.time())
             log.info("groups.identity_handed_over", aid=self.aid, group_aid=group_aid, new_owner=new_owner)
 
     async def dissolved(self, gid: str) -> None:
         """The group is dissolved: its identity is marked invalidated (nothing is deleted)."""
         group_aid = normalize_group_aid(gid, self.issuer)
-        if await self.held(group_aid) is not None:
+        if await self.holds(group_aid):
             await self._run(self.groups.update_meta, group_aid, invalidated=True, invalidated_at=time.time())
             log.info("groups.identity_invalidated", aid=self.aid, group_aid=group_aid)

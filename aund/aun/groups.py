@@ -36,7 +36,7 @@ from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_gro
                                  state_sign_input)
 from aund.aun import codes, methods
 from aund.aun import group_index as gindex
-from aund.aun.group_identity import GroupIdentities
+from aund.aun.group_identity import NEEDS_CARD, NEEDS_CERT, GroupIdentities
 from aund.aun.link import Link
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, P2PKeys,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
@@ -116,8 +116,7 @@ def _is_refusal(exc: AundError) -> bool:
     text = str(exc).lower()
     if any(words in text for words in TRANSIENT_TEXTS):
         return False
-    if code == codes.AGENT_MD_REQUIRED and ("valid group identity certificate" in text
-                                            or "valid group agent.md" in text):
+    if code == codes.AGENT_MD_REQUIRED and (NEEDS_CERT in text or NEEDS_CARD in text):
         return False  # the group's owner has yet to publish (e.g. just after a transfer): try again later
     if code in (codes.UNAUTHORIZED, codes.AGENT_MD_REQUIRED, codes.FORBIDDEN, codes.INVALID_REQUEST,
                 codes.METHOD_NOT_FOUND, codes.INVALID_PARAMS) or code in codes.GROUP_REFUSALS:

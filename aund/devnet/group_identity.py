@@ -300,7 +300,8 @@ def admission(conn: Conn, method: str, params: dict[str, Any]) -> None:
         gid = g.normalize_group_id(raw, conn.net.issuer)
     except RpcError:
         return  # the handler answers the bad id
-    row = g.service(conn.net).db.execute("SELECT status FROM grp_groups WHERE group_id=?", (gid,)).fetchone()
+    row = g.service(conn.net).db.execute("SELECT status, owner_aid FROM grp_groups WHERE group_id=?",
+                                         (gid,)).fetchone()
     if row is None or row["status"] == "dissolved":
         return
     cert = current_cert(conn.net, gid)
@@ -309,8 +310,7 @@ def admission(conn: Conn, method: str, params: dict[str, Any]) -> None:
     card = conn.net.store.agent_md(gid)
     if card is None or card_status(conn.net, gid, card[0]) != "current":
         state = conn.net.store.cert_state(gid)
-        owner = g.service(conn.net).db.execute("SELECT owner_aid FROM grp_groups WHERE group_id=?", (gid,)).fetchone()
-        if owner is not None and owner["owner_aid"] == conn.aid and state is not None \
+        if row["owner_aid"] == conn.aid and state is not None \
                 and (gid, state["der_sha256"]) not in conn.net.cards_published \
                 and time.time() - float(state["created_at"]) < conn.net.group_card_grace:
             return  # the owner is between its new certificate and the card it publishes next
