@@ -91,13 +91,19 @@ def _may_moderate(svc: g.GroupService, gid: str, me: dict[str, Any], subject: st
         raise RpcError(g.ROLE_INSUFFICIENT, f"a {me['role']} cannot block or unblock a {target['role']}")
 
 
-@handler("group.block")
-def rpc_block(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
-    """A blocked member stays a member and may send, but gets no pushes, pulls or wraps of messages."""
+def _moderated(conn: Conn, params: dict[str, Any]) -> tuple[g.GroupService, str, str]:
+    """(service, group id, subject) of a block or unblock the caller may make."""
     svc, gid = g._ctx(conn, params)
     _, me = svc.require_member(gid, conn.aid)
     subject = _target(params, "subject", "aid")
     _may_moderate(svc, gid, me, subject)
+    return svc, gid, subject
+
+
+@handler("group.block")
+def rpc_block(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
+    """A blocked member stays a member and may send, but gets no pushes, pulls or wraps of messages."""
+    svc, gid, subject = _moderated(conn, params)
     row = svc.db.execute("SELECT * FROM grp_blocks WHERE group_id=? AND subject=?", (gid, subject)).fetchone()
     events = []
     if row is None:
@@ -113,10 +119,7 @@ def rpc_block(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
 
 @handler("group.unblock")
 def rpc_unblock(conn: Conn, params: dict[str, Any]) -> dict[str, Any]:
-    svc, gid = g._ctx(conn, params)
-    _, me = svc.require_member(gid, conn.aid)
-    subject = _target(params, "subject", "aid")
-    _may_moderate(svc, gid, me, subject)
+    svc, gid, subject = _moderated(conn, params)
     return lift(conn, svc, gid, subject, "grp_blocks", "member_unblocked", "not_blocked")
 
 
