@@ -137,6 +137,7 @@ class AundProcess:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     wrap: Any = None            # argv -> argv, e.g. another uid or umask (tests/hostile/common.py)
+    root: Path | None = None    # another source tree to run (`python -m aund` from there), e.g. a bench baseline
 
     def start(self, timeout: float = 30.0) -> None:
         args = [sys.executable, "-m", "aund", "run", "--state-dir", str(self.state_dir), "--socket", str(self.socket)]
@@ -145,11 +146,13 @@ class AundProcess:
         args += self.extra_args
         env = {**os.environ, "AUND_ENCRYPTION_SEED": "test-seed-not-secret", **self.env}
         env.pop("AUND_CONFIG", None)
+        if self.root is not None:
+            env["PYTHONPATH"] = str(self.root)
         self.log_path = self.state_dir.parent / f"aund-{int(time.time() * 1000)}.log"
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.wrap(args) if self.wrap else args, stdout=subprocess.DEVNULL,
-                                     stderr=log, cwd=ROOT, env=env)
+                                     stderr=log, cwd=self.root or ROOT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

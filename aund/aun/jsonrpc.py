@@ -114,7 +114,44 @@ def loads(text: str) -> Any:
     return value
 
 
+class Encoded(dict):
+    """A params object whose compact JSON text is already made (`text`), e.g. the very text a
+    `client_signature` hashed: `dumps` splices it into the frame instead of encoding the params
+    again, so a signed call is serialised once and the gateway reads the bytes that were signed.
+    A change through the dict's own methods forgets the text (the params are then encoded again)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: dict[str, Any], text: str) -> None:
+        super().__init__(value)
+        self.text: str | None = text
+
+    def _forgetting(name: str):  # noqa: N805 - builds the mutators below
+        method = getattr(dict, name)
+
+        def mutate(self, *args: Any, **kwargs: Any) -> Any:
+            self.text = None
+            return method(self, *args, **kwargs)
+        mutate.__name__ = name
+        return mutate
+
+    __setitem__ = _forgetting("__setitem__")
+    __delitem__ = _forgetting("__delitem__")
+    __ior__ = _forgetting("__ior__")
+    pop = _forgetting("pop")
+    popitem = _forgetting("popitem")
+    clear = _forgetting("clear")
+    update = _forgetting("update")
+    setdefault = _forgetting("setdefault")
+    del _forgetting
+
+
 def dumps(obj: Any) -> str:
+    params = obj.get("params") if type(obj) is dict else None
+    if type(params) is Encoded and params.text is not None:
+        head = json.dumps({k: v for k, v in obj.items() if k != "params"}, ensure_ascii=False,
+                          separators=(",", ":"), allow_nan=False)
+        return f'{head[:-1]}{"," if len(head) > 2 else ""}"params":{params.text}}}'
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 

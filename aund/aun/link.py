@@ -701,7 +701,7 @@ class Link:
         except signing.BindingError as exc:
             raise InvalidParams(str(exc), data={"arg": "params"}) from None
         try:
-            return signing.sign_params(method, params, aid=self.aid, key=self.creds.private_key,
+            return signing.sign_for_wire(method, params, aid=self.aid, key=self.creds.private_key,
                                        cert_fingerprint=self.creds.cert_fingerprint)
         except (TypeError, ValueError) as exc:
             raise InvalidParams(f"{method}: params are not JSON: {exc}", data={"arg": "params"}) from None

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from aund.aun import jsonrpc as rpc
 from aund.aun import methods
 from aund.aun.e2ee.canonical import canonical_json
 from aund.identity import pki
@@ -75,16 +76,50 @@ def params_hash(params: dict[str, Any], *, canonical: bool = False) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _hashed_text(method: str, params: dict[str, Any]) -> str | None:
+    """The sorted compact JSON that params_hash hashes, when it is also a valid wire form of the
+    params (no `_` keys, no previous signature, not canonical `org.*` hashing, no NaN), else None."""
+    if methods.rule(method).org_aad or "client_signature" in params or any(k.startswith("_") for k in params):
+        return None
+    try:
+        return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN/Infinity: hashed as JSON cannot carry them, and refused when sent
+        return None
+
+
+def _signed(method: str, params: dict[str, Any], aid: str, key: ec.EllipticCurvePrivateKey,
+            cert_fingerprint: str, now: float | None) -> tuple[dict[str, Any], str | None]:
+    """(params with `client_signature`, their wire text made from the hashed text, or None)."""
+    ts = str(int(time.time() if now is None else now))
+    text = _hashed_text(method, params)
+    if text is None:
+        digest = params_hash(params, canonical=methods.rule(method).org_aad)
+    else:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    signature = pki.sign_der(key, f"{method}|{aid}|{ts}|{digest}".encode("utf-8"))
+    client_signature = {"aid": aid, "cert_fingerprint": cert_fingerprint, "timestamp": ts,
+                        "params_hash": digest, "signature": pki.b64e(signature)}
+    signed = {**params, "client_signature": client_signature}
+    if text is None:
+        return signed, None
+    sig_text = json.dumps(client_signature, ensure_ascii=False, separators=(",", ":"))
+    return signed, f'{text[:-1]}{"," if len(text) > 2 else ""}"client_signature":{sig_text}}}'
+
+
 def sign_params(method: str, params: dict[str, Any], *, aid: str, key: ec.EllipticCurvePrivateKey,
                 cert_fingerprint: str, now: float | None = None) -> dict[str, Any]:
-    """Return a copy of params with `client_signature` attached."""
-    ts = str(int(time.time() if now is None else now))
-    digest = params_hash(params, canonical=methods.rule(method).org_aad)
-    signature = pki.sign_der(key, f"{method}|{aid}|{ts}|{digest}".encode("utf-8"))
-    signed = dict(params)
-    signed["client_signature"] = {"aid": aid, "cert_fingerprint": cert_fingerprint, "timestamp": ts,
-                                  "params_hash": digest, "signature": pki.b64e(signature)}
-    return signed
+    """Return a copy of params with `client_signature` attached (a plain dict: free to change)."""
+    return _signed(method, params, aid, key, cert_fingerprint, now)[0]
+
+
+def sign_for_wire(method: str, params: dict[str, Any], *, aid: str, key: ec.EllipticCurvePrivateKey,
+                  cert_fingerprint: str, now: float | None = None) -> dict[str, Any]:
+    """`sign_params` for a call about to be sent: where the hashed text is a valid wire form of the
+    params (the usual case) the copy is a `jsonrpc.Encoded` carrying that text plus the signature,
+    so the frame is made from the bytes that were hashed (serialised once). Send it as it is: a
+    change made inside a nested value after signing would not reach the wire."""
+    signed, wire = _signed(method, params, aid, key, cert_fingerprint, now)
+    return signed if wire is None else rpc.Encoded(signed, wire)
 
 
 def verify_params(method: str, params: dict[str, Any], *, aid: str, cert: x509.Certificate,

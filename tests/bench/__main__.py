@@ -22,12 +22,13 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.bench import spy
 from tests.bench.harness import (
     BENCH, ROOT, BenchEnv, NotifySocket, Worker, aid_name, cpu_of, cpu_seconds, default_cache_dir,
-    git_state, machine, ratio_runs, rss_bytes, start_nowait, summary, threads, wait_links_ready,
+    export_baseline, git_state, machine, ratio_runs, rss_bytes, start_nowait, summary, threads, wait_links_ready,
 )
 from tests.helpers import AundProcess
 
@@ -62,12 +63,18 @@ class Results:
     def figure(self, fid: str, title: str, unit: str, aund: list[float], *, ref: list[float] | None = None,
                ref_label: str = "fastaun", ratio: list[float] | None = None, goal: str = "",
                limit: float | None = None, on: str = "ratio", scale: float = 1.0, notes: list[str] | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One row. `on` says what the goal bounds: the ratio or the aund value (same unit as shown)."""
+               extra: dict[str, Any] | None = None, before: list[float] | None = None) -> dict[str, Any]:
+        """One row. `on` says what the goal bounds: the ratio or the aund value (same unit as shown).
+        `before`: the same figure of the baseline (--baseline), measured in the same rounds; its
+        ratio to `ref` is taken per round (or against the one reference value)."""
         fig = {"id": fid, "title": title, "unit": unit, "scale": scale, "aund": summary(aund),
                "ref_label": ref_label, "ref": summary(ref) if ref is not None else None,
                "ratio": summary(ratio) if ratio is not None else None, "goal": goal, "limit": limit, "on": on,
-               "met": None, "notes": list(notes or []), "extra": extra or {}}
+               "met": None, "notes": list(notes or []), "extra": extra or {},
+               "before": summary(before) if before is not None else None, "before_ratio": None}
+        if before is not None and ratio is not None and ref:
+            fig["before_ratio"] = summary(ratio_runs(before, ref) if len(ref) == len(before)
+                                          else [x / ref[0] for x in before])
         if limit is not None:
             target = fig["ratio"] if on == "ratio" else fig["aund"]
             if target and target["median"] is not None:
@@ -102,12 +109,21 @@ def _fmt(s: dict[str, Any] | None, scale: float, digits: int = 2) -> str:
 
 
 def table(results: Results) -> str:
+    base = results.meta.get("baseline")
     rows = [("figure", "unit", "aund", "reference", "ratio", "goal", "met")]
+    if base:
+        rows[0] = ("figure", "unit", f"before ({base['commit']})", "aund now", "reference", "ratio before",
+                   "ratio now", "goal", "met")
     for fig in results.figures:
         scale = fig["scale"]
         ref = fig["ref"]
         ref_text = f"{fig['ref_label']}: {_fmt(ref, scale)}" if ref else "-"
         met = {True: "yes", False: "NO", None: "-"}[fig["met"]]
+        if base:
+            rows.append((fig["title"], fig["unit"], _fmt(fig.get("before"), scale), _fmt(fig["aund"], scale),
+                         ref_text, _fmt(fig.get("before_ratio"), 1.0, 3), _fmt(fig["ratio"], 1.0, 3),
+                         fig["goal"] or "-", met))
+            continue
         rows.append((fig["title"], fig["unit"], _fmt(fig["aund"], scale), ref_text, _fmt(fig["ratio"], 1.0, 3),
                      fig["goal"] or "-", met))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -166,20 +182,27 @@ def profile_notes(results: Results, name: str) -> list[str]:
     return notes
 
 
-# --- the main phase: one daemon, app workers, fastaun workers ------------------------------------------------
-class MainPhase:
-    def __init__(self, env: BenchEnv, P: dict[str, Any], results: Results, profile: bool) -> None:
-        self.env, self.P, self.results, self.profile = env, P, results, profile
-        self.senders = [aid_name("s", i) for i in range(SENDERS)]
-        self.receiver = aid_name("r", 0)
-        self.daemon: AundProcess | None = None
-        self.fa: Worker | None = None            # fastaun: fa-seq (sequential + 1-process flood), sink, fa-sender
-        self.fa_recv: Worker | None = None       # fastaun receiver
-        self.fa_apps: list[Worker] = []          # 8 fastaun "apps", one AID each
-        self.apps: list[Worker] = []             # 8 aund apps (client_stub), one AID each
-        self.consumer: Worker | None = None      # aund app consuming the receiver's events
-        self.sink = ""
-        self.workers: list[Worker] = []
+# --- the main phase: one daemon per side, app workers, fastaun workers -------------------------------------------
+@dataclass
+class Side:
+    """One aund under test: its daemon, its app workers and its AIDs. "now" is this checkout;
+    "before" a baseline revision's tree (--baseline REV), measured in the same interleaved rounds
+    against the same devnet and the same fastaun workers."""
+
+    label: str
+    root: Path | None = None     # None: this checkout
+    tag: str = ""                # AID name prefix of this side ("" now, "b" before)
+    daemon: AundProcess | None = None
+    apps: list[Worker] = field(default_factory=list)
+    consumer: Worker | None = None
+
+    @property
+    def senders(self) -> list[str]:
+        return [aid_name(f"{self.tag}s", i) for i in range(SENDERS)]
+
+    @property
+    def receiver(self) -> str:
+        return aid_name(f"{self.tag}r", 0)
 
     @property
     def dpid(self) -> int:
@@ -187,26 +210,73 @@ class MainPhase:
         return self.daemon.proc.pid
 
     @property
+    def worker_env(self) -> dict[str, str]:
+        """An app worker of this side imports this side's client_stub."""
+        return {"PYTHONPATH": str(self.root)} if self.root is not None else {}
+
+
+def rounds(runs: int, parties: list[Any]) -> list[list[Any]]:
+    """The order of the parties in each round: rotated by one per round, so no party always goes first."""
+    return [parties[r % len(parties):] + parties[:r % len(parties)] for r in range(runs)]
+
+
+class MainPhase:
+    def __init__(self, env: BenchEnv, P: dict[str, Any], results: Results, profile: bool,
+                 baseline: Path | None = None) -> None:
+        self.env, self.P, self.results, self.profile = env, P, results, profile
+        self.sides = [Side("now")] + ([Side("before", baseline, "b")] if baseline is not None else [])
+        self.fa: Worker | None = None            # fastaun: fa-seq (sequential + 1-process flood), sink, fa-sender
+        self.fa_recv: Worker | None = None       # fastaun receiver
+        self.fa_apps: list[Worker] = []          # 8 fastaun "apps", one AID each
+        self.sink = ""
+        self.workers: list[Worker] = []
+
+    # this checkout's side, for the figures measured for it alone (memory, start, health)
+    @property
+    def now(self) -> Side:
+        return self.sides[0]
+
+    @property
+    def daemon(self) -> AundProcess | None:
+        return self.now.daemon
+
+    @property
+    def senders(self) -> list[str]:
+        return self.now.senders
+
+    @property
+    def dpid(self) -> int:
+        return self.now.dpid
+
+    @property
     def devnet_pid(self) -> int:
         assert self.env.devnet is not None and self.env.devnet.proc is not None
         return self.env.devnet.proc.pid
 
+    def before(self, values: dict[str, list[float]]) -> list[float] | None:
+        return values.get("before") if len(self.sides) > 1 else None
+
     def start(self) -> None:
         env = self.env
-        self.daemon = env.daemon("main", "aund-main", [*self.senders, self.receiver])
-        t0 = time.monotonic()
-        self.daemon.start(timeout=60)
-        wait_links_ready(self.daemon.socket, len(self.senders) + 1, 300)
-        log(f"main daemon ready with {len(self.senders) + 1} links in {time.monotonic() - t0:.1f} s")
+        for side in self.sides:
+            aids = [*side.senders, side.receiver]
+            state = "aund-main" if not side.tag else f"aund-main-{side.tag}"
+            if side.root is not None:
+                ensure_registered(env, state, aids, root=side.root)
+            side.daemon = env.daemon(f"main-{side.label}", state, aids, root=side.root)
+            t0 = time.monotonic()
+            side.daemon.start(timeout=60)
+            wait_links_ready(side.daemon.socket, len(aids), 300)
+            log(f"{side.label} daemon ready with {len(aids)} links in {time.monotonic() - t0:.1f} s")
         fenv = env.fastaun_env()
         self.fa = self._worker("fastaun_worker.py", fenv, "fastaun-main")
         self.fa_recv = self._worker("fastaun_worker.py", fenv, "fastaun-recv")
         self.fa_apps = [self._worker("fastaun_worker.py", fenv, f"fastaun-app{i}") for i in range(SENDERS)]
-        self.apps = [self._worker("app_worker.py", {}, f"app{i}") for i in range(SENDERS)]
-        self.consumer = self._worker("app_worker.py", {}, "consumer")
+        for side in self.sides:
+            side.apps = [self._worker("app_worker.py", side.worker_env, f"{side.label}-app{i}") for i in range(SENDERS)]
+            side.consumer = self._worker("app_worker.py", side.worker_env, f"{side.label}-consumer")
         for w in self.workers:
             w.ready()
-        sock = str(self.daemon.socket)
         # a fresh offline recipient with a published prekey (every sender in every figure sends to it)
         self.sink = self.fa.call("open", name="sink", fresh=True, timeout=120)["aid"]
         self.fa.call("close", name="sink")
@@ -217,11 +287,13 @@ class MainPhase:
         opened = [w.recv(180) for w, _, _ in jobs]
         self.fa_recv_aid = opened[1]["aid"]
         self.fa.call("open", name="fa-sender", timeout=120)
-        for i, w in enumerate(self.apps):
-            w.call("open", sock=sock, aid=self.senders[i])
-            w.call("aopen", sock=sock, aid=self.senders[i])
-        self.consumer.call("aopen", sock=sock, aid=self.receiver)
-        self.consumer.call("subscribe", aid=self.receiver, consumer=f"bench-{os.getpid()}-{int(time.time())}")
+        for side in self.sides:
+            sock = str(side.daemon.socket)
+            for i, w in enumerate(side.apps):
+                w.call("open", sock=sock, aid=side.senders[i])
+                w.call("aopen", sock=sock, aid=side.senders[i])
+            side.consumer.call("aopen", sock=sock, aid=side.receiver)
+            side.consumer.call("subscribe", aid=side.receiver, consumer=f"bench-{os.getpid()}-{int(time.time())}")
         log(f"{len(self.workers)} workers ready; sink {self.sink}")
 
     def _worker(self, script: str, env: dict[str, str], name: str) -> Worker:
@@ -235,35 +307,38 @@ class MainPhase:
                 w.close()
             except Exception:  # noqa: BLE001
                 pass
-        if self.daemon is not None:
-            try:
-                self.daemon.stop()
-            except AssertionError as exc:
-                self.results.errors.append(f"main daemon stop: {exc}")
+        for side in self.sides:
+            if side.daemon is not None:
+                try:
+                    side.daemon.stop()
+                except AssertionError as exc:
+                    self.results.errors.append(f"{side.label} daemon stop: {exc}")
 
     # --- 1. sequential plain round trip ---------------------------------------------------------------
     def rtt(self) -> None:
-        P, app, fa = self.P, self.apps[0], self.fa
-        s0 = self.senders[0]
-        app.call("seq", aid=s0, to=self.sink, n=P["warmup"], encrypt=False)
+        P, fa = self.P, self.fa
+        for side in self.sides:
+            side.apps[0].call("seq", aid=side.senders[0], to=self.sink, n=P["warmup"], encrypt=False)
         fa.call("seq", name="fa-seq", to=self.sink, n=P["warmup"], encrypt=False)
-        a_med, f_med, a_cpu, f_cpu, a_app, a_dmn = [], [], [], [], [], []
-        for r in range(P["runs"]):
-            order = ("a", "f") if r % 2 == 0 else ("f", "a")
-            for who in order:
-                if who == "a":
-                    c_app0, c_d0 = cpu_seconds(app.pid), cpu_seconds(self.dpid)
+        a_med, a_cpu, a_app, a_dmn = ({s.label: [] for s in self.sides} for _ in range(4))
+        f_med, f_cpu = [], []
+        for order in rounds(P["runs"], [*self.sides, None]):
+            for side in order:
+                if side is not None:
+                    app, s0, k = side.apps[0], side.senders[0], side.label
+                    c_app0, c_d0 = cpu_seconds(app.pid), cpu_seconds(side.dpid)
                     (ans,), cpu, _, _ = measured([(app, "seq", dict(aid=s0, to=self.sink, n=P["seq_n"], encrypt=False))],
-                                                 [app.pid, self.dpid])
-                    a_med.append(statistics.median(ans["times"]))
-                    a_cpu.append(cpu / P["seq_n"])
-                    a_app.append((cpu_seconds(app.pid) - c_app0) / P["seq_n"])
-                    a_dmn.append((cpu_seconds(self.dpid) - c_d0) / P["seq_n"])
+                                                 [app.pid, side.dpid])
+                    a_med[k].append(statistics.median(ans["times"]))
+                    a_cpu[k].append(cpu / P["seq_n"])
+                    a_app[k].append((cpu_seconds(app.pid) - c_app0) / P["seq_n"])
+                    a_dmn[k].append((cpu_seconds(side.dpid) - c_d0) / P["seq_n"])
                 else:
                     (ans,), cpu, _, _ = measured([(fa, "seq", dict(name="fa-seq", to=self.sink, n=P["seq_n"],
                                                                   encrypt=False))], [fa.pid])
                     f_med.append(statistics.median(ans["times"]))
                     f_cpu.append(cpu / P["seq_n"])
+        app, s0 = self.now.apps[0], self.now.senders[0]
         ping, aseq = [], []
         sock = str(self.daemon.socket)
         app.call("aseq", aid=s0, to=self.sink, n=P["warmup"], encrypt=False)
@@ -274,41 +349,50 @@ class MainPhase:
                  lambda: app.call("seq", aid=s0, to=self.sink, n=3 * P["seq_n"], encrypt=False),
                  self.results, self.env.run_dir, self.profile)
         R = self.results
-        fig = R.figure("rtt_plain", "1. message.send plain, sequential: wall per call", "ms", a_med, ref=f_med,
-                       ratio=ratio_runs(a_med, f_med), goal="aund/fastaun <= 0.8", limit=0.8, scale=MS,
-                       extra={"n_per_run": P["seq_n"], "client": "client_stub.Client (blocking)"})
+        fig = R.figure("rtt_plain", "1. message.send plain, sequential: wall per call", "ms", a_med["now"], ref=f_med,
+                       ratio=ratio_runs(a_med["now"], f_med), goal="aund/fastaun <= 0.8", limit=0.8, scale=MS,
+                       extra={"n_per_run": P["seq_n"], "client": "client_stub.Client (blocking)"},
+                       before=self.before(a_med))
         if fig["met"] is False:
             fig["notes"] += profile_notes(R, "rtt")
         R.figure("rtt_async", "   same, app on client_stub.AsyncClient", "ms", aseq, ref=f_med,
                  ratio=ratio_runs(aseq, f_med), scale=MS,
                  extra={"note": "not interleaved with the fastaun runs: measured right after them"})
         R.figure("ping", "   local hop alone: ping app -> aund -> app", "ms", ping, scale=MS)
-        R.figure("plain_cpu", "   plain send, CPU per message (app+daemon vs fastaun)", "ms", a_cpu, ref=f_cpu,
-                 ratio=ratio_runs(a_cpu, f_cpu), scale=MS,
-                 extra={"app_cpu_ms": summary([x * MS for x in a_app]),
-                        "daemon_cpu_ms": summary([x * MS for x in a_dmn])})
+        R.figure("plain_cpu", "   plain send, CPU per message (app+daemon vs fastaun)", "ms", a_cpu["now"], ref=f_cpu,
+                 ratio=ratio_runs(a_cpu["now"], f_cpu), goal="aund/fastaun <= 0.4", limit=0.4, scale=MS,
+                 extra={"app_cpu_ms": summary([x * MS for x in a_app["now"]]),
+                        "daemon_cpu_ms": summary([x * MS for x in a_dmn["now"]]),
+                        **({"before_daemon_cpu_ms": summary([x * MS for x in a_dmn["before"]])}
+                           if "before" in a_dmn else {})},
+                 before=self.before(a_cpu))
 
     # --- 2. E2EE send with 16 in flight ------------------------------------------------------------------
     def send(self, prim_send: float | None) -> None:
         P, sink = self.P, self.sink
         n = P["flood_n"]
         per = n // SENDERS
-        apps, fa, fa_apps = self.apps, self.fa, self.fa_apps
+        fa, fa_apps = self.fa, self.fa_apps
         # warm up: bootstrap caches, prekeys, code paths
-        measured([(apps[0], "flood", dict(aid=self.senders[0], to=sink, n=2 * INFLIGHT, inflight=INFLIGHT, encrypt=True)),
-                  (fa, "flood", dict(name="fa-seq", to=sink, n=2 * INFLIGHT, inflight=INFLIGHT, encrypt=True))], [])
-        measured([(w, "flood", dict(aid=self.senders[i], to=sink, n=P["warmup"], inflight=2, encrypt=True))
-                  for i, w in enumerate(apps)]
+        for side in self.sides:
+            apps = side.apps
+            measured([(apps[0], "flood", dict(aid=side.senders[0], to=sink, n=2 * INFLIGHT, inflight=INFLIGHT,
+                                              encrypt=True))], [])
+            measured([(w, "flood", dict(aid=side.senders[i], to=sink, n=P["warmup"], inflight=2, encrypt=True))
+                      for i, w in enumerate(apps)], [])
+        measured([(fa, "flood", dict(name="fa-seq", to=sink, n=2 * INFLIGHT, inflight=INFLIGHT, encrypt=True))]
                  + [(w, "flood", dict(name=f"fa-app{i}", to=sink, n=P["warmup"], inflight=2, encrypt=True))
                     for i, w in enumerate(fa_apps)], [])
-        data: dict[str, dict[str, list[float]]] = {k: {"a_cpu": [], "f_cpu": [], "a_tp": [], "f_tp": [], "a_app": [],
-                                                       "a_dmn": [], "a_dev": [], "f_dev": []} for k in ("1", "8")}
+        keys = ("cpu", "tp", "app", "dmn", "dev")
+        data = {k: {"a": {key: {s.label: [] for s in self.sides} for key in keys},
+                    "f": {key: [] for key in keys}} for k in ("1", "8")}
 
-        def aund_jobs(k: str) -> tuple[list, list[int]]:
+        def aund_jobs(k: str, side: Side) -> tuple[list, list[int]]:
+            apps = side.apps
             if k == "1":
-                return ([(apps[0], "flood", dict(aid=self.senders[0], to=sink, n=n, inflight=INFLIGHT, encrypt=True))],
+                return ([(apps[0], "flood", dict(aid=side.senders[0], to=sink, n=n, inflight=INFLIGHT, encrypt=True))],
                         [apps[0].pid])
-            return ([(w, "flood", dict(aid=self.senders[i], to=sink, n=per, inflight=INFLIGHT // SENDERS, encrypt=True))
+            return ([(w, "flood", dict(aid=side.senders[i], to=sink, n=per, inflight=INFLIGHT // SENDERS, encrypt=True))
                      for i, w in enumerate(apps)], [w.pid for w in apps])
 
         def fa_jobs(k: str) -> tuple[list, list[int]]:
@@ -317,53 +401,56 @@ class MainPhase:
             return ([(w, "flood", dict(name=f"fa-app{i}", to=sink, n=per, inflight=INFLIGHT // SENDERS, encrypt=True))
                      for i, w in enumerate(fa_apps)], [w.pid for w in fa_apps])
 
-        for r in range(P["runs"]):
+        for order in rounds(P["runs"], [*self.sides, None]):
             for k in ("1", "8"):
                 total = n if k == "1" else per * SENDERS
-                order = ("a", "f") if r % 2 == 0 else ("f", "a")
-                for who in order:
-                    d = data[k]
-                    if who == "a":
-                        jobs, app_pids = aund_jobs(k)
+                for side in order:
+                    if side is not None:
+                        d, lab = data[k]["a"], side.label
+                        jobs, app_pids = aund_jobs(k, side)
                         c_app0 = cpu_of(app_pids)
-                        _, cpu, wall, dcpu = measured(jobs, app_pids + [self.dpid], self.devnet_pid)
-                        d["a_cpu"].append(cpu / total)
-                        d["a_app"].append((cpu_of(app_pids) - c_app0) / total)
-                        d["a_dmn"].append(d["a_cpu"][-1] - d["a_app"][-1])
-                        d["a_tp"].append(total / wall)
-                        d["a_dev"].append(dcpu / total)
+                        _, cpu, wall, dcpu = measured(jobs, app_pids + [side.dpid], self.devnet_pid)
+                        d["cpu"][lab].append(cpu / total)
+                        d["app"][lab].append((cpu_of(app_pids) - c_app0) / total)
+                        d["dmn"][lab].append(d["cpu"][lab][-1] - d["app"][lab][-1])
+                        d["tp"][lab].append(total / wall)
+                        d["dev"][lab].append(dcpu / total)
                     else:
+                        d = data[k]["f"]
                         jobs, pids = fa_jobs(k)
                         _, cpu, wall, dcpu = measured(jobs, pids, self.devnet_pid)
-                        d["f_cpu"].append(cpu / total)
-                        d["f_tp"].append(total / wall)
-                        d["f_dev"].append(dcpu / total)
+                        d["cpu"].append(cpu / total)
+                        d["tp"].append(total / wall)
+                        d["dev"].append(dcpu / total)
         for k in ("1", "8"):
-            jobs, app_pids = aund_jobs(k)
+            jobs, app_pids = aund_jobs(k, self.now)
             jobs = [(w, c, dict(a, n=3 * a["n"])) for w, c, a in jobs]
             pids = {"daemon": self.dpid, "app": app_pids[0]}
             profiled(f"send{k}", pids, lambda jobs=jobs: measured(jobs, []), self.results, self.env.run_dir,
                      self.profile)
         R = self.results
         for k, label in (("1", "1 app"), ("8", f"{SENDERS} apps")):
-            d = data[k]
+            a, f = data[k]["a"], data[k]["f"]
             extra = {"n_per_run": n if k == "1" else per * SENDERS, "in_flight_total": INFLIGHT,
-                     "app_cpu_ms": summary([x * MS for x in d["a_app"]]),
-                     "daemon_cpu_ms": summary([x * MS for x in d["a_dmn"]]),
-                     "devnet_cpu_ms_aund_runs": summary([x * MS for x in d["a_dev"]]),
-                     "devnet_cpu_ms_fastaun_runs": summary([x * MS for x in d["f_dev"]])}
+                     "app_cpu_ms": summary([x * MS for x in a["app"]["now"]]),
+                     "daemon_cpu_ms": summary([x * MS for x in a["dmn"]["now"]]),
+                     "devnet_cpu_ms_aund_runs": summary([x * MS for x in a["dev"]["now"]]),
+                     "devnet_cpu_ms_fastaun_runs": summary([x * MS for x in f["dev"]])}
+            if len(self.sides) > 1:
+                extra["before_daemon_cpu_ms"] = summary([x * MS for x in a["dmn"]["before"]])
+                extra["before_app_cpu_ms"] = summary([x * MS for x in a["app"]["before"]])
             if k == "8":
                 extra["layout"] = (f"{SENDERS} processes, each its own AID and {INFLIGHT // SENDERS} in flight "
                                    f"(16 in total), for aund (8 client_stub apps) and fastaun (8 SDK processes)")
-            f1 = R.figure(f"send{k}_cpu", f"2. E2EE send, {label}, 16 in flight: CPU per message", "ms", d["a_cpu"],
-                          ref=d["f_cpu"], ratio=ratio_runs(d["a_cpu"], d["f_cpu"]), goal="aund/fastaun <= 0.3",
-                          limit=0.3, scale=MS, extra=extra)
-            f2 = R.figure(f"send{k}_floor", f"   E2EE send, {label}: CPU vs the crypto primitives", "ms", d["a_cpu"],
-                          ref=[prim_send] if prim_send else None, ref_label="primitives",
-                          ratio=[x / prim_send for x in d["a_cpu"]] if prim_send else None,
-                          goal="aund/primitives <= 1.5", limit=1.5, scale=MS)
-            R.figure(f"send{k}_tput", f"   E2EE send, {label}: throughput", "msg/s", d["a_tp"], ref=d["f_tp"],
-                     ratio=ratio_runs(d["a_tp"], d["f_tp"]), goal="(higher is better)")
+            f1 = R.figure(f"send{k}_cpu", f"2. E2EE send, {label}, 16 in flight: CPU per message", "ms",
+                          a["cpu"]["now"], ref=f["cpu"], ratio=ratio_runs(a["cpu"]["now"], f["cpu"]),
+                          goal="aund/fastaun <= 0.3", limit=0.3, scale=MS, extra=extra, before=self.before(a["cpu"]))
+            f2 = R.figure(f"send{k}_floor", f"   E2EE send, {label}: CPU vs the crypto primitives", "ms",
+                          a["cpu"]["now"], ref=[prim_send] if prim_send else None, ref_label="primitives",
+                          ratio=[x / prim_send for x in a["cpu"]["now"]] if prim_send else None,
+                          goal="aund/primitives <= 1.5", limit=1.5, scale=MS, before=self.before(a["cpu"]))
+            R.figure(f"send{k}_tput", f"   E2EE send, {label}: throughput", "msg/s", a["tp"]["now"], ref=f["tp"],
+                     ratio=ratio_runs(a["tp"]["now"], f["tp"]), goal="(higher is better)", before=self.before(a["tp"]))
             if f1["met"] is False or f2["met"] is False:
                 notes = profile_notes(R, f"send{k}")
                 f1["notes"] += notes
@@ -371,13 +458,13 @@ class MainPhase:
 
     # --- 3. E2EE receive ---------------------------------------------------------------------------------
     def receive(self, prim_recv: float | None) -> None:
-        P, fa, fr, cons = self.P, self.fa, self.fa_recv, self.consumer
-        assert fa and fr and cons
+        P, fa, fr = self.P, self.fa, self.fa_recv
+        assert fa and fr
         n = P["recv_n"]
 
-        def aund_round(count: int, pids: list[int], ack_every: int = 1):
-            return measured([(cons, "consume", dict(aid=self.receiver, n=count, ack_every=ack_every)),
-                             (fa, "flood", dict(name="fa-sender", to=self.receiver, n=count, inflight=INFLIGHT,
+        def aund_round(side: Side, count: int, pids: list[int], ack_every: int = 1):
+            return measured([(side.consumer, "consume", dict(aid=side.receiver, n=count, ack_every=ack_every)),
+                             (fa, "flood", dict(name="fa-sender", to=side.receiver, n=count, inflight=INFLIGHT,
                                                 encrypt=True))], pids, self.devnet_pid)
 
         def fa_round(count: int, pids: list[int]):
@@ -386,42 +473,49 @@ class MainPhase:
                              (fa, "flood", dict(name="fa-sender", to=self.fa_recv_aid, n=count, inflight=INFLIGHT,
                                                 encrypt=True))], pids, self.devnet_pid)
 
-        aund_round(P["warmup"], [])
+        for side in self.sides:
+            aund_round(side, P["warmup"], [])
         fa_round(P["warmup"], [])
-        a_cpu, f_cpu, a_app, a_dmn, a_wall, f_wall = [], [], [], [], [], []
-        for r in range(P["runs"]):
-            order = ("a", "f") if r % 2 == 0 else ("f", "a")
-            for who in order:
-                if who == "a":
+        a_cpu, a_app, a_dmn, a_wall, batched = ({s.label: [] for s in self.sides} for _ in range(5))
+        f_cpu, f_wall = [], []
+        for order in rounds(P["runs"], [*self.sides, None]):
+            for side in order:
+                if side is not None:
+                    lab, cons = side.label, side.consumer
                     c0 = cpu_seconds(cons.pid)
-                    _, cpu, wall, _ = aund_round(n, [cons.pid, self.dpid])
-                    a_cpu.append(cpu / n)
-                    a_app.append((cpu_seconds(cons.pid) - c0) / n)
-                    a_dmn.append(a_cpu[-1] - a_app[-1])
-                    a_wall.append(wall)
+                    _, cpu, wall, _ = aund_round(side, n, [cons.pid, side.dpid])
+                    a_cpu[lab].append(cpu / n)
+                    a_app[lab].append((cpu_seconds(cons.pid) - c0) / n)
+                    a_dmn[lab].append(a_cpu[lab][-1] - a_app[lab][-1])
+                    a_wall[lab].append(wall)
                 else:
                     _, cpu, wall, _ = fa_round(n, [fr.pid])
                     f_cpu.append(cpu / n)
                     f_wall.append(wall)
-        batched = []
-        for _ in range(P["runs"]):
-            _, cpu, _, _ = aund_round(n, [cons.pid, self.dpid], ack_every=16)
-            batched.append(cpu / n)
-        profiled("receive", {"daemon": self.dpid, "app": cons.pid}, lambda: aund_round(3 * n, []), self.results,
-                 self.env.run_dir, self.profile)
+        for order in rounds(P["runs"], self.sides):
+            for side in order:
+                _, cpu, _, _ = aund_round(side, n, [side.consumer.pid, side.dpid], ack_every=16)
+                batched[side.label].append(cpu / n)
+        profiled("receive", {"daemon": self.dpid, "app": self.now.consumer.pid},
+                 lambda: aund_round(self.now, 3 * n, []), self.results, self.env.run_dir, self.profile)
         R = self.results
         extra = {"n_per_run": n, "sender": "fastaun (one process, 16 in flight) for both receivers",
                  "consumer": "client_stub.AsyncClient events(), ack after every event",
-                 "app_cpu_ms": summary([x * MS for x in a_app]), "daemon_cpu_ms": summary([x * MS for x in a_dmn]),
-                 "wall_s_aund": summary(a_wall), "wall_s_fastaun": summary(f_wall)}
-        f1 = R.figure("recv_cpu", "3. E2EE receive: CPU per message (daemon+app vs fastaun)", "ms", a_cpu, ref=f_cpu,
-                      ratio=ratio_runs(a_cpu, f_cpu), goal="aund/fastaun <= 0.25", limit=0.25, scale=MS, extra=extra)
-        f2 = R.figure("recv_floor", "   E2EE receive: CPU vs the crypto primitives", "ms", a_cpu,
+                 "app_cpu_ms": summary([x * MS for x in a_app["now"]]),
+                 "daemon_cpu_ms": summary([x * MS for x in a_dmn["now"]]),
+                 "wall_s_aund": summary(a_wall["now"]), "wall_s_fastaun": summary(f_wall)}
+        if len(self.sides) > 1:
+            extra["before_app_cpu_ms"] = summary([x * MS for x in a_app["before"]])
+            extra["before_daemon_cpu_ms"] = summary([x * MS for x in a_dmn["before"]])
+        f1 = R.figure("recv_cpu", "3. E2EE receive: CPU per message (daemon+app vs fastaun)", "ms", a_cpu["now"],
+                      ref=f_cpu, ratio=ratio_runs(a_cpu["now"], f_cpu), goal="aund/fastaun <= 0.25", limit=0.25,
+                      scale=MS, extra=extra, before=self.before(a_cpu))
+        f2 = R.figure("recv_floor", "   E2EE receive: CPU vs the crypto primitives", "ms", a_cpu["now"],
                       ref=[prim_recv] if prim_recv else None, ref_label="primitives",
-                      ratio=[x / prim_recv for x in a_cpu] if prim_recv else None, goal="aund/primitives <= 2",
-                      limit=2.0, scale=MS)
-        R.figure("recv_cpu_ack16", "   same, the app acks every 16th event", "ms", batched, ref=f_cpu,
-                 ratio=ratio_runs(batched, f_cpu), scale=MS,
+                      ratio=[x / prim_recv for x in a_cpu["now"]] if prim_recv else None,
+                      goal="aund/primitives <= 2", limit=2.0, scale=MS, before=self.before(a_cpu))
+        R.figure("recv_cpu_ack16", "   same, the app acks every 16th event", "ms", batched["now"], ref=f_cpu,
+                 ratio=ratio_runs(batched["now"], f_cpu), scale=MS, before=self.before(batched),
                  extra={"note": "run after the interleaved pairs; the ratio uses their fastaun runs"})
         if f1["met"] is False or f2["met"] is False:
             notes = profile_notes(R, "receive")
@@ -519,12 +613,12 @@ class MainPhase:
 
 
 # --- the idle phase: many links, storms, READY ------------------------------------------------------------------
-def ensure_registered(env: BenchEnv, state: str, aids: list[str]) -> None:
+def ensure_registered(env: BenchEnv, state: str, aids: list[str], root: Path | None = None) -> None:
     missing = [a for a in aids if not (env.cache / state / "AIDs" / a).is_dir()]
     if not missing:
         return
     log(f"registering {len(missing)} identities into {state} (once; kept in {env.cache})")
-    d = env.daemon("register", state, aids)
+    d = env.daemon("register", state, aids, root=root)
     d.start(timeout=120)
     try:
         took = wait_links_ready(d.socket, len(aids), 900, 0.5)
@@ -541,64 +635,93 @@ def sample_rss(pid: int, n: int = 5, gap: float = 0.2) -> tuple[float, float]:
     return statistics.median(values), float(threads(pid))
 
 
-def idle_memory_and_storm(env: BenchEnv, P: dict[str, Any], results: Results, sections: set[str]) -> dict[str, Any]:
+def idle_sides(baseline: Path | None) -> list[Side]:
+    return [Side("now")] + ([Side("before", baseline, "b")] if baseline is not None else [])
+
+
+def idle_memory_and_storm(env: BenchEnv, P: dict[str, Any], results: Results, sections: set[str],
+                          baseline: Path | None = None) -> dict[str, Any]:
+    """RSS at `idle_small` and `idle_large` idle links, per side, the sides alternating in each run;
+    then the storm, one side at a time (only its daemon connected)."""
     small, large = P["idle_small"], P["idle_large"]
-    aids = [aid_name("idle", i) for i in range(large)]
-    ensure_registered(env, "aund-idle", aids)
-    rss_s, rss_l, per_link, ready_s, ready_l, thr = [], [], [], [], [], []
-    keep: AundProcess | None = None
+    sides = idle_sides(baseline)
+    aids = {s.label: [aid_name(f"{s.tag}idle", i) for i in range(large)] for s in sides}
+    state = {s.label: "aund-idle" if not s.tag else f"aund-idle-{s.tag}" for s in sides}
+    for s in sides:
+        ensure_registered(env, state[s.label], aids[s.label], root=s.root)
+    rss_s, rss_l, per_link, ready_s, ready_l, thr = ({s.label: [] for s in sides} for _ in range(6))
     runs = P["mem_runs"] if "idle_memory" in sections else 0
-    try:
-        for r in range(max(runs, 1 if "storm" in sections else 0)):
-            pair = []
-            for count in ((small, large) if runs else (large,)):
-                d = env.daemon(f"idle{count}", "aund-idle", aids[:count])
+    for order in rounds(runs, sides):
+        for side in order:
+            lab, pair = side.label, []
+            for count in (small, large):
+                d = env.daemon(f"idle{count}-{lab}", state[lab], aids[lab][:count], root=side.root)
                 t0 = time.monotonic()
                 d.start(timeout=120)
-                took = wait_links_ready(d.socket, count, 600, 0.25)
-                (ready_s if count == small else ready_l).append(time.monotonic() - t0)
-                time.sleep(1.0)
-                rss, th = sample_rss(d.proc.pid)
+                try:
+                    took = wait_links_ready(d.socket, count, 600, 0.25)
+                    (ready_s if count == small else ready_l)[lab].append(time.monotonic() - t0)
+                    time.sleep(1.0)
+                    rss, th = sample_rss(d.proc.pid)
+                finally:
+                    d.stop(timeout=120)
                 pair.append(rss)
                 if count == large:
-                    thr.append(th)
-                log(f"idle daemon, {count} links: ready in {took:.1f} s, RSS {rss / MIB:.1f} MiB")
-                if count == large and r == max(runs, 1) - 1 and "storm" in sections:
-                    keep = d
-                else:
-                    d.stop(timeout=120)
-            if runs:
-                rss_s.append(pair[0])
-                rss_l.append(pair[1])
-                per_link.append((pair[1] - pair[0]) / (large - small))
-        if runs:
-            results.figure("idle_rss_small", f"4. daemon RSS, {small} idle links", "MiB", rss_s, scale=1 / MIB,
-                           extra={"start_to_all_ready_s": summary(ready_s)})
-            results.figure("idle_rss_large", f"   daemon RSS, {large} idle links", "MiB", rss_l, scale=1 / MIB,
-                           extra={"start_to_all_ready_s": summary(ready_l), "threads": summary(thr)})
-            fig = results.figure("idle_per_link", f"   RSS per idle link ({small}->{large})", "KiB", per_link,
-                                 goal="<= 64 KiB at 1,000 links", limit=64, on="value", scale=1 / KIB)
-            if large < 1000:
-                fig["notes"].append(f"quick mode: {large} links, not 1,000")
-        if keep is not None:
-            storm(env, keep, large, P, results)
-    finally:
-        if keep is not None:
-            keep.stop(timeout=120)
-    return {"rss_large": rss_l, "large": large}
+                    thr[lab].append(th)
+                log(f"idle daemon ({lab}), {count} links: ready in {took:.1f} s, RSS {rss / MIB:.1f} MiB")
+            rss_s[lab].append(pair[0])
+            rss_l[lab].append(pair[1])
+            per_link[lab].append((pair[1] - pair[0]) / (large - small))
+    before = (lambda v: v["before"]) if baseline is not None else (lambda v: None)
+    if runs:
+        results.figure("idle_rss_small", f"4. daemon RSS, {small} idle links", "MiB", rss_s["now"], scale=1 / MIB,
+                       extra={"start_to_all_ready_s": summary(ready_s["now"])}, before=before(rss_s))
+        results.figure("idle_rss_large", f"   daemon RSS, {large} idle links", "MiB", rss_l["now"], scale=1 / MIB,
+                       extra={"start_to_all_ready_s": summary(ready_l["now"]), "threads": summary(thr["now"])},
+                       before=before(rss_l))
+        fig = results.figure("idle_per_link", f"   RSS per idle link ({small}->{large})", "KiB", per_link["now"],
+                             goal="<= 32 KiB at 1,000 links", limit=32, on="value", scale=1 / KIB,
+                             before=before(per_link))
+        if large < 1000:
+            fig["notes"].append(f"quick mode: {large} links, not 1,000")
+    if "storm" in sections:
+        walls: dict[str, dict[str, list[float]]] = {}
+        for side in sides:
+            d = env.daemon(f"storm-{side.label}", state[side.label], aids[side.label], root=side.root)
+            d.start(timeout=120)
+            try:
+                wait_links_ready(d.socket, large, 600, 0.25)
+                walls[side.label] = storm(env, d, large, P)
+            finally:
+                d.stop(timeout=120)
+        w = walls["now"]
+        fig = results.figure("storm_ready", f"5. reconnect storm, {large} AIDs: devnet back -> all ready", "s",
+                             w["ready"], goal="<= 30 s", limit=30, on="value",
+                             extra={"from_sigkill_s": summary(w["from_kill"]), "connect_spread_s": summary(w["spread"]),
+                                    "logins_or_refreshes": w["relogins"]},
+                             before=walls["before"]["ready"] if "before" in walls else None)
+        if large < 1000:
+            fig["notes"].append(f"quick mode: {large} AIDs, not 1,000")
+        results.figure("storm_peak", "   reconnect storm: peak auth.connect per second", "1/s", w["peak"],
+                       extra={"source": "devnet /devnet/stats connection log `t` fields, densest 1-s window"},
+                       before=walls["before"]["peak"] if "before" in walls else None)
+    return {"rss_large": rss_l["now"], "large": large}
 
 
-def storm(env: BenchEnv, d: AundProcess, count: int, P: dict[str, Any], results: Results) -> None:
+def storm(env: BenchEnv, d: AundProcess, count: int, P: dict[str, Any]) -> dict[str, list[float]]:
+    """SIGKILL and restart the devnet under `d` (holding `count` ready links), `storm_runs` times:
+    seconds until all are ready again, from the devnet's ready line and from the kill; the densest
+    second of connects; their spread; re-logins."""
     devnet = env.devnet
     assert devnet is not None
-    all_ready, from_kill, peak, spread, relogins = [], [], [], [], []
+    out: dict[str, list[float]] = {"ready": [], "from_kill": [], "peak": [], "spread": [], "relogins": []}
     for _ in range(P["storm_runs"]):
         t_kill = time.monotonic()
         devnet.kill()
         devnet.start(timeout=60)
         took = wait_links_ready(d.socket, count, 300, 0.1)
-        all_ready.append(took)
-        from_kill.append(time.monotonic() - t_kill)
+        out["ready"].append(took)
+        out["from_kill"].append(time.monotonic() - t_kill)
         stats = devnet.stats()
         ts = sorted(e["t"] for e in stats["connections"] if e["event"] == "connect")
         best, j = 0, 0
@@ -606,19 +729,12 @@ def storm(env: BenchEnv, d: AundProcess, count: int, P: dict[str, Any], results:
             while ts[j] < t - 1.0:
                 j += 1
             best = max(best, i - j + 1)
-        peak.append(best)
-        spread.append(ts[-1] - ts[0] if ts else 0.0)
-        relogins.append(stats["rpc"].get("auth.aid_login2", 0) + stats["rpc"].get("auth.refresh_token", 0))
+        out["peak"].append(best)
+        out["spread"].append(ts[-1] - ts[0] if ts else 0.0)
+        out["relogins"].append(stats["rpc"].get("auth.aid_login2", 0) + stats["rpc"].get("auth.refresh_token", 0))
         log(f"storm: {count} links ready {took:.1f} s after the devnet was back; peak {best}/s")
         time.sleep(1.0)
-    fig = results.figure("storm_ready", f"5. reconnect storm, {count} AIDs: devnet back -> all ready", "s", all_ready,
-                         goal="<= 30 s", limit=30, on="value",
-                         extra={"from_sigkill_s": summary(from_kill), "connect_spread_s": summary(spread),
-                                "logins_or_refreshes": relogins})
-    if count < 1000:
-        fig["notes"].append(f"quick mode: {count} AIDs, not 1,000")
-    results.figure("storm_peak", "   reconnect storm: peak auth.connect per second", "1/s", peak,
-                   extra={"source": "devnet /devnet/stats connection log `t` fields, densest 1-s window"})
+    return out
 
 
 def ready_time(env: BenchEnv, P: dict[str, Any], results: Results) -> None:
@@ -691,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                     help="devnet and daemon state kept between runs (default ~/.cache/aund-bench)")
     ap.add_argument("--fresh", action="store_true", help="forget the cache: register every identity again")
+    ap.add_argument("--baseline", metavar="REV", default="",
+                    help="also measure git revision REV's aund (daemon + client_stub) in the same rounds: "
+                         "a 'before' column (rtt, send, receive, idle_memory, storm)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     P = dict(MODES[mode])
@@ -710,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="aund-bench-"))
     env = BenchEnv(args.cache_dir, run_dir)
     env.prepare(args.fresh)
+    baseline: Path | None = None
+    if args.baseline:
+        baseline, commit = export_baseline(args.baseline, args.cache_dir)
+        results.meta["baseline"] = {"rev": args.baseline, "commit": commit, "tree": str(baseline)}
     log(f"{mode} run; cache {args.cache_dir}; logs in {run_dir}")
     code = 0
     try:
@@ -720,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         mem: dict[str, list[float]] | None = None
         main_sections = sections & {"rtt", "send", "receive", "app_memory", "first_send", "health"}
         if main_sections:
-            phase = MainPhase(env, P, results, profile)
+            phase = MainPhase(env, P, results, profile, baseline)
             try:
                 phase.start()
                 for name, fn in (("rtt", phase.rtt), ("send", lambda: phase.send(prim_send)),
@@ -737,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         idle: dict[str, Any] = {}
         if sections & {"idle_memory", "storm"} or (mem is not None):
             log("section idle_memory/storm")
-            idle = idle_memory_and_storm(env, P, results, sections | ({"idle_memory"} if mem is not None else set()))
+            idle = idle_memory_and_storm(env, P, results, sections | ({"idle_memory"} if mem is not None else set()),
+                                         baseline)
         if mem is not None:
             app_memory_figure(results, mem, idle)
         if "ready" in sections:

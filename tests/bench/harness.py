@@ -214,11 +214,13 @@ class BenchEnv:
                         f"identities = [{ids}]\n")
         return path
 
-    def daemon(self, name: str, state: str, aids: list[str], env: dict[str, str] | None = None) -> AundProcess:
-        """An `aund run` over the cached state dir `state`, keeping `aids` connected (not started yet)."""
+    def daemon(self, name: str, state: str, aids: list[str], env: dict[str, str] | None = None,
+               root: Path | None = None) -> AundProcess:
+        """An `aund run` over the cached state dir `state`, keeping `aids` connected (not started yet);
+        from the source tree `root` (a baseline) instead of this checkout when given."""
         cfg = self.write_config(self.run_dir / f"{name}.toml", aids)
         sock = self.run_dir / f"{name}.sock"
-        d = AundProcess(self.cache / state, sock, cfg, env=dict(env or {}))
+        d = AundProcess(self.cache / state, sock, cfg, env=dict(env or {}), root=root)
         self.daemons.append(d)
         return d
 
@@ -308,9 +310,33 @@ def start_nowait(d: AundProcess) -> None:
         args += ["--config", str(d.config_file)]
     env = dict(os.environ, AUND_ENCRYPTION_SEED=SEED, **d.env)
     env.pop("AUND_CONFIG", None)
+    if d.root is not None:
+        env["PYTHONPATH"] = str(d.root)
     d.log_path = d.state_dir.parent / f"aund-{int(time.time() * 1000)}.log"
     with open(d.log_path, "w") as log:
-        d.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT, env=env)
+        d.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=d.root or ROOT, env=env)
+
+
+def export_baseline(rev: str, cache: Path) -> tuple[Path, str]:
+    """The source tree (aund/, client_stub/) of git revision `rev`, exported once into the cache:
+    (its directory, its short commit). Its daemon and apps run from there (`python -m aund` with
+    that directory first on the path), against this checkout's devnet and with this venv's packages."""
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise SystemExit(f"--baseline {rev}: git {' '.join(a)} failed: {done.stderr.strip()[-300:]}")
+        return done.stdout.strip()
+    commit = git("rev-parse", "--short", f"{rev}^{{commit}}")
+    tree = cache / "baseline" / commit
+    if not (tree / "aund" / "__main__.py").exists():
+        tmp = tree.with_name(commit + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "aund", "client_stub"], cwd=ROOT,
+                                 capture_output=True, timeout=120, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True, timeout=120)
+        tmp.rename(tree)
+    return tree, commit
 
 
 def git_state() -> dict[str, Any]:
