@@ -345,9 +345,12 @@ class MainPhase:
         for _ in range(P["runs"]):
             ping.append(statistics.median(app.call("ping", sock=sock, n=P["seq_n"])["times"]))
             aseq.append(statistics.median(app.call("aseq", aid=s0, to=self.sink, n=P["seq_n"], encrypt=False)["times"]))
-        profiled("rtt", {"daemon": self.dpid, "app": app.pid},
-                 lambda: app.call("seq", aid=s0, to=self.sink, n=3 * P["seq_n"], encrypt=False),
-                 self.results, self.env.run_dir, self.profile)
+        for side in self.sides:
+            suffix = "" if side is self.now else f"-{side.label}"
+            sapp, ss0 = side.apps[0], side.senders[0]
+            profiled(f"rtt{suffix}", {"daemon": side.dpid, "app": sapp.pid},
+                     lambda sapp=sapp, ss0=ss0: sapp.call("seq", aid=ss0, to=self.sink, n=3 * P["seq_n"], encrypt=False),
+                     self.results, self.env.run_dir, self.profile)
         R = self.results
         fig = R.figure("rtt_plain", "1. message.send plain, sequential: wall per call", "ms", a_med["now"], ref=f_med,
                        ratio=ratio_runs(a_med["now"], f_med), goal="aund/fastaun <= 0.8", limit=0.8, scale=MS,
@@ -423,11 +426,13 @@ class MainPhase:
                         d["tp"].append(total / wall)
                         d["dev"].append(dcpu / total)
         for k in ("1", "8"):
-            jobs, app_pids = aund_jobs(k, self.now)
-            jobs = [(w, c, dict(a, n=3 * a["n"])) for w, c, a in jobs]
-            pids = {"daemon": self.dpid, "app": app_pids[0]}
-            profiled(f"send{k}", pids, lambda jobs=jobs: measured(jobs, []), self.results, self.env.run_dir,
-                     self.profile)
+            for side in self.sides:
+                jobs, app_pids = aund_jobs(k, side)
+                jobs = [(w, c, dict(a, n=3 * a["n"])) for w, c, a in jobs]
+                pids = {"daemon": side.dpid, "app": app_pids[0]}
+                suffix = "" if side is self.now else f"-{side.label}"
+                profiled(f"send{k}{suffix}", pids, lambda jobs=jobs: measured(jobs, []), self.results,
+                         self.env.run_dir, self.profile)
         R = self.results
         for k, label in (("1", "1 app"), ("8", f"{SENDERS} apps")):
             a, f = data[k]["a"], data[k]["f"]
@@ -496,8 +501,10 @@ class MainPhase:
             for side in order:
                 _, cpu, _, _ = aund_round(side, n, [side.consumer.pid, side.dpid], ack_every=16)
                 batched[side.label].append(cpu / n)
-        profiled("receive", {"daemon": self.dpid, "app": self.now.consumer.pid},
-                 lambda: aund_round(self.now, 3 * n, []), self.results, self.env.run_dir, self.profile)
+        for side in self.sides:  # the baseline too: where a figure moved, the two profiles say why
+            suffix = "" if side is self.now else f"-{side.label}"
+            profiled(f"receive{suffix}", {"daemon": side.dpid, "app": side.consumer.pid},
+                     lambda side=side: aund_round(side, 3 * n, []), self.results, self.env.run_dir, self.profile)
         R = self.results
         extra = {"n_per_run": n, "sender": "fastaun (one process, 16 in flight) for both receivers",
                  "consumer": "client_stub.AsyncClient events(), ack after every event",
