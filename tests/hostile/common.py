@@ -107,6 +107,19 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+def modes_under(root: Path) -> dict[str, str]:
+    """The permission bits of root and everything below it, as octal text by relative path. A
+    running daemon writes through temporary files it renames into place: one that is gone between
+    listing and lstat is skipped (it was checked if it was seen)."""
+    found = {}
+    for p in [root, *root.rglob("*")]:
+        try:
+            found[str(p.relative_to(root))] = oct(mode(p))
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def user_daemon(base: Path, uid: int, gid: int, *, config: Path | None = None,
                 prelude: str | None = None, env: dict[str, str] | None = None) -> AundProcess:
     """An `aund run` (not started) exec'ed as uid:gid, its state in base/state and its socket in

@@ -21,7 +21,7 @@ import pytest
 
 from client_stub import Client
 from tests.helpers import ROOT, AundProcess
-from tests.hostile.common import in_shell, mode
+from tests.hostile.common import in_shell, mode, modes_under
 from tests.system.harness import write_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -129,7 +129,7 @@ def test_run_by_hand_with_umask_022_keeps_the_state_dir_private(devnet, tmp_path
         state = daemon.state_dir
         inbox = [state / "inbox.sqlite3", state / "inbox.sqlite3-wal", state / "inbox.sqlite3-shm"]
         assert all(p.exists() for p in inbox), sorted(os.listdir(state))
-        modes = {str(p.relative_to(state)): oct(mode(p)) for p in [state, *state.rglob("*")]}
+        modes = modes_under(state)
         assert all(mode(p) == 0o600 for p in inbox), modes
         exposed = {k: v for k, v in modes.items() if int(v, 8) & 0o077}
         assert exposed == {}, f"group/world readable in the state dir: {exposed}"
