@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rev.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help="the devnet's state dir (required)")
 
 
+DEVNET_SESSIONS = 10_000  # sessions the devnet is sized for at start (open files)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.devnet_command == "revoke":
         return _revoke(args)
@@ -56,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from aund.devnet import PKIModeMismatch, check_mode, serve_devnet
 
     logs.configure()
+    from aund import fdlimit
+
+    # a devnet serves every link of the daemons on this machine: one socket each (soft -> hard)
+    check = fdlimit.ensure_nofile(fdlimit.needed(DEVNET_SESSIONS))
+    if not check.enough:
+        say(f"aund devnet: warning: open files limited to {check.soft}: fewer than {DEVNET_SESSIONS} sessions "
+            "fit (raise `ulimit -Hn`)", err=True)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         say(f"aund devnet: --listen must be HOST:PORT, got {args.listen!r}", err=True)

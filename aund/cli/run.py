@@ -73,6 +73,7 @@ async def _main(config, reload_from: tuple) -> int:
     from aund.identity.store import IdentityStore, StateLock, load_seed
 
     log = structlog.get_logger("aund")
+    check_open_files(log, len(config.identities))
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with StateLock(config.state_dir):
         policy = build_policy(config)
@@ -129,6 +130,18 @@ async def _main(config, reload_from: tuple) -> int:
                 await trio.aclose_forcefully(listener)
     log.info("daemon.stopped")
     return 0
+
+
+def check_open_files(log, links: int) -> None:
+    """Raise the soft open-file limit if the configured links need more; one log line if even
+    the hard limit is too low (the unit's LimitNOFILE=)."""
+    from aund import fdlimit
+
+    check = fdlimit.ensure_nofile(fdlimit.needed(links))
+    if not check.enough:
+        log.warning("daemon.nofile_too_low", links=links, **check.log_fields())
+    elif check.raised:
+        log.info("daemon.nofile_raised", links=links, **check.log_fields())
 
 
 def build_policy(config):
