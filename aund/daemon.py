@@ -52,6 +52,9 @@ DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
 LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
 ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES | {QUARANTINED_KIND}  # (it stands in for a damaged row)
 RESYNC_BUDGET_SECONDS = 10.0
+STATUS_LINKS = 256       # per-link entries `status` lists unless asked for another number (the counts cover all)
+STATUS_LINK_WARNINGS = 32  # link.failed / link.not_ready warnings named one by one; the rest are counted
+STORE_LIST_TTL = 30.0    # seconds `status` may reuse the identity store's listing (see Daemon._listed)
 RENEW_RETRY_SECONDS = (30.0, 3600.0)  # a failed automatic renewal is retried after 30 s, doubling to 1 h
 RENEW_CHECK_SECONDS = 6 * 3600.0      # the renewal timer looks again at least this often (clock changes)
 
@@ -223,6 +226,7 @@ class Daemon:
         self.identity_errors: dict[str, tuple[str, str]] = {}
         self.store_write_error = ""  # the identity store's last failed write, "" once one succeeds
         self.store_list_error = ""  # the identity store could not be listed (status says so)
+        self._listing: tuple[tuple[int, int] | None, float, list[str]] | None = None  # _listed's cache
         self._nursery: trio.Nursery | None = None
         self._identity_locks: dict[str, trio.Lock] = {}
         self._link_locks: dict[tuple[str, str], trio.Lock] = {}
@@ -987,21 +991,45 @@ class Daemon:
     def daemon_info(self) -> dict[str, Any]:
         return {"daemon_version": aund.__version__, "features": ["links", "link_events"]}
 
-    def status(self, app: AppIdentity | None = None) -> dict[str, Any]:
+    def status(self, app: AppIdentity | None = None, *, links: int | None = None, offset: int = 0,
+               aids: list[str] | None = None) -> dict[str, Any]:
         """Everything for None and for the owners (root, the daemon's uid); any other app sees the
         links, inbox depths and warnings of the AIDs its policy allows, and only its own uid's apps
-        (daemon-wide counters and warnings that name no AID stay)."""
+        (daemon-wide counters and warnings that name no AID stay).
+
+        `link_counts` (links by state; a disabled identity's as "disabled") and `links_total`
+        cover every visible link; `links` lists
+        at most `links` of them (default STATUS_LINKS, 0: none) from `offset` on, only those of
+        `aids` if given, so that the reply fits a local frame with 10,000 links."""
         everything = app is None or self.sees_all(app)
 
         def visible(aid: str) -> bool:
             return everything or self.allowed(app, aid)  # type: ignore[arg-type]
 
-        links = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
-                                              "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
-                 for (aid, _), e in self.links.items() if visible(aid)]
+        limit = STATUS_LINKS if links is None else max(0, links)
+        wanted = None if aids is None else {_aid_key(a) for a in aids}
+        counts: dict[str, int] = {}
+        page: list[LinkEntry] = []
+        seen = 0
+        for (aid, _), e in self.links.items():
+            if not visible(aid):
+                continue
+            state = "disabled" if e.parked else e.link.state.value
+            counts[state] = counts.get(state, 0) + 1
+            if wanted is not None and aid not in wanted:
+                continue
+            if offset <= seen < offset + limit:
+                page.append(e)
+            seen += 1
+        listed = [vars(e.link.statistics()) | {"pinned": e.pinned, "holders": len(set(e.holders.values()) - {0}),
+                                               "delivery_mode": e.options["delivery_mode"], "disabled": e.parked}
+                  for e in page]
         budget, app_share = self.global_budget.statistics(), self.global_budget.app_statistics()
         out = {"daemon_version": aund.__version__, "started_at": self.started_at, "stopping": self.stopping,
-               "identities": sum(map(visible, self._listed())), "links": links,
+               "identities": sum(map(visible, self._listed())), "links": listed,
+               "link_counts": counts, "links_total": sum(counts.values()),
+               "links_page": {"offset": offset, "limit": limit, "matching": seen,
+                              "truncated": seen > len(listed)},
                "inbox": {aid: n for aid, n in self.inbox_depth.items() if visible(aid)},
                "inbox_written": {aid: n for aid, n in (self.inbox.events_written if self.inbox is not None
                                                        else {}).items() if visible(aid)},
@@ -1017,13 +1045,28 @@ class Daemon:
         return out
 
     def _listed(self) -> list[str]:
-        """The store's AIDs for status; a store that cannot be read is a warning there, not an error."""
+        """The store's AIDs for status; a store that cannot be read is a warning there, not an error.
+        Listing 10,000 AIDs takes ~0.1 s (a stat per AID), so the listing is kept while the AIDs
+        directory is the same (inode, mtime) and changed longer than a second ago, at most
+        STORE_LIST_TTL seconds (what changes inside an AID's own directory shows within that)."""
+        try:
+            st = os.stat(self.store.aids_dir)
+            stamp: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        now = time.monotonic()
+        cached = self._listing
+        if cached is not None and stamp is not None and cached[0] == stamp and now - cached[1] < STORE_LIST_TTL \
+                and time.time() - st.st_mtime > 1.0:
+            return cached[2]
         try:
             aids = self.store.list()
         except StorageError as exc:
             self.store_list_error = exc.message
+            self._listing = None
             return []
         self.store_list_error = ""
+        self._listing = (stamp, now, aids) if stamp is not None else None
         return aids
 
     def sees_all(self, app: AppIdentity) -> bool:
@@ -1049,16 +1092,25 @@ class Daemon:
             out.append({"code": "identity.disabled", "severity": "warning", "aid": aid,
                         "text": f"{aid} is configured but disabled (not connected): `aund aid enable {aid}` "
                                 "connects it"})
+        more = {"link.failed": 0, "link.not_ready": 0}
         for (aid, slot), e in self.links.items():
             if e.parked:
                 continue
             state = e.link.state
             if state == LinkState.CONNECTION_FAILED:
-                out.append({"code": "link.failed", "severity": "error", "aid": aid, "slot_id": slot,
-                            "text": f"{aid}/{slot} stopped: {e.link.last_error}"})
+                code, severity, text = "link.failed", "error", f"{aid}/{slot} stopped: {e.link.last_error}"
             elif state != LinkState.READY and e.pinned:
-                out.append({"code": "link.not_ready", "severity": "warning", "aid": aid, "slot_id": slot,
-                            "text": f"{aid}/{slot} is {state.value}: {e.link.last_error}"})
+                code, severity, text = "link.not_ready", "warning", f"{aid}/{slot} is {state.value}: {e.link.last_error}"
+            else:
+                continue
+            if more[code] < STATUS_LINK_WARNINGS:
+                out.append({"code": code, "severity": severity, "aid": aid, "slot_id": slot, "text": text})
+            more[code] += 1
+        for code, count in more.items():
+            if count > STATUS_LINK_WARNINGS:  # no "aid": seen by every app, naming no identity
+                out.append({"code": code, "severity": "error" if code == "link.failed" else "warning",
+                            "text": f"and {count - STATUS_LINK_WARNINGS} more links {code.split('.')[1]} "
+                                    f"({count} in all; `aund status --json` counts them by state)"})
         return out
 
     def canonical_aid(self, aid: str) -> str:
@@ -1223,6 +1275,14 @@ class _Subscriber:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = trio.Event()
+
+
+def _aid_key(aid: str) -> str:
+    """The AID as links are keyed, or (not an AID) as given, lower case: matches nothing."""
+    try:
+        return _normalize_aid(aid)
+    except ClientError:
+        return str(aid).strip().lower()
 
 
 def _normalize_aid(aid: Any) -> str:

@@ -75,9 +75,11 @@ class Backend(Protocol):
     def daemon_info(self) -> dict[str, Any]:
         """Version, protocol, features; merged into the hello reply."""
 
-    def status(self, app: AppIdentity | None = None) -> dict[str, Any]:
+    def status(self, app: AppIdentity | None = None, *, links: int | None = None, offset: int = 0,
+               aids: list[str] | None = None) -> dict[str, Any]:
         """Per-link, budget, inbox and warnings for `aund status` (JSON-safe): for `app`, only
-        what its policy lets it see (everything for the owners and for None)."""
+        what its policy lets it see (everything for the owners and for None); `link_counts` by
+        state for every link, the per-link list paged (`links` entries from `offset`, of `aids`)."""
 
     def canonical_aid(self, aid: str) -> str:
         """The normalised AID (what the policy is asked about and what is used);

@@ -233,6 +233,25 @@ def _headers(value: Any, arg: str) -> dict[str, str]:
     return value
 
 
+STATUS_MAX_LINKS = 2000  # per-link entries one `status` reply may list (~0.5 KiB each; a frame is 1 MiB)
+
+
+def _status_args(args: dict[str, Any]) -> dict[str, Any]:
+    """`status` paging: `links` (how many per-link entries, 0..STATUS_MAX_LINKS), `offset`, `aids`
+    (only these AIDs' links); only the ones given (a backend takes its defaults)."""
+    out: dict[str, Any] = {}
+    if args.get("links") is not None:
+        out["links"] = min(_int(args, "links"), STATUS_MAX_LINKS)
+    if args.get("offset") is not None:
+        out["offset"] = _int(args, "offset")
+    if args.get("aids") is not None:
+        aids = _get(args, "aids", None)
+        if not isinstance(aids, list) or len(aids) > STATUS_MAX_LINKS or not all(isinstance(a, str) for a in aids):
+            raise InvalidParams(f"aids must be a list of at most {STATUS_MAX_LINKS} AIDs", data={"arg": "aids"})
+        out["aids"] = aids
+    return out
+
+
 def _start(args: dict[str, Any]) -> str | int:
     value = _get(args, "start", "last_ack")
     if value in START_WORDS or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63):
@@ -603,7 +622,7 @@ class AppConnection:
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """The backend's status, and the socket's own statistics (apps of other uids left out
         unless the backend's view says this app sees everything)."""
-        status = dict(self.backend.status(self.app))
+        status = dict(self.backend.status(self.app, **_status_args(args)))
         apps = self.server.statistics().as_dict()
         view = status.get("view")
         if isinstance(view, dict) and not view.get("all", True):

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with open_client(args, timeout=args.timeout) as client:
-            status = client.status()
+            # with --aid only those links are listed (all of them however many the daemon holds)
+            status = client.request("status", {"aids": args.aid, "links": 2000} if args.aid else {"links": 0})
     except DaemonUnavailable as exc:
         if args.json:
             print_json({"healthy": False, "reachable": False, "reasons": [{"code": "daemon.unreachable",

@@ -1,4 +1,5 @@
-"""`aund status [--json] [--wait-ready [SECONDS]]`: links, apps, budget, inbox and warnings."""
+"""`aund status [--json] [--links N] [--wait-ready [SECONDS]]`: links (counts by state, then the
+first N), apps, budget, inbox and warnings."""
 from __future__ import annotations
 
 import argparse
@@ -13,21 +14,31 @@ from aund.cli._common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_socket_argument(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--links", type=int, default=None, metavar="N",
+                   help="list at most N links one by one (default the daemon's, 256; the counts cover all)")
     p.add_argument("--wait-ready", type=float, nargs="?", const=60.0, metavar="SECONDS",
                    help="first wait (with progress on stderr) until every link is ready")
+
+
+def counts(status: dict) -> tuple[int, int]:
+    """(ready, links not disabled) of a status: its `link_counts` (or, from an older daemon, its list)."""
+    by_state = status.get("link_counts")
+    if by_state is None:
+        links = [link for link in status.get("links", []) if not link.get("disabled")]
+        return sum(link.get("state") == "ready" for link in links), len(links)
+    return by_state.get("ready", 0), sum(n for state, n in by_state.items() if state != "disabled")
 
 
 def wait_ready(client, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     last = ""
     while True:
-        links = [link for link in client.status().get("links", []) if not link.get("disabled")]  # not awaited
-        ready = sum(link.get("state") == "ready" for link in links)
-        line = f"{ready}/{len(links)} links ready"
+        ready, total = counts(client.request("status", {"links": 0}))  # disabled links are not awaited
+        line = f"{ready}/{total} links ready"
         if line != last and sys.stderr.isatty() or line != last and time.monotonic() > deadline - seconds + 1:
             say(f"aund: {line}", err=True)
             last = line
-        if links and ready == len(links):
+        if total and ready == total:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -40,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with open_client(args) as client:
             ok = wait_ready(client, args.wait_ready) if args.wait_ready else True
-            status = client.status()
+            status = client.request("status", {} if args.links is None else {"links": max(0, args.links)})
     except DaemonUnavailable as exc:
         return unreachable(exc)
     if args.json:
@@ -58,12 +69,19 @@ def render(status: dict) -> None:
     if view and not view.get("all", True):
         say(f"(showing only what uid {view.get('uid')} may use: its identities and its own apps)")
     links = sorted(status.get("links", []), key=lambda x: (x.get("aid", ""), x.get("slot_id", "")))
+    by_state = status.get("link_counts") or {}
+    if by_state:
+        say(f"links: {status.get('links_total', sum(by_state.values()))} ("
+            + ", ".join(f"{n} {state}" for state, n in sorted(by_state.items(), key=lambda kv: -kv[1])) + ")")
     rows = [[link["aid"], link["slot_id"], link["state"], ago(link.get("last_connected_at"), now),
              link.get("reconnects", 0), f"{link.get('in_flight', 0)}/{link.get('queued', 0)}", link.get("holders", 0),
              "yes" if link.get("pinned") else ""] for link in links]
     if rows:
         print()
         print(table(rows, ["AID", "SLOT", "STATE", "CONNECTED", "RECONNECTS", "RPC/QUEUED", "APPS", "CONFIGURED"]))
+    page = status.get("links_page") or {}
+    if page.get("truncated"):
+        say(f"(listed {len(links)} of {page.get('matching')} links; `aund status --links N` lists more)")
     broker = status.get("broker") or {}
     apps = sorted(broker.get("apps") or [], key=lambda a: (a.get("uid", 0), a.get("pid", 0), a.get("conn_id", 0)))
     print()

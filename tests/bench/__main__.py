@@ -41,7 +41,9 @@ MODES = {
                   prim_iter=200, prim_runs=3),
 }
 SECTIONS = ("primitives", "rtt", "send", "receive", "app_memory", "first_send", "health", "idle_memory", "storm",
-            "ready")
+            "ready", "scale")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "scale")  # scale (10,000 AIDs) runs only when named
+SCALE_CHUNK = 1000
 SENDERS = 8
 INFLIGHT = 16
 MS, KIB, MIB = 1e3, 1024, 1024 * 1024
@@ -768,6 +770,68 @@ def ready_time(env: BenchEnv, P: dict[str, Any], results: Results) -> None:
                    limit=1500, on="value", scale=MS, extra={"start_to_all_links_ready_s": summary(links)})
 
 
+def scale(env: BenchEnv, n: int, results: Results, run_dir: Path, profile: bool) -> None:
+    """Issue 14's scale test: `n` AIDs on one daemon. Registered once, `SCALE_CHUNK` at a time, into
+    the cached state dir `aund-scale` (reruns skip it); then a daemon with n/10 and one with n
+    configured: start -> all ready, RSS; per idle link = (RSS at n - RSS at n/10) / (n - n/10);
+    then the devnet is SIGKILLed and restarted under the n links: time until all are ready again."""
+    aids = [aid_name("scale", i) for i in range(n)]
+    state = "aund-scale"
+    t_reg = time.monotonic()
+    for k in range(0, n, SCALE_CHUNK):
+        ensure_registered(env, state, aids[k:k + SCALE_CHUNK])
+    registering = time.monotonic() - t_reg
+    small = max(1, n // 10)
+    rss, ready = {}, {}
+    for count in (small, n):
+        d = env.daemon(f"scale{count}", state, aids[:count])
+        t0 = time.monotonic()
+        d.start(timeout=300)
+        try:
+            wait_links_ready(d.socket, count, 900, 1.0)
+            ready[count] = time.monotonic() - t0
+            time.sleep(2.0)
+            rss[count], _ = sample_rss(d.proc.pid)
+            log(f"scale: {count} links ready {ready[count]:.1f} s after the start; RSS {rss[count] / MIB:.0f} MiB")
+            if count != n:
+                continue
+            devnet = env.devnet
+            assert devnet is not None
+            spy_run = None
+            if profile and spy.pyspy():
+                spy_run = spy.Profiler(d.proc.pid, run_dir / "scale-restart.raw")
+            t_kill = time.monotonic()
+            devnet.kill()
+            devnet.start(timeout=120)
+            t_back = time.monotonic()
+            try:
+                again = wait_links_ready(d.socket, count, 900, 1.0)
+            except AssertionError as exc:
+                again = None
+                results.errors.append(f"scale: after the devnet restart: {exc}")
+            finally:
+                raw = spy_run.stop() if spy_run is not None else None
+                if raw is not None:
+                    results.profiles["scale_restart"] = {"daemon": spy.summarize(raw) | {"raw": str(raw)}}
+            stats = devnet.stats()
+            reconnect_rss, _ = sample_rss(d.proc.pid, n=3)
+            extra = {"devnet_start_s": round(t_back - t_kill, 2), "from_sigkill_s": (again or 0) + t_back - t_kill,
+                     "rss_after_mib": round(reconnect_rss / MIB, 1),
+                     "reconnects": sum(1 for e in stats.get("connections", []) if e.get("event") == "connect"),
+                     "logins_or_refreshes": stats["rpc"].get("auth.aid_login2", 0)
+                     + stats["rpc"].get("auth.refresh_token", 0)}
+            results.figure("scale_restart", f"7c. devnet restart under {n} idle links -> all ready", "s",
+                           [again] if again is not None else [], goal="<= 60 s", limit=60, on="value", extra=extra)
+        finally:
+            d.stop(timeout=300)
+    results.figure("scale_ready", f"7a. daemon start -> {n} links ready", "s", [ready[n]],
+                   extra={f"ready_{small}_s": round(ready[small], 2), "registering_s": round(registering, 1),
+                          "state": state})
+    per = (rss[n] - rss[small]) / (n - small) if n > small else 0.0
+    results.figure("scale_per_link", f"7b. RSS per idle link ({small}->{n})", "KiB", [per], scale=1 / KIB,
+                   extra={f"rss_{small}_mib": round(rss[small] / MIB, 1), f"rss_{n}_mib": round(rss[n] / MIB, 1)})
+
+
 def primitives(P: dict[str, Any], results: Results) -> tuple[float | None, float | None]:
     done = subprocess.run([sys.executable, "-m", "tests.bench.primitives", str(P["prim_iter"]), str(P["prim_runs"])],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
@@ -807,13 +871,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small N and fewer runs (a smoke run, < 3 minutes)")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON results (default ./bench-results.json)")
-    ap.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    ap.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)} "
+                                               "(default all but scale)")
     ap.add_argument("--profile", dest="profile", action="store_true", default=None,
                     help="profile aund with py-spy (default: on in full mode, off with --quick)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                     help="devnet and daemon state kept between runs (default ~/.cache/aund-bench)")
     ap.add_argument("--fresh", action="store_true", help="forget the cache: register every identity again")
+    ap.add_argument("--scale-n", type=int, default=10_000, metavar="N",
+                    help="AIDs of the scale section (default 10,000; registered once into the cache)")
     ap.add_argument("--baseline", metavar="REV", default="",
                     help="also measure git revision REV's aund (daemon + client_stub) in the same rounds: "
                          "a 'before' column (rtt, send, receive, idle_memory, storm)")
@@ -821,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     P = dict(MODES[mode])
     profile = (not args.quick) if args.profile is None else args.profile
-    sections = set(s.strip() for s in args.only.split(",") if s.strip()) or set(SECTIONS)
+    sections = set(s.strip() for s in args.only.split(",") if s.strip()) or set(DEFAULT_SECTIONS)
     unknown = sections - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -874,6 +941,10 @@ def main(argv: list[str] | None = None) -> int:
         if "ready" in sections:
             log("section ready")
             ready_time(env, P, results)
+        if "scale" in sections:
+            log(f"section scale ({args.scale_n} AIDs)")
+            results.meta["scale_n"] = args.scale_n
+            scale(env, args.scale_n, results, run_dir, args.profile is True)  # py-spy only when asked
     except Exception as exc:  # noqa: BLE001 - keep what was measured, say what failed
         import traceback
 

@@ -242,31 +242,46 @@ class BenchEnv:
                 pass
 
 
-def daemon_status(sock: Path) -> dict[str, Any]:
+def daemon_status(sock: Path, links: int | None = None) -> dict[str, Any]:
+    """The daemon's `status`; `links`: at most that many per-link entries (0: counts only)."""
     from client_stub import Client
 
     with Client(sock, app="bench-poll", connect_timeout=5, timeout=30) as c:
-        return c.status()
+        return c.request("status", {} if links is None else {"links": links})
 
 
 def ready_links(sock: Path) -> tuple[int, int]:
-    """(links ready, links known) according to the daemon's status."""
+    """(links ready, links known) according to the daemon's status: its `link_counts` (a daemon
+    of before the compact status: its list of links). DaemonUnavailable (still starting) is
+    (0, 0); any other error is raised."""
+    from client_stub import DaemonUnavailable
+
     try:
-        links = daemon_status(sock)["links"]
-    except Exception:  # noqa: BLE001 - the daemon is still starting
+        status = daemon_status(sock, links=0)
+    except DaemonUnavailable:
         return 0, 0
+    counts = status.get("link_counts")
+    if counts is not None:
+        return counts.get("ready", 0), sum(counts.values())
+    links = status["links"]
     return sum(1 for link in links if link["state"] == "ready"), len(links)
 
 
 def wait_links_ready(sock: Path, n: int, timeout: float, interval: float = 0.2) -> float:
-    """Seconds until `n` links are ready (AssertionError on timeout)."""
+    """Seconds until `n` links are ready (AssertionError on timeout, naming the last error)."""
     t0 = time.monotonic()
+    ready, error = 0, ""
     while True:
-        ready, _ = ready_links(sock)
+        try:
+            ready, _ = ready_links(sock)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - a status that fails is said, not counted as 0 ready
+            error = f"{type(exc).__name__}: {exc}"
         if ready >= n:
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"only {ready}/{n} links ready after {timeout} s")
+            raise AssertionError(f"only {ready}/{n} links ready after {timeout} s"
+                                 + (f" (last status error: {error})" if error else ""))
         time.sleep(interval)
 
 
