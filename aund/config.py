@@ -65,6 +65,7 @@ class Config:
     discovery_port: int = 0                  # 0 = the standard HTTPS port
     call_timeout: float = 35.0
     global_in_flight: int = 256              # daemon-wide RPC budget across all links
+    connect_concurrency: int = 64            # gateway handshakes (login, WebSocket, auth.connect) at once
     idle_link_seconds: float = 300.0         # on-demand links close this long after the last app lets go
     shutdown_grace: float = 10.0
     sync_poll_seconds: float = 30.0          # a quiet link checks for messages whose push was lost

@@ -28,6 +28,7 @@ from aund.aun.budget import CallBudget
 from aund.aun.link import DEFAULT_CONNECT_OPTIONS, Link, LinkConfig, LinkState, connect_options, own_card_refused
 from aund.aun.groups import GROUP_CHANGED_KIND, GROUP_EVENTS, GROUP_MESSAGE_KIND, GroupKeys, GroupSync
 from aund.aun.messaging import P2PKeys, PeerSync
+from aund.aun.looplag import LoopLag
 from aund.aun.peers import PeerDirectory
 from aund.aun.trust import TrustRoots
 from aund.broker.backend import AppIdentity, InboxEvent
@@ -52,6 +53,7 @@ DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
 LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
 ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES | {QUARANTINED_KIND}  # (it stands in for a damaged row)
 RESYNC_BUDGET_SECONDS = 10.0
+DROP_SPREAD_MAX = 10.0   # s: the widest extra jitter of a reconnect after the gateway dropped every link
 STATUS_LINKS = 256       # per-link entries `status` lists unless asked for another number (the counts cover all)
 STATUS_LINK_WARNINGS = 32  # link.failed / link.not_ready warnings named one by one; the rest are counted
 STORE_LIST_TTL = 30.0    # seconds `status` may reuse the identity store's listing (see Daemon._listed)
@@ -215,6 +217,8 @@ class Daemon:
         self.policy = policy
         self.rng = rng
         self.global_budget = CallBudget(config.global_in_flight)  # the socket's and every link's
+        self.connect_gate = trio.CapacityLimiter(max(1, config.connect_concurrency))  # handshakes at once
+        self.loop_lag = LoopLag()
         self.links: dict[tuple[str, str], LinkEntry] = {}
         self.sessions: dict[str, P2PKeys] = {}
         self.group_sessions: dict[str, GroupKeys] = {}
@@ -245,6 +249,7 @@ class Daemon:
         self.disabled = await trio.to_thread.run_sync(self._stored_disabled)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.loop_lag.run)
             for aid in self.config.identities:
                 nursery.start_soon(self._keep_configured, aid)
             nursery.start_soon(self._reap_idle_links)
@@ -330,8 +335,8 @@ class Daemon:
             if self._note_disabled(aid):
                 return
             try:
-                await self.ensure_identity(aid)
-                await self._open_link(aid, self.config.slot_id, pinned=True)
+                loaded = await self._ensure(aid)
+                await self._open_link(aid, self.config.slot_id, pinned=True, loaded=loaded)
                 self.identity_errors.pop(aid, None)
                 return
             except (GatewayUnavailable, trio.TooSlowError) as exc:
@@ -360,6 +365,13 @@ class Daemon:
 
     async def ensure_identity(self, aid: str) -> dict[str, Any]:
         """Load; register only if absent; load again. Returns aid and cert_fingerprint."""
+        identity, _ = await self._ensure(aid)
+        return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
+                "device_id": identity.device_id}
+
+    async def _ensure(self, aid: str) -> tuple[Identity, tuple[str, ...]]:
+        """ensure_identity's work: the loaded identity and its gateways (a configured link starts
+        with them, not loading them again)."""
         aid = _normalize_aid(aid)
         lock = self._identity_locks.setdefault(aid, trio.Lock())
         async with lock:
@@ -382,8 +394,7 @@ class Daemon:
                     self.store_write_error = exc.message
                 raise
             self.store_write_error = ""
-        return {"aid": identity.aid, "cert_fingerprint": identity.cert_fingerprint,
-                "device_id": identity.device_id}
+        return identity, gateways
 
     async def show_identity(self, app: AppIdentity, aid: str) -> dict[str, Any]:
         """One identity as `aund aid show` prints it: certificate, device, gateways, links, inbox
@@ -535,14 +546,15 @@ class Daemon:
         return out
 
     async def _open_link(self, aid: str, slot_id: str, *, pinned: bool,
-                         options: dict[str, Any] | None = None) -> LinkEntry:
+                         options: dict[str, Any] | None = None,
+                         loaded: tuple[Identity, tuple[str, ...]] | None = None) -> LinkEntry:
         """The running link for (aid, slot), started once even when asked for concurrently.
         `options` (normalised connect options) must agree with a link that runs; an idle link
         (no holder, not configured) with other options is closed and started again with them."""
         key = (aid, slot_id)
         lock = self._link_locks.setdefault(key, trio.Lock())
         async with lock:
-            return await self._open_link_locked(aid, slot_id, pinned=pinned, options=options)
+            return await self._open_link_locked(aid, slot_id, pinned=pinned, options=options, loaded=loaded)
 
     def _check_options(self, aid: str, slot_id: str, options: dict[str, Any]) -> None:
         """The gateway wants one delivery mode per AID: refuse up front, naming the link that differs."""
@@ -562,7 +574,8 @@ class Daemon:
                 data={"arg": "options.delivery_mode", "slot_id": other_slot, "current": dict(entry.options)})
 
     async def _open_link_locked(self, aid: str, slot_id: str, *, pinned: bool,
-                                options: dict[str, Any] | None = None) -> LinkEntry:
+                                options: dict[str, Any] | None = None,
+                                loaded: tuple[Identity, tuple[str, ...]] | None = None) -> LinkEntry:
         key = (aid, slot_id)
         entry = self.links.get(key)
         if options is not None:
@@ -581,10 +594,14 @@ class Daemon:
             entry.pinned = entry.pinned or pinned
             return entry
         self.check_enabled(aid)
-        try:
-            identity = await trio.to_thread.run_sync(self.store.load, aid)
-        except IdentityNotFound:
-            raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
+        if loaded is not None:  # just ensured (a configured identity at start): not loaded again
+            identity, gateways = loaded
+        else:
+            try:
+                identity = await trio.to_thread.run_sync(self.store.load, aid)
+            except IdentityNotFound:
+                raise IdentityNotFound(f"unknown identity {aid}: run identity.ensure first") from None
+            gateways = await self._gateways(aid)
         session = self.sessions.get(aid)
         if session is None:
             session = P2PKeys(identity, self.store, self.peers)
@@ -595,14 +612,14 @@ class Daemon:
             group_session = GroupKeys(session)
             await group_session.load()
             self.group_sessions[aid] = group_session
-        config = LinkConfig(gateways=await self._gateways(aid), device_id=identity.device_id, slot_id=slot_id,
-                            call_timeout=self.config.call_timeout,
+        config = LinkConfig(gateways=gateways, device_id=identity.device_id, slot_id=slot_id,
+                            call_timeout=self.config.call_timeout, drop_spread=self._drop_spread(),
                             max_frame=self.config.gateway_max_frame or transport.MAX_FRAME, **options)
         creds = StoreCredentials(self.store, identity, on_cert_changed=self._cert_synced)
         link = Link(creds, config, self.trust, global_budget=self.global_budget,
                     on_event=self._on_link_event, on_state=self._on_link_state, on_connected=self._on_connected,
                     on_admission_refused=self._admission_refused,
-                    rng=self.rng, connector=self.connector)
+                    rng=self.rng, connector=self.connector, connect_gate=self.connect_gate, loop_lag=self.loop_lag)
         assert self.inbox is not None
         sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
         groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)
@@ -623,6 +640,12 @@ class Daemon:
             self._renewers.add(aid)
             self._nursery.start_soon(self._renew_loop, aid)
         return entry
+
+    def _drop_spread(self) -> float:
+        """The extra reconnect jitter after the gateway closed the links: none for a few links (the
+        SDK's schedule), 1 s per 1,000 configured identities above 100, at most DROP_SPREAD_MAX."""
+        n = len(self.config.identities)
+        return 0.0 if n < 100 else min(DROP_SPREAD_MAX, n / 1000)
 
     async def _run_link(self, entry: LinkEntry, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The link's supervisor and its sync task live and die together."""

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund.aun import auth, budget as budget_mod, codes, jsonrpc as rpc, methods, signing, transport
 from aund.aun.budget import PullGate, RpcBudget
+from aund.aun.looplag import LoopLag
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
     PermissionDenied, RpcTimeout, map_remote_error
 
@@ -81,6 +82,7 @@ class LinkConfig:
     backoff_initial: float = 1.0
     backoff_after_server_close: float = 16.0
     backoff_max: float = 64.0
+    drop_spread: float = 0.0            # + U(0, this) s on the first retry after the gateway closed the link
     refresh_before: float = 1800.0
     refresh_check: float = 30.0
     max_frame: int = transport.MAX_FRAME
@@ -140,12 +142,18 @@ def connect_options(raw: dict[str, Any] | None) -> dict[str, Any]:
 
 class Backoff:
     """The SDK's reconnect schedule: base 1 s (16 s after a server-side close code), doubling to the
-    maximum, each sleep `base + U(0,1) * min(base, max - base)`; reset after a successful connect."""
+    maximum, each sleep `base + U(0,1) * min(base, max - base)`; reset after a successful connect.
+
+    `spread` (default 0: the SDK's schedule) widens the first sleep after a drop with a close code
+    (1006 when the gateway vanished, 1012 or 4012 when it restarts) by U(0, spread): thousands of
+    links dropped at the same instant then come back spread over that window, not all at once."""
 
     def __init__(self, initial: float, after_server_close: float, maximum: float,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, spread: float = 0.0) -> None:
         self.initial, self.after_server_close, self.maximum, self.rng = initial, after_server_close, maximum, rng
+        self.spread = spread
         self.base = initial
+        self._spread_next = 0.0
 
     def reset(self) -> None:
         self.base = self.initial
@@ -155,9 +163,13 @@ class Backoff:
         local = (None, 1000, 1006, transport.MESSAGE_TOO_BIG)
         self.base = self.initial if close_code in local else self.after_server_close
         self.base = min(max(self.base, self.initial), self.maximum)
+        self._spread_next = self.spread if close_code not in (None, 1000, transport.MESSAGE_TOO_BIG) else 0.0
 
     def next_delay(self) -> float:
         delay = self.base + self.rng() * min(self.base, self.maximum - self.base)
+        if self._spread_next:
+            delay += self.rng() * self._spread_next
+            self._spread_next = 0.0
         self.base = min(self.base * 2, self.maximum)
         return delay
 
@@ -240,9 +252,14 @@ class Link:
                  on_admission_refused: Callable[["Link", AuthError, str, dict[str, Any]], Awaitable[bool]]
                  | None = None,
                  rng: Callable[[], float] = random.random,
-                 connector: transport.Connector | None = None) -> None:
+                 connector: transport.Connector | None = None,
+                 connect_gate: trio.CapacityLimiter | None = None,
+                 loop_lag: LoopLag | None = None) -> None:
         """`connector` opens the gateway WebSockets (the link's and the pre-auth ones of refresh and
-        login); default the network's (`transport.open_connection`), a test passes a fake's."""
+        login); default the network's (`transport.open_connection`), a test passes a fake's.
+        `connect_gate` (shared by a daemon's links) bounds the handshakes in progress at once: a
+        token from authentication to the `auth.connect` answer. `loop_lag`: a heartbeat that
+        timed out while the trio loop itself ran late is not held against the gateway."""
         if not config.gateways:
             raise ValueError("a link needs at least one gateway URL")
         self.creds, self.config, self.trust = creds, config, trust
@@ -253,7 +270,10 @@ class Link:
         self.on_admission_refused = on_admission_refused  # publish what a -32003 asks for; True: retry
         self.budget = RpcBudget(config.rpc_in_flight, config.rpc_background)
         self.pulls = PullGate(config.pull_namespaces)
-        self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng)
+        self.backoff = Backoff(config.backoff_initial, config.backoff_after_server_close, config.backoff_max, rng,
+                               spread=config.drop_spread)
+        self.connect_gate, self.loop_lag = connect_gate, loop_lag
+        self._gate_token: object | None = None
         self.state = LinkState.STANDBY
         self._session: _Socket | None = None
         self._session_open = False  # authenticated socket, post-connect work may call
@@ -434,6 +454,22 @@ class Link:
                                     on_new_cert=adopt, connector=self.connector)
 
     async def _connect_and_serve(self) -> None:
+        if self.connect_gate is not None:
+            token = object()
+            await self.connect_gate.acquire_on_behalf_of(token)
+            self._gate_token = token
+        try:
+            await self._connect_and_serve_gated()
+        finally:
+            self._release_gate()
+
+    def _release_gate(self) -> None:
+        """The handshake is over (answered, or failed): let the next link's start."""
+        token, self._gate_token = self._gate_token, None
+        if token is not None and self.connect_gate is not None:
+            self.connect_gate.release_on_behalf_of(token)
+
+    async def _connect_and_serve_gated(self) -> None:
         url = self.gateway
         self._tokens = await self._authenticate(url)
         outcome: Exception | None = None
@@ -494,6 +530,7 @@ class Link:
                                      "will refresh or log in again") from None
         if hello.get("status") != "ok" or (hello.get("capabilities") or {}).get("p2p_peer_pull_v1") is not True:
             raise _Fatal("gateway does not support peer-mode pull (p2p_peer_pull_v1): unsupported_protocol")
+        self._release_gate()  # the resync below is RPCs within the budget, not handshake work
         self._session_open = True
         self.connects += 1
         if self.last_connected_at is not None:
@@ -564,17 +601,25 @@ class Link:
             self.on_event(self, name, params)
 
     async def _heartbeat(self, session: _Socket) -> None:
+        excused = 0  # pong timeouts in a row that the loop's own lateness explains
         while True:
             await trio.sleep(self.config.heartbeat_interval)
+            sent = trio.current_time()
             with trio.move_on_after(self.config.pong_timeout) as scope:
                 try:
                     await session.ws.ping()
                 except (trio_websocket.ConnectionClosed, ValueError):
                     return
-            if scope.cancelled_caught:
-                self.log.warning("link.heartbeat_timeout", timeout=self.config.pong_timeout)
-                session.end(1006)
-                return
+            if not scope.cancelled_caught:
+                excused = 0
+                continue
+            if self.loop_lag is not None and self.loop_lag.late_since(sent) and excused < HEARTBEAT_EXCUSED:
+                excused += 1  # we were not scheduled: the pong may be waiting unread; ping again
+                self.log.info("link.heartbeat_late_loop", lag=round(self.loop_lag.last_lag, 3), excused=excused)
+                continue
+            self.log.warning("link.heartbeat_timeout", timeout=self.config.pong_timeout)
+            session.end(1006)
+            return
 
     async def _refresh_loop(self, session: _Socket) -> None:
         failures = 0
@@ -735,6 +780,7 @@ class Link:
 
 
 ADMISSION_RETRY_DELAYS = (0.0, 0.05, 0.1, 0.2)
+HEARTBEAT_EXCUSED = 3  # pong timeouts in a row forgiven while the loop runs late; then the link is dead
 
 
 def _admission_refused(exc: AuthError) -> bool:

@@ -133,3 +133,38 @@ async def test_restart_link_after_a_kick_starts_it_anew_for_the_same_handle(cloc
             assert again == {"aid": AID, "slot_id": "main", "restarted": False, "state": "ready"}
             assert len(gw.attempts) == 2
             await daemon.aclose()
+
+
+@pytest.mark.timeout(120)
+def test_status_of_10000_links_fits_a_local_frame_and_counts_every_state(tmp_path):
+    """10,000 pinned links, none ready: `status` counts them by state, lists the default page,
+    names 32 link warnings one by one and counts the rest in one, and fits the 1 MiB frame."""
+    from client_stub import wire
+
+    from aund.aun.link import Link, LinkConfig, LinkState
+    from aund.daemon import STATUS_LINK_WARNINGS, STATUS_LINKS, LinkEntry
+    from aund.testing import MemoryCredentials
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    store = IdentityStore(state, "seed")
+    config = Config(state_dir=state, socket=tmp_path / "aund.sock", gateway_url=("ws://127.0.0.1:9/aun",))
+    daemon = Daemon(config, store, GatewayTrust([]))
+    n = 10_000
+    for i in range(n):
+        aid = f"scale{i:05d}.aid.test"
+        link = Link(MemoryCredentials(aid), LinkConfig(config.gateway_url, device_id="dev1"), GatewayTrust([]))
+        link.state = LinkState.READY if i % 4 == 0 else LinkState.RETRY_BACKOFF
+        daemon.links[(aid, "main")] = LinkEntry(link, None, None, True)  # type: ignore[arg-type]
+    status = daemon.status()
+    assert status["link_counts"] == {"ready": 2500, "retry_backoff": 7500} and status["links_total"] == n
+    assert len(status["links"]) == STATUS_LINKS and status["links_page"]["truncated"]
+    not_ready = [w for w in status["warnings"] if w["code"] == "link.not_ready"]
+    assert len(not_ready) == STATUS_LINK_WARNINGS + 1 and "and 7468 more" in not_ready[-1]["text"]
+    assert len(wire.encode_frame(wire.make_reply(1, status))) < wire.DEFAULT_MAX_FRAME
+    page = daemon.status(links=3, offset=9998)
+    assert [e["aid"] for e in page["links"]] == ["scale09998.aid.test", "scale09999.aid.test"]
+    assert page["links_page"] == {"offset": 9998, "limit": 3, "matching": n, "truncated": True}
+    one = daemon.status(links=10, aids=["SCALE00004.aid.test", "not an aid"])
+    assert [e["aid"] for e in one["links"]] == ["scale00004.aid.test"] and one["links_page"]["matching"] == 1
+    assert daemon.status(links=0)["links"] == []

@@ -609,3 +609,101 @@ async def test_calls_made_while_reconnecting_wait_for_ready_within_their_timeout
             sent = [c.at for c in gw.calls if c.method == "meta.status"]
             assert sent == [7] and gw.attempts == [0, 1, 3, 7]
             await h.link.aclose()
+
+
+# --- at scale: the handshake gate, the drop spread, the loop-lag excuse ------------------------------
+def test_backoff_spread_widens_only_the_first_retry_after_the_gateway_closed():
+    b = link_mod.Backoff(1.0, 16.0, 64.0, rng=lambda: 0.5, spread=10.0)
+    b.on_drop(1006)                              # the gateway vanished: 1 + 0.5 * 1 + 0.5 * 10
+    assert [b.next_delay(), b.next_delay()] == [6.5, 3.0]
+    b.reset()
+    b.on_drop(None)                              # our own connect failed: no spread
+    assert b.next_delay() == 1.5
+    b.reset()
+    b.on_drop(1012)                              # a server restart code: its 16 s base, and the spread
+    assert b.next_delay() == 16 + 8 + 5
+    plain = link_mod.Backoff(1.0, 16.0, 64.0, rng=lambda: 0.5)  # default: the SDK's schedule
+    plain.on_drop(1006)
+    assert plain.next_delay() == 1.5
+
+
+async def test_the_connect_gate_bounds_handshakes_in_progress_across_links(autojump_clock):
+    """6 links, a gate of 2, every auth.connect answered after 5 s: ready in pairs at 5, 10, 15 s;
+    the gate is free again once they are ready (the resync is not handshake work)."""
+    gw = FakeGateway()
+    gw.delay("auth.connect", 5)
+    gate = trio.CapacityLimiter(2)
+    ready: list[float] = []
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+            links = []
+            for i in range(6):
+                aid = f"gate{i}.aid.test"
+                link = Link(gw.credentials(aid), LinkConfig((gw.url,), device_id="dev1"), GatewayTrust([]),
+                            connector=gw.connect, rng=lambda: 0.0, connect_gate=gate)
+                await n.start(link.run)
+                links.append(link)
+
+            async def wait(link: Link) -> None:
+                await link.wait_ready()
+                ready.append(trio.current_time())
+            async with trio.open_nursery() as waiters:
+                for link in links:
+                    waiters.start_soon(wait, link)
+            assert ready == [5, 5, 10, 10, 15, 15]
+            assert gate.borrowed_tokens == 0
+            for link in links:
+                await link.aclose()
+
+
+async def test_a_refused_handshake_gives_its_gate_token_back(autojump_clock):
+    gw = FakeGateway()
+    gw.refuse(3)
+    gate = trio.CapacityLimiter(1)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+            h = Harness(gw)
+            h.link.connect_gate = gate
+            await n.start(h.link.run)
+            await h.link.wait_ready()
+            assert gw.refused == 3 and gate.borrowed_tokens == 0
+            await h.link.aclose()
+
+
+async def test_a_pong_timeout_while_the_loop_runs_late_is_excused_three_times(autojump_clock):
+    """The loop is late all along (a LoopLag noting 1 s lag every second): the pong timeouts at
+    130, 170 and 210 are excused (ping again), the fourth (250) drops the link."""
+    gw = FakeGateway()
+    lag = link_mod.LoopLag(threshold=0.5)
+
+    async def late_loop() -> None:
+        while True:
+            await trio.sleep(1)
+            lag.note(1.0, trio.current_time())
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as n:
+            n.start_soon(late_loop)
+            h = Harness(gw, heartbeat_interval=30, pong_timeout=10)
+            h.link.loop_lag = lag
+            await n.start(h.link.run)
+            await h.link.wait_ready()
+            await trio.sleep(100)
+            gw.answer_pings = False
+            await gw.wait_until(lambda: gw.sessions == 2)
+            first = gw.connections[0]
+            assert first.pings == [30, 60, 90, 120, 160, 200, 240]
+            assert (first.closed_at, first.closed_by) == (250, "client")
+            assert lag.late_count > 200 and lag.max_lag == 1.0
+            await h.link.aclose()
+            n.cancel_scope.cancel()
+
+
+async def test_loop_lag_notes_late_wakeups_only(autojump_clock):
+    lag = link_mod.LoopLag(tick=0.25, threshold=0.5)
+    lag.note(0.1, 5.0)
+    assert not lag.late_since(0.0) and lag.max_lag == 0.1
+    lag.note(0.7, 6.0)
+    assert lag.late_since(6.0) and not lag.late_since(6.5) and lag.last_lag == 0.7 and lag.late_count == 1
+    with trio.move_on_after(2):
+        await lag.run()               # on the MockClock every wake-up is on time
+    assert lag.late_count == 1
