@@ -458,8 +458,9 @@ class Conn:
         self._refuse_revoked(aid)
         client_nonce = str_param(params, "client_nonce")
         now = time.time()
-        for rid in [r for r, (_, _, exp) in self.net.login_requests.items() if exp < now]:
-            del self.net.login_requests[rid]
+        pending = self.net.login_requests  # in insertion order = expiry order: drop the expired from the front
+        while pending and next(iter(pending.values()))[2] < now:
+            del pending[next(iter(pending))]
         if len(self.net.login_requests) > 10_000:
             raise RpcError(rpc.RATE_LIMITED, "too many pending logins", {"retryable": True})
         request_id, nonce = "req-" + secrets.token_hex(8), secrets.token_urlsafe(24)

@@ -26,6 +26,7 @@ All of this is in memory except the tombstones (messages like any other).
 """
 from __future__ import annotations
 
+import heapq
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -49,8 +50,10 @@ MAX_FIELD_CHARS = 128
 def _state(net: "Devnet") -> dict[str, Any]:
     state = getattr(net, "msg_events", None)
     if state is None:
+        # volatile: (to, from, message_id) -> item; by_to: to -> {key: item} (a receiver's own,
+        # so a pull or `message.peers` looks at its messages only); expiry: (expires_at, key) heap
         state = net.msg_events = {"recalled": set(), "read": {}, "volatile": {}, "cursor": 0,
-                                  "boot": secrets.token_hex(3)}
+                                  "boot": secrets.token_hex(3), "by_to": {}, "expiry": []}
     return state
 
 
@@ -266,6 +269,8 @@ def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, 
               "created_at": now_ms, "expires_at": now_ms + ttl * 1000, "delivery_mode": "fanout"}
     msg = StoredMessage(to, 0, conn.aid, sender_device, message_id, kind, body, need_render, now_ms, 0)
     volatile[key] = {"answer": answer, "msg": msg, "n": state["cursor"], "acked": set()}
+    state["by_to"].setdefault(to, {})[key] = volatile[key]
+    heapq.heappush(state["expiry"], (answer["expires_at"], key))
     for target in list(net.live(to)):
         if target.kind != "long" or target.closed:
             continue
@@ -282,10 +287,19 @@ def send_volatile(conn: "Conn", to: str, message_id: str, kind: str, body: str, 
 
 
 def _live_volatile(state: dict[str, Any], now_ms: int) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """The volatile messages not expired yet (the expired ones forgotten)."""
-    volatile = state["volatile"]
-    for key in [k for k, v in volatile.items() if v["answer"]["expires_at"] <= now_ms]:
-        del volatile[key]
+    """The volatile messages not expired yet (the expired ones forgotten: only those, from the
+    expiry heap, so a call costs what expired, not every volatile message of every AID)."""
+    volatile, expiry, by_to = state["volatile"], state["expiry"], state["by_to"]
+    while expiry and expiry[0][0] <= now_ms:
+        _, key = heapq.heappop(expiry)
+        item = volatile.get(key)
+        if item is not None and item["answer"]["expires_at"] <= now_ms:
+            del volatile[key]
+            mine = by_to.get(key[0])
+            if mine is not None:
+                mine.pop(key, None)
+                if not mine:
+                    del by_to[key[0]]
     return volatile
 
 
@@ -309,10 +323,10 @@ def _cursor_number(cursor: Any, boot: str) -> int:
 def _pending_volatile(conn: "Conn", sender: str | None) -> list[dict[str, Any]]:
     """The connection's unacked, unexpired volatile messages (from `sender`, or all), oldest first."""
     state = _state(conn.net)
-    volatile = _live_volatile(state, int(time.time() * 1000))
+    _live_volatile(state, int(time.time() * 1000))
     mine = (conn.device_id, conn.slot_key)
-    return sorted((v for (to, frm, _), v in volatile.items()
-                   if to == conn.aid and (sender is None or frm == sender) and mine not in v["acked"]),
+    return sorted((v for (_, frm, _), v in state["by_to"].get(conn.aid, {}).items()
+                   if (sender is None or frm == sender) and mine not in v["acked"]),
                   key=lambda v: v["n"])
 
 
