@@ -53,6 +53,7 @@ DURABLE_KINDS = MESSAGE_EVENT_KINDS | gw_events.DURABLE_KINDS
 LIVE_KINDS = LINK_EVENT_KINDS | gw_events.LIVE_KINDS
 ALL_KINDS = DURABLE_KINDS | LIVE_KINDS | gw_events.FAMILIES | {QUARANTINED_KIND}  # (it stands in for a damaged row)
 RESYNC_BUDGET_SECONDS = 10.0
+SYNC_POLLS_PER_SECOND = 50.0  # the quiet-link polls of all configured links together (see _poll_seconds)
 DROP_SPREAD_MAX = 10.0   # s: the widest extra jitter of a reconnect after the gateway dropped every link
 STATUS_LINKS = 256       # per-link entries `status` lists unless asked for another number (the counts cover all)
 STATUS_LINK_WARNINGS = 32  # link.failed / link.not_ready warnings named one by one; the rest are counted
@@ -621,8 +622,9 @@ class Daemon:
                     on_admission_refused=self._admission_refused,
                     rng=self.rng, connector=self.connector, connect_gate=self.connect_gate, loop_lag=self.loop_lag)
         assert self.inbox is not None
-        sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=self.config.sync_poll_seconds)
-        groups = GroupSync(link, group_session, self.inbox, poll_seconds=self.config.sync_poll_seconds)
+        poll = self._poll_seconds()
+        sync = PeerSync(link, session, self.inbox, on_notice=self._publish, poll_seconds=poll)
+        groups = GroupSync(link, group_session, self.inbox, poll_seconds=poll)
         events = gw_events.GatewayEvents(link, session, self.inbox, self._publish)
         sync.on_volatile = lambda row: events.on_event("message.received", {"inline_message": row})
         if entry is not None and (entry.link.state == LinkState.CONNECTION_FAILED or entry.parked):
@@ -640,6 +642,12 @@ class Daemon:
             self._renewers.add(aid)
             self._nursery.start_soon(self._renew_loop, aid)
         return entry
+
+    def _poll_seconds(self) -> float:
+        """How often a quiet link checks for a lost push (`message.peers`, `group.list_my`):
+        `sync_poll_seconds`, stretched so that all configured links together poll at most
+        SYNC_POLLS_PER_SECOND times a second (10,000 links: every 200 s, not 667 RPCs a second)."""
+        return max(self.config.sync_poll_seconds, len(self.config.identities) / SYNC_POLLS_PER_SECOND)
 
     def _drop_spread(self) -> float:
         """The extra reconnect jitter after the gateway closed the links: none for a few links (the

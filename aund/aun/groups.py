@@ -37,7 +37,7 @@ from aund.aun.e2ee.group import (GROUP_ENVELOPE_TYPE, decrypt_group, encrypt_gro
 from aund.aun import codes, methods
 from aund.aun import group_index as gindex
 from aund.aun.group_identity import NEEDS_CARD, NEEDS_CERT, GroupIdentities
-from aund.aun.link import Link
+from aund.aun.link import Link, wait_ready_or_forever
 from aund.aun.messaging import (BOOTSTRAP_TTL, PREKEY_RETRY_CODES, PUSH_QUEUE, WRAP_CAPABILITIES, P2PKeys,
                                 LinkSync, append_prekey, history_entry, history_rows, history_window, merged_headers,
                                 new_prekey_record, prekey_wire, row_content)
@@ -761,6 +761,7 @@ class GroupSync(LinkSync):
                 with trio.move_on_after(retry or self.poll_seconds):
                     item = await self._recv.receive()
                 if item is None and not self.link.is_ready:
+                    await wait_ready_or_forever(self.link)  # the connect's own resync catches up
                     continue
                 gid = item[1] if item is not None else ""
                 try:

@@ -779,6 +779,17 @@ class Link:
                                                                       background=background))
 
 
+async def wait_ready_or_forever(link: "Link") -> None:
+    """Until `link` is ready; forever once it failed or closed (the tasks that wait so end with
+    it). For a background loop that has nothing to do while the link is down: waiting on the
+    link's state costs nothing, where a timer that looks every half second costs 10,000 links
+    20,000 cancellations a second."""
+    try:
+        await link.wait_ready()
+    except GatewayUnavailable:
+        await trio.sleep_forever()
+
+
 ADMISSION_RETRY_DELAYS = (0.0, 0.05, 0.1, 0.2)
 HEARTBEAT_EXCUSED = 3  # pong timeouts in a row forgiven while the loop runs late; then the link is dead
 

@@ -32,7 +32,7 @@ from aund.aun.e2ee import (
     verify_spk,
 )
 from aund.aun.e2ee import p2p
-from aund.aun.link import Link
+from aund.aun.link import Link, wait_ready_or_forever
 from aund.aun.paging import PageSizer, skipped_row
 from aund.aun.peers import PeerDirectory
 from aund.errors import AundError, E2EEError, GatewayError, InvalidParams
@@ -548,6 +548,7 @@ class PeerSync(LinkSync):
             if quiet.cancelled_caught:
                 kind, params = "resync", None
                 if not self.link.is_ready:
+                    await wait_ready_or_forever(self.link)  # the connect's own resync catches up
                     continue
             try:
                 if self._resync_needed or kind == "resync":

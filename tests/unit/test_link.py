@@ -707,3 +707,19 @@ async def test_loop_lag_notes_late_wakeups_only(autojump_clock):
     with trio.move_on_after(2):
         await lag.run()               # on the MockClock every wake-up is on time
     assert lag.late_count == 1
+
+
+async def test_wait_ready_or_forever_returns_at_ready_and_blocks_on_a_failed_link(autojump_clock):
+    """What a background loop waits on while its link is down, instead of a timer (no wake-ups)."""
+    gw = FakeGateway()
+    gw.refuse(2)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as n:
+            h = await started(n, gw)
+            await link_mod.wait_ready_or_forever(h.link)
+            assert trio.current_time() == 3 and h.link.is_ready
+            gw.close(4015)                            # kicked: failed for good
+            await h.link.wait_stopped()
+            with trio.move_on_after(50) as scope:
+                await link_mod.wait_ready_or_forever(h.link)
+            assert scope.cancelled_caught
