@@ -21,12 +21,10 @@ import os
 from typing import Any
 
 import trio
-from wsproto import ConnectionState
-from wsproto.connection import Connection
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection, \
     RejectData, Request, TextMessage
 from wsproto.handshake import H11Handshake
-from wsproto.connection import ConnectionType
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 #: Largest message accepted when the caller names no limit.
@@ -275,7 +273,10 @@ class WebSocket:
             raise ValueError("a ping with this payload is already waiting")
         waiter = self._pings[payload] = trio.Event()
         self._put(self._conn.send(Ping(payload=payload)))
-        await waiter.wait()
+        try:
+            await waiter.wait()
+        finally:
+            self._pings.pop(payload, None)  # a ping given up on (the heartbeat's timeout)
         if self.closed is not None:
             raise self.closed
 

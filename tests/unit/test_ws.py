@@ -104,6 +104,32 @@ async def test_handshake_messages_fragments_and_ping_pong_both_ways():
     assert got == {"text": '{"jsonrpc":"2.0"}', "pong": b"srv", "close": 1000}
 
 
+async def _until_closed(frames: Callable[[WSConnection], bytes], **kw) -> tuple[list, ws.ConnectionClosed, list[int]]:
+    """The server sends `frames(conn)`, the client reads until closed (then closes at once: nothing
+    left to wait for). Returns what it read, how it closed, and the close codes the server got."""
+    seen: list = []
+
+    async def handler(stream, conn):
+        await stream.send_all(frames(conn))
+        seen.extend(await _events(stream, conn, CloseConnection))
+
+    messages: list = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client, stream = await _open(nursery, await _serve(nursery, handler), **kw)
+            with pytest.raises(ws.ConnectionClosed) as closed:
+                while True:
+                    messages.append(await client.get_message())
+            with pytest.raises(ws.ConnectionClosed):  # and stays closed
+                await client.send_message("late")
+            started = trio.current_time()
+            await transport.close(client, stream)
+            assert trio.current_time() - started < 0.5
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    return messages, closed.value, [e.code for e in seen if isinstance(e, CloseConnection)]
+
+
 @pytest.mark.parametrize(("raw", "code"), [
     (b"\x81\x02\xff\xfe", 1007),             # a text message that is not UTF-8
     (b"\x83\x00", 1002),                     # a reserved opcode
@@ -111,69 +137,25 @@ async def test_handshake_messages_fragments_and_ping_pong_both_ways():
     (b"\x01\x01a\x01\x01b", 1002),           # a new message in the middle of a fragmented one
 ])
 async def test_a_broken_frame_closes_with_the_protocol_error_code(raw, code):
-    seen: list = []
-
-    async def handler(stream, conn):
-        await stream.send_all(raw)
-        seen.extend(await _events(stream, conn, CloseConnection))
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            port = await _serve(nursery, handler)
-            client, stream = await _open(nursery, port)
-            with pytest.raises(ws.ConnectionClosed) as closed:
-                await client.get_message()
-            assert closed.value.code == code
-            with pytest.raises(ws.ConnectionClosed):  # and stays closed
-                await client.send_message("late")
-            await transport.close(client, stream)
-            nursery.cancel_scope.cancel()
-    assert [e.code for e in seen if isinstance(e, CloseConnection)] == [code]
+    messages, closed, server_got = await _until_closed(lambda conn: raw)
+    assert (messages, closed.code, server_got) == ([], code, [code])
 
 
 @pytest.mark.parametrize("fragments", [1, 4])
 async def test_a_message_over_the_limit_closes_with_1009(fragments):
-    seen: list = []
-
-    async def handler(stream, conn):
-        await stream.send_all(conn.send(TextMessage(data="small")))
+    def frames(conn: WSConnection) -> bytes:
         part = "x" * (1200 // fragments)
-        for i in range(fragments):
-            await stream.send_all(conn.send(TextMessage(data=part, message_finished=i == fragments - 1)))
-        seen.extend(await _events(stream, conn, CloseConnection))
+        return conn.send(TextMessage(data="small")) + b"".join(
+            conn.send(TextMessage(data=part, message_finished=i == fragments - 1)) for i in range(fragments))
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            port = await _serve(nursery, handler)
-            client, stream = await _open(nursery, port, max_frame=1000)
-            assert await client.get_message() == "small"
-            with pytest.raises(ws.ConnectionClosed) as closed:
-                await client.get_message()
-            assert closed.value.code == 1009
-            await transport.close(client, stream)
-            nursery.cancel_scope.cancel()
-    assert [e.code for e in seen if isinstance(e, CloseConnection)] == [1009]
+    messages, closed, server_got = await _until_closed(frames, max_frame=1000)
+    assert (messages, closed.code, server_got) == (["small"], 1009, [1009])
 
 
 async def test_the_servers_close_code_and_reason_reach_the_reader_and_are_answered():
-    seen: list = []
-
-    async def handler(stream, conn):
-        await stream.send_all(conn.send(CloseConnection(code=4010, reason="kicked")))
-        seen.extend(await _events(stream, conn, CloseConnection))
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            port = await _serve(nursery, handler)
-            client, stream = await _open(nursery, port)
-            with pytest.raises(ws.ConnectionClosed) as closed:
-                await client.get_message()
-            assert (closed.value.code, closed.value.reason) == (4010, "kicked")
-            started = trio.current_time()
-            await transport.close(client, stream)
-            assert trio.current_time() - started < 0.5  # nothing left to wait for
-            nursery.cancel_scope.cancel()
-    assert [e.code for e in seen if isinstance(e, CloseConnection)] == [4010]
+    messages, closed, server_got = await _until_closed(
+        lambda conn: conn.send(TextMessage(data="last")) + conn.send(CloseConnection(code=4010, reason="kicked")))
+    assert (messages, closed.code, closed.reason, server_got) == (["last"], 4010, "kicked", [4010])
 
 
 async def test_a_dropped_stream_is_1006_and_a_close_times_out_on_a_silent_server():
