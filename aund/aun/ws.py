@@ -27,6 +27,8 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from aund.aun import codes
+
 #: Largest message accepted when the caller names no limit.
 MAX_MESSAGE = 16 * 1024 * 1024
 #: Queued outbound bytes above which `send_message` waits for the writer.
@@ -37,8 +39,7 @@ HANDSHAKE_LIMIT = 64 * 1024
 CLOSE_TIMEOUT = 1.0
 
 ABNORMAL = 1006
-PROTOCOL_ERROR = 1002
-MESSAGE_TOO_BIG = 1009
+MESSAGE_TOO_BIG = codes.CLOSE_MESSAGE_TOO_BIG
 
 
 class ConnectionClosed(Exception):

@@ -104,6 +104,21 @@ async def test_handshake_messages_fragments_and_ping_pong_both_ways():
     assert got == {"text": '{"jsonrpc":"2.0"}', "pong": b"srv", "close": 1000}
 
 
+async def test_the_devnet_gateway_hypercorn_speaks_with_it(devnet):
+    """The real server side: hypercorn's handshake, its challenge, an RPC's answer, our ping's pong."""
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            client, stream = await transport.connect(nursery, devnet.gateway_url, max_frame=1 << 20, timeout=5)
+            assert '"challenge"' in await client.get_message()
+            await client.send_message('{"jsonrpc":"2.0","id":"p1","method":"meta.ping","params":{}}')
+            async with trio.open_nursery() as pinger:
+                pinger.start_soon(client.ping)
+                reply = await client.get_message()
+            assert '"id":"p1"' in reply and "auth.connect" in reply  # refused before auth.connect, but answered
+            await transport.close(client, stream)
+            nursery.cancel_scope.cancel()
+
+
 async def _until_closed(frames: Callable[[WSConnection], bytes], **kw) -> tuple[list, ws.ConnectionClosed, list[int]]:
     """The server sends `frames(conn)`, the client reads until closed (then closes at once: nothing
     left to wait for). Returns what it read, how it closed, and the close codes the server got."""
