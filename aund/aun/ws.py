@@ -8,7 +8,8 @@ Here:
 - one writer task per connection (`run_writer`, started by the opener): senders only queue
   frames already framed by wsproto (`send_message` never awaits the socket), the writer drains
   everything queued into one `send_all`; above `HIGH_WATER` queued bytes senders wait;
-- a message larger than `max_message` closes with 1009, a protocol error with 1002, bad UTF-8 in
+- a message larger than `max_message` (characters of a text message, bytes of a binary one) closes
+  with 1009, a protocol error with 1002, bad UTF-8 in
   a text message with 1007 (wsproto's codes); every end raises our `ConnectionClosed(code, reason)`
   (1006: the stream ended or broke without a closing handshake);
 - `aclose` runs the closing handshake within a timeout; the stream itself is the opener's to close.
@@ -249,6 +250,7 @@ class WebSocket:
 
     def _fail(self, code: int, reason: str) -> None:
         """Close from our side because of what the peer sent."""
+        self._parts, self._size = [], 0
         if self._conn.state is ConnectionState.OPEN:
             self._put(self._conn.send(CloseConnection(code=code, reason=reason[:120])))
         self._end(code, reason)
