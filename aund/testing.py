@@ -157,8 +157,8 @@ _CLOSED = object()  # the sentinel that ends a connection's queue of frames to t
 
 
 class FakeConnection:
-    """The client's end of one FakeGateway connection; used by the link as a trio-websocket
-    `WebSocketConnection` (get_message, send_message, ping), closed by the `close` it came with."""
+    """The client's end of one FakeGateway connection; used by the link as an
+    `aund.aun.ws.WebSocket` (get_message, send_message, ping), closed by the `close` it came with."""
 
     def __init__(self, gateway: "FakeGateway", index: int, nursery: trio.Nursery, max_frame: int) -> None:
         import math
@@ -184,9 +184,9 @@ class FakeConnection:
         return self._closed_event.is_set()
 
     def _reason(self) -> Any:
-        import trio_websocket
+        from aund.aun.ws import ConnectionClosed
 
-        return trio_websocket.CloseReason(self.close_code or 1006, f"closed by the {self.closed_by}")
+        return ConnectionClosed(self.close_code or 1006, f"closed by the {self.closed_by}")
 
     def _end(self, code: int, by: str) -> None:
         if self.closed:
@@ -202,40 +202,34 @@ class FakeConnection:
         if self.closed:
             return
         text = rpc.dumps(frame)
-        if len(text.encode("utf-8")) > self.max_frame:  # what trio-websocket does with a too-large message
+        if len(text.encode("utf-8")) > self.max_frame:  # what aund.aun.ws does with a too-large message
             self._end(1009, "client")
             return
         self._out_send.send_nowait(text)
 
     # the WebSocket the link sees
     async def get_message(self) -> str:
-        import trio_websocket
-
         item = await self._out_recv.receive()
         if item is _CLOSED:
             self._out_send.send_nowait(_CLOSED)  # every later read raises too
-            raise trio_websocket.ConnectionClosed(self._reason())
+            raise self._reason()
         return item
 
     async def send_message(self, text: str) -> None:
-        import trio_websocket
-
         await trio.lowlevel.checkpoint()
         if self.closed:
-            raise trio_websocket.ConnectionClosed(self._reason())
+            raise self._reason()
         self.gateway._received(self, text)
 
     async def ping(self, payload: bytes | None = None) -> None:
-        import trio_websocket
-
         await trio.lowlevel.checkpoint()
         if self.closed:
-            raise trio_websocket.ConnectionClosed(self._reason())
+            raise self._reason()
         self.pings.append(trio.current_time())
         self.gateway._changed()
         if not (self.answer_pings and self.gateway.answer_pings):
             await self._closed_event.wait()  # no pong: only the close ends the wait
-            raise trio_websocket.ConnectionClosed(self._reason())
+            raise self._reason()
 
     async def _close_by_client(self) -> None:
         await trio.lowlevel.cancel_shielded_checkpoint()

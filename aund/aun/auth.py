@@ -15,10 +15,9 @@ from typing import Any
 
 import structlog
 import trio
-import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from aund.aun import jsonrpc as rpc, transport
+from aund.aun import jsonrpc as rpc, transport, ws as websocket
 from aund.aun.http import http_base, http_get  # noqa: F401  (re-exported)
 from aund.aun.trust import GatewayTrust
 from aund.errors import AuthError, GatewayError, GatewayUnavailable, map_remote_error
@@ -119,8 +118,8 @@ async def short_rpc(gateway_url: str, method: str, params: dict[str, Any], *,
                                 break
                     finally:
                         await close()
-                except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio_websocket.HandshakeError,
-                        trio_websocket.ConnectionClosed) as exc:
+                except (OSError, trio.TooSlowError, trio.BrokenResourceError, websocket.HandshakeError,
+                        websocket.ConnectionClosed) as exc:
                     # (TooSlowError: the connect timeout; it must not escape this nursery unmapped)
                     failure = GatewayUnavailable(f"{method}: cannot reach {gateway_url}: "
                                                  f"{transport.describe(exc)}")

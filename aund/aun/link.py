@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 import structlog
 import trio
-import trio_websocket
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from aund.aun import auth, budget as budget_mod, codes, jsonrpc as rpc, methods, signing, transport
+from aund.aun import ws as websocket
 from aund.aun.budget import PullGate, RpcBudget
 from aund.aun.looplag import LoopLag
 from aund.errors import AuthError, AundError, GatewayError, GatewayUnavailable, InvalidParams, \
@@ -201,7 +201,7 @@ class _Pending:
 class _Socket:
     """The link's socket: one open, authenticated WebSocket and the calls waiting on it."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, url: str) -> None:
+    def __init__(self, ws: websocket.WebSocket, url: str) -> None:
         self.ws, self.url = ws, url
         self.pending: dict[str, _Pending] = {}
         self.close_code: int | None = None
@@ -402,7 +402,7 @@ class Link:
     async def aclose(self) -> None:
         """Close the link (idempotent): fail waiting calls, close the socket politely, stop the supervisor.
 
-        The socket is closed by the connection task itself (which owns trio-websocket's reader), so
+        The socket is closed by the connection task itself (while the link's reader still reads), so
         the close handshake completes; after a grace period the supervisor is cancelled outright.
         """
         self._closing = True
@@ -478,7 +478,7 @@ class Link:
                 try:
                     ws, close = await self.connector(nursery, url, max_frame=self.config.max_frame,
                                                      timeout=self.config.connect_timeout)
-                except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
+                except (OSError, trio.BrokenResourceError, websocket.HandshakeError, trio.TooSlowError) as exc:
                     raise GatewayUnavailable(f"cannot connect to {url}: {transport.describe(exc)}") from None
                 session = _Socket(ws, url)
                 try:
@@ -505,8 +505,8 @@ class Link:
                         break
         except trio.TooSlowError:
             raise GatewayUnavailable("no challenge from the gateway") from None
-        except trio_websocket.ConnectionClosed as exc:
-            raise _Dropped(f"closed before challenge: {exc.reason}", _code(exc)) from None
+        except websocket.ConnectionClosed as exc:
+            raise _Dropped(f"closed before challenge: {exc.code} {exc.reason}", exc.code) from None
         except rpc.FrameError as exc:
             raise GatewayError(f"malformed challenge: {exc}") from None
         nonce = (frame.get("params") or {}).get("nonce")
@@ -581,8 +581,8 @@ class Link:
                 else:
                     waiter.result = frame.get("result")
                 waiter.event.set()
-        except trio_websocket.ConnectionClosed as exc:
-            code = _code(exc) or 1006
+        except websocket.ConnectionClosed as exc:
+            code = exc.code or 1006
         finally:
             session.end(code)
             # waiters learn now, and why (a 1009 tells the pull to ask for a smaller page)
@@ -608,7 +608,7 @@ class Link:
             with trio.move_on_after(self.config.pong_timeout) as scope:
                 try:
                     await session.ws.ping()
-                except (trio_websocket.ConnectionClosed, ValueError):
+                except (websocket.ConnectionClosed, ValueError):
                     return
             if not scope.cancelled_caught:
                 excused = 0
@@ -661,7 +661,7 @@ class Link:
             with trio.fail_after(timeout):
                 try:
                     await session.ws.send_message(text)
-                except trio_websocket.ConnectionClosed:
+                except websocket.ConnectionClosed:
                     raise GatewayUnavailable(f"{method}: connection closed") from None
                 await waiter.event.wait()
         except trio.TooSlowError:
@@ -754,7 +754,8 @@ class Link:
     async def notify(self, method: str, params: dict[str, Any], *, timeout: float | None = None,
                      on_behalf_of: object | None = None) -> None:
         """Send one JSON-RPC notification (no id, no answer) within the budget: returns once the
-        frame is written, which says nothing about delivery (the SDK's `notify`)."""
+        frame is queued for the connection's writer, which says nothing about delivery (the SDK's
+        `notify`)."""
         text = rpc.dumps(rpc.notification(method, params))  # the caller checked params are JSON
         timeout = self.config.call_timeout if timeout is None else timeout
         try:
@@ -767,7 +768,7 @@ class Link:
                         raise GatewayUnavailable(f"{method}: not connected", retryable=not self._closing)
                     try:
                         await session.ws.send_message(text)
-                    except trio_websocket.ConnectionClosed:
+                    except websocket.ConnectionClosed:
                         raise GatewayUnavailable(f"{method}: connection closed") from None
         except trio.TooSlowError:
             raise RpcTimeout(f"notification not sent in time: {method}", data={"method": method}) from None
@@ -801,11 +802,6 @@ def _admission_refused(exc: AuthError) -> bool:
 def own_card_refused(exc: AundError) -> bool:
     """The -32003 names the AID's own agent.md (not a group's certificate or card)."""
     return "valid agent.md is required" in str(exc).lower()
-
-
-def _code(exc: trio_websocket.ConnectionClosed) -> int | None:
-    reason = getattr(exc, "reason", None)
-    return getattr(reason, "code", None)
 
 
 def _auth_retryable(exc: AundError) -> bool:

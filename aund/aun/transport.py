@@ -8,10 +8,9 @@ One opener (`open_stream`) serves both, so both behave the same on a real networ
   dir) and used when resolution fails later, keeping the name for SNI, certificate checks and
   `Host` (the official SDK keeps the same fallback);
 - TLS is verified against the system CA store (`SSL_CERT_FILE` overrides it);
-- the TCP (or TLS) stream is aund's, so it is always closed whoever closes the WebSocket first:
-  trio-websocket's client waits for the server to close TCP after the closing handshake, and a
-  connection whose tasks are cancelled right after (as links do on every drop) would otherwise
-  keep its file descriptor until garbage collection.
+- the TCP (or TLS) stream is aund's, so it is always closed whoever closes the WebSocket first
+  (a connection whose tasks are cancelled right after, as links do on every drop, would otherwise
+  keep its file descriptor until garbage collection); the WebSocket on it is `aund.aun.ws`'s.
 """
 from __future__ import annotations
 
@@ -32,9 +31,8 @@ from typing import Any
 import h11
 import structlog
 import trio
-import trio_websocket
 
-from aund.aun import codes
+from aund.aun import codes, ws as websocket
 
 log = structlog.get_logger("aund.transport")
 
@@ -195,10 +193,10 @@ def host_header(parts: urllib.parse.SplitResult) -> str:
     return host if parts.port is None else f"{host}:{parts.port}"
 
 
-async def connect(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: float,
-                  message_queue_size: int = 64) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
-    """Open `url` (ws:// or wss://). Raises OSError, trio.TooSlowError, trio.BrokenResourceError or
-    trio_websocket.HandshakeError; on failure nothing is left open."""
+async def connect(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: float
+                  ) -> tuple[websocket.WebSocket, trio.abc.Stream]:
+    """Open `url` (ws:// or wss://), its writer running in `nursery`. Raises OSError,
+    trio.TooSlowError, trio.BrokenResourceError or ws.HandshakeError; on failure nothing is left open."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise OSError(f"not a WebSocket URL: {url!r}")
@@ -208,33 +206,31 @@ async def connect(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: f
     with trio.fail_after(timeout):
         stream = await open_stream(parts.hostname, port, tls=secure)
         try:
-            ws = await trio_websocket.wrap_client_stream(nursery, stream, host_header(parts), resource,
-                                                         max_message_size=max_frame,
-                                                         message_queue_size=message_queue_size)
+            ws = await websocket.handshake(stream, host_header(parts), resource, max_message=max_frame)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+    nursery.start_soon(ws.run_writer)
     return ws, stream
 
 
-async def close(ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream, *, grace: float = 1.0) -> None:
+async def close(ws: websocket.WebSocket, stream: trio.abc.Stream, *, grace: float = 1.0) -> None:
     """Close politely within `grace` seconds, then close the stream for certain (even if cancelled)."""
     with trio.CancelScope(shield=True):
-        with trio.move_on_after(grace):
-            await ws.aclose()
+        await ws.aclose(timeout=grace)
         await trio.aclose_forcefully(stream)
 
 
 #: How a link (and a pre-auth RPC) opens a gateway WebSocket: `connector(nursery, url, *, max_frame,
-#: timeout)` -> (connection, close). The connection is used as trio-websocket's is
-#: (`get_message()`, `send_message(text)`, `ping()`; `trio_websocket.ConnectionClosed` with the
-#: close code once closed); `await close()` closes it for certain. `open_connection` is the real
+#: timeout)` -> (connection, close). The connection is used as `aund.aun.ws.WebSocket` is
+#: (`get_message()`, `send_message(text)` queues, `ping()`; `ws.ConnectionClosed` with the close
+#: code once closed); `await close()` closes it for certain. `open_connection` is the real
 #: one; `aund.testing.FakeGateway.connect` an in-memory one for tests.
 Connector = Callable[..., Awaitable[tuple[Any, Callable[[], Awaitable[None]]]]]
 
 
 async def open_connection(nursery: trio.Nursery, url: str, *, max_frame: int, timeout: float
-                          ) -> tuple[trio_websocket.WebSocketConnection, Callable[[], Awaitable[None]]]:
+                          ) -> tuple[websocket.WebSocket, Callable[[], Awaitable[None]]]:
     """`connect`, with `close` of that connection and its stream as the closer (the default Connector)."""
     ws, stream = await connect(nursery, url, max_frame=max_frame, timeout=timeout)
     return ws, partial(close, ws, stream)
@@ -254,8 +250,8 @@ def describe(exc: BaseException) -> str:
         if isinstance(exc, trio.TooSlowError):
             return "timed out"
         cause = exc.__cause__ or exc.__context__
-        if cause is None or not (isinstance(exc, (trio.BrokenResourceError, trio_websocket.HandshakeError,
-                                                  trio_websocket.ConnectionClosed)) or not str(exc)):
+        if cause is None or not (isinstance(exc, (trio.BrokenResourceError, websocket.HandshakeError,
+                                                  websocket.ConnectionClosed)) or not str(exc)):
             break
         exc = cause
     if isinstance(exc, ConnectionRefusedError):

@@ -23,7 +23,7 @@ LAYERS = [
     ("crypto (cryptography/OpenSSL)", re.compile(r"cryptography/|hazmat")),
     ("e2ee (aund/aun/e2ee, incl. the native crypto it calls)", re.compile(r"aund/aun/e2ee/")),
     ("crypto wrappers (aund/identity/pki.py, incl. native sign/verify)", re.compile(r"aund/identity/pki\.py")),
-    ("websocket (trio-websocket, wsproto, h11)", re.compile(r"trio_websocket|wsproto|h11/")),
+    ("websocket (aund/aun/ws.py, wsproto, h11)", re.compile(r"aund/aun/ws\.py|trio_websocket|wsproto|h11/")),
     ("websocket (websockets sans-IO)", re.compile(r"websockets/")),
     ("link transport (aund/aun/transport.py)", re.compile(r"aund/aun/transport\.py")),
     ("link (aund/aun/link, jsonrpc, budget, signing, auth)",

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from aund.aun import transport
+from aund.aun import transport, ws as websocket
 from aund.aun.http import http_get, http_request
 from aund.errors import GatewayUnavailable
 
@@ -214,5 +214,5 @@ def test_describe_never_returns_an_empty_reason():
     wrapped = trio.BrokenResourceError()
     wrapped.__cause__ = ConnectionRefusedError(111, "")
     assert transport.describe(wrapped) == "connection refused (nothing listens there)"
-    assert transport.describe(trio_websocket.HandshakeError()) == "HandshakeError"
+    assert transport.describe(websocket.HandshakeError("")) == "HandshakeError"
     assert transport.describe(trio.TooSlowError()) == "timed out"
